@@ -1,0 +1,116 @@
+"""The `compress` command. Only click is imported at start-up; each command imports what it needs."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from . import __version__
+from .errors import EXIT_RUNTIME, CompressorError
+
+__all__ = ["main", "cli"]
+
+
+def _fail(exc: BaseException, debug: bool) -> NoReturn:
+    if debug:
+        import traceback
+
+        traceback.print_exception(exc)
+    if isinstance(exc, CompressorError):
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    if isinstance(exc, KeyboardInterrupt):
+        click.echo("interrupted; nothing was left half-written", err=True)
+        sys.exit(130)
+    click.echo(
+        f"error: {type(exc).__name__}: {exc}\n(an unexpected failure; run again with --debug for the traceback, "
+        "and please report it)",
+        err=True,
+    )
+    sys.exit(EXIT_RUNTIME)
+
+
+def _guarded(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn exceptions into one paragraph and the documented exit code."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return func(*args, **kwargs)
+        except (click.exceptions.Exit, click.ClickException):
+            raise
+        except (Exception, KeyboardInterrupt) as exc:
+            _fail(exc, debug)
+
+    wrapper.__name__ = func.__name__
+    wrapper.__doc__ = func.__doc__
+    return wrapper
+
+
+def _sigterm(_signum: int, _frame: Any) -> None:
+    # Let the staging context manager clean up on `kill` as it does on Ctrl-C.
+    raise KeyboardInterrupt
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="compress")
+@click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+def cli(debug: bool) -> None:
+    """Compress PyTorch models by recipe and export artifacts for fast memory-mapped loading.
+
+    Exit codes: 0 ok, 1 runtime failure, 2 invalid recipe or usage, 3 a release gate failed.
+    """
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@_guarded
+def validate(recipe: Path) -> None:
+    """Check RECIPE without loading any model (exit 0 valid, 2 invalid)."""
+    from .recipe import load_recipe
+
+    parsed = load_recipe(recipe)
+    steps = " -> ".join(s.name for s in parsed.steps) or "no passes"
+    click.echo(f"{recipe}: valid ({parsed.model.source} model; {steps})")
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
+              help="Artifact directory (default: artifacts/<recipe name>/, or $COMPRESS_OUTPUT_ROOT/<name>).")
+@click.option("-q", "--quiet", is_flag=True, help="Print only warnings, errors and the result line.")
+@_guarded
+def run(recipe: Path, output: Path | None, quiet: bool) -> None:
+    """Run RECIPE: load the model, apply its passes, export the artifact."""
+    from .log import Reporter
+    from .pipeline import run_recipe
+    from .recipe import load_recipe
+
+    parsed = load_recipe(recipe)
+    previous = signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        result = run_recipe(parsed, output, Reporter(quiet=quiet))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    size = sum(f["bytes"] for f in result.manifest["files"].values())
+    click.echo(f"wrote {result.out_dir} ({len(result.manifest['files']) + 1} files, {size:,} bytes)")
+
+
+@cli.command(name="passes")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_guarded
+def passes_(as_json: bool) -> None:
+    """List every pass with its parameters, types, defaults and descriptions."""
+    from .docs import pass_table
+
+    click.echo(pass_table(as_json=as_json))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="compress")

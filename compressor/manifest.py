@@ -1,0 +1,112 @@
+"""manifest.json: what an artifact is, how it was made, and the sha256 and size of every file in it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .errors import ArtifactError
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "sha256_file", "library_versions", "write_manifest",
+           "read_manifest", "check_files", "is_artifact"]
+
+FORMAT = "compressor-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_LIBRARIES = ("compressor", "torch", "transformers", "safetensors", "numpy", "onnx", "onnxruntime-gpu", "pydantic")
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and the libraries that shape an artifact (absent ones left out)."""
+    versions = {"python": platform.python_version()}
+    for name in _LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def write_manifest(out_dir: Path, body: dict[str, Any]) -> dict[str, Any]:
+    """Hash every file under ``out_dir`` and write manifest.json there; returns the manifest written."""
+    files = {}
+    for path in sorted(p for p in out_dir.rglob("*") if p.is_file()):
+        rel = path.relative_to(out_dir).as_posix()
+        if rel == MANIFEST:
+            continue
+        files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **body, "files": files}
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def is_artifact(path: Path) -> bool:
+    """Whether ``path`` is a directory holding a manifest written by compressor."""
+    try:
+        data = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT
+
+
+def read_manifest(artifact_dir: Path) -> dict[str, Any]:
+    """Read and sanity-check manifest.json; ArtifactError saying what is wrong otherwise."""
+    path = artifact_dir / MANIFEST
+    if not artifact_dir.is_dir():
+        raise ArtifactError(f"{artifact_dir} is not a directory; give an artifact directory written by `compress run`")
+    if not path.is_file():
+        raise ArtifactError(f"{artifact_dir} has no {MANIFEST}; it is not a compressor artifact (or is incomplete)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc}); the artifact is damaged") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ArtifactError(f"{path} is not a compressor manifest (no \"format\": \"{FORMAT}\")")
+    version = data.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} has format_version {version!r}; this compressor reads up to {FORMAT_VERSION}. Upgrade compressor."
+        )
+    if not isinstance(data.get("files"), dict):
+        raise ArtifactError(f"{path} has no \"files\" table; the artifact is damaged")
+    return data
+
+
+def check_files(artifact_dir: Path, manifest: dict[str, Any], *, hashes: bool = False) -> None:
+    """Every file in the manifest exists with its recorded size (and sha256 when ``hashes``)."""
+    problems = []
+    for rel, info in manifest["files"].items():
+        path = artifact_dir / rel
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+            continue
+        size = path.stat().st_size
+        if size != info.get("bytes"):
+            problems.append(f"{rel}: {size} bytes, manifest says {info.get('bytes')} (truncated or modified)")
+        elif hashes and sha256_file(path) != info.get("sha256"):
+            problems.append(f"{rel}: sha256 differs from the manifest (modified or corrupt)")
+    if problems:
+        raise ArtifactError(f"{artifact_dir} does not match its manifest:\n  " + "\n  ".join(problems))
+
+
+def dumps(data: Any) -> str:
+    """Stable JSON for hashing parts of a manifest."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+if sys.version_info < (3, 10):  # pragma: no cover
+    raise RuntimeError("compressor needs Python 3.10+")

@@ -1,0 +1,146 @@
+"""The Model that flows through the pipeline: an nn.Module plus what is needed to store and rebuild it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .encodings import Dense, Encoding, dtype_from_name
+
+__all__ = ["Model", "install_dtype_bridge", "find_aliases"]
+
+
+@dataclass
+class Model:
+    """A model in the pipeline.
+
+    ``module`` holds the effective values (what the stored form decodes to), so running it measures the real
+    compressed model. ``encodings`` says how each tensor (by state-dict name) is stored. ``aliases`` maps tied
+    tensor names to the one name that is stored. ``dtype_bridges`` maps module names ("" is the root) to the
+    dtype their inputs are cast to, so that modules kept in float32 run inside a float16 model.
+    """
+
+    module: nn.Module
+    source: dict[str, Any]
+    example_inputs: dict[str, torch.Tensor]
+    task: str = "generic"
+    files_dir: Path | None = None
+    encodings: dict[str, Encoding] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
+    dtype_bridges: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.aliases:
+            self.aliases = find_aliases(self.module)
+        for name in self.tensors():
+            self.encodings.setdefault(name, Dense())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every stored tensor (parameters and persistent buffers) by name, tied duplicates left out."""
+        state = self.module.state_dict()
+        return {k: v for k, v in state.items() if k not in self.aliases}
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        """The tensors as written to disk: each tensor's encoded parts, named ``<name><suffix>``."""
+        out: dict[str, torch.Tensor] = {}
+        for name, tensor in self.tensors().items():
+            for suffix, part in self.encodings[name].encode(tensor.detach()).items():
+                out[name + suffix] = part
+        return out
+
+    def stored_nbytes(self) -> int:
+        """Bytes of all stored tensors."""
+        return sum(t.numel() * t.element_size() for t in self.stored().values())
+
+    def numel(self, names: list[str] | None = None) -> int:
+        """Number of scalars in the named tensors (all tensors if ``names`` is None)."""
+        tensors = self.tensors()
+        return sum(tensors[n].numel() for n in (tensors if names is None else names))
+
+    def check_encodings(self, names: list[str]) -> None:
+        """Cheap contract check after a pass: each decoded tensor has the module tensor's shape and dtype."""
+        tensors = self.tensors()
+        for name in names:
+            t = tensors[name].detach()
+            decoded = self.encodings[name].decode(self.encodings[name].encode(t))
+            if decoded.shape != t.shape or decoded.dtype != t.dtype:
+                raise TypeError(
+                    f"encoding of {name} decodes to {tuple(decoded.shape)} {decoded.dtype}, but the module holds "
+                    f"{tuple(t.shape)} {t.dtype}; a pass must keep the module and its encodings in step"
+                )
+
+    def install_bridges(self) -> None:
+        """(Re)install every recorded dtype bridge on the module."""
+        modules = dict(self.module.named_modules())
+        for name, dtype in self.dtype_bridges.items():
+            install_dtype_bridge(modules[name], dtype_from_name(dtype))
+
+
+def find_aliases(module: nn.Module) -> dict[str, str]:
+    """Tied tensors: ``{duplicate name: first name}`` for state-dict entries that are the same tensor object."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        key = id(tensor)
+        if key in first:
+            aliases[name] = first[key]
+        else:
+            first[key] = name
+    return aliases
+
+
+def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() and obj.dtype != dtype else obj
+    if isinstance(obj, dict):
+        if type(obj) is dict:
+            return {k: _cast_floats(v, dtype) for k, v in obj.items()}
+        for k in list(obj.keys()):  # ModelOutput and other dict subclasses: update in place, keep the type
+            obj[k] = _cast_floats(obj[k], dtype)
+        return obj
+    if type(obj) in (list, tuple):
+        return type(obj)(_cast_floats(v, dtype) for v in obj)
+    return obj
+
+
+def _first_float_dtype(obj: Any) -> torch.dtype | None:
+    if isinstance(obj, torch.Tensor):
+        return obj.dtype if obj.is_floating_point() else None
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    for item in items:
+        found = _first_float_dtype(item)
+        if found is not None:
+            return found
+    return None
+
+
+_BRIDGE_ATTR = "_compressor_bridge"
+
+
+def install_dtype_bridge(module: nn.Module, dtype: torch.dtype) -> None:
+    """Run ``module`` in ``dtype``: cast its float inputs to ``dtype`` and its float outputs back to the
+    dtype the inputs came in. Idempotent (a second call replaces the first)."""
+    old = getattr(module, _BRIDGE_ATTR, None)
+    if old is not None:
+        for handle in old:
+            handle.remove()
+    incoming: list[torch.dtype | None] = []
+
+    def pre(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        incoming.append(_first_float_dtype((args, kwargs)))
+        return _cast_floats(args, dtype), _cast_floats(kwargs, dtype)
+
+    def post(_mod: nn.Module, _args: Any, _kwargs: Any, output: Any) -> Any:
+        back = incoming.pop() if incoming else None
+        return output if back is None or back == dtype else _cast_floats(output, back)
+
+    handles = (
+        module.register_forward_pre_hook(pre, with_kwargs=True),
+        module.register_forward_hook(post, with_kwargs=True, always_call=True),
+    )
+    object.__setattr__(module, _BRIDGE_ATTR, handles)

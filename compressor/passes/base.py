@@ -1,0 +1,190 @@
+"""The Pass contract and the pass registry.
+
+A pass is a class with a ``name`` (its recipe key), a pydantic ``Config`` (extra keys forbidden, every field
+described) and an ``apply`` method. The base class does what every pass needs so that each pass only writes
+``apply``: it times the pass, measures stored bytes before and after, and checks what ``apply`` returned.
+
+Pass modules must not import torch at module level: ``compress validate`` and ``compress passes`` read their
+``Config`` without loading torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import CompressorError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..model import Model
+
+__all__ = [
+    "Context",
+    "Pass",
+    "PassConfig",
+    "PassReport",
+    "PassResult",
+    "available_passes",
+    "get_pass",
+    "register_pass",
+    "ENTRY_POINT_GROUP",
+]
+
+ENTRY_POINT_GROUP = "compressor.passes"
+# Built-in pass modules, imported on first use of the registry (they are light: no torch at import).
+_BUILTIN_MODULES = ("compressor.passes.cast",)
+
+
+class PassConfig(BaseModel):
+    """Base for pass configs: inert, frozen, unknown keys rejected when the recipe is parsed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PassReport(BaseModel):
+    """What one pass did, as stored in manifest.json."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Pass name (its recipe key).")
+    index: int = Field(description="Position of the pass in the recipe's `passes` list.")
+    config: dict[str, Any] = Field(description="The validated pass config, defaults filled in.")
+    tensors_touched: int = Field(description="How many tensors the pass changed.")
+    params_touched: int = Field(description="How many scalar parameters those tensors hold.")
+    bytes_before: int = Field(description="Stored bytes of all tensors before the pass.")
+    bytes_after: int = Field(description="Stored bytes of all tensors after the pass.")
+    seconds: float = Field(description="Wall time of the pass.")
+    details: dict[str, Any] = Field(default_factory=dict, description="Pass-specific figures.")
+
+
+@dataclass
+class PassResult:
+    """What ``Pass.apply`` returns: the names of the tensors it changed and pass-specific figures."""
+
+    touched: list[str]
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Context:
+    """Run-wide settings a pass may need."""
+
+    seed: int = 0
+    log: Any = None  # compressor.log.Reporter; Any keeps this module free of rich
+
+    def info(self, message: str) -> None:
+        if self.log is not None:
+            self.log.info(message)
+
+
+class Pass(ABC):
+    """Base class of every compression pass. Subclasses set ``name``, ``Config``, ``summary`` and ``apply``."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[PassConfig]]
+    summary: ClassVar[str] = ""
+    # Passes that must not come earlier in the recipe than this one: {earlier pass name: why}.
+    must_not_follow: ClassVar[Mapping[str, str]] = {}
+
+    def __init__(self, config: PassConfig, index: int = 0) -> None:
+        if not isinstance(config, self.Config):
+            raise TypeError(f"{type(self).__name__} needs a {self.Config.__name__}, got {type(config).__name__}")
+        self.config = config
+        self.index = index
+
+    def __call__(self, model: Model, ctx: Context) -> PassReport:
+        before = model.stored_nbytes()
+        start = time.perf_counter()
+        result = self.apply(model, ctx)
+        seconds = time.perf_counter() - start
+        if not isinstance(result, PassResult):
+            raise TypeError(
+                f"pass {self.name!r}: apply() returned {type(result).__name__}; it must return a PassResult"
+            )
+        unknown = [n for n in result.touched if n not in model.encodings]
+        if unknown:
+            raise TypeError(f"pass {self.name!r} reported tensors the model does not have: {unknown[:5]}")
+        model.check_encodings(result.touched)
+        return PassReport(
+            name=self.name,
+            index=self.index,
+            config=self.config.model_dump(mode="json"),
+            tensors_touched=len(result.touched),
+            params_touched=model.numel(result.touched),
+            bytes_before=before,
+            bytes_after=model.stored_nbytes(),
+            seconds=round(seconds, 4),
+            details=result.details,
+        )
+
+    @abstractmethod
+    def apply(self, model: Model, ctx: Context) -> PassResult:
+        """Change ``model`` in place: its module holds the effective values, ``model.encodings`` their storage."""
+
+
+_REGISTRY: dict[str, type[Pass]] = {}
+_loaded = False
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator adding a pass to the registry under ``cls.name``."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name.isidentifier():
+        raise TypeError(f"{cls.__name__}: set `name` to the pass's recipe key (an identifier)")
+    config = getattr(cls, "Config", None)
+    if not (isinstance(config, type) and issubclass(config, BaseModel)):
+        raise TypeError(f"{cls.__name__}: set `Config` to a pydantic model (subclass PassConfig)")
+    if config.model_config.get("extra") != "forbid":
+        raise TypeError(f"{cls.__name__}.Config must forbid extra keys; subclass PassConfig")
+    undocumented = [f for f, info in config.model_fields.items() if not info.description]
+    if undocumented:
+        raise TypeError(f"{cls.__name__}.Config fields need a description: {', '.join(undocumented)}")
+    existing = _REGISTRY.get(name)
+    if existing is not None and existing is not cls:
+        raise TypeError(f"two passes are named {name!r}: {existing.__module__} and {cls.__module__}")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def _load_all() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            cls = ep.load()
+        except Exception as exc:  # a broken plugin must not pass silently, but must say which one
+            raise CompressorError(
+                f"could not load the pass plugin {ep.name!r} ({ep.value}) from the "
+                f"{ENTRY_POINT_GROUP!r} entry-point group: {exc}. Fix or uninstall that package."
+            ) from exc
+        if cls.__dict__.get("name") is None or _REGISTRY.get(cls.name) is not cls:
+            register_pass(cls)
+
+
+def available_passes() -> dict[str, type[Pass]]:
+    """All registered passes, built-in and from the ``compressor.passes`` entry-point group, by name."""
+    _load_all()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_pass(name: str) -> type[Pass]:
+    """The pass class registered as ``name``; KeyError with close matches and the full list otherwise."""
+    passes = available_passes()
+    if name in passes:
+        return passes[name]
+    close = difflib.get_close_matches(name, passes, n=3)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    raise KeyError(f"no pass named {name!r}; {hint}available passes: {', '.join(passes)}")

@@ -1,0 +1,108 @@
+"""source -> passes -> exporters -> manifest, written atomically into the artifact directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .log import Reporter
+from .recipe import Recipe
+
+__all__ = ["RunResult", "default_output", "run_recipe"]
+
+INPUTS_FILE = "example_inputs.safetensors"
+
+
+@dataclass
+class RunResult:
+    """What a run produced."""
+
+    out_dir: Path
+    manifest: dict[str, Any]
+
+
+def default_output(recipe: Recipe) -> Path:
+    """``$COMPRESS_OUTPUT_ROOT/<name>`` if set, else ``artifacts/<name>`` under the current directory."""
+    return Path(os.environ.get("COMPRESS_OUTPUT_ROOT", "artifacts")) / recipe.name
+
+
+def run_recipe(recipe: Recipe, out_dir: Path | None = None, reporter: Reporter | None = None) -> RunResult:
+    """Run a validated recipe end to end and return where the artifact went."""
+    import torch
+
+    from .export.safetensors import export_safetensors, write_safetensors
+    from .manifest import library_versions, write_manifest
+    from .passes import Context, get_pass
+    from .sources import load_source
+    from .sources.hf import is_copied_file
+    from .staging import check_target, staged_dir
+
+    log = reporter or Reporter()
+    out = out_dir or default_output(recipe)
+    check_target(out.absolute())  # fail before minutes of work, not after
+    torch.manual_seed(recipe.seed)
+    with log.step(f"loading model ({_describe_source(recipe)})"):
+        model = load_source(recipe)
+    log.info(f"{len(model.tensors())} tensors, {model.numel():,} parameters, {model.stored_nbytes():,} bytes")
+
+    ctx = Context(seed=recipe.seed, log=log)
+    reports = []
+    for step in recipe.steps:
+        pass_ = get_pass(step.name)(step.config, step.index)
+        with log.step(f"pass {step.index + 1}/{len(recipe.steps)}: {step.name}"):
+            report = pass_(model, ctx)
+        reports.append(report.model_dump(mode="json"))
+        log.info(f"{step.name}: {report.bytes_before:,} -> {report.bytes_after:,} bytes")
+
+    with log.step(f"writing artifact to {out}"), staged_dir(out) as tmp:
+        stored = model.stored()
+        files = export_safetensors(stored, tmp, int(recipe.export.safetensors.max_shard_size))
+        write_safetensors(tmp / INPUTS_FILE, model.example_inputs, {"format": "pt", "role": "example-inputs"})
+        copied = _copy_source_files(model.files_dir, tmp, is_copied_file)
+        body = {
+            "name": recipe.name,
+            "description": recipe.description,
+            "recipe": recipe.model_dump(mode="json"),
+            "source": model.source,
+            "task": model.task,
+            "versions": library_versions(),
+            "passes": reports,
+            "model": {
+                "weights": files,
+                "tensors": len(model.tensors()),
+                "parameters": model.numel(),
+                "stored_bytes": sum(t.numel() * t.element_size() for t in stored.values()),
+                "encodings": {n: e.to_json() for n, e in sorted(model.encodings.items()) if e.kind != "dense"},
+                "aliases": dict(sorted(model.aliases.items())),
+                "dtype_bridges": dict(sorted(model.dtype_bridges.items())),
+                "example_inputs": INPUTS_FILE,
+                "copied_files": copied,
+            },
+        }
+        manifest = write_manifest(tmp, body)
+    if recipe.evaluate is not None or recipe.gates is not None:
+        log.warn("this version cannot evaluate yet (issue #3): the `evaluate` and `gates` sections were validated "
+                 "but nothing was measured and no gate was checked")
+    return RunResult(out_dir=out, manifest=manifest)
+
+
+def _describe_source(recipe: Recipe) -> str:
+    spec = recipe.model
+    detail = getattr(spec, "name", None) or getattr(spec, "path", None) or getattr(spec, "factory", "")
+    return f"{spec.source}: {detail}"
+
+
+def _copy_source_files(src: Path | None, dst: Path, wanted: Any) -> list[str]:
+    if src is None:
+        return []
+    copied = []
+    for path in sorted(src.rglob("*")):
+        rel = path.relative_to(src)
+        if path.is_file() and wanted(rel):
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, dst / rel)  # content only: mode and times would differ between runs
+            copied.append(rel.as_posix())
+    return copied

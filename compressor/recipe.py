@@ -1,0 +1,541 @@
+"""The recipe schema and its loader.
+
+Everything a user can get wrong in a recipe is caught here, before any model is loaded, and reported with
+file:line:col, the key path, what was wrong and what would work. This module must stay free of torch:
+``compress validate`` runs it alone.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from .errors import Problem, RecipeError
+from .yamlpos import Located, load_yaml
+
+__all__ = [
+    "Recipe",
+    "HFModel",
+    "PythonModel",
+    "ZooModel",
+    "InputSpec",
+    "ExportSpec",
+    "SafetensorsExport",
+    "EvaluateSpec",
+    "GatesSpec",
+    "Threshold",
+    "PassStep",
+    "ZOO_MODELS",
+    "load_recipe",
+    "parse_recipe",
+]
+
+ZOO_MODELS = ("minilm", "digits-mlp", "digits-cnn")
+MAX_RECIPE_BYTES = 1 << 20
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".onnx_data")
+
+
+class Strict(BaseModel):
+    """Base for recipe sections: unknown keys are errors, values are immutable after parsing."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _resolve(path: str, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    p = Path(os.path.expanduser(path))
+    return p if p.is_absolute() or base is None else Path(base) / p
+
+
+# --------------------------------------------------------------------------------------------- model sources
+
+
+class InputSpec(Strict):
+    """One example input of a ``python`` model: random values of this shape and dtype."""
+
+    shape: list[PositiveInt] = Field(min_length=1, description="Tensor shape, batch first, e.g. [2, 64].")
+    dtype: Literal["float32", "float16", "bfloat16", "int64", "int32", "bool"] = Field(
+        "float32", description="Tensor dtype."
+    )
+    low: float = Field(0.0, description="Smallest value (integers: inclusive).")
+    high: float = Field(1.0, description="Largest value (integers: exclusive).")
+
+    @model_validator(mode="after")
+    def _range(self) -> InputSpec:
+        if not self.high > self.low:
+            raise ValueError(f"high ({self.high}) must be greater than low ({self.low})")
+        return self
+
+
+class HFModel(Strict):
+    """A local Hugging Face model directory: config.json, safetensors weights and tokenizer files."""
+
+    source: Literal["hf"] = Field(description="`hf`: a local Hugging Face model directory.")
+    path: str = Field(
+        description="The model directory (config.json + *.safetensors); relative paths are resolved against "
+        "the recipe file's directory. Config and tokenizer files are copied into the artifact."
+    )
+    auto_class: Literal[
+        "AutoModel",
+        "AutoModelForSequenceClassification",
+        "AutoModelForTokenClassification",
+        "AutoModelForCausalLM",
+        "AutoModelForMaskedLM",
+        "AutoModelForQuestionAnswering",
+    ] = Field("AutoModel", description="transformers auto class that builds the model from its config.")
+    max_length: PositiveInt = Field(
+        128, le=8192, description="Sequence length of the example inputs made with the model's tokenizer."
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, value: str, info: ValidationInfo) -> str:
+        p = _resolve(value, info)
+        if not p.exists():
+            raise ValueError(f"no such directory: {p}; give the path of a local Hugging Face model directory")
+        if not p.is_dir():
+            raise ValueError(f"{p} is a file; give the directory that holds config.json and the weights")
+        if not (p / "config.json").is_file():
+            raise ValueError(f"{p} has no config.json; is it a Hugging Face model directory?")
+        if not any(p.glob("*.safetensors")):
+            pickled = [f.name for f in p.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+            extra = (
+                f" It has {', '.join(pickled)}, a pickle format this tool never loads; convert it with "
+                "transformers' save_pretrained(..., safe_serialization=True)."
+                if pickled
+                else ""
+            )
+            raise ValueError(f"{p} has no *.safetensors weights.{extra}")
+        return value
+
+
+class PythonModel(Strict):
+    """A Python function that returns an ``nn.Module``, optionally with weights from a safetensors file."""
+
+    source: Literal["python"] = Field(description="`python`: a function that builds the model.")
+    factory: str = Field(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$",
+        description="`package.module:function` returning an nn.Module; the recipe's directory is on the "
+        "import path while it is imported.",
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the factory.")
+    weights: str | None = Field(
+        None,
+        description="Optional safetensors file loaded into the module (strict: names and shapes must match); "
+        "relative to the recipe's directory.",
+    )
+    inputs: dict[str, InputSpec] = Field(
+        min_length=1,
+        description="Example inputs by forward() argument name, used for export, calibration and speed runs.",
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_exist(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return value
+        p = _resolve(value, info)
+        if not p.is_file():
+            raise ValueError(f"no such file: {p}; give a .safetensors file or leave `weights` out")
+        if p.suffix != ".safetensors":
+            raise ValueError(f"{p.name} is not a .safetensors file; pickled checkpoints are never loaded")
+        return value
+
+
+class ZooModel(Strict):
+    """A reference model bundled with compressor."""
+
+    source: Literal["zoo"] = Field(description="`zoo`: a reference model bundled with compressor.")
+    name: Literal["minilm", "digits-mlp", "digits-cnn"] = Field(
+        description="`minilm` (all-MiniLM-L6-v2 text encoder), `digits-mlp` (64-300-100-10 MLP) or "
+        "`digits-cnn` (small CNN); the digits models are trained on scikit-learn's digits at first use."
+    )
+
+
+ModelSpec = Annotated[Union[HFModel, PythonModel, ZooModel], Field(discriminator="source")]
+
+# ------------------------------------------------------------------------------------ export, evaluate, gates
+
+
+class SafetensorsExport(Strict):
+    """safetensors export settings."""
+
+    max_shard_size: ByteSize = Field(
+        ByteSize(2_000_000_000),
+        ge=4096,
+        description="Largest shard file, as bytes or a string such as `500MB` or `2GiB`; larger models are "
+        "split into model-0000i-of-0000N.safetensors with model.safetensors.index.json.",
+    )
+
+
+class ExportSpec(Strict):
+    """Which artifact formats to write."""
+
+    safetensors: SafetensorsExport = Field(
+        default_factory=SafetensorsExport, description="safetensors export (always written)."
+    )
+
+
+class EvaluateSpec(Strict):
+    """Evaluation settings. Accepted and validated; the evaluator that runs them is being built (issue #3)."""
+
+    devices: list[Literal["cpu", "cuda"]] = Field(["cpu"], min_length=1, description="Devices to measure on.")
+    require_cuda: bool = Field(False, description="Fail instead of skipping when CUDA is not available.")
+    batch_sizes: list[PositiveInt] = Field([1, 8], min_length=1, description="Batch sizes for speed runs.")
+    sequence_lengths: list[PositiveInt] = Field([128], min_length=1, description="Sequence lengths (text).")
+    data: str | None = Field(None, description="User data: a JSONL/CSV file or `module:function`.")
+
+
+class Threshold(Strict):
+    """A gate threshold, optionally limited to one device and artifact format."""
+
+    value: float = Field(description="The threshold.")
+    device: Literal["cpu", "cuda"] | None = Field(None, description="Device the gate applies to (all if unset).")
+    format: Literal["safetensors", "onnx"] | None = Field(None, description="Artifact format (all if unset).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_number(cls, data: Any) -> Any:
+        # `min_speedup: 1.5` is shorthand for `min_speedup: {value: 1.5}`.
+        if isinstance(data, (int, float)) and not isinstance(data, bool):
+            return {"value": data}
+        return data
+
+
+class GatesSpec(Strict):
+    """Release gates: a missed gate makes the run exit with code 3 (artifacts are kept)."""
+
+    max_accuracy_drop: Threshold | None = Field(None, description="Largest task-accuracy drop, in points.")
+    min_fidelity: Threshold | None = Field(None, description="Smallest min cosine similarity to the baseline.")
+    min_speedup: Threshold | None = Field(None, description="Smallest latency speedup over the baseline.")
+    max_size_bytes: Threshold | None = Field(None, description="Largest artifact size on disk, in bytes.")
+    min_compression: Threshold | None = Field(None, description="Smallest baseline bytes / artifact bytes.")
+    max_load_ms: Threshold | None = Field(None, description="Longest load time (open to ready), ms.")
+
+
+# ---------------------------------------------------------------------------------------------------- recipe
+
+
+class PassStep(BaseModel):
+    """One validated entry of ``passes``: the pass name and its config object."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    name: str
+    index: int
+    config: Any  # a PassConfig subclass instance
+
+
+class Recipe(Strict):
+    """A compression recipe: which model, which passes in which order, what to export and check."""
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+        description="Recipe name; the default output directory is `artifacts/<name>/`. Letters, digits, "
+        "'.', '_' and '-'.",
+    )
+    description: str = Field("", description="Free text, copied into the manifest.")
+    seed: int = Field(0, ge=0, description="Seed for every random choice (example inputs, sampling).")
+    model: ModelSpec = Field(description="Where the model comes from (`source`: hf, python or zoo).")
+    passes: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Ordered compression passes; each item is `{pass_name: {params}}`. See `compress passes`.",
+    )
+    export: ExportSpec = Field(default_factory=ExportSpec, description="Artifact formats to write.")
+    evaluate: EvaluateSpec | None = Field(None, description="Evaluation against the uncompressed model.")
+    gates: GatesSpec | None = Field(None, description="Release gates checked after evaluation.")
+
+    _steps: list[PassStep] = PrivateAttr(default_factory=list)
+    _file: str = PrivateAttr("<recipe>")
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @property
+    def steps(self) -> list[PassStep]:
+        """The validated passes, in order."""
+        return list(self._steps)
+
+    @property
+    def file(self) -> str:
+        """The recipe file this was read from."""
+        return self._file
+
+    @property
+    def base_dir(self) -> Path:
+        """Directory that relative paths in the recipe are resolved against."""
+        return self._base_dir
+
+    def resolve(self, path: str) -> Path:
+        """A recipe path, resolved against the recipe's directory."""
+        p = Path(os.path.expanduser(path))
+        return p if p.is_absolute() else self._base_dir / p
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | os.PathLike[str]) -> Recipe:
+    """Read and validate a recipe file. Raises RecipeError (exit code 2) listing every problem found."""
+    p = Path(path)
+    shown = str(path)
+    if not p.exists():
+        raise RecipeError(Problem(f"no such recipe file: {p}", file=shown, hint="check the path; recipes/ has examples"))
+    if p.is_dir():
+        raise RecipeError(Problem(f"{p} is a directory; give a recipe .yaml file", file=shown))
+    data = p.read_bytes()
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RecipeError(Problem(f"{len(data)} bytes is too large for a recipe (limit 1 MiB); is this the right file?", file=shown))
+    return parse_recipe(data, file=shown, base_dir=p.resolve().parent)
+
+
+def parse_recipe(data: bytes | str, *, file: str = "<recipe>", base_dir: Path | None = None) -> Recipe:
+    """Validate recipe text. ``base_dir`` anchors relative paths (default: the current directory)."""
+    if isinstance(data, bytes):
+        if b"\x00" in data:
+            raise RecipeError(Problem("this is a binary file, not a YAML recipe", file=file, line=1, hint=_EXAMPLE))
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            line = data[: exc.start].count(b"\n") + 1
+            raise RecipeError(
+                Problem(f"not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})", file=file, line=line,
+                        hint="a recipe is a UTF-8 YAML file")
+            ) from None
+    else:
+        text = data
+    located = load_yaml(text, file)
+    if located.data is None:
+        raise RecipeError(Problem("the recipe is empty", file=file, line=1, hint=_EXAMPLE))
+    if not isinstance(located.data, dict):
+        raise RecipeError(
+            Problem(f"a recipe is a mapping of keys, not a {_kind(located.data)}", file=file, line=1, col=1, hint=_EXAMPLE)
+        )
+    base = base_dir if base_dir is not None else Path.cwd()
+    problems: list[Problem] = []
+    recipe: Recipe | None = None
+    try:
+        recipe = Recipe.model_validate(located.data, context={"base_dir": base})
+    except ValidationError as exc:
+        problems += _problems(exc, located, Recipe, ())
+    raw_passes = located.data.get("passes")
+    steps = _validate_passes(raw_passes, located, problems) if isinstance(raw_passes, list) else []
+    if problems:
+        raise RecipeError(problems)
+    assert recipe is not None
+    recipe._steps, recipe._file, recipe._base_dir = steps, file, base
+    return recipe
+
+
+_EXAMPLE = (
+    "a minimal recipe:\n"
+    "  name: minilm-fp16\n"
+    "  model: {source: zoo, name: minilm}\n"
+    "  passes:\n"
+    "    - cast: {dtype: float16}"
+)
+
+
+def _kind(value: Any) -> str:
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(value), type(value).__name__)
+
+
+def _validate_passes(raw: list[Any], located: Located, problems: list[Problem]) -> list[PassStep]:
+    from .passes.base import get_pass
+
+    steps: list[PassStep] = []
+    classes: list[Any] = []
+    for i, item in enumerate(raw):
+        where = located.where(("passes", i))
+        if not (isinstance(item, dict) and len(item) == 1):
+            got = f"a mapping with {len(item)} keys" if isinstance(item, dict) else f"a {_kind(item)}"
+            problems.append(
+                Problem(f"each pass is a mapping with exactly one key, the pass name; got {got}", file=located.file,
+                        line=where[0], col=where[1], path=f"passes[{i}]",
+                        hint="write it as `- cast: {dtype: float16}`; give each pass its own list item")
+            )
+            continue
+        (name, params), = item.items()
+        key_where = located.where(("passes", i, name), key=True)
+        try:
+            cls = get_pass(str(name))
+        except KeyError as exc:
+            problems.append(Problem(exc.args[0], file=located.file, line=key_where[0], col=key_where[1], path=f"passes[{i}]"))
+            continue
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            vw = located.where(("passes", i, name))
+            problems.append(
+                Problem(f"the parameters of {name!r} must be a mapping, not a {_kind(params)}", file=located.file,
+                        line=vw[0], col=vw[1], path=f"passes[{i}].{name}",
+                        hint=f"valid parameters: {', '.join(cls.Config.model_fields)}; see `compress passes`")
+            )
+            continue
+        try:
+            config = cls.Config.model_validate(params)
+        except ValidationError as exc:
+            problems += _problems(exc, located, cls.Config, ("passes", i, name))
+            continue
+        steps.append(PassStep(name=str(name), index=i, config=config))
+        classes.append(cls)
+    if len(steps) == len(raw):
+        _check_order(steps, classes, located, problems)
+    return steps
+
+
+def _check_order(steps: list[PassStep], classes: list[Any], located: Located, problems: list[Problem]) -> None:
+    names = [s.name for s in steps]
+    for i, cls in enumerate(classes):
+        for j in range(i):
+            reason = cls.must_not_follow.get(names[j])
+            if reason is None:
+                continue
+            order = names[:j] + [names[i]] + [n for k, n in enumerate(names[j:], j) if k != i]
+            where = located.where(("passes", i, names[i]), key=True)
+            problems.append(
+                Problem(f"{names[i]!r} cannot come after {names[j]!r} (passes[{j}]): {reason}", file=located.file,
+                        line=where[0], col=where[1], path=f"passes[{i}]",
+                        hint=f"an order that works: {' -> '.join(order)}")
+            )
+            return
+
+
+# ------------------------------------------------------------------------------------ pydantic error mapping
+
+
+def _problems(exc: ValidationError, located: Located, root: type[BaseModel], prefix: tuple[Any, ...]) -> list[Problem]:
+    base_data = _get(located.data, prefix)
+    out: list[Problem] = []
+    seen: set[tuple[Any, ...]] = set()
+    for err in exc.errors(include_url=False):
+        data_path, model_cls = _walk(base_data, root, tuple(err["loc"]))
+        full = prefix + data_path
+        kind = err["type"]
+        if (full, kind) in seen:
+            continue
+        seen.add((full, kind))
+        message, hint = _describe(err, data_path, model_cls, base_data)
+        if kind == "extra_forbidden":
+            line, col = located.where(full, key=True)
+        elif kind == "missing":
+            line, col = located.where(full[:-1])
+        else:
+            line, col = located.where(full)
+        out.append(Problem(message, file=located.file, line=line, col=col, path=_dotted(full), hint=hint))
+    return out
+
+
+def _get(data: Any, path: tuple[Any, ...]) -> Any:
+    for key in path:
+        data = data[key]
+    return data
+
+
+def _dotted(path: tuple[Any, ...]) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _unwrap(annotation: Any) -> list[Any]:
+    """The concrete types inside Optional/Union/Annotated."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return [t for a in typing.get_args(annotation) for t in _unwrap(a)]
+    return [annotation]
+
+
+def _walk(data: Any, root: type[BaseModel], loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any]:
+    """Map a pydantic error location onto the data's key path, and find the model class at the end.
+
+    pydantic puts discriminator tags (e.g. 'hf') and union member names into ``loc``; the data has no such
+    keys, so they are skipped.
+    """
+    path: list[Any] = []
+    current_type: Any = root
+    cur = data
+    parent_model: Any = root
+    for elem in loc:
+        candidates = _unwrap(current_type)
+        models = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if isinstance(cur, dict) and elem not in cur and models:
+            tagged = [m for m in models if getattr(m, "__name__", None) == elem or
+                      ("source" in m.model_fields and _literal_values(m.model_fields["source"].annotation) == (elem,))]
+            if tagged:
+                current_type = tagged[0]
+                continue
+        path.append(elem)
+        if models and isinstance(elem, str):
+            model = models[0]
+            if len(models) > 1 and isinstance(cur, dict):
+                model = next((m for m in models if "source" in m.model_fields and
+                              cur.get("source") in _literal_values(m.model_fields["source"].annotation)), models[0])
+            parent_model = model
+            field = model.model_fields.get(elem)
+            current_type = field.annotation if field is not None else None
+        else:
+            args = [a for c in candidates for a in typing.get_args(c)]
+            current_type = args[-1] if args else None
+        cur = cur.get(elem) if isinstance(cur, dict) else (cur[elem] if isinstance(cur, list) and isinstance(elem, int) and elem < len(cur) else None)
+    return tuple(path), parent_model
+
+
+def _literal_values(annotation: Any) -> tuple[Any, ...]:
+    return typing.get_args(annotation) if typing.get_origin(annotation) is Literal else ()
+
+
+def _describe(err: dict[str, Any], path: tuple[Any, ...], model: Any, data: Any) -> tuple[str, str]:
+    kind, value = err["type"], err.get("input")
+    key = path[-1] if path else ""
+    fields = getattr(model, "model_fields", {})
+    field = fields.get(key) if isinstance(key, str) else None
+    described = f"{key}: {field.description}" if field is not None and field.description else ""
+    if kind == "extra_forbidden":
+        close = difflib.get_close_matches(str(key), list(fields), n=3)
+        hint = (f"did you mean {' or '.join(repr(c) for c in close)}? " if close else "") + f"valid keys: {', '.join(fields)}"
+        return f"unknown key {key!r}", hint
+    if kind == "missing":
+        return f"missing required key {key!r}", described
+    if kind == "literal_error":
+        allowed = [str(v) for v in _literal_values(field.annotation if field else None)] or []
+        allowed = allowed or [a.strip(" '") for a in err["msg"].removeprefix("Input should be ").replace(" or ", ",").split(",")]
+        close = difflib.get_close_matches(str(value), allowed, n=1)
+        hint = (f"did you mean {close[0]!r}? " if close else "") + f"valid values: {', '.join(allowed)}"
+        return f"{_show(value)} is not a valid value", hint
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        tags = ", ".join(("hf", "python", "zoo"))
+        if kind == "union_tag_not_found":
+            return "missing required key 'source'", f"valid sources: {tags}"
+        tag = err.get("ctx", {}).get("tag", value)
+        close = difflib.get_close_matches(str(tag), ["hf", "python", "zoo"], n=1)
+        return f"unknown source {tag!r}", (f"did you mean {close[0]!r}? " if close else "") + f"valid sources: {tags}"
+    if kind == "model_type" or kind == "dict_type":
+        return f"expected a mapping of keys, got {_kind(value)} {_show(value)}", described
+    msg = err["msg"].removeprefix("Value error, ")
+    if not kind.startswith("value_error"):
+        msg = f"{msg[0].lower()}{msg[1:]}, got {_show(value)}"
+    return msg, described
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,71 @@
+"""`hf` source: a local Hugging Face model directory, loaded with transformers (never from a hub)."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CompressorError
+from ..model import Model
+
+__all__ = ["load_hf", "example_text_inputs", "EXAMPLE_SENTENCES", "is_copied_file"]
+
+# Fixed sentences for example inputs: deterministic, varied length, no data files needed.
+EXAMPLE_SENTENCES = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Model compression trades a little accuracy for a lot of speed and memory.",
+)
+_SKIP_DIRS = {"onnx", "openvino", ".git", ".cache", "__pycache__"}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".onnx_data", ".ot")
+
+
+def is_copied_file(rel: Path) -> bool:
+    """Files of a model directory that travel into the artifact: everything but weights and their indexes."""
+    if any(part in _SKIP_DIRS or part.startswith(".") for part in rel.parts):
+        return False
+    name = rel.name
+    return not (name.endswith(_WEIGHT_SUFFIXES) or name.endswith((".safetensors.index.json", ".bin.index.json")))
+
+
+def load_hf(path: Path, auto_class: str, max_length: int, *, source: dict[str, Any], task: str | None = None) -> Model:
+    """Load a Hugging Face model directory with transformers, offline, safetensors only."""
+    import transformers
+
+    cls = getattr(transformers, auto_class)
+    try:
+        module = cls.from_pretrained(str(path), local_files_only=True, use_safetensors=True, dtype="auto")
+    except (OSError, ValueError, KeyError) as exc:
+        raise CompressorError(f"transformers could not load the model in {path} with {auto_class}: {exc}") from exc
+    module.eval()
+    config = module.config
+    inputs = example_text_inputs(path, module, max_length)
+    if task is None:
+        task = "text-embedding" if auto_class == "AutoModel" else auto_class.removeprefix("AutoModelFor").lower()
+    source = dict(source, auto_class=auto_class, model_type=config.model_type,
+                  architectures=list(config.architectures or []))
+    return Model(module=module, source=source, example_inputs=inputs, task=task, files_dir=path)
+
+
+def example_text_inputs(path: Path, module: torch.nn.Module, max_length: int) -> dict[str, torch.Tensor]:
+    """Tokenized example sentences, padded to ``max_length``; random token ids if there is no tokenizer."""
+    accepted = set(inspect.signature(module.forward).parameters)
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError):
+        tokenizer = None
+    if tokenizer is not None:
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        enc = tokenizer(list(EXAMPLE_SENTENCES), padding="max_length", truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        return {k: v for k, v in enc.items() if k in accepted}
+    vocab = int(getattr(module.config, "vocab_size", 1000))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (len(EXAMPLE_SENTENCES), max_length), generator=gen)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return {k: v for k, v in inputs.items() if k in accepted}

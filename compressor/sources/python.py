@@ -1,0 +1,104 @@
+"""`python` source: ``package.module:function`` returning an nn.Module, with optional safetensors weights."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..errors import CompressorError, Problem, RecipeError
+from ..model import Model
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..recipe import PythonModel, Recipe
+
+__all__ = ["load_python", "import_factory", "make_inputs"]
+
+
+def import_factory(spec: str, search: Path | None = None) -> Callable[..., Any]:
+    """Import ``package.module:function``; ``search`` is put first on sys.path while importing."""
+    module_name, _, func_name = spec.partition(":")
+    added = search is not None and str(search) not in sys.path
+    if added:
+        sys.path.insert(0, str(search))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        where = f"the recipe's directory ({search}) and " if search else ""
+        raise RecipeError(
+            Problem(f"cannot import {module_name!r}: {exc}", path="model.factory",
+                    hint=f"the module is looked up in {where}sys.path; install it or set PYTHONPATH")
+        ) from exc
+    finally:
+        if added:
+            sys.path.remove(str(search))
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        public = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+        raise RecipeError(
+            Problem(f"{module_name!r} has no function {func_name!r}", path="model.factory",
+                    hint=f"callables in that module: {', '.join(public[:20]) or 'none'}")
+        )
+    return func
+
+
+def make_inputs(specs: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
+    """Deterministic random example inputs from ``InputSpec``s."""
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for name, spec in specs.items():
+        dtype = getattr(torch, spec.dtype)
+        if dtype.is_floating_point:
+            t = torch.rand(spec.shape, generator=gen) * (spec.high - spec.low) + spec.low
+            out[name] = t.to(dtype)
+        elif dtype == torch.bool:
+            out[name] = torch.rand(spec.shape, generator=gen) < 0.5
+        else:
+            out[name] = torch.randint(int(spec.low), int(spec.high), spec.shape, generator=gen, dtype=dtype)
+    return out
+
+
+def build_python(factory: str, kwargs: dict[str, Any], search: Path | None) -> nn.Module:
+    """Call the factory and check that it returned an nn.Module."""
+    func = import_factory(factory, search)
+    try:
+        module = func(**kwargs)
+    except TypeError as exc:
+        raise RecipeError(Problem(f"{factory}(**kwargs) failed: {exc}", path="model.kwargs",
+                                  hint="check the factory's parameters against `kwargs`")) from exc
+    if not isinstance(module, nn.Module):
+        raise RecipeError(Problem(f"{factory} returned {type(module).__name__}, not a torch.nn.Module",
+                                  path="model.factory"))
+    return module
+
+
+def load_python(spec: PythonModel, recipe: Recipe) -> Model:
+    """Build the module, load its weights if given, make example inputs."""
+    module = build_python(spec.factory, spec.kwargs, recipe.base_dir)
+    if spec.weights:
+        from safetensors.torch import load_file
+
+        path = recipe.resolve(spec.weights)
+        try:
+            state = load_file(str(path))
+        except Exception as exc:
+            raise CompressorError(f"cannot read the weights file {path}: {exc}") from exc
+        result = module.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise RecipeError(
+                Problem(
+                    f"{path.name} does not fit the module built by {spec.factory}: "
+                    f"missing {list(result.missing_keys)[:5]}, unexpected {list(result.unexpected_keys)[:5]}",
+                    path="model.weights",
+                    hint="the file's tensor names must equal the module's state_dict() names",
+                )
+            )
+    module.eval()
+    inputs = make_inputs(spec.inputs, recipe.seed)
+    source = {"kind": "python", "factory": spec.factory, "kwargs": spec.kwargs}
+    return Model(module=module, source=source, example_inputs=inputs)
