@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -131,7 +132,6 @@ class PythonModel(Strict):
 
     source: Literal["python"] = Field(description="`python`: a function that builds the model.")
     factory: str = Field(
-        pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$",
         description="`package.module:function` returning an nn.Module; the recipe's directory is on the "
         "import path while it is imported.",
     )
@@ -145,6 +145,13 @@ class PythonModel(Strict):
         min_length=1,
         description="Example inputs by forward() argument name, used for export, calibration and speed runs.",
     )
+
+    @field_validator("factory")
+    @classmethod
+    def _factory_form(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*", value):
+            raise ValueError(f"expected `package.module:function` (e.g. `mymodels.nets:build`), got {value!r}")
+        return value
 
     @field_validator("weights")
     @classmethod
@@ -216,6 +223,8 @@ class Threshold(Strict):
         # `min_speedup: 1.5` is shorthand for `min_speedup: {value: 1.5}`.
         if isinstance(data, (int, float)) and not isinstance(data, bool):
             return {"value": data}
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a number, or a mapping such as {{value: 1.5, device: cpu}}; got {data!r}")
         return data
 
 
@@ -247,7 +256,6 @@ class Recipe(Strict):
     """A compression recipe: which model, which passes in which order, what to export and check."""
 
     name: str = Field(
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
         description="Recipe name; the default output directory is `artifacts/<name>/`. Letters, digits, "
         "'.', '_' and '-'.",
     )
@@ -261,6 +269,14 @@ class Recipe(Strict):
     export: ExportSpec = Field(default_factory=ExportSpec, description="Artifact formats to write.")
     evaluate: EvaluateSpec | None = Field(None, description="Evaluation against the uncompressed model.")
     gates: GatesSpec | None = Field(None, description="Release gates checked after evaluation.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_form(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", value):
+            raise ValueError(f"{value!r} cannot name a directory portably; use letters, digits, '.', '_' and '-' "
+                             "(first a letter or digit), e.g. 'minilm-fp16'")
+        return value
 
     _steps: list[PassStep] = PrivateAttr(default_factory=list)
     _file: str = PrivateAttr("<recipe>")
@@ -407,11 +423,13 @@ def _check_order(steps: list[PassStep], classes: list[Any], located: Located, pr
             if reason is None:
                 continue
             order = names[:j] + [names[i]] + [n for k, n in enumerate(names[j:], j) if k != i]
+            fix = (f"keep a single {names[i]!r}" if names[i] == names[j]
+                   else f"an order that works: {' -> '.join(order)}")
             where = located.where(("passes", i, names[i]), key=True)
             problems.append(
                 Problem(f"{names[i]!r} cannot come after {names[j]!r} (passes[{j}]): {reason}", file=located.file,
                         line=where[0], col=where[1], path=f"passes[{i}]",
-                        hint=f"an order that works: {' -> '.join(order)}")
+                        hint=fix)
             )
             return
 

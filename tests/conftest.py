@@ -1,0 +1,68 @@
+"""Shared fixtures: offline, a private model cache, and a guard that no test leaves files in the repository."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_IGNORED_DIRS = {".venv", ".git", "__pycache__", ".pytest_cache", ".hypothesis", "compressor.egg-info"}
+
+# Never reach for a model hub, whatever the machine allows.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+def _tree() -> set[str]:
+    found = set()
+    for dirpath, dirnames, filenames in os.walk(ROOT):
+        dirnames[:] = [d for d in dirnames if d not in _IGNORED_DIRS]
+        rel = Path(dirpath).relative_to(ROOT)
+        found.update(str(rel / f) for f in filenames)
+        found.update(str(rel / d) + "/" for d in dirnames)
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_files_left_behind():
+    """Fail a test that leaves new files or directories in the repository."""
+    before = _tree()
+    yield
+    new = sorted(_tree() - before)
+    assert not new, f"test left files behind in the repository: {new[:10]}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Trained zoo models are cached here for the session, never in the user's home."""
+    path = tmp_path_factory.mktemp("compressor-cache")
+    os.environ["COMPRESSOR_CACHE"] = str(path)
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600):
+    """Run `python -m compressor ARGS` in a fresh process; returns the CompletedProcess (text mode)."""
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "compressor", *args],
+        cwd=cwd or ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def minilm_fp16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped recipes/minilm-fp16.yaml, run once for the session; returns the artifact directory."""
+    from compressor.pipeline import run_recipe
+    from compressor.recipe import load_recipe
+
+    out = tmp_path_factory.mktemp("art") / "minilm-fp16"
+    run_recipe(load_recipe(ROOT / "recipes" / "minilm-fp16.yaml"), out)
+    return out
