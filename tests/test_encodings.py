@@ -1,0 +1,139 @@
+"""Encodings: decode(encode(t)) is t bit for bit, and every encoding round-trips through its JSON form."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from compressor.encodings import ENCODINGS, Cast, Dense, Encoding, dtype_from_name, dtype_name, encoding_from_json
+
+# Deterministic and light: no example database written into the repository, a fixed example sequence.
+PROPERTY = settings(derandomize=True, database=None, max_examples=60, deadline=None)
+
+FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+# Same-width integer dtype, for bitwise views (NaN payloads, -0.0 and infinities must survive too).
+BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
+
+shapes = st.lists(st.integers(min_value=0, max_value=7), min_size=0, max_size=4).map(tuple)
+
+
+def random_bits(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """A tensor of ``dtype`` whose bit patterns are uniformly random: NaNs, infinities, subnormals, -0.0 all occur."""
+    ints = BITS[dtype]
+    info = torch.iinfo(ints)
+    gen = torch.Generator().manual_seed(seed)
+    raw = torch.randint(info.min, info.max, shape, generator=gen, dtype=ints)
+    t = raw.view(dtype)
+    assert t.shape == shape and t.dtype == dtype
+    return t
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(BITS[a.dtype]), b.view(BITS[b.dtype]))
+
+
+def test_random_bits_really_contains_special_values():
+    """Guard for the property tests below: the generator does produce NaN, inf and -0.0 patterns."""
+    t = random_bits((4096,), torch.float16, 0)
+    assert torch.isnan(t).any() and torch.isinf(t).any()
+    assert not bitwise_equal(t, t.clone().nan_to_num())
+
+
+@PROPERTY
+@given(shape=shapes, dtype=st.sampled_from(FLOAT_DTYPES), seed=st.integers(0, 2**31 - 1))
+def test_dense_round_trip_is_bit_exact(shape, dtype, seed):
+    t = random_bits(shape, dtype, seed)
+    original = t.clone()
+    enc = Dense()
+    stored = enc.encode(t)
+    assert set(stored) == {""}  # the tensor keeps its own name on disk
+    out = enc.decode(stored)
+    assert bitwise_equal(out, original)
+
+
+@PROPERTY
+@given(
+    shape=shapes,
+    dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+    seed=st.integers(0, 2**31 - 1),
+    through_bytes=st.booleans(),
+)
+def test_cast_round_trip_is_bit_exact_for_tensors_already_in_the_cast_dtype(shape, dtype, seed, through_bytes):
+    t = random_bits(shape, dtype, seed)
+    original = t.clone()
+    enc = Cast(dtype_name(dtype))
+    stored = enc.encode(t)
+    assert set(stored) == {""}
+    assert stored[""].dtype == dtype
+    if through_bytes:
+        # What the loader does: the stored tensor comes back from raw bytes, not as the same object.
+        raw = stored[""].contiguous().view(BITS[dtype]).numpy().tobytes()
+        back = torch.frombuffer(bytearray(raw), dtype=BITS[dtype]) if raw else torch.empty(0, dtype=BITS[dtype])
+        stored = {"": back.reshape(shape).view(dtype)}
+    out = enc.decode(stored)
+    assert bitwise_equal(out, original)
+
+
+@PROPERTY
+@given(shape=shapes, target=st.sampled_from(["float16", "bfloat16"]), seed=st.integers(0, 2**31 - 1))
+def test_cast_of_float32_stores_the_rounded_value_and_decodes_to_it(shape, target, seed):
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.randn(shape, generator=gen) * 100
+    enc = Cast(target)
+    stored = enc.encode(t)
+    dtype = dtype_from_name(target)
+    assert stored[""].dtype == dtype
+    assert bitwise_equal(enc.decode(stored), t.to(dtype))
+
+
+ENCODING_EXAMPLES = [Dense(), Cast("float16"), Cast("bfloat16")]
+
+
+@pytest.mark.parametrize("enc", ENCODING_EXAMPLES, ids=repr)
+def test_json_round_trip(enc: Encoding):
+    data = enc.to_json()
+    assert data["kind"] == enc.kind
+    assert encoding_from_json(data) == enc
+    # And through actual JSON text, as the manifest stores it.
+    again = encoding_from_json(json.loads(json.dumps(data)))
+    assert again == enc and type(again) is type(enc) and again.to_json() == data
+
+
+@PROPERTY
+@given(target=st.sampled_from(["float16", "bfloat16"]))
+def test_cast_json_keeps_the_dtype(target):
+    enc = encoding_from_json({"kind": "cast", "dtype": target})
+    assert isinstance(enc, Cast) and enc.dtype == target
+    other = "bfloat16" if target == "float16" else "float16"
+    assert enc != Cast(other)
+    assert enc != Dense()
+
+
+def test_every_registered_encoding_is_reachable_from_json():
+    assert {"dense", "cast"} <= set(ENCODINGS)
+    for kind, cls in ENCODINGS.items():
+        assert cls.kind == kind
+
+
+@PROPERTY
+@given(kind=st.one_of(st.none(), st.text(max_size=20)).filter(lambda k: k not in ENCODINGS))
+def test_unknown_kind_is_a_value_error_naming_the_known_kinds(kind):
+    data = {} if kind is None else {"kind": kind}
+    with pytest.raises(ValueError) as info:
+        encoding_from_json(data)
+    message = str(info.value)
+    assert repr(kind) in message
+    for known in ENCODINGS:
+        assert known in message
+
+
+@pytest.mark.parametrize("name", ["float17", "Tensor", "nn", ""])
+def test_cast_rejects_a_name_that_is_not_a_dtype(name):
+    with pytest.raises(ValueError, match="unknown dtype"):
+        Cast(name)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        encoding_from_json({"kind": "cast", "dtype": name})
