@@ -27,6 +27,11 @@ def random_bits(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.
     info = torch.iinfo(ints)
     gen = torch.Generator().manual_seed(seed)
     raw = torch.randint(info.min, info.max, shape, generator=gen, dtype=ints)
+    flat = raw.view(-1)
+    specials = torch.tensor([float("inf"), float("-inf"), -0.0, float("nan")], dtype=dtype).view(ints)
+    specials = torch.cat([specials, specials[-1:] ^ 1])  # and a NaN with another payload
+    n = min(len(specials), flat.numel())
+    flat[:n] = specials[:n]
     t = raw.view(dtype)
     assert t.shape == shape and t.dtype == dtype
     return t
@@ -40,6 +45,9 @@ def test_random_bits_really_contains_special_values():
     """Guard for the property tests below: the generator does produce NaN, inf and -0.0 patterns."""
     t = random_bits((4096,), torch.float16, 0)
     assert torch.isnan(t).any() and torch.isinf(t).any()
+    assert torch.signbit(t[(t == 0)]).any()  # a -0.0
+    nans = t[torch.isnan(t)].view(torch.int16)
+    assert len(set(nans.tolist())) > 1  # several NaN payloads, which a value comparison could not tell apart
     assert not bitwise_equal(t, t.clone().nan_to_num())
 
 

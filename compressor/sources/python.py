@@ -88,7 +88,11 @@ def load_python(spec: PythonModel, recipe: Recipe) -> Model:
             state = load_file(str(path))
         except Exception as exc:
             raise CompressorError(f"cannot read the weights file {path}: {exc}") from exc
-        result = module.load_state_dict(state, strict=False)
+        try:
+            result = module.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatches
+            raise RecipeError(Problem(f"{path.name} does not fit the module built by {spec.factory}: {exc}",
+                                      path="model.weights")) from None
         if result.missing_keys or result.unexpected_keys:
             raise RecipeError(
                 Problem(
