@@ -262,7 +262,8 @@ class Recipe(Strict):
     description: str = Field("", description="Free text, copied into the manifest.")
     seed: int = Field(0, ge=0, description="Seed for every random choice (example inputs, sampling).")
     model: ModelSpec = Field(description="Where the model comes from (`source`: hf, python or zoo).")
-    passes: list[dict[str, Any]] = Field(
+    # Items are checked by _validate_passes (registry lookup, per-pass config, order), not by pydantic.
+    passes: list[Any] = Field(
         default_factory=list,
         description="Ordered compression passes; each item is `{pass_name: {params}}`. See `compress passes`.",
     )

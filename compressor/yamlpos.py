@@ -79,7 +79,8 @@ def _convert(node: yaml.Node, path: Path_, loader: yaml.SafeLoader, out: Located
         loader.flatten_mapping(node)  # resolves '<<' merge keys into plain pairs
         result: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)
+            key = _convert(key_node, path + ("<key>",), loader, out) if isinstance(key_node, yaml.ScalarNode) else None
+            out.values.pop(path + ("<key>",), None)
             if not isinstance(key, (str, int, float, bool)) or key is None:
                 raise RecipeError(
                     Problem(
@@ -105,4 +106,13 @@ def _convert(node: yaml.Node, path: Path_, loader: yaml.SafeLoader, out: Located
         return result
     if isinstance(node, yaml.SequenceNode):
         return [_convert(item, path + (i,), loader, out) for i, item in enumerate(node.value)]
-    return loader.construct_object(node, deep=True)
+    try:
+        return loader.construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:
+        # Bad tags (`!custom`, `!!python/object`) and unparseable typed scalars (`!!int abc`, `2001-02-30`).
+        line, col = _mark(node)
+        what = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(
+            Problem(f"cannot read the value {node.value!r}: {what}", file=out.file, line=line, col=col,
+                    hint="recipes use plain YAML values; quote it to make it a string")
+        ) from None

@@ -259,16 +259,12 @@ def test_all_problems_reported_sorted_by_line(tmp_path: Path):
     assert positions == sorted(positions)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a pass given as a bare string (`- cast`) is reported twice, once by "
-                   "the schema (list[dict]) and once by the pass check")
 def test_each_problem_reported_once():
     with pytest.raises(RecipeError) as info:
         parse_recipe("name: x\nmodel: {source: zoo, name: digits-mlp}\npasses:\n  - cast\n")
     assert [p.path for p in info.value.problems] == ["passes[0]"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: YAML construction errors (unknown tags, bad !!int, impossible dates) "
-                   "escape load_yaml's error handling: exit 1 'unexpected failure' instead of exit 2 with file:line")
 @pytest.mark.parametrize("value", ["!custom foo", "!!int abc", "2001-02-30"], ids=["unknown-tag", "bad-int", "bad-date"])
 def test_yaml_construction_error_is_a_recipe_error(tmp_path: Path, value: str):
     path = tmp_path / "r.yaml"
