@@ -91,7 +91,9 @@ class CastPass(Pass):
                 )
             )
 
-        names_by_tensor = {id(t): n for n, t in model.module.state_dict(keep_vars=True).items()}
+        names_by_tensor: dict[int, str] = {}
+        for n, t in model.module.state_dict(keep_vars=True).items():
+            names_by_tensor.setdefault(id(t), n)  # first name of a tied tensor: the one that is stored
         touched: list[str] = []
         kept_tensors = 0
         for mod_name, module in modules.items():

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import CompressorError, Problem, RecipeError
-from ..model import Model
+from ..model import Model, find_aliases
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..recipe import PythonModel, Recipe
@@ -93,11 +93,14 @@ def load_python(spec: PythonModel, recipe: Recipe) -> Model:
         except RuntimeError as exc:  # shape mismatches
             raise RecipeError(Problem(f"{path.name} does not fit the module built by {spec.factory}: {exc}",
                                       path="model.weights")) from None
-        if result.missing_keys or result.unexpected_keys:
+        # A tied tensor is stored once (safetensors' save_model, our own artifacts): its alias is not missing.
+        tied = find_aliases(module)
+        missing = [k for k in result.missing_keys if not (k in tied and tied[k] in state)]
+        if missing or result.unexpected_keys:
             raise RecipeError(
                 Problem(
                     f"{path.name} does not fit the module built by {spec.factory}: "
-                    f"missing {list(result.missing_keys)[:5]}, unexpected {list(result.unexpected_keys)[:5]}",
+                    f"missing {missing[:5]}, unexpected {list(result.unexpected_keys)[:5]}",
                     path="model.weights",
                     hint="the file's tensor names must equal the module's state_dict() names",
                 )
