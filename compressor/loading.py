@@ -47,12 +47,9 @@ def load(artifact_dir: str | Path, *, verify_hashes: bool = False) -> nn.Module:
     leftover = [n for n, p in module.named_parameters() if p.is_meta]
     if leftover:
         raise ArtifactError(f"{root}: no stored values for {', '.join(leftover[:5])}")
-    from .model import install_dtype_bridge
-    from .encodings import dtype_from_name
+    from .model import install_bridges
 
-    modules = dict(module.named_modules())
-    for name, dtype in info.get("dtype_bridges", {}).items():
-        install_dtype_bridge(modules[name], dtype_from_name(dtype))
+    install_bridges(module, info.get("dtype_bridges", {}))
     return module.eval()
 
 

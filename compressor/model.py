@@ -11,7 +11,7 @@ from torch import nn
 
 from .encodings import Dense, Encoding, dtype_from_name
 
-__all__ = ["Model", "install_dtype_bridge", "find_aliases"]
+__all__ = ["Model", "install_bridges", "install_dtype_bridge", "find_aliases"]
 
 
 @dataclass
@@ -21,7 +21,8 @@ class Model:
     ``module`` holds the effective values (what the stored form decodes to), so running it measures the real
     compressed model. ``encodings`` says how each tensor (by state-dict name) is stored. ``aliases`` maps tied
     tensor names to the one name that is stored. ``dtype_bridges`` maps module names ("" is the root) to the
-    dtype their inputs are cast to, so that modules kept in float32 run inside a float16 model.
+    dtype they run in and the dtype their outputs are given back in, so that modules kept in float32 run
+    inside a float16 model.
     """
 
     module: nn.Module
@@ -31,7 +32,7 @@ class Model:
     files_dir: Path | None = None
     encodings: dict[str, Encoding] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
-    dtype_bridges: dict[str, str] = field(default_factory=dict)
+    dtype_bridges: dict[str, dict[str, str]] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -76,9 +77,17 @@ class Model:
 
     def install_bridges(self) -> None:
         """(Re)install every recorded dtype bridge on the module."""
-        modules = dict(self.module.named_modules())
-        for name, dtype in self.dtype_bridges.items():
-            install_dtype_bridge(modules[name], dtype_from_name(dtype))
+        install_bridges(self.module, self.dtype_bridges)
+
+
+def install_bridges(module: nn.Module, bridges: dict[str, dict[str, str]]) -> None:
+    """Install dtype bridges as recorded in a Model / manifest: ``{module name: {"run": dtype, "out": dtype}}``.
+
+    "out" absent means: give outputs back in the float dtype the inputs came in (used at the root)."""
+    modules = dict(module.named_modules())
+    for name, spec in bridges.items():
+        out = spec.get("out")
+        install_dtype_bridge(modules[name], dtype_from_name(spec["run"]), dtype_from_name(out) if out else None)
 
 
 def find_aliases(module: nn.Module) -> dict[str, str]:
@@ -122,9 +131,9 @@ def _first_float_dtype(obj: Any) -> torch.dtype | None:
 _BRIDGE_ATTR = "_compressor_bridge"
 
 
-def install_dtype_bridge(module: nn.Module, dtype: torch.dtype) -> None:
-    """Run ``module`` in ``dtype``: cast its float inputs to ``dtype`` and its float outputs back to the
-    dtype the inputs came in. Idempotent (a second call replaces the first)."""
+def install_dtype_bridge(module: nn.Module, dtype: torch.dtype, out_dtype: torch.dtype | None = None) -> None:
+    """Run ``module`` in ``dtype``: cast its float inputs to ``dtype`` and its float outputs to ``out_dtype``,
+    or, when that is None, back to the dtype the inputs came in. Idempotent (a second call replaces the first)."""
     old = getattr(module, _BRIDGE_ATTR, None)
     if old is not None:
         for handle in old:
@@ -137,7 +146,8 @@ def install_dtype_bridge(module: nn.Module, dtype: torch.dtype) -> None:
 
     def post(_mod: nn.Module, _args: Any, _kwargs: Any, output: Any) -> Any:
         back = incoming.pop() if incoming else None
-        return output if back is None or back == dtype else _cast_floats(output, back)
+        target = out_dtype or back
+        return output if target is None or target == dtype else _cast_floats(output, target)
 
     handles = (
         module.register_forward_pre_hook(pre, with_kwargs=True),

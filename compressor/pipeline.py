@@ -47,6 +47,8 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, reporter: Reporter |
     with log.step(f"loading model ({_describe_source(recipe)})"):
         model = load_source(recipe)
     log.info(f"{len(model.tensors())} tensors, {model.numel():,} parameters, {model.stored_nbytes():,} bytes")
+    _smoke(model, "the source model fails on its example inputs; for a python source check `model.inputs` "
+                  "against forward()'s arguments")
 
     ctx = Context(seed=recipe.seed, log=log)
     reports = []
@@ -56,6 +58,10 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, reporter: Reporter |
             report = pass_(model, ctx)
         reports.append(report.model_dump(mode="json"))
         log.info(f"{step.name}: {report.bytes_before:,} -> {report.bytes_after:,} bytes")
+
+    if recipe.steps:
+        chain = " -> ".join(s.name for s in recipe.steps)
+        _smoke(model, f"the model no longer runs after the passes ({chain}); this is a bug in a pass, please report it")
 
     with log.step(f"writing artifact to {out}"), staged_dir(out) as tmp:
         stored = model.stored()
@@ -106,3 +112,16 @@ def _copy_source_files(src: Path | None, dst: Path, wanted: Any) -> list[str]:
             shutil.copyfile(path, dst / rel)  # content only: mode and times would differ between runs
             copied.append(rel.as_posix())
     return copied
+
+
+def _smoke(model: Any, what: str) -> None:
+    """Run the example inputs through the module: a pass that breaks the model fails here, not in production."""
+    import torch
+
+    from .errors import CompressorError
+
+    try:
+        with torch.no_grad():
+            model.module(**model.example_inputs)
+    except Exception as exc:
+        raise CompressorError(f"{what}: {type(exc).__name__}: {exc}") from exc

@@ -611,3 +611,27 @@ def test_evaluate_and_gates_still_write_the_artifact_with_a_warning(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["recipe"]["gates"]["max_accuracy_drop"]["value"] == 1.0
     compressor.load(out, verify_hashes=True)
+
+
+# ------------------------------------------------------------------- kept modules fed by integer inputs, smoke
+
+
+def test_kept_module_with_integer_inputs_hands_the_narrow_dtype_on(tied_project, monkeypatch):
+    """A kept embedding gets token ids (no float input to restore); its float32 output must still be cast to
+    the model's float16, or the next Linear fails. Regression: this broke MiniLM with keep: [embeddings]."""
+    out = tied_project / "artifact"
+    run(tied_project, python_recipe(None, "\n  - cast: {dtype: float16, keep: [emb]}"), out)
+    reference = tied_reference(tied_project, None, monkeypatch)
+    loaded = load_tied(out, tied_project, monkeypatch)
+    assert loaded.emb.weight.dtype == torch.float32  # kept, and out.weight is tied to it
+    x = torch.arange(10).reshape(2, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).float(), reference(x), atol=2e-2, rtol=2e-2)
+
+
+def test_example_inputs_that_do_not_fit_the_model_fail_before_anything_is_written(tied_project):
+    text = python_recipe(None).replace("{x: {shape", "{tokens: {shape")
+    out = tied_project / "artifact"
+    with pytest.raises(CompressorError, match="source model fails on its example inputs.*model.inputs"):
+        run(tied_project, text, out)
+    assert not out.exists() and leftovers(tied_project) == []

@@ -80,6 +80,13 @@ class CastPass(Pass):
         for name, module in modules.items():
             if name and wants_fp32(name, module) and not any(_under(name, root) for root in kept_roots):
                 kept_roots.append(name)
+        # A tensor tied between a kept module and another one (an embedding shared with an output layer) must
+        # have one dtype: keep wins, so the other owner is kept too.
+        kept_ids = {id(t) for root in kept_roots for t in modules[root].state_dict(keep_vars=True).values()}
+        for name, module in modules.items():
+            own = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+            if name and not any(_under(name, r) for r in kept_roots) and any(id(t) in kept_ids for t in own):
+                kept_roots.append(name)
         unmatched = [p for p, hit in matched.items() if not hit]
         if unmatched:
             sample = ", ".join(n for n in list(modules)[1:8])
@@ -113,8 +120,11 @@ class CastPass(Pass):
                     model.encodings[full] = Cast(config.dtype)
                     touched.append(full)
 
-        bridges = {"": config.dtype}
-        bridges.update({root: "float32" for root in kept_roots if _has_float_tensors(modules[root])})
+        # The root runs in the narrow dtype and hands callers back the float dtype they passed in; kept modules
+        # run in float32 and hand the rest of the model the narrow dtype, whatever their inputs were (token ids).
+        bridges: dict[str, dict[str, str]] = {"": {"run": config.dtype}}
+        bridges.update({root: {"run": "float32", "out": config.dtype}
+                        for root in kept_roots if _has_float_tensors(modules[root])})
         model.dtype_bridges.update(bridges)
         model.install_bridges()
         ctx.info(f"cast {len(touched)} tensors to {config.dtype}; kept {kept_tensors} in float32 ({len(kept_roots)} modules)")
