@@ -34,7 +34,9 @@ def load(artifact_dir: str | Path, *, verify_hashes: bool = False) -> nn.Module:
     manifest = read_manifest(root)
     check_files(root, manifest, hashes=verify_hashes)
     info = manifest.get("model", {})
-    stored = load_tensors(root, info.get("weights", []))
+    if not isinstance(info.get("weights"), list) or not all(isinstance(w, str) for w in info["weights"]):
+        raise ArtifactError(f"{root}: manifest.json has no list of weight files (model.weights)")
+    stored = load_tensors(root, info["weights"])
     state = _decode(stored, info.get("encodings", {}))
     for alias, target in info.get("aliases", {}).items():
         state[alias] = state[target]
@@ -49,7 +51,10 @@ def load(artifact_dir: str | Path, *, verify_hashes: bool = False) -> nn.Module:
         raise ArtifactError(f"{root}: no stored values for {', '.join(leftover[:5])}")
     from .model import install_bridges
 
-    install_bridges(module, info.get("dtype_bridges", {}))
+    try:
+        install_bridges(module, info.get("dtype_bridges", {}))
+    except (KeyError, AttributeError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{root}: manifest.json has a malformed model.dtype_bridges entry ({exc!r})") from None
     return module.eval()
 
 
@@ -63,9 +68,12 @@ def load_tensors(root: Path, files: list[str]) -> dict[str, torch.Tensor]:
             continue
         path = root / rel
         read_header(path)
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                out[name] = f.get_tensor(name)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    out[name] = f.get_tensor(name)
+        except Exception as exc:  # safetensors' own checks, stricter in places than ours
+            raise ArtifactError(f"{rel}: safetensors cannot read it: {exc}") from None
     return out
 
 

@@ -33,16 +33,14 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, reporter: Reporter |
     """Run a validated recipe end to end and return where the artifact went."""
     import torch
 
-    from .export.safetensors import export_safetensors, write_safetensors
-    from .manifest import library_versions, write_manifest
     from .passes import Context, get_pass
+    from .errors import CompressorError
     from .sources import load_source
-    from .sources.hf import is_copied_file
-    from .staging import check_target, staged_dir
+    from .staging import prepare_target
 
     log = reporter or Reporter()
     out = out_dir or default_output(recipe)
-    check_target(out.absolute())  # fail before minutes of work, not after
+    prepare_target(out)  # fail before minutes of work, not after
     torch.manual_seed(recipe.seed)
     with log.step(f"loading model ({_describe_source(recipe)})"):
         model = load_source(recipe)
@@ -56,12 +54,30 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, reporter: Reporter |
         pass_ = get_pass(step.name)(step.config, step.index)
         with log.step(f"pass {step.index + 1}/{len(recipe.steps)}: {step.name}"):
             report = pass_(model, ctx)
-        reports.append(report.model_dump(mode="json"))
-        log.info(f"{step.name}: {report.bytes_before:,} -> {report.bytes_after:,} bytes")
+        # Wall time goes to the log, not the manifest: two runs of one recipe give identical manifests.
+        reports.append(report.model_dump(mode="json", exclude={"seconds"}))
+        log.info(f"{step.name}: {report.bytes_before:,} -> {report.bytes_after:,} bytes in {report.seconds:.2f}s")
 
     if recipe.steps:
         chain = " -> ".join(s.name for s in recipe.steps)
         _smoke(model, f"the model no longer runs after the passes ({chain}); this is a bug in a pass, please report it")
+
+    try:
+        manifest = _write(recipe, model, reports, out, log)
+    except OSError as exc:  # disk full, permissions changed mid-run: the previous artifact is untouched
+        raise CompressorError(f"writing the artifact to {out} failed: {exc}; the previous artifact (if any) is "
+                              "untouched") from exc
+    if recipe.evaluate is not None or recipe.gates is not None:
+        log.warn("this version cannot evaluate yet (issue #3): the `evaluate` and `gates` sections were validated "
+                 "but nothing was measured and no gate was checked")
+    return RunResult(out_dir=out, manifest=manifest)
+
+
+def _write(recipe: Recipe, model: Any, reports: list[dict[str, Any]], out: Path, log: Reporter) -> dict[str, Any]:
+    from .export.safetensors import export_safetensors, write_safetensors
+    from .manifest import library_versions, write_manifest
+    from .sources.hf import is_copied_file
+    from .staging import staged_dir
 
     with log.step(f"writing artifact to {out}"), staged_dir(out) as tmp:
         stored = model.stored()
@@ -89,10 +105,7 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, reporter: Reporter |
             },
         }
         manifest = write_manifest(tmp, body)
-    if recipe.evaluate is not None or recipe.gates is not None:
-        log.warn("this version cannot evaluate yet (issue #3): the `evaluate` and `gates` sections were validated "
-                 "but nothing was measured and no gate was checked")
-    return RunResult(out_dir=out, manifest=manifest)
+    return manifest
 
 
 def _describe_source(recipe: Recipe) -> str:

@@ -260,7 +260,7 @@ class Recipe(Strict):
         "'.', '_' and '-'.",
     )
     description: str = Field("", description="Free text, copied into the manifest.")
-    seed: int = Field(0, ge=0, description="Seed for every random choice (example inputs, sampling).")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="Seed for every random choice (example inputs, sampling).")
     model: ModelSpec = Field(description="Where the model comes from (`source`: hf, python or zoo).")
     # Items are checked by _validate_passes (registry lookup, per-pass config, order), not by pydantic.
     passes: list[Any] = Field(

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import os
 import secrets
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import CompressorError, EXIT_USAGE
-from .manifest import is_artifact
+from .manifest import MANIFEST, is_artifact
 
-__all__ = ["staged_dir", "check_target", "clean_stale"]
+__all__ = ["staged_dir", "check_target", "prepare_target", "clean_stale", "TargetError"]
 
 _MARK = ".compress-tmp-"
 
@@ -31,14 +33,42 @@ class TargetError(CompressorError):
 
 
 def check_target(target: Path) -> None:
-    """Refuse to replace anything but an earlier artifact or an empty directory: nothing of the user's is lost."""
-    if target.is_symlink() or target.is_file():
+    """Refuse to replace anything but an earlier artifact (exactly its files) or an empty directory, and never
+    the working directory: nothing of the user's is lost."""
+    if target.is_symlink():
+        raise TargetError(f"output path {target} is a symbolic link; give the real directory instead")
+    if target.exists() and not target.is_dir():
         raise TargetError(f"output path {target} exists and is not a directory; choose another -o or remove it")
-    if target.is_dir() and any(target.iterdir()) and not is_artifact(target):
+    cwd = Path.cwd().resolve()
+    if target.resolve() == cwd or target.resolve() in cwd.parents:
+        raise TargetError(f"output path {target} is (or contains) the current directory; choose a subdirectory")
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    if not is_artifact(target):
         raise TargetError(
             f"refusing to replace {target}: it is not empty and holds no compressor manifest.json, so it is not an "
             "earlier artifact; choose another output directory (-o) or remove it yourself"
         )
+    known = set(json.loads((target / MANIFEST).read_text()).get("files", {})) | {MANIFEST}
+    extra = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
+    extra = [rel for rel in extra if rel not in known]
+    if extra:
+        raise TargetError(
+            f"refusing to replace {target}: it is an earlier artifact, but these files in it are not part of that "
+            f"artifact and would be lost: {', '.join(extra[:10])}; move them out or choose another -o"
+        )
+
+
+def prepare_target(target: Path) -> None:
+    """Check ``target`` and that its parent can take a new directory, before any long work starts."""
+    target = target.absolute()
+    check_target(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}{_MARK}{os.getpid()}-probe")
+        os.rmdir(probe)
+    except OSError as exc:
+        raise TargetError(f"cannot write the artifact to {target}: {exc.strerror or exc}; choose another -o") from None
 
 
 def _alive(pid: int) -> bool:

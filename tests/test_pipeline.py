@@ -239,10 +239,11 @@ def test_same_recipe_twice_gives_identical_model_files(tmp_path, monkeypatch):
         out = tmp_path / f"run{i}"
         run(tmp_path / "recipe", DIGITS_FP16, out)
         assert list((tmp_path / f"cache{i}" / "zoo").glob("digits-mlp-*.safetensors")), "no fresh training"
-        files = sorted(out.glob("model*.safetensors")) + [out / "example_inputs.safetensors"]
+        files = sorted(out.glob("model*.safetensors")) + [out / "example_inputs.safetensors", out / "manifest.json"]
         digests.append({p.name: sha256(p) for p in files})
         manifest = json.loads((out / "manifest.json").read_text())
-        assert {n: manifest["files"][n]["sha256"] for n in digests[-1]} == digests[-1]
+        assert {n: manifest["files"][n]["sha256"] for n in digests[-1] if n != "manifest.json"} == {
+            n: d for n, d in digests[-1].items() if n != "manifest.json"}
     assert "model.safetensors" in digests[0]
     assert digests[0] == digests[1]
 

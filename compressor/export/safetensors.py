@@ -60,6 +60,8 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     """Write ``tensors`` to ``path`` in the aligned layout described above."""
     import torch
 
+    if metadata and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise TypeError("safetensors metadata maps strings to strings")
     order = layout_order(tensors)
     header: dict[str, Any] = {"__metadata__": dict(sorted((metadata or {"format": "pt"}).items()))}
     offset = 0
@@ -103,6 +105,9 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
         raise ArtifactError(f"{path.name}: the safetensors header is not valid JSON ({exc}); the file is corrupt") from None
     if not isinstance(header, dict):
         raise ArtifactError(f"{path.name}: the safetensors header is not a JSON object; the file is corrupt")
+    meta = header.get("__metadata__", {})
+    if not (isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
+        raise ArtifactError(f"{path.name}: __metadata__ must map strings to strings; the file is corrupt")
     start = 8 + n
     spans = []
     for name, info in header.items():
@@ -110,9 +115,11 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
             continue
         try:
             code, shape, (lo, hi) = info["dtype"], info["shape"], info["data_offsets"]
+            if not all(type(v) is int and v >= 0 for v in (*shape, lo, hi)):
+                raise TypeError("offsets and dims must be non-negative integers")
             numel = 1
             for dim in shape:
-                numel *= int(dim)
+                numel *= dim
             expected = numel * ITEMSIZE[code]
         except (KeyError, TypeError, ValueError):
             raise ArtifactError(f"{path.name}: tensor {name} has a malformed header entry: {info}") from None

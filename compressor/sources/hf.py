@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CompressorError
+from ..errors import CompressorError, Problem, RecipeError
 from ..model import Model
 
 __all__ = ["load_hf", "example_text_inputs", "EXAMPLE_SENTENCES", "is_copied_file"]
@@ -36,9 +36,22 @@ def load_hf(path: Path, auto_class: str, max_length: int, *, source: dict[str, A
 
     cls = getattr(transformers, auto_class)
     try:
-        module = cls.from_pretrained(str(path), local_files_only=True, use_safetensors=True, dtype="auto")
-    except (OSError, ValueError, KeyError) as exc:
-        raise CompressorError(f"transformers could not load the model in {path} with {auto_class}: {exc}") from exc
+        module, info = cls.from_pretrained(str(path), local_files_only=True, use_safetensors=True, dtype="auto",
+                                           output_loading_info=True)
+    except Exception as exc:  # transformers and safetensors raise many types for a bad directory
+        raise CompressorError(
+            f"transformers could not load the model in {path} with {auto_class}: {type(exc).__name__}: {exc}"
+        ) from exc
+    # transformers fills missing weights with random values and only warns; an artifact of random weights
+    # must never pass as the user's model.
+    bad = {k: info.get(k) or [] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(bad.values()):
+        detail = "; ".join(f"{k.replace('_', ' ')}: {', '.join(str(x) for x in v[:5])}" for k, v in bad.items() if v)
+        raise RecipeError(
+            Problem(f"the weights in {path} do not match the {auto_class} architecture of its config.json ({detail})",
+                    path="model.path",
+                    hint="use the auto_class the checkpoint was saved with, or a directory whose weights are complete")
+        )
     module.eval()
     config = module.config
     inputs = example_text_inputs(path, module, max_length)

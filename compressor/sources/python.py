@@ -28,12 +28,14 @@ def import_factory(spec: str, search: Path | None = None) -> Callable[..., Any]:
         sys.path.insert(0, str(search))
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except ModuleNotFoundError as exc:
         where = f"the recipe's directory ({search}) and " if search else ""
         raise RecipeError(
             Problem(f"cannot import {module_name!r}: {exc}", path="model.factory",
                     hint=f"the module is looked up in {where}sys.path; install it or set PYTHONPATH")
         ) from exc
+    except Exception as exc:  # the user's module itself is broken: say so, with its own message
+        raise CompressorError(f"importing {module_name!r} for model.factory failed: {type(exc).__name__}: {exc}") from exc
     finally:
         if added:
             sys.path.remove(str(search))
@@ -71,6 +73,8 @@ def build_python(factory: str, kwargs: dict[str, Any], search: Path | None) -> n
     except TypeError as exc:
         raise RecipeError(Problem(f"{factory}(**kwargs) failed: {exc}", path="model.kwargs",
                                   hint="check the factory's parameters against `kwargs`")) from exc
+    except Exception as exc:
+        raise CompressorError(f"the model factory {factory} raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(module, nn.Module):
         raise RecipeError(Problem(f"{factory} returned {type(module).__name__}, not a torch.nn.Module",
                                   path="model.factory"))

@@ -1,0 +1,103 @@
+"""User mistakes around sources and output paths: clear errors, right exit codes, nothing of the user's lost."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from compressor.errors import RecipeError
+from compressor.pipeline import run_recipe
+from compressor.recipe import load_recipe
+from compressor.staging import TargetError
+from compressor.zoo import minilm_path
+
+from conftest import run_cli
+
+DIGITS = "name: d\nmodel: {source: zoo, name: digits-mlp}\npasses:\n  - cast: {dtype: float16}\n"
+
+
+def _recipe(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.slow
+def test_hf_directory_with_a_missing_weight_is_refused(tmp_path):
+    """transformers would fill the gap with random values and only warn; we refuse."""
+    src = tmp_path / "hf"
+    shutil.copytree(minilm_path(), src)
+    state = load_file(str(src / "model.safetensors"))
+    del state["encoder.layer.0.attention.self.query.weight"]
+    save_file(state, str(src / "model.safetensors"))
+    recipe = _recipe(tmp_path, "name: h\nmodel: {source: hf, path: hf}\n")
+    with pytest.raises(RecipeError, match="missing keys: encoder.layer.0.attention.self.query.weight"):
+        run_recipe(load_recipe(recipe), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_extra_user_files_in_an_earlier_artifact_are_never_deleted(tmp_path):
+    recipe = _recipe(tmp_path, DIGITS)
+    out = tmp_path / "out"
+    run_recipe(load_recipe(recipe), out)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(TargetError, match="notes.txt"):
+        run_recipe(load_recipe(recipe), out)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_the_current_directory_is_never_an_output(tmp_path, monkeypatch):
+    recipe = _recipe(tmp_path, DIGITS)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    result = run_cli("run", str(recipe), "-o", ".", cwd=work)
+    assert result.returncode == 2 and "current directory" in result.stderr
+    assert work.is_dir() and list(work.iterdir()) == []
+
+
+def test_output_under_a_file_is_a_usage_error_before_any_work(tmp_path):
+    recipe = _recipe(tmp_path, DIGITS)
+    (tmp_path / "afile").write_text("x")
+    result = run_cli("run", str(recipe), "-o", str(tmp_path / "afile" / "sub"))
+    assert result.returncode == 2, result.stderr
+    assert "cannot write the artifact" in result.stderr and "Traceback" not in result.stderr
+    assert "loading model" not in result.stderr  # refused before the model was loaded
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("def build():\n    raise ValueError('bad config')\n", "factory brokenmod:build raised ValueError: bad config"),
+    ("def build(:\n", "importing 'brokenmod' for model.factory failed: SyntaxError"),
+], ids=["raises", "syntax-error"])
+def test_a_broken_user_factory_is_named_not_reported_as_our_bug(tmp_path, body, expected):
+    (tmp_path / "brokenmod.py").write_text(body)
+    recipe = _recipe(tmp_path, "name: p\nmodel:\n  source: python\n  factory: brokenmod:build\n"
+                               "  inputs: {x: {shape: [1, 4]}}\n")
+    result = run_cli("run", str(recipe), "-o", str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert expected in result.stderr and "please report" not in result.stderr
+
+
+def test_huge_seed_is_refused_at_validation(tmp_path):
+    recipe = _recipe(tmp_path, "name: s\nseed: 99999999999999999999999\nmodel: {source: zoo, name: digits-mlp}\n")
+    result = run_cli("validate", str(recipe))
+    assert result.returncode == 2 and "r.yaml:2:7: seed" in result.stderr
+
+
+def test_load_turns_a_malformed_manifest_into_an_artifact_error(tmp_path):
+    import json
+
+    import compressor
+    from compressor.errors import ArtifactError
+
+    out = tmp_path / "out"
+    run_recipe(load_recipe(_recipe(tmp_path, DIGITS)), out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["model"]["dtype_bridges"]["no.such.module"] = {"run": "float32"}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="dtype_bridges"):
+        compressor.load(out)
