@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -102,11 +101,3 @@ def check_files(artifact_dir: Path, manifest: dict[str, Any], *, hashes: bool = 
     if problems:
         raise ArtifactError(f"{artifact_dir} does not match its manifest:\n  " + "\n  ".join(problems))
 
-
-def dumps(data: Any) -> str:
-    """Stable JSON for hashing parts of a manifest."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"))
-
-
-if sys.version_info < (3, 10):  # pragma: no cover
-    raise RuntimeError("compressor needs Python 3.10+")

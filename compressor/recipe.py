@@ -50,7 +50,6 @@ __all__ = [
 
 ZOO_MODELS = ("minilm", "digits-mlp", "digits-cnn")
 MAX_RECIPE_BYTES = 1 << 20
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".onnx_data")
 
 
 class Strict(BaseModel):
