@@ -11,6 +11,8 @@ __all__ = [
     "RecipeError",
     "Problem",
     "ArtifactError",
+    "UsageError",
+    "GateFailure",
 ]
 
 EXIT_OK = 0
@@ -79,3 +81,15 @@ class RecipeError(CompressorError):
 
 class ArtifactError(CompressorError):
     """An artifact directory is missing files, truncated, corrupt or not ours: exit code 1."""
+
+
+class UsageError(CompressorError):
+    """A command-line value is unusable (a path that is not there, an unknown name): exit code 2."""
+
+    exit_code = EXIT_USAGE
+
+
+class GateFailure(CompressorError):
+    """Artifacts and reports were written, but at least one release gate was missed: exit code 3."""
+
+    exit_code = EXIT_GATE

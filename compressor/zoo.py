@@ -19,6 +19,7 @@ __all__ = [
     "DigitsMLP",
     "DigitsCNN",
     "minilm_path",
+    "digits_cache_path",
     "digits_split",
     "digits_model",
     "build_digits",
@@ -130,12 +131,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "compressor"
 
 
+def digits_cache_path(name: str) -> Path:
+    """Where the trained weights of a digits model are cached (one file per training recipe and torch version)."""
+    version = torch.__version__.split("+")[0]
+    return cache_dir() / "zoo" / f"{name}-v{TRAINING_VERSION}-torch{version}.safetensors"
+
+
 def digits_model(name: str) -> nn.Module:
     """A trained digits model, from the cache or trained now and cached."""
     from safetensors.torch import load_file, save_file
 
-    version = torch.__version__.split("+")[0]
-    path = cache_dir() / "zoo" / f"{name}-v{TRAINING_VERSION}-torch{version}.safetensors"
+    path = digits_cache_path(name)
     model = build_digits(name)
     if path.is_file():
         try:

@@ -11,7 +11,7 @@ import torch
 from ..errors import CompressorError, Problem, RecipeError
 from ..model import Model
 
-__all__ = ["load_hf", "example_text_inputs", "EXAMPLE_SENTENCES", "is_copied_file"]
+__all__ = ["load_hf", "load_hf_module", "example_text_inputs", "EXAMPLE_SENTENCES", "is_copied_file"]
 
 # Fixed sentences for example inputs: deterministic, varied length, no data files needed.
 EXAMPLE_SENTENCES = (
@@ -30,8 +30,8 @@ def is_copied_file(rel: Path) -> bool:
     return not (name.endswith(_WEIGHT_SUFFIXES) or name.endswith((".safetensors.index.json", ".bin.index.json")))
 
 
-def load_hf(path: Path, auto_class: str, max_length: int, *, source: dict[str, Any], task: str | None = None) -> Model:
-    """Load a Hugging Face model directory with transformers, offline, safetensors only."""
+def load_hf_module(path: Path, auto_class: str) -> torch.nn.Module:
+    """The model of a Hugging Face directory, loaded strictly (offline, safetensors only), in eval mode."""
     import transformers
 
     cls = getattr(transformers, auto_class)
@@ -52,7 +52,12 @@ def load_hf(path: Path, auto_class: str, max_length: int, *, source: dict[str, A
                     path="model.path",
                     hint="use the auto_class the checkpoint was saved with, or a directory whose weights are complete")
         )
-    module.eval()
+    return module.eval()
+
+
+def load_hf(path: Path, auto_class: str, max_length: int, *, source: dict[str, Any], task: str | None = None) -> Model:
+    """Load a Hugging Face model directory with transformers, offline, safetensors only."""
+    module = load_hf_module(path, auto_class)
     config = module.config
     inputs = example_text_inputs(path, module, max_length)
     if task is None:

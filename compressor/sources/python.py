@@ -17,7 +17,7 @@ from ..model import Model, find_aliases
 if TYPE_CHECKING:  # pragma: no cover
     from ..recipe import PythonModel, Recipe
 
-__all__ = ["load_python", "import_factory", "make_inputs"]
+__all__ = ["load_python", "load_python_module", "import_factory", "make_inputs", "build_python"]
 
 
 def import_factory(spec: str, search: Path | None = None) -> Callable[..., Any]:
@@ -81,13 +81,14 @@ def build_python(factory: str, kwargs: dict[str, Any], search: Path | None) -> n
     return module
 
 
-def load_python(spec: PythonModel, recipe: Recipe) -> Model:
-    """Build the module, load its weights if given, make example inputs."""
-    module = build_python(spec.factory, spec.kwargs, recipe.base_dir)
+def load_python_module(spec: PythonModel, base_dir: Path) -> nn.Module:
+    """Build the module with the factory (imported from ``base_dir`` first) and load its weights, in eval mode."""
+    module = build_python(spec.factory, spec.kwargs, base_dir)
     if spec.weights:
         from safetensors.torch import load_file
 
-        path = recipe.resolve(spec.weights)
+        p = Path(spec.weights).expanduser()
+        path = p if p.is_absolute() else base_dir / p
         try:
             state = load_file(str(path))
         except Exception as exc:
@@ -109,7 +110,12 @@ def load_python(spec: PythonModel, recipe: Recipe) -> Model:
                     hint="the file's tensor names must equal the module's state_dict() names",
                 )
             )
-    module.eval()
+    return module.eval()
+
+
+def load_python(spec: PythonModel, recipe: Recipe) -> Model:
+    """Build the module, load its weights if given, make example inputs."""
+    module = load_python_module(spec, recipe.base_dir)
     inputs = make_inputs(spec.inputs, recipe.seed)
     source = {"kind": "python", "factory": spec.factory, "kwargs": spec.kwargs}
     return Model(module=module, source=source, example_inputs=inputs)
