@@ -90,6 +90,8 @@ def recipe_reference() -> str:
         ("`export`", r.ExportSpec),
         ("`export.safetensors`", r.SafetensorsExport),
         ("`evaluate`", r.EvaluateSpec),
+        ("`evaluate.data`", r.DataSpec),
+        ("`evaluate.speed`", r.SpeedSpec),
         ("`gates`", r.GatesSpec),
         ("a gate threshold (a number, or this mapping)", r.Threshold),
     ]

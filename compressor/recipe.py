@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
+    TypeAdapter,
     BaseModel,
     ByteSize,
     ConfigDict,
@@ -40,6 +41,8 @@ __all__ = [
     "ExportSpec",
     "SafetensorsExport",
     "EvaluateSpec",
+    "DataSpec",
+    "SpeedSpec",
     "GatesSpec",
     "Threshold",
     "PassStep",
@@ -50,6 +53,7 @@ __all__ = [
 
 ZOO_MODELS = ("minilm", "digits-mlp", "digits-cnn")
 MAX_RECIPE_BYTES = 1 << 20
+_BYTES: TypeAdapter[ByteSize] = TypeAdapter(ByteSize)
 
 
 class Strict(BaseModel):
@@ -199,14 +203,101 @@ class ExportSpec(Strict):
     )
 
 
-class EvaluateSpec(Strict):
-    """Evaluation settings. Accepted and validated; the evaluator that runs them is being built (issue #3)."""
+class DataSpec(Strict):
+    """Data for accuracy and fidelity: a built-in set, a JSONL/CSV file or a Python function (at most one)."""
 
-    devices: list[Literal["cpu", "cuda"]] = Field(["cpu"], min_length=1, description="Devices to measure on.")
-    require_cuda: bool = Field(False, description="Fail instead of skipping when CUDA is not available.")
-    batch_sizes: list[PositiveInt] = Field([1, 8], min_length=1, description="Batch sizes for speed runs.")
-    sequence_lengths: list[PositiveInt] = Field([128], min_length=1, description="Sequence lengths (text).")
-    data: str | None = Field(None, description="User data: a JSONL/CSV file or `module:function`.")
+    builtin: Literal["digits", "text-pairs"] | None = Field(
+        None,
+        description="A data set shipped with compressor: `digits` (scikit-learn digits, held-out split; digits "
+        "models) or `text-pairs` (240 query/passage pairs; text encoders, scored by top-1 retrieval). Unset with "
+        "no `path`/`function`: chosen from the model, or fidelity on the example inputs if none fits.",
+    )
+    path: str | None = Field(
+        None,
+        description="A JSONL or CSV file, relative to the recipe. Rows are `{query, passage}` pairs (text "
+        "encoders, retrieval), `{text, label}` (text classifiers), or `{label, <input>: [numbers]}` / CSV columns "
+        "`label,f0,f1,...` (tensor models). `compress run` copies it into the artifact (`eval/`), so "
+        "`compress eval` needs nothing else.",
+    )
+    function: str | None = Field(
+        None,
+        description="`module:function` (module importable from the recipe's directory) returning an iterable "
+        "of batches: dicts of input tensors for forward(), plus an optional `labels` tensor of class indices.",
+    )
+    limit: PositiveInt | None = Field(None, description="Use only the first N examples (quick checks).")
+    batch_size: PositiveInt = Field(32, description="Batch size for the accuracy and fidelity passes.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        # `data: digits`, `data: eval.jsonl` and `data: mymod:batches` are shorthand for the mapping forms.
+        if isinstance(data, str):
+            if data in ("digits", "text-pairs"):
+                return {"builtin": data}
+            if data.lower().endswith((".jsonl", ".csv")):
+                return {"path": data}
+            if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", data):
+                return {"function": data}
+            raise ValueError(f"{data!r} is not a built-in data set (digits, text-pairs), a .jsonl/.csv file or "
+                             "a module:function")
+        return data
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        given = [k for k in ("builtin", "path", "function") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of builtin, path and function, not {' and '.join(given)}")
+        if self.path is not None and not self.path.lower().endswith((".jsonl", ".csv")):
+            raise ValueError(f"path {self.path!r}: only .jsonl and .csv files are read")
+        if self.function is not None and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", self.function):
+            raise ValueError(f"function {self.function!r}: write it as module:function, e.g. mydata:batches")
+        return self
+
+
+class SpeedSpec(Strict):
+    """How speed is measured. Baseline and artifact alternate (A B B A ...) so machine noise cancels."""
+
+    batch_sizes: list[PositiveInt] = Field([1, 8], min_length=1, description="Batch sizes for latency runs.")
+    sequence_lengths: list[PositiveInt] = Field(
+        [128], min_length=1, description="Sequence lengths for text models (inputs padded/truncated to each)."
+    )
+    warmup: int = Field(3, ge=0, le=1000, description="Untimed calls per model before each configuration.")
+    rounds: PositiveInt = Field(
+        10, le=10000, description="Alternating rounds per configuration; each model runs `calls` timed calls a round."
+    )
+    calls: PositiveInt = Field(3, le=10000, description="Timed calls per model per round.")
+    load_runs: int = Field(
+        3, ge=0, le=100,
+        description="Fresh processes per model for load timing, cold (files evicted from the page cache) and "
+        "warm each; 0 skips load timing.",
+    )
+    threads: PositiveInt | None = Field(
+        None, description="torch / ONNX Runtime intra-op threads for every timed run (default: torch's default)."
+    )
+
+
+class EvaluateSpec(Strict):
+    """Evaluation of the artifact against the uncompressed model, on the same data, device and threads."""
+
+    devices: list[Literal["cpu", "cuda"]] = Field(
+        ["cpu"], min_length=1,
+        description="Devices to measure on (`all` = cpu and cuda). Without a GPU, cuda is skipped with a notice "
+        "(see `require_cuda`).",
+    )
+    require_cuda: bool = Field(False, description="Fail (exit 1) instead of skipping when CUDA is not available.")
+    data: DataSpec = Field(
+        default_factory=DataSpec,
+        description="Accuracy and fidelity data: the mapping below, or shorthand `digits`, `text-pairs`, "
+        "`file.jsonl`, `file.csv` or `module:function`.",
+    )
+    speed: SpeedSpec = Field(default_factory=SpeedSpec, description="Speed measurement settings (see below).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _all_devices(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("devices") == "all":
+            return {**data, "devices": ["cpu", "cuda"]}
+        return data
 
 
 class Threshold(Strict):
@@ -230,12 +321,43 @@ class Threshold(Strict):
 class GatesSpec(Strict):
     """Release gates: a missed gate makes the run exit with code 3 (artifacts are kept)."""
 
-    max_accuracy_drop: Threshold | None = Field(None, description="Largest task-accuracy drop, in points.")
-    min_fidelity: Threshold | None = Field(None, description="Smallest min cosine similarity to the baseline.")
-    min_speedup: Threshold | None = Field(None, description="Smallest latency speedup over the baseline.")
-    max_size_bytes: Threshold | None = Field(None, description="Largest artifact size on disk, in bytes.")
-    min_compression: Threshold | None = Field(None, description="Smallest baseline bytes / artifact bytes.")
-    max_load_ms: Threshold | None = Field(None, description="Longest load time (open to ready), ms.")
+    max_accuracy_drop: Threshold | None = Field(
+        None, description="Largest drop of the task metric (baseline minus artifact), in percentage points."
+    )
+    min_fidelity: Threshold | None = Field(
+        None, description="Smallest cosine similarity of artifact to baseline outputs, over every example (the "
+        "minimum, not the mean)."
+    )
+    min_speedup: Threshold | None = Field(
+        None, description="Smallest speedup (baseline p50 latency / artifact p50 latency), at the worst of the "
+        "measured batch sizes and sequence lengths."
+    )
+    max_size_bytes: Threshold | None = Field(
+        None, description="Largest size of the artifact's model files, in bytes (`50MB`, `1.5GiB` accepted)."
+    )
+    min_compression: Threshold | None = Field(
+        None, description="Smallest ratio of baseline model bytes to artifact model bytes."
+    )
+    max_load_ms: Threshold | None = Field(
+        None, description="Longest cold load (open to ready to run, files evicted from the page cache; median of "
+        "`evaluate.speed.load_runs` fresh processes), in ms."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sizes(cls, data: Any) -> Any:
+        # Sizes read better as `50MB` than 50000000; ByteSize understands both.
+        if isinstance(data, dict) and isinstance(data.get("max_size_bytes"), (str, dict)):
+            raw = data["max_size_bytes"]
+            value = raw.get("value") if isinstance(raw, dict) else raw
+            if isinstance(value, str):
+                try:
+                    size = int(_BYTES.validate_python(value))
+                except ValidationError:
+                    raise ValueError(f"max_size_bytes: {value!r} is not a size; write e.g. 50000000, 50MB or "
+                                     "1.5GiB") from None
+                data = {**data, "max_size_bytes": {**raw, "value": size} if isinstance(raw, dict) else size}
+        return data
 
 
 # ---------------------------------------------------------------------------------------------------- recipe
@@ -277,6 +399,29 @@ class Recipe(Strict):
             raise ValueError(f"{value!r} cannot name a directory portably; use letters, digits, '.', '_' and '-' "
                              "(first a letter or digit), e.g. 'minilm-fp16'")
         return value
+
+    @model_validator(mode="after")
+    def _gates_measurable(self) -> Recipe:
+        # A gate that nothing would measure must fail now, not pass silently after minutes of work.
+        if self.gates is None:
+            return self
+        spec = self.evaluate or EvaluateSpec()
+        if self.gates.max_load_ms is not None and spec.speed.load_runs == 0:
+            raise ValueError("gates.max_load_ms needs load timing, but evaluate.speed.load_runs is 0; set it to 1 "
+                             "or more")
+        for name in GatesSpec.model_fields:
+            gate = getattr(self.gates, name)
+            if gate is not None and gate.device is not None and gate.device not in spec.devices:
+                raise ValueError(f"gates.{name} applies to device {gate.device}, which evaluate.devices "
+                                 f"({', '.join(spec.devices)}) does not measure; add it to evaluate.devices")
+        return self
+
+    @property
+    def evaluation(self) -> EvaluateSpec | None:
+        """The evaluation to run: the `evaluate` section, or its defaults when only `gates` is given."""
+        if self.evaluate is None and self.gates is None:
+            return None
+        return self.evaluate or EvaluateSpec()
 
     _steps: list[PassStep] = PrivateAttr(default_factory=list)
     _file: str = PrivateAttr("<recipe>")
