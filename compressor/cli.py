@@ -99,6 +99,62 @@ def run(recipe: Path, output: Path | None, quiet: bool) -> None:
         signal.signal(signal.SIGTERM, previous)
     size = sum(f["bytes"] for f in result.manifest["files"].values())
     click.echo(f"wrote {result.out_dir} ({len(result.manifest['files']) + 1} files, {size:,} bytes)")
+    if result.report is not None:
+        _finish_evaluation(result.report, result.out_dir)
+
+
+def _finish_evaluation(report: dict[str, Any], where: Path) -> None:
+    """Print the summary; a missed gate exits 3 (everything has been written by now)."""
+    from .errors import GateFailure
+    from .evaluate.report import summary_lines
+
+    for line in summary_lines(report):
+        click.echo(line)
+    click.echo(f"report: {where / 'report.md'}")
+    if report.get("passed") is False:
+        failed = [g["message"] for g in report["gates"] if g["status"] in ("failed", "error")]
+        raise GateFailure(f"{len(failed)} release gate(s) missed (artifacts and reports kept):\n  " +
+                          "\n  ".join(failed))
+
+
+@cli.command(name="eval")
+@click.argument("artifact", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--baseline", metavar="SOURCE_OR_DIR",
+              help="What to compare with: an artifact directory, a Hugging Face model directory or zoo:NAME "
+                   "(default: the source recorded in the artifact).")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "all"]), default=None,
+              help="Devices to measure (default: the recipe's evaluate.devices). Without a GPU, `all` measures CPU "
+                   "and says that CUDA was skipped.")
+@click.option("--no-gates", is_flag=True, help="Measure and report only; do not check the recipe's gates.")
+@click.option("--no-speed", is_flag=True,
+              help="Accuracy, fidelity and size only: no latency or load timing (speed gates cannot pass).")
+@click.option("-q", "--quiet", is_flag=True, help="Print only warnings, errors and the summary.")
+@_guarded
+def eval_(artifact: Path, baseline: str | None, device: str | None, no_gates: bool, no_speed: bool,
+          quiet: bool) -> None:
+    """Evaluate ARTIFACT (a directory written by `compress run`) against its baseline; writes report.json,
+    report.md, junit.xml and report.png into it. Exit 3 when a gate of its recipe is missed."""
+    from .errors import UsageError
+    from .evaluate import evaluate_artifact
+    from .evaluate.subjects import baseline_from_argument, baseline_from_manifest
+    from .log import Reporter
+    from .manifest import read_manifest
+    from .recipe import EvaluateSpec, GatesSpec
+
+    manifest = read_manifest(artifact)
+    recipe = manifest.get("recipe") or {}
+    try:
+        spec = EvaluateSpec.model_validate(recipe.get("evaluate") or {})
+        gates = None if no_gates or not recipe.get("gates") else GatesSpec.model_validate(recipe["gates"])
+    except ValueError as exc:
+        raise UsageError(f"{artifact}/manifest.json: its recipe's evaluate/gates sections are not valid for this "
+                         f"compressor version: {exc}") from None
+    subject = baseline_from_argument(baseline, manifest) if baseline else baseline_from_manifest(artifact, manifest)
+    devices = None if device is None else (["cpu", "cuda"] if device == "all" else [device])
+    log = Reporter(quiet=quiet)
+    report = evaluate_artifact(artifact, baseline=subject, spec=spec, gates=gates, devices=devices, log=log,
+                               raise_on_gate=False, measure_speed=not no_speed)
+    _finish_evaluation(report, artifact)
 
 
 @cli.command(name="passes")

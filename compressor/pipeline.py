@@ -22,6 +22,7 @@ class RunResult:
 
     out_dir: Path
     manifest: dict[str, Any]
+    report: dict[str, Any] | None = None  # the evaluation report, when the recipe evaluates
 
 
 def default_output(recipe: Recipe) -> Path:
@@ -41,6 +42,7 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, reporter: Reporter |
     log = reporter or Reporter()
     out = out_dir or default_output(recipe)
     prepare_target(out)  # fail before minutes of work, not after
+    _eval_data_file(recipe)
     torch.manual_seed(recipe.seed)
     with log.step(f"loading model ({_describe_source(recipe)})"):
         model = load_source(recipe)
@@ -67,10 +69,17 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, reporter: Reporter |
     except OSError as exc:  # disk full, permissions changed mid-run: the previous artifact is untouched
         raise CompressorError(f"writing the artifact to {out} failed: {exc}; the previous artifact (if any) is "
                               "untouched") from exc
-    if recipe.evaluate is not None or recipe.gates is not None:
-        log.warn("this version cannot evaluate yet (issue #3): the `evaluate` and `gates` sections were validated "
-                 "but nothing was measured and no gate was checked")
-    return RunResult(out_dir=out, manifest=manifest)
+    report = None
+    spec = recipe.evaluation
+    if spec is not None:
+        from .evaluate import evaluate_artifact
+        from .evaluate.subjects import source_subject
+
+        baseline = source_subject(recipe.model.model_dump(mode="json"), recipe.base_dir)
+        # Gate failures are the caller's to report (exit 3) after it has said what was written.
+        report = evaluate_artifact(out, baseline=baseline, spec=spec, gates=recipe.gates, base_dir=recipe.base_dir,
+                                   log=log, raise_on_gate=False)
+    return RunResult(out_dir=out, manifest=manifest, report=report)
 
 
 def _write(recipe: Recipe, model: Any, reports: list[dict[str, Any]], out: Path, log: Reporter) -> dict[str, Any]:
@@ -84,6 +93,7 @@ def _write(recipe: Recipe, model: Any, reports: list[dict[str, Any]], out: Path,
         files = export_safetensors(stored, tmp, int(recipe.export.safetensors.max_shard_size))
         write_safetensors(tmp / INPUTS_FILE, model.example_inputs, {"format": "pt", "role": "example-inputs"})
         copied = _copy_source_files(model.files_dir, tmp, is_copied_file)
+        evaluation = _copy_eval_data(recipe, tmp)
         body = {
             "name": recipe.name,
             "description": recipe.description,
@@ -104,8 +114,35 @@ def _write(recipe: Recipe, model: Any, reports: list[dict[str, Any]], out: Path,
                 "copied_files": copied,
             },
         }
+        if evaluation:
+            body["evaluation"] = evaluation
         manifest = write_manifest(tmp, body)
     return manifest
+
+
+def _eval_data_file(recipe: Recipe) -> Path | None:
+    """The recipe's evaluation data file, checked to exist."""
+    from .errors import Problem, RecipeError
+
+    spec = recipe.evaluation
+    if spec is None or spec.data.path is None:
+        return None
+    src = recipe.resolve(spec.data.path)
+    if not src.is_file():
+        raise RecipeError(Problem(f"the evaluation data file {src} does not exist", path="evaluate.data.path",
+                                  hint="paths are relative to the recipe file's directory"))
+    return src
+
+
+def _copy_eval_data(recipe: Recipe, dst: Path) -> dict[str, Any] | None:
+    """Copy the recipe's evaluation data file into the artifact, so `compress eval` needs nothing outside it."""
+    src = _eval_data_file(recipe)
+    if src is None:
+        return None
+    rel = f"eval/{src.name}"
+    (dst / "eval").mkdir(exist_ok=True)
+    shutil.copyfile(src, dst / rel)
+    return {"data_file": rel}
 
 
 def _describe_source(recipe: Recipe) -> str:

@@ -49,7 +49,10 @@ def check_target(target: Path) -> None:
             f"refusing to replace {target}: it is not empty and holds no compressor manifest.json, so it is not an "
             "earlier artifact; choose another output directory (-o) or remove it yourself"
         )
-    known = set(json.loads((target / MANIFEST).read_text()).get("files", {})) | {MANIFEST}
+    from .evaluate.report import REPORT_FILES
+
+    # Reports are written beside the manifest by the evaluator (they hold timings, so they are not hashed in it).
+    known = set(json.loads((target / MANIFEST).read_text()).get("files", {})) | {MANIFEST, *REPORT_FILES}
     extra = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
     extra = [rel for rel in extra if rel not in known]
     if extra:

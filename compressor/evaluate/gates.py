@@ -1,0 +1,101 @@
+"""Release gates: each threshold checked against every measured (device, format) it applies to."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = ["check_gates", "GATE_TEXT"]
+
+# gate -> (what is measured, comparison, unit)
+GATE_TEXT: dict[str, tuple[str, str, str]] = {
+    "max_accuracy_drop": ("accuracy drop", "<=", " points"),
+    "min_fidelity": ("min cosine similarity", ">=", ""),
+    "min_speedup": ("latency speedup (worst configuration)", ">=", "x"),
+    "max_size_bytes": ("model size", "<=", " bytes"),
+    "min_compression": ("compression ratio", ">=", "x"),
+    "max_load_ms": ("cold load time (median)", "<=", " ms"),
+}
+
+
+def _measure(gate: str, row: dict[str, Any]) -> tuple[float | None, str]:
+    """The measured value of ``gate`` on an artifact row, or None with the reason it could not be measured."""
+    ratios = row.get("ratios") or {}
+    if gate == "max_accuracy_drop":
+        drop = ratios.get("accuracy_drop")
+        return (drop, "") if drop is not None else (None, "no task metric: the evaluation data has no labels "
+                                                          "(set evaluate.data to a labelled set)")
+    if gate == "min_fidelity":
+        fid = row.get("fidelity") or {}
+        return fid.get("cos_min"), "" if fid else "no fidelity was measured"
+    if gate == "min_speedup":
+        speedups = [(c["speedup"], c) for c in row.get("latency") or [] if c.get("speedup") is not None]
+        if not speedups:
+            return None, "no latency was measured (--no-speed?)"
+        worst, config = min(speedups, key=lambda x: x[0])
+        where = f"batch {config['batch_size']}" + (f", length {config['seq_len']}" if config.get("seq_len") else "")
+        return worst, f"at {where}"
+    if gate == "max_size_bytes":
+        return float(row["size_bytes"]), ""
+    if gate == "min_compression":
+        return ratios.get("compression"), ""
+    if gate == "max_load_ms":
+        cold = (row.get("load") or {}).get("cold")
+        if not cold:
+            return None, "no cold load was measured (--no-speed, evaluate.speed.load_runs: 0, or an OS that cannot "
+                          "evict files)"
+        return cold["load_ms"]["median"], ""
+    raise KeyError(gate)
+
+
+def check_gates(gates: Any, results: list[dict[str, Any]], devices: list[str],
+                skipped: dict[str, str]) -> list[dict[str, Any]]:
+    """One entry per gate and (device, format): status passed, failed, skipped or error, with a message."""
+    if gates is None:
+        return []
+    out = []
+    artifact_rows = [r for r in results if r["role"] == "artifact"]
+    for name in GATE_TEXT:
+        threshold = getattr(gates, name)
+        if threshold is None:
+            continue
+        what, op, unit = GATE_TEXT[name]
+        wanted_devices = [threshold.device] if threshold.device else devices + [d for d in skipped if d not in devices]
+        for device in wanted_devices:
+            if device in skipped:
+                out.append(_entry(name, device, threshold.format, threshold.value, None, "skipped",
+                                  f"{name} on {device}: skipped ({skipped[device]})"))
+                continue
+            rows = [r for r in artifact_rows if r["device"] == device
+                    and (threshold.format is None or r["format"] == threshold.format)]
+            if not rows:
+                fmt = threshold.format or "any format"
+                out.append(_entry(name, device, threshold.format, threshold.value, None, "error",
+                                  f"{name} on {device}/{fmt}: nothing was measured for this device and format"))
+                continue
+            for row in rows:
+                value, note = _measure(name, row)
+                label = f"{name} on {device}/{row['format']}"
+                if value is None or (isinstance(value, float) and math.isnan(value)):
+                    out.append(_entry(name, device, row["format"], threshold.value, None, "error",
+                                      f"{label}: not measured: {note}"))
+                    continue
+                ok = value <= threshold.value if op == "<=" else value >= threshold.value
+                shown = f"{_fmt(value)}{unit}" + (f" ({note})" if note else "")
+                message = (f"{label}: {what} {shown} {'meets' if ok else 'misses'} the threshold "
+                           f"{op} {_fmt(threshold.value)}{unit}")
+                out.append(_entry(name, device, row["format"], threshold.value, value, "passed" if ok else "failed",
+                                  message))
+    return out
+
+
+def _entry(gate: str, device: str, fmt: str | None, threshold: float, measured: float | None, status: str,
+           message: str) -> dict[str, Any]:
+    return {"gate": gate, "device": device, "format": fmt, "threshold": threshold, "measured": measured,
+            "comparison": GATE_TEXT[gate][1], "status": status, "message": message}
+
+
+def _fmt(value: float) -> str:
+    if value == int(value) and abs(value) >= 1000:
+        return f"{int(value):,}"
+    return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.1f}"

@@ -1,0 +1,366 @@
+"""Evaluation reports written into the artifact directory: report.json, report.md, junit.xml and report.png."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["summary_lines", "REPORT_JSON", "REPORT_FILES", "REPORT_FORMAT", "write_reports", "render_markdown", "render_junit",
+           "render_plot", "clean_json"]
+
+REPORT_JSON = "report.json"
+REPORT_FILES = (REPORT_JSON, "report.md", "junit.xml", "report.png")
+REPORT_FORMAT = "compressor-report"
+
+
+def clean_json(value: Any) -> Any:
+    """JSON-safe copy: NaN and infinities become null (strict JSON has neither); private keys (``_x``) dropped."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: clean_json(v) for k, v in value.items() if not (isinstance(k, str) and k.startswith("_"))}
+    if isinstance(value, (list, tuple)):
+        return [clean_json(v) for v in value]
+    return value
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_reports(artifact: Path, report: dict[str, Any]) -> list[Path]:
+    """Write all four reports (each file replaced atomically); returns their paths."""
+    report = clean_json(report)
+    paths = [artifact / name for name in REPORT_FILES]
+    _atomic_write(paths[0], (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
+    _atomic_write(paths[1], render_markdown(report).encode())
+    _atomic_write(paths[2], render_junit(report))
+    _atomic_write(paths[3], render_plot(report))
+    return paths
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """A few terminal lines: per device, accuracy, fidelity, size, speed and load of the artifact vs baseline;
+    then every gate that did not pass."""
+    lines = []
+    rows = report["results"]
+    for base, art in zip(rows[::2], rows[1::2]):
+        ratios = art.get("ratios") or {}
+        parts = []
+        if art.get("accuracy"):
+            parts.append(f"accuracy {base['accuracy']['value']:.2f} -> {art['accuracy']['value']:.2f}")
+        fid = art.get("fidelity") or {}
+        if fid:
+            parts.append(f"cos min {_n(fid.get('cos_min'), '.4f')}")
+        parts.append(f"size {_mb(base['size_bytes'])} -> {_mb(art['size_bytes'])} "
+                     f"({_ratio(ratios.get('compression'))})")
+        speedups = [c["speedup"] for c in art.get("latency") or [] if c.get("speedup")]
+        if speedups:
+            parts.append(f"speedup {min(speedups):.2f}x-{max(speedups):.2f}x")
+        if ratios.get("cold_load_speedup"):
+            parts.append(f"cold load {_ratio(ratios['cold_load_speedup'])}")
+        lines.append(f"{art['device']}: " + ", ".join(parts))
+    for item in report.get("skipped", []):
+        lines.append(f"{item['device']}: skipped ({item['reason']})")
+    if report.get("gates"):
+        counts = {s: sum(1 for g in report["gates"] if g["status"] == s) for s in ("passed", "failed", "error",
+                                                                                   "skipped")}
+        lines.append("gates: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n or s == "passed"))
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------- markdown
+
+
+def _n(value: Any, fmt: str = ".1f", none: str = "–") -> str:
+    if value is None:
+        return none
+    return format(value, fmt)
+
+
+def _mb(nbytes: int | None) -> str:
+    return "–" if nbytes is None else f"{nbytes / 1e6:,.2f} MB"
+
+
+def _ms(stat: dict[str, Any] | None) -> str:
+    if not stat:
+        return "–"
+    return f"{stat['median']:,.1f} ± {stat['iqr']:,.1f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}×"
+
+
+def _row_name(row: dict[str, Any]) -> str:
+    return f"{row['role']} ({row['format']})"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """Baseline and artifact side by side, with ratios, per device."""
+    lines = [f"# Evaluation of `{report['artifact']['name']}`", ""]
+    verdict = {True: "**all gates passed**", False: "**a gate failed**", None: "no gates"}[report.get("passed")]
+    lines += [f"{report['created']} · compressor {report['compressor']} · {verdict}", ""]
+    base = report["baseline"]
+    lines += [f"- baseline: {base['label']} ({_mb(base['size_bytes'])})",
+              f"- data: {report['data']['name']}",
+              f"- machine: {report['machine']['cpu']} · {report['machine']['threads']} threads · "
+              f"torch {report['machine']['torch']}" + (f" · {report['machine']['cuda']}" if report['machine'].get('cuda')
+                                                        else ""),
+              ""]
+    for item in report.get("skipped", []):
+        lines += [f"> **{item['device']} skipped:** {item['reason']}", ""]
+    results = report["results"]
+
+    lines += ["## Accuracy and size", "",
+              "| model | device | size | compression | accuracy | drop (points) | cos min | cos mean | max abs err "
+              "| top-1 agreement |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in results:
+        acc = row.get("accuracy") or {}
+        fid = row.get("fidelity") or {}
+        ratios = row.get("ratios") or {}
+        lines.append(
+            f"| {_row_name(row)} | {row['device']} | {_mb(row['size_bytes'])} | {_ratio(ratios.get('compression'))} "
+            f"| {_n(acc.get('value'), '.2f')} | {_n(ratios.get('accuracy_drop'), '+.2f')} "
+            f"| {_n(fid.get('cos_min'), '.5f')} | {_n(fid.get('cos_mean'), '.5f')} | {_n(fid.get('max_abs_err'), '.3g')} "
+            f"| {_n(fid.get('top1_agreement'), '.2f')} |")
+    if report["data"].get("metric"):
+        lines += ["", f"Accuracy: {report['data']['label']} on {report['data']['name']}."]
+    lines.append("")
+
+    lines += ["## Load (fresh process each run; median ± IQR, ms)", "",
+              "| model | device | cold load | cold first inference | warm load | warm first inference | cold speedup "
+              "| peak RSS | RSS added | anon RSS | peak GPU |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in results:
+        load = row.get("load") or {}
+        cold, warm = load.get("cold") or {}, load.get("warm") or {}
+        either = cold or warm
+        ratios = row.get("ratios") or {}
+        lines.append(
+            f"| {_row_name(row)} | {row['device']} | {_ms(cold.get('load_ms'))} | {_ms(cold.get('first_inference_ms'))} "
+            f"| {_ms(warm.get('load_ms'))} | {_ms(warm.get('first_inference_ms'))} "
+            f"| {_ratio(ratios.get('cold_load_speedup'))} | {_n(either.get('peak_rss_mb'))} MB "
+            f"| {_n(either.get('rss_added_mb'))} MB | {_n(either.get('anon_rss_mb'))} MB "
+            f"| {_n(either.get('peak_gpu_mb'), '.1f')} |")
+    resident = [r["load"]["cold"].get("resident_after_evict") for r in results
+                if (r.get("load") or {}).get("cold")]
+    if resident and any(x for x in resident if x):
+        lines += ["", f"Cold runs: up to {max(x for x in resident if x is not None):.0%} of a model's files stayed in "
+                      "the page cache after eviction (mapped by another process)."]
+    lines.append("")
+
+    lines += ["## Latency and throughput (same process, alternating; ms)", "",
+              "| device | batch | length | model | p50 | p90 | p99 | IQR | throughput/s | speedup (IQR of rounds) |",
+              "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for base, art in zip(results[::2], results[1::2]):
+        for pair in zip(base.get("latency") or [], art.get("latency") or []):
+            for row, c in zip((base, art), pair):
+                speed = "" if c.get("speedup") is None else (
+                    f"**{c['speedup']:.2f}×** ({_n(c.get('speedup_q25'), '.2f')}–{_n(c.get('speedup_q75'), '.2f')})")
+                lines.append(f"| {row['device']} | {c['batch_size']} | {_n(c.get('seq_len'), 'd')} | {_row_name(row)} "
+                             f"| {c['p50_ms']:.2f} | {c['p90_ms']:.2f} | {c['p99_ms']:.2f} | {c['iqr_ms']:.2f} "
+                             f"| {c['throughput_per_s']:,.1f} | {speed} |")
+    lines.append("")
+
+    if report.get("gates"):
+        counts = {s: sum(1 for g in report["gates"] if g["status"] == s) for s in ("passed", "failed", "error",
+                                                                                   "skipped")}
+        lines.append("gates: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n or s == "passed"))
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------- markdown
+
+
+def _n(value: Any, fmt: str = ".1f", none: str = "–") -> str:
+    if value is None:
+        return none
+    return format(value, fmt)
+
+
+def _mb(nbytes: int | None) -> str:
+    return "–" if nbytes is None else f"{nbytes / 1e6:,.2f} MB"
+
+
+def _ms(stat: dict[str, Any] | None) -> str:
+    if not stat:
+        return "–"
+    return f"{stat['median']:,.1f} ± {stat['iqr']:,.1f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}×"
+
+
+def _row_name(row: dict[str, Any]) -> str:
+    return f"{row['role']} ({row['format']})"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """Baseline and artifact side by side, with ratios, per device."""
+    lines = [f"# Evaluation of `{report['artifact']['name']}`", ""]
+    verdict = {True: "**all gates passed**", False: "**a gate failed**", None: "no gates"}[report.get("passed")]
+    lines += [f"{report['created']} · compressor {report['compressor']} · {verdict}", ""]
+    base = report["baseline"]
+    lines += [f"- baseline: {base['label']} ({_mb(base['size_bytes'])})",
+              f"- data: {report['data']['name']}",
+              f"- machine: {report['machine']['cpu']} · {report['machine']['threads']} threads · "
+              f"torch {report['machine']['torch']}" + (f" · {report['machine']['cuda']}" if report['machine'].get('cuda')
+                                                        else ""),
+              ""]
+    for item in report.get("skipped", []):
+        lines += [f"> **{item['device']} skipped:** {item['reason']}", ""]
+    results = report["results"]
+
+    lines += ["## Accuracy and size", "",
+              "| model | device | size | compression | accuracy | drop (points) | cos min | cos mean | max abs err "
+              "| top-1 agreement |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in results:
+        acc = row.get("accuracy") or {}
+        fid = row.get("fidelity") or {}
+        ratios = row.get("ratios") or {}
+        lines.append(
+            f"| {_row_name(row)} | {row['device']} | {_mb(row['size_bytes'])} | {_ratio(ratios.get('compression'))} "
+            f"| {_n(acc.get('value'), '.2f')} | {_n(ratios.get('accuracy_drop'), '+.2f')} "
+            f"| {_n(fid.get('cos_min'), '.5f')} | {_n(fid.get('cos_mean'), '.5f')} | {_n(fid.get('max_abs_err'), '.3g')} "
+            f"| {_n(fid.get('top1_agreement'), '.2f')} |")
+    if report["data"].get("metric"):
+        lines += ["", f"Accuracy: {report['data']['label']} on {report['data']['name']}."]
+    lines.append("")
+
+    lines += ["## Load (fresh process each run; median ± IQR, ms)", "",
+              "| model | device | cold load | cold first inference | warm load | warm first inference | cold speedup "
+              "| peak RSS | RSS added | anon RSS | peak GPU |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in results:
+        load = row.get("load") or {}
+        cold, warm = load.get("cold") or {}, load.get("warm") or {}
+        either = cold or warm
+        ratios = row.get("ratios") or {}
+        lines.append(
+            f"| {_row_name(row)} | {row['device']} | {_ms(cold.get('load_ms'))} | {_ms(cold.get('first_inference_ms'))} "
+            f"| {_ms(warm.get('load_ms'))} | {_ms(warm.get('first_inference_ms'))} "
+            f"| {_ratio(ratios.get('cold_load_speedup'))} | {_n(either.get('peak_rss_mb'))} MB "
+            f"| {_n(either.get('rss_added_mb'))} MB | {_n(either.get('anon_rss_mb'))} MB "
+            f"| {_n(either.get('peak_gpu_mb'), '.1f')} |")
+    resident = [r["load"]["cold"].get("resident_after_evict") for r in results
+                if (r.get("load") or {}).get("cold")]
+    if resident and any(x for x in resident if x):
+        lines += ["", f"Cold runs: up to {max(x for x in resident if x is not None):.0%} of a model's files stayed in "
+                      "the page cache after eviction (mapped by another process)."]
+    lines.append("")
+
+    lines += ["## Latency and throughput (same process, alternating; ms)", "",
+              "| device | batch | length | model | p50 | p90 | p99 | IQR | throughput/s | speedup (IQR of rounds) |",
+              "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for row in results:
+        for c in row.get("latency") or []:
+            speed = "" if c.get("speedup") is None else (
+                f"{c['speedup']:.2f}× ({c['speedup_q25']:.2f}–{c['speedup_q75']:.2f})")
+            lines.append(f"| {row['device']} | {c['batch_size']} | {_n(c.get('seq_len'), 'd')} | {_row_name(row)} "
+                         f"| {c['p50_ms']:.2f} | {c['p90_ms']:.2f} | {c['p99_ms']:.2f} | {c['iqr_ms']:.2f} "
+                         f"| {c['throughput_per_s']:,.1f} | {speed} |")
+    lines.append("")
+
+    if report.get("gates"):
+        lines += ["## Gates", "", "| gate | device | format | measured | threshold | result |",
+                  "|---|---|---|---:|---:|---|"]
+        for g in report["gates"]:
+            mark = {"passed": "pass", "failed": "**FAIL**", "error": "**ERROR**", "skipped": "skipped"}[g["status"]]
+            lines.append(f"| {g['gate']} | {g['device']} | {g['format'] or 'any'} | {_n(g['measured'], '.4g')} "
+                         f"| {g['comparison']} {g['threshold']:g} | {mark} |")
+        lines += [""] + [f"- {g['message']}" for g in report["gates"] if g["status"] != "passed"] + [""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------- junit
+
+
+def render_junit(report: dict[str, Any]) -> bytes:
+    """JUnit XML with one testcase per gate and (device, format), so CI systems list gates as tests."""
+    import xml.etree.ElementTree as ET
+
+    gates = report.get("gates") or []
+    counts = {s: sum(1 for g in gates if g["status"] == s) for s in ("failed", "error", "skipped")}
+    total = max(len(gates), 1)
+    suites = ET.Element("testsuites", name="compressor", tests=str(total), failures=str(counts["failed"]),
+                        errors=str(counts["error"]), skipped=str(counts["skipped"]))
+    suite = ET.SubElement(suites, "testsuite", name=f"compressor.gates.{report['artifact']['name']}",
+                          tests=str(total), failures=str(counts["failed"]), errors=str(counts["error"]),
+                          skipped=str(counts["skipped"]), timestamp=report["created"])
+    props = ET.SubElement(suite, "properties")
+    for key, value in (("artifact", report["artifact"]["path"]), ("baseline", report["baseline"]["label"]),
+                       ("data", report["data"]["name"])):
+        ET.SubElement(props, "property", name=key, value=str(value))
+    if not gates:
+        # No gates configured: one passing case so the run still shows up as evaluated.
+        ET.SubElement(suite, "testcase", classname="compressor.evaluate", name="evaluation", time="0")
+    for g in gates:
+        case = ET.SubElement(suite, "testcase", classname=f"compressor.gates.{g['device']}.{g['format'] or 'any'}",
+                             name=g["gate"], time="0")
+        ET.SubElement(case, "system-out").text = g["message"]
+        if g["status"] == "failed":
+            el = ET.SubElement(case, "failure", message=g["message"], type="GateFailed")
+            el.text = f"measured {g['measured']!r}, threshold {g['comparison']} {g['threshold']!r}"
+        elif g["status"] == "error":
+            ET.SubElement(case, "error", message=g["message"], type="NotMeasured")
+        elif g["status"] == "skipped":
+            ET.SubElement(case, "skipped", message=g["message"])
+    ET.indent(suites)
+    return ET.tostring(suites, encoding="utf-8", xml_declaration=True) + b"\n"
+
+
+# ----------------------------------------------------------------------------------------------------- plot
+
+
+def render_plot(report: dict[str, Any]) -> bytes:
+    """PNG: accuracy (or fidelity) against size and against latency, baseline and artifact per device."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)  # no display, no GUI toolkit
+    import matplotlib.pyplot as plt
+
+    metric = report["data"].get("label")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    markers = {"baseline": "o", "artifact": "s"}
+    for row in report["results"]:
+        acc = (row.get("accuracy") or {}).get("value")
+        if acc is None:  # no labels: plot fidelity (baseline = 1 by definition)
+            acc = (row.get("fidelity") or {}).get("cos_mean", 1.0 if row["role"] == "baseline" else None)
+        if acc is None:
+            continue
+        name = f"{row['role']} ({row['format']}, {row['device']})"
+        axes[0].scatter(row["size_bytes"] / 1e6, acc, marker=markers.get(row["role"], "^"), s=60, label=name)
+        latency = (row.get("latency") or [None])[0]
+        if latency:
+            axes[1].scatter(latency["p50_ms"], acc, marker=markers.get(row["role"], "^"), s=60, label=name)
+    ylabel = metric or "mean cosine similarity to baseline"
+    axes[0].set(xlabel="model size (MB)", ylabel=ylabel, title="accuracy vs size")
+    first = next((c for r in report["results"] for c in (r.get("latency") or [])), None)
+    where = "" if first is None else f" (batch {first['batch_size']}" + (
+        f", length {first['seq_len']})" if first.get("seq_len") else ")")
+    axes[1].set(xlabel=f"p50 latency (ms){where}", ylabel=ylabel, title="accuracy vs latency")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.margins(0.15)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    fig.suptitle(f"{report['artifact']['name']}: baseline vs artifact", fontsize=11)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,234 @@
+"""Run an evaluation: load baseline and artifact, score them on the same data, time them side by side, check the
+gates and write the reports."""
+
+from __future__ import annotations
+
+import os
+import platform
+from contextlib import nullcontext
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..errors import CompressorError, GateFailure
+from ..log import Reporter
+from .subjects import Subject, artifact_subject
+
+__all__ = ["evaluate_artifact", "resolve_devices"]
+
+REPORT_VERSION = 1
+
+
+def resolve_devices(wanted: list[str], require_cuda: bool) -> tuple[list[str], dict[str, str]]:
+    """The devices that can be measured here, and the skipped ones with the reason."""
+    import torch
+
+    devices, skipped = [], {}
+    for device in dict.fromkeys(wanted):
+        if device == "cuda" and not torch.cuda.is_available():
+            reason = "no CUDA device is available (torch.cuda.is_available() is False)"
+            if require_cuda:
+                raise CompressorError(f"the evaluation requires CUDA (evaluate.require_cuda), but {reason}; run it "
+                                      "on a machine with a GPU, or set require_cuda: false to measure CPU only")
+            skipped[device] = reason
+            continue
+        devices.append(device)
+    return devices, skipped
+
+
+def _machine(threads: int) -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "platform": platform.platform(),
+                            "python": platform.python_version(), "torch": torch.__version__, "cuda": None}
+    if torch.cuda.is_available():
+        info["cuda"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def evaluate_artifact(
+    artifact: Path,
+    *,
+    baseline: Subject,
+    spec: Any,
+    gates: Any = None,
+    devices: list[str] | None = None,
+    base_dir: Path | None = None,
+    log: Reporter | None = None,
+    raise_on_gate: bool = True,
+    measure_speed: bool = True,
+) -> dict[str, Any]:
+    """Evaluate an artifact directory against ``baseline`` and write report.json/.md, junit.xml and report.png
+    into it. Returns the report. Raises GateFailure (exit code 3) after writing when a gate is missed.
+    ``measure_speed=False`` measures accuracy, fidelity and size only (speed gates then cannot be checked)."""
+    import torch
+
+    from ..loading import load_example_inputs
+    from ..manifest import check_files, read_manifest
+    from .accuracy import fidelity, run_outputs, task_metric
+    from .data import build_data, tokenizer_for
+    from .gates import check_gates
+    from .report import REPORT_FORMAT, write_reports
+    from .speed import latency_inputs, load_timings, measure_latency, percentile
+    from .subjects import load_module
+
+    log = log or Reporter()
+    artifact = artifact.resolve()
+    manifest = read_manifest(artifact)
+    check_files(artifact, manifest)
+    candidate = artifact_subject(artifact)
+    base_dir = base_dir or Path.cwd()
+    threads = spec.speed.threads or torch.get_num_threads()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        devices_run, skipped = resolve_devices(devices or list(spec.devices), spec.require_cuda)
+        if not devices_run:
+            raise CompressorError(f"nothing to measure: {'; '.join(f'{d} skipped, {r}' for d, r in skipped.items())}"
+                                  "; measure on cpu instead (--device cpu)")
+        for device, reason in skipped.items():
+            log.warn(f"{device} skipped: {reason}; measuring {', '.join(devices_run)} only")
+        task = manifest.get("task")
+        example_inputs = {k: v.clone() for k, v in load_example_inputs(artifact).items()}
+        data = build_data(spec.data, artifact=artifact, manifest=manifest, example_inputs=example_inputs,
+                          base_dir=base_dir)
+        log.info(f"evaluation data: {data.name}")
+        tokenizer = tokenizer_for(artifact) if "input_ids" in example_inputs else None
+        seq_lens: list[int | None] = list(spec.speed.sequence_lengths) if "input_ids" in example_inputs else [None]
+        extra_path = [str(base_dir)] if (manifest.get("source") or {}).get("kind") == "python" else []
+        classifier = data.metric == "top1_accuracy" or task == "classification"
+
+        results: list[dict[str, Any]] = []
+        for device in devices_run:
+            with log.step(f"{device}: loading baseline ({baseline.label}) and artifact"):
+                models = {"baseline": load_module(baseline.spec, device), "artifact": load_module(candidate.spec,
+                                                                                                   device)}
+            with log.step(f"{device}: accuracy and fidelity on {data.name}"):
+                outputs = {role: run_outputs(m, data, device, task) for role, m in models.items()}
+                metrics = {role: task_metric(data, outs) for role, outs in outputs.items()}
+                fid = fidelity(outputs["baseline"], outputs["artifact"], classifier)
+            for role in models:
+                if metrics[role] is not None:
+                    log.info(f"{device}: {role} {metrics[role]['label']} = {metrics[role]['value']:.2f}")
+            log.info(f"{device}: fidelity cos min {fid['cos_min']:.5f}, mean {fid['cos_mean']:.5f}, "
+                     f"max abs err {fid['max_abs_err']:.3g}")
+
+            latency: dict[str, list[dict[str, Any]]] = {"baseline": [], "artifact": []}
+            configs = [(b, s) for b in spec.speed.batch_sizes for s in seq_lens] if measure_speed else []
+            title = f"{device}: latency, {len(configs)} configuration(s), baseline and artifact alternating"
+            with log.step(title) if configs else nullcontext():
+                for batch_size, seq_len in configs:
+                    inputs = latency_inputs(example_inputs, batch_size, seq_len, tokenizer, data.texts, 0)
+                    timed = measure_latency(models, inputs, device, warmup=spec.speed.warmup,
+                                            rounds=spec.speed.rounds, calls=spec.speed.calls)
+                    base, art = timed["baseline"], timed["artifact"]
+                    # Spread of the speedup: the ratio within each round, where both ran under the same load.
+                    ratios = [b / a for b, a in zip(base["_rounds"], art["_rounds"]) if a > 0]
+                    for role, entry in timed.items():
+                        entry = {"batch_size": batch_size, "seq_len": seq_len, **entry}
+                        if role == "artifact":
+                            entry["speedup"] = base["p50_ms"] / entry["p50_ms"] if entry["p50_ms"] > 0 else None
+                            entry["speedup_q25"] = percentile(ratios, 25) if ratios else None
+                            entry["speedup_q75"] = percentile(ratios, 75) if ratios else None
+                        latency[role].append(entry)
+                    where = f"batch {batch_size}" + (f", length {seq_len}" if seq_len else "")
+                    log.info(f"{device}: {where}: p50 {base['p50_ms']:.2f} ms -> {art['p50_ms']:.2f} ms "
+                             f"({latency['artifact'][-1]['speedup']:.2f}x)")
+            del models, outputs
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+
+            loads: dict[str, Any] = {"baseline": None, "artifact": None}
+            if spec.speed.load_runs and measure_speed:
+                with log.step(f"{device}: load times, {spec.speed.load_runs} cold and warm run(s) each, fresh "
+                              "processes"):
+                    loads = load_timings([baseline, candidate], example_inputs, device=device,
+                                         runs=spec.speed.load_runs, threads=spec.speed.threads,
+                                         extra_path=extra_path, log=log)
+
+            for subject, role in ((baseline, "baseline"), (candidate, "artifact")):
+                row: dict[str, Any] = {
+                    "role": role, "label": subject.label, "format": subject.format, "device": device,
+                    "size_bytes": subject.size_bytes, "files_bytes": subject.files_bytes,
+                    "accuracy": metrics[role], "fidelity": fid if role == "artifact" else None,
+                    "load": loads.get(role), "latency": latency[role],
+                }
+                if role == "artifact":
+                    row["ratios"] = _ratios(results[-1], row)
+                results.append(row)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+    gate_results = check_gates(gates, results, devices_run, skipped)
+    passed = None if gates is None else all(g["status"] in ("passed", "skipped") for g in gate_results)
+    report = {
+        "format": REPORT_FORMAT,
+        "format_version": REPORT_VERSION,
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "compressor": _version(),
+        "artifact": {"name": manifest.get("name"), "path": str(artifact), "manifest_sha256": _sha(artifact)},
+        "baseline": baseline.describe(),
+        "machine": _machine(threads),
+        "settings": {**spec.model_dump(mode="json"), "measure_speed": measure_speed},
+        "data": {"name": data.name, "metric": data.metric,
+                 "label": None if data.metric is None else _metric_label(data.metric), "examples": data.examples},
+        "devices": devices_run,
+        "skipped": [{"device": d, "reason": r} for d, r in skipped.items()],
+        "results": results,
+        "gates": gate_results,
+        "passed": passed,
+    }
+    paths = write_reports(artifact, report)
+    log.info(f"reports: {', '.join(p.name for p in paths)} in {artifact}")
+    for g in gate_results:
+        log.info(f"gate {g['status']}: {g['message']}")
+    if passed is False and raise_on_gate:
+        failed = [g["message"] for g in gate_results if g["status"] in ("failed", "error")]
+        raise GateFailure(f"{len(failed)} release gate(s) missed; artifacts and reports are kept in {artifact}:\n  "
+                          + "\n  ".join(failed))
+    return report
+
+
+def _ratios(base: dict[str, Any], art: dict[str, Any]) -> dict[str, Any]:
+    def div(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    def load(row: dict[str, Any], mode: str, key: str) -> float | None:
+        entry = (row.get("load") or {}).get(mode)
+        return entry[key]["median"] if entry else None
+
+    acc_b, acc_a = (base.get("accuracy") or {}).get("value"), (art.get("accuracy") or {}).get("value")
+    return {
+        "compression": div(base["size_bytes"], art["size_bytes"]),
+        "accuracy_drop": acc_b - acc_a if acc_b is not None and acc_a is not None else None,
+        "cold_load_speedup": div(load(base, "cold", "load_ms"), load(art, "cold", "load_ms")),
+        "warm_load_speedup": div(load(base, "warm", "load_ms"), load(art, "warm", "load_ms")),
+        "cold_first_inference_speedup": div(load(base, "cold", "first_inference_ms"),
+                                            load(art, "cold", "first_inference_ms")),
+    }
+
+
+def _metric_label(metric: str) -> str:
+    from .accuracy import METRIC_LABELS
+
+    return METRIC_LABELS[metric]
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _sha(artifact: Path) -> str:
+    from ..manifest import MANIFEST, sha256_file
+
+    return sha256_file(artifact / MANIFEST)

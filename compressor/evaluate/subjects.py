@@ -1,0 +1,240 @@
+"""What gets measured: the artifact, and the baseline it is compared with.
+
+A subject is described by a small JSON-able record so that fresh processes (cold/warm load timing) can load
+exactly what the parent measures:
+
+- ``{"kind": "artifact", "path": DIR}``: an artifact directory, loaded with ``compressor.load``;
+- ``{"kind": "source", "model": {...recipe model section...}, "base_dir": DIR}``: the uncompressed model,
+  loaded the way its owner loads it (``from_pretrained`` for Hugging Face directories, the factory and weights
+  file for python sources, the zoo's cache for zoo models).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ArtifactError, CompressorError, UsageError
+
+__all__ = ["Subject", "artifact_subject", "source_subject", "baseline_from_manifest", "baseline_from_argument",
+           "load_module", "preimport"]
+
+
+@dataclass
+class Subject:
+    """One model under measurement."""
+
+    role: str  # "baseline" or "artifact"
+    label: str  # human-readable: "zoo: minilm", "artifact (safetensors)"
+    format: str  # "safetensors" (an artifact) or "source" (the original model as its owner loads it)
+    spec: dict[str, Any]  # the JSON record that load_module() understands
+    files: list[Path] = field(default_factory=list)  # everything read when loading (evicted for cold runs)
+    model_files: list[Path] = field(default_factory=list)  # the files that hold weights (size on disk)
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes of the files that hold the model's weights."""
+        return sum(p.stat().st_size for p in self.model_files)
+
+    @property
+    def files_bytes(self) -> int:
+        """Bytes of every file read when loading (weights, config, tokenizer)."""
+        return sum(p.stat().st_size for p in self.files)
+
+    def describe(self) -> dict[str, Any]:
+        """The record stored in report.json."""
+        return {"role": self.role, "label": self.label, "format": self.format, "spec": self.spec,
+                "size_bytes": self.size_bytes, "files_bytes": self.files_bytes}
+
+
+def artifact_subject(path: Path, role: str = "artifact") -> Subject:
+    """An artifact directory written by ``compress run``."""
+    from ..manifest import read_manifest
+
+    root = path.resolve()
+    manifest = read_manifest(root)
+    weights = manifest.get("model", {}).get("weights", [])
+    inputs = manifest.get("model", {}).get("example_inputs")
+    model_files = [root / w for w in weights]
+    skip = {"manifest.json", inputs} | set(_report_names())
+    files = [root / "manifest.json"] + [root / rel for rel in manifest["files"] if rel not in skip
+                                        and not rel.startswith("eval/")]
+    label = "artifact (safetensors)" if role == "artifact" else f"artifact {root.name}"
+    return Subject(role=role, label=label, format="safetensors", spec={"kind": "artifact", "path": str(root)},
+                   files=files, model_files=model_files)
+
+
+def _report_names() -> tuple[str, ...]:
+    from .report import REPORT_FILES
+
+    return REPORT_FILES
+
+
+def source_subject(model: dict[str, Any], base_dir: Path) -> Subject:
+    """The uncompressed model named by a recipe's ``model`` section (paths relative to ``base_dir``)."""
+    spec = {"kind": "source", "model": model, "base_dir": str(base_dir.resolve())}
+    source = model.get("source")
+    if source == "hf":
+        path = _resolve(model["path"], base_dir)
+        files, weights = _hf_files(path)
+        label = f"hf: {model['path']}"
+    elif source == "zoo" and model.get("name") == "minilm":
+        from ..zoo import minilm_path
+
+        files, weights = _hf_files(minilm_path())
+        label = "zoo: minilm"
+    elif source == "zoo":
+        from ..zoo import digits_model, digits_cache_path
+
+        digits_model(model["name"])  # trains and caches on first use, so timed loads only read the cache
+        weights = [digits_cache_path(model["name"])]
+        files = list(weights)
+        label = f"zoo: {model['name']}"
+    elif source == "python":
+        weights = [_resolve(model["weights"], base_dir)] if model.get("weights") else []
+        files = list(weights)
+        label = f"python: {model['factory']}"
+    else:
+        raise ArtifactError(f"unknown model source {source!r}; expected hf, python or zoo")
+    return Subject(role="baseline", label=label, format="source", spec=spec, files=files, model_files=weights)
+
+
+def _resolve(path: str, base: Path) -> Path:
+    p = Path(os.path.expanduser(path))
+    return p if p.is_absolute() else base / p
+
+
+def _hf_files(path: Path) -> tuple[list[Path], list[Path]]:
+    from ..sources.hf import is_copied_file
+
+    if not path.is_dir():
+        raise UsageError(f"the baseline model directory {path} does not exist")
+    weights = sorted(p for p in path.rglob("*.safetensors") if not any(q.startswith(".") for q in
+                                                                       p.relative_to(path).parts))
+    weights += sorted(path.glob("*.safetensors.index.json"))
+    extra = sorted(p for p in path.rglob("*") if p.is_file() and is_copied_file(p.relative_to(path)))
+    return weights + extra, weights
+
+
+def baseline_from_manifest(artifact: Path, manifest: dict[str, Any]) -> Subject:
+    """The baseline ``compress eval`` uses when none is given.
+
+    The report of an earlier evaluation records where its baseline was (so a copied artifact still finds it);
+    otherwise the manifest's recipe names the source, which works anywhere for zoo models and for absolute paths.
+    """
+    from .report import REPORT_JSON
+
+    previous = artifact / REPORT_JSON
+    if previous.is_file():
+        try:
+            spec = json.loads(previous.read_text())["baseline"]["spec"]
+            if spec.get("kind") == "source":
+                return source_subject(spec["model"], Path(spec["base_dir"]))
+            if spec.get("kind") == "artifact" and Path(spec["path"]).is_dir():
+                return artifact_subject(Path(spec["path"]), role="baseline")
+        except (OSError, ValueError, KeyError, TypeError, UsageError):
+            pass  # fall back to the manifest
+    model = (manifest.get("recipe") or {}).get("model")
+    if not isinstance(model, dict):
+        raise UsageError(f"{artifact}/manifest.json names no source model; give one with --baseline")
+    base = Path.cwd()
+    try:
+        return source_subject(model, base)
+    except UsageError as exc:
+        raise UsageError(f"{exc}; the artifact's recipe names {model.get('path')!r} relative to its recipe file. "
+                         "Give the original model with --baseline PATH") from None
+
+
+def baseline_from_argument(value: str, manifest: dict[str, Any]) -> Subject:
+    """``--baseline``: an artifact directory, a Hugging Face model directory, or ``zoo:NAME``."""
+    from ..manifest import is_artifact
+    from ..recipe import ZOO_MODELS
+
+    if value.startswith("zoo:"):
+        name = value[4:]
+        if name not in ZOO_MODELS:
+            raise UsageError(f"--baseline {value}: no zoo model {name!r}; choose one of {', '.join(ZOO_MODELS)}")
+        return source_subject({"source": "zoo", "name": name}, Path.cwd())
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise UsageError(f"--baseline {value}: not a directory; give an artifact directory, a Hugging Face model "
+                         "directory (with config.json) or zoo:NAME")
+    if is_artifact(path):
+        return artifact_subject(path, role="baseline")
+    if (path / "config.json").is_file():
+        auto = (manifest.get("source") or {}).get("auto_class", "AutoModel")
+        return source_subject({"source": "hf", "path": str(path.resolve()), "auto_class": auto}, Path.cwd())
+    raise UsageError(f"--baseline {value}: neither a compressor artifact (no manifest.json) nor a Hugging Face "
+                     "model directory (no config.json)")
+
+
+def preimport(spec: dict[str, Any]) -> None:
+    """Import the code a subject's loader needs (transformers and the model's own modeling module, which
+    transformers imports lazily at first use and which takes seconds), so that load timing measures the model."""
+    from .. import loading, zoo  # noqa: F401
+    from ..sources import hf, python  # noqa: F401
+
+    if spec["kind"] == "artifact":
+        root = Path(spec["path"])
+        try:
+            source = json.loads((root / "manifest.json").read_text()).get("source") or {}
+        except (OSError, ValueError):
+            return
+        config = root / "config.json"
+    else:
+        model = spec["model"]
+        source = {"kind": model.get("source"), "name": model.get("name")}
+        if model.get("source") == "hf":
+            config = _resolve(model["path"], Path(spec["base_dir"])) / "config.json"
+        else:
+            from ..zoo import minilm_path
+
+            config = minilm_path() / "config.json"
+    if not (source.get("kind") == "hf" or source.get("name") == "minilm"):
+        return
+    import importlib
+
+    import transformers  # noqa: F401
+    from transformers import AutoConfig, AutoModel, PreTrainedModel  # noqa: F401 - lazy submodules
+
+    try:
+        model_type = json.loads(config.read_text()).get("model_type", "")
+        importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    except (OSError, ValueError, ImportError):
+        pass  # the loader will import (and time) it, or fail with its own clear error
+
+
+def load_module(spec: dict[str, Any], device: str = "cpu") -> Any:
+    """Load a subject's model onto ``device``, in eval mode; for timing, this is all that is timed."""
+    import torch
+
+    if spec["kind"] == "artifact":
+        from ..loading import load
+
+        return load(spec["path"], device=device)
+    model = spec["model"]
+    base = Path(spec["base_dir"])
+    source = model.get("source")
+    if source == "hf" or (source == "zoo" and model.get("name") == "minilm"):
+        from ..sources.hf import load_hf_module
+        from ..zoo import minilm_path
+
+        path = minilm_path() if source == "zoo" else _resolve(model["path"], base)
+        module = load_hf_module(path, model.get("auto_class", "AutoModel"))
+    elif source == "zoo":
+        from ..zoo import digits_model
+
+        module = digits_model(model["name"])
+    elif source == "python":
+        from ..recipe import PythonModel
+        from ..sources.python import load_python_module
+
+        module = load_python_module(PythonModel.model_validate(model), base)
+    else:
+        raise CompressorError(f"unknown model source {source!r}")
+    if device != "cpu":
+        module = module.to(torch.device(device))
+    return module.eval()
