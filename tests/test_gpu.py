@@ -1,0 +1,67 @@
+"""CUDA paths: loading straight onto the GPU and evaluating there. Run only where CUDA is present (marker `gpu`)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+
+import compressor
+from compressor.loading import load_example_inputs
+
+from conftest import run_cli
+
+pytestmark = [pytest.mark.gpu]
+
+
+def test_cuda_load_matches_cpu_load(minilm_fp16):
+    cpu = compressor.load(minilm_fp16)
+    gpu = compressor.load(minilm_fp16, device="cuda")
+    assert all(p.device.type == "cuda" for p in gpu.parameters())
+    assert all(b.device.type == "cuda" for b in gpu.buffers())
+    cpu_state, gpu_state = cpu.state_dict(), gpu.state_dict()
+    assert cpu_state.keys() == gpu_state.keys()
+    for name, tensor in cpu_state.items():
+        assert gpu_state[name].dtype == tensor.dtype, name
+        assert torch.equal(gpu_state[name].cpu(), tensor), name
+    inputs = load_example_inputs(minilm_fp16)
+    with torch.inference_mode():
+        out = gpu(**{k: v.cuda() for k, v in inputs.items()}).last_hidden_state.float().cpu()
+        ref = cpu(**inputs).last_hidden_state.float()
+    cos = torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1), dim=1)
+    assert float(cos.min()) > 0.999
+
+
+def test_cuda_load_of_a_sharded_artifact_reads_every_shard(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(textwrap.dedent("""\
+        name: sharded
+        model: {source: zoo, name: digits-mlp}
+        export: {safetensors: {max_shard_size: 60kB}}
+        """))
+    out = tmp_path / "out"
+    proc = run_cli("run", str(recipe), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads((out / "manifest.json").read_text())["model"]["weights"]) > 2
+    cpu, gpu = compressor.load(out), compressor.load(out, device="cuda")
+    for (name, a), (_, b) in zip(cpu.state_dict().items(), gpu.state_dict().items()):
+        assert torch.equal(a, b.cpu()), name
+
+
+def test_eval_on_cuda_reports_gpu_memory_and_both_devices(minilm_fp16, tmp_path):
+    import shutil
+
+    art = tmp_path / "art"
+    shutil.copytree(minilm_fp16, art)
+    proc = run_cli("eval", str(art), "--device", "all", "--no-gates")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((art / "report.json").read_text())
+    assert report["devices"] == ["cpu", "cuda"] and report["skipped"] == []
+    cuda_rows = [r for r in report["results"] if r["device"] == "cuda"]
+    assert [r["role"] for r in cuda_rows] == ["baseline", "artifact"]
+    for row in cuda_rows:
+        assert row["load"]["cold"]["peak_gpu_mb"] > 0
+        assert row["accuracy"]["value"] > 50
+    assert cuda_rows[1]["fidelity"]["cos_min"] > 0.99
