@@ -42,8 +42,8 @@ def _measure(gate: str, row: dict[str, Any]) -> tuple[float | None, str]:
     if gate == "max_load_ms":
         cold = (row.get("load") or {}).get("cold")
         if not cold:
-            return None, "no cold load was measured (--no-speed, evaluate.speed.load_runs: 0, or an OS that cannot "
-                          "evict files)"
+            return None, ("no cold load was measured (--no-speed, evaluate.speed.load_runs: 0, or an OS that "
+                          "cannot evict files)")
         return cold["load_ms"]["median"], ""
     raise KeyError(gate)
 
