@@ -131,6 +131,9 @@ def _eval_data_file(recipe: Recipe) -> Path | None:
     if not src.is_file():
         raise RecipeError(Problem(f"the evaluation data file {src} does not exist", path="evaluate.data.path",
                                   hint="paths are relative to the recipe file's directory"))
+    from .evaluate.data import check_data_file
+
+    check_data_file(src)  # a malformed file fails now, naming the user's file, not after the passes
     return src
 
 

@@ -409,11 +409,15 @@ class Recipe(Strict):
         if self.gates.max_load_ms is not None and spec.speed.load_runs == 0:
             raise ValueError("gates.max_load_ms needs load timing, but evaluate.speed.load_runs is 0; set it to 1 "
                              "or more")
+        exported = [f for f in type(self.export).model_fields if getattr(self.export, f) is not None]
         for name in GatesSpec.model_fields:
             gate = getattr(self.gates, name)
             if gate is not None and gate.device is not None and gate.device not in spec.devices:
                 raise ValueError(f"gates.{name} applies to device {gate.device}, which evaluate.devices "
                                  f"({', '.join(spec.devices)}) does not measure; add it to evaluate.devices")
+            if gate is not None and gate.format is not None and gate.format not in exported:
+                raise ValueError(f"gates.{name} applies to format {gate.format}, which this recipe does not export "
+                                 f"(export: {', '.join(exported)}); drop `format` or export {gate.format}")
         return self
 
     @property

@@ -81,7 +81,9 @@ def fidelity(baseline: list[torch.Tensor], candidate: list[torch.Tensor], classi
         if b.shape != c.shape:
             raise ValueError(f"output shapes differ: baseline {list(b.shape)}, artifact {list(c.shape)}")
         fb, fc = b.reshape(b.shape[0], -1), c.reshape(c.shape[0], -1)
-        cosines.append(F.cosine_similarity(fb, fc, dim=1, eps=1e-12))
+        cos = F.cosine_similarity(fb, fc, dim=1, eps=1e-12)
+        # Equal rows are a perfect match even where cosine is undefined (all-zero outputs).
+        cosines.append(torch.where((fb == fc).all(dim=1), torch.ones_like(cos), cos))
         if fb.numel():
             max_err = max(max_err, float(torch.nan_to_num((fb - fc).abs(), nan=float("inf")).max()))
         if classifier and b.dim() == 2:

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import UsageError
 
-__all__ = ["EvalData", "build_data", "builtin_text_pairs", "TEXT_PAIRS", "tokenizer_for"]
+__all__ = ["EvalData", "build_data", "check_data_file", "builtin_text_pairs", "TEXT_PAIRS", "tokenizer_for"]
 
 TEXT_PAIRS = Path(__file__).resolve().parent.parent / "data" / "text_pairs.jsonl"
 MAX_ROWS = 1_000_000
@@ -175,21 +175,43 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def check_data_file(path: Path) -> str:
+    """Read a user data file and tell its kind (``pairs``, ``text``, ``numeric``); UsageError naming file:line
+    otherwise. `compress run` calls this before any long work."""
+    rows = _read_jsonl(path) if path.suffix.lower() == ".jsonl" else _read_csv(path)
+    if not rows:
+        raise UsageError(f"evaluation data {path} has no rows")
+    kind = _kind(path, rows[0])
+    for row in rows[1:]:
+        if _kind(path, row) != kind:
+            raise UsageError(f"{path}:{row['__line__']}: this row has the columns {sorted(set(row) - {'__line__'})}, "
+                             f"unlike the first row ({kind} rows)")
+    return kind
+
+
+def _kind(path: Path, row: dict[str, Any]) -> str:
+    keys = set(row) - {"__line__"}
+    if {"query", "passage"} <= keys:
+        return "pairs"
+    if {"text", "label"} <= keys:
+        return "text"
+    if "label" in keys:
+        return "numeric"
+    raise UsageError(f"{path}:{row['__line__']}: cannot tell what the rows hold (columns: {', '.join(sorted(keys))});"
+                     " use query/passage pairs, text/label rows, or a label with numeric inputs")
+
+
 def _file_data(path: Path, artifact: Path, example_inputs: dict[str, torch.Tensor], spec: Any) -> EvalData:
+    check_data_file(path)
     rows = _read_jsonl(path) if path.suffix.lower() == ".jsonl" else _read_csv(path)
     if spec.limit is not None:
         rows = rows[: spec.limit]
-    if not rows:
-        raise UsageError(f"evaluation data {path} has no rows")
     keys = set(rows[0]) - {"__line__"}
     if {"query", "passage"} <= keys:
         return _pairs_data(path.name, rows, artifact, example_inputs, spec)
     if {"text", "label"} <= keys:
         return _text_classification(path, rows, artifact, example_inputs, spec)
-    if "label" in keys:
-        return _numeric_classification(path, rows, example_inputs, spec)
-    raise UsageError(f"{path}: cannot tell what the rows hold (columns: {', '.join(sorted(keys))}); use "
-                     "query/passage pairs, text/label rows, or a label with numeric inputs")
+    return _numeric_classification(path, rows, example_inputs, spec)
 
 
 def _field(path: Any, row: dict[str, Any], key: str, kind: type) -> Any:
@@ -292,7 +314,7 @@ def _floats(raw: Any) -> Any:
 def _function_data(spec: str, base_dir: Path, limit: int | None) -> EvalData:
     from ..sources.python import import_factory
 
-    func = import_factory(spec, base_dir)
+    func = import_factory(spec, base_dir, key="evaluate.data.function")
     try:
         produced = func()
         batches: list[dict[str, torch.Tensor]] = []
@@ -306,10 +328,18 @@ def _function_data(spec: str, base_dir: Path, limit: int | None) -> EvalData:
             label = batch.pop("labels", None)
             if (label is None) != (not labels) and i > 0:
                 raise UsageError(f"{spec}: batch {i} {'lacks' if label is None else 'has'} `labels` unlike batch 0")
+            if not batch:
+                raise UsageError(f"{spec}: batch {i} holds no input tensors")
+            size = next(iter(batch.values())).shape[0]
+            if limit is not None and count + size > limit:  # exactly the first `limit` examples
+                keep = limit - count
+                batch = {k: v[:keep] for k, v in batch.items()}
+                label = None if label is None else label.reshape(-1)[:keep]
+                size = keep
             if label is not None:
                 labels.append(label.reshape(-1).long())
             batches.append(batch)
-            count += next(iter(batch.values())).shape[0] if batch else 0
+            count += size
             if limit is not None and count >= limit:
                 break
     except UsageError:

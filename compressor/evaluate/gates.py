@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["check_gates", "GATE_TEXT"]
+__all__ = ["check_gates", "fmt_pair", "GATE_TEXT"]
 
 # gate -> (what is measured, comparison, unit)
 GATE_TEXT: dict[str, tuple[str, str, str]] = {
@@ -81,9 +81,9 @@ def check_gates(gates: Any, results: list[dict[str, Any]], devices: list[str],
                                       f"{label}: not measured: {note}"))
                     continue
                 ok = value <= threshold.value if op == "<=" else value >= threshold.value
-                shown = f"{_fmt(value)}{unit}" + (f" ({note})" if note else "")
-                message = (f"{label}: {what} {shown} {'meets' if ok else 'misses'} the threshold "
-                           f"{op} {_fmt(threshold.value)}{unit}")
+                measured, limit = fmt_pair(value, threshold.value)
+                shown = f"{measured}{unit}" + (f" ({note})" if note else "")
+                message = f"{label}: {what} {shown} {'meets' if ok else 'misses'} the threshold {op} {limit}{unit}"
                 out.append(_entry(name, device, row["format"], threshold.value, value, "passed" if ok else "failed",
                                   message))
     return out
@@ -95,7 +95,17 @@ def _entry(gate: str, device: str, fmt: str | None, threshold: float, measured: 
             "comparison": GATE_TEXT[gate][1], "status": status, "message": message}
 
 
-def _fmt(value: float) -> str:
+def _fmt(value: float, digits: int = 4) -> str:
     if value == int(value) and abs(value) >= 1000:
         return f"{int(value):,}"
-    return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.1f}"
+    return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:,.{max(1, digits - 3)}f}"
+
+
+def fmt_pair(value: float, threshold: float) -> tuple[str, str]:
+    """Both numbers with as many digits as it takes to tell them apart (0.99996 vs 0.99999, not 1 vs 1)."""
+    for digits in range(4, 13):
+        a, b = _fmt(value, digits), _fmt(threshold, digits)
+        if a != b or value == threshold:
+            return a, b
+    return repr(value), repr(threshold)
+

@@ -109,6 +109,8 @@ def _row_name(row: dict[str, Any]) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     """Baseline and artifact side by side, with ratios, per device."""
+    from .gates import fmt_pair
+
     lines = [f"# Evaluation of `{report['artifact']['name']}`", ""]
     verdict = {True: "**all gates passed**", False: "**a gate failed**", None: "no gates"}[report.get("passed")]
     lines += [f"{report['created']} · compressor {report['compressor']} · {verdict}", ""]
@@ -178,8 +180,10 @@ def render_markdown(report: dict[str, Any]) -> str:
                   "|---|---|---|---:|---:|---|"]
         for g in report["gates"]:
             mark = {"passed": "pass", "failed": "**FAIL**", "error": "**ERROR**", "skipped": "skipped"}[g["status"]]
-            lines.append(f"| {g['gate']} | {g['device']} | {g['format'] or 'any'} | {_n(g['measured'], '.4g')} "
-                         f"| {g['comparison']} {g['threshold']:g} | {mark} |")
+            measured, limit = ("–", f"{g['threshold']:g}") if g["measured"] is None else fmt_pair(
+                g["measured"], g["threshold"])
+            lines.append(f"| {g['gate']} | {g['device']} | {g['format'] or 'any'} | {measured} "
+                         f"| {g['comparison']} {limit} | {mark} |")
         lines += [""] + [f"- {g['message']}" for g in report["gates"] if g["status"] != "passed"] + [""]
     return "\n".join(lines).rstrip() + "\n"
 

@@ -20,8 +20,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["load_python", "load_python_module", "import_factory", "make_inputs", "build_python"]
 
 
-def import_factory(spec: str, search: Path | None = None) -> Callable[..., Any]:
-    """Import ``package.module:function``; ``search`` is put first on sys.path while importing."""
+def import_factory(spec: str, search: Path | None = None, key: str = "model.factory") -> Callable[..., Any]:
+    """Import ``package.module:function``; ``search`` is put first on sys.path while importing. ``key`` is the
+    recipe key named in errors."""
     module_name, _, func_name = spec.partition(":")
     added = search is not None and str(search) not in sys.path
     if added:
@@ -31,11 +32,11 @@ def import_factory(spec: str, search: Path | None = None) -> Callable[..., Any]:
     except ModuleNotFoundError as exc:
         where = f"the recipe's directory ({search}) and " if search else ""
         raise RecipeError(
-            Problem(f"cannot import {module_name!r}: {exc}", path="model.factory",
+            Problem(f"cannot import {module_name!r}: {exc}", path=key,
                     hint=f"the module is looked up in {where}sys.path; install it or set PYTHONPATH")
         ) from exc
     except Exception as exc:  # the user's module itself is broken: say so, with its own message
-        raise CompressorError(f"importing {module_name!r} for model.factory failed: {type(exc).__name__}: {exc}") from exc
+        raise CompressorError(f"importing {module_name!r} for {key} failed: {type(exc).__name__}: {exc}") from exc
     finally:
         if added:
             sys.path.remove(str(search))
@@ -43,7 +44,7 @@ def import_factory(spec: str, search: Path | None = None) -> Callable[..., Any]:
     if not callable(func):
         public = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
         raise RecipeError(
-            Problem(f"{module_name!r} has no function {func_name!r}", path="model.factory",
+            Problem(f"{module_name!r} has no function {func_name!r}", path=key,
                     hint=f"callables in that module: {', '.join(public[:20]) or 'none'}")
         )
     return func
