@@ -72,6 +72,11 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, reporter: Reporter |
     report = None
     spec = recipe.evaluation
     if spec is not None:
+        # The source model may still map the original weight files; cold-load timing must be able to evict them.
+        del model
+        import gc
+
+        gc.collect()
         from .evaluate import evaluate_artifact
         from .evaluate.subjects import source_subject
 

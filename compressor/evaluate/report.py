@@ -155,11 +155,12 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {_ratio(ratios.get('cold_load_speedup'))} | {_n(either.get('peak_rss_mb'))} MB "
             f"| {_n(either.get('rss_added_mb'))} MB | {_n(either.get('anon_rss_mb'))} MB "
             f"| {_n(either.get('peak_gpu_mb'), '.1f')} |")
-    resident = [r["load"]["cold"].get("resident_after_evict") for r in results
-                if (r.get("load") or {}).get("cold")]
-    if resident and any(x for x in resident if x):
-        lines += ["", f"Cold runs: up to {max(x for x in resident if x is not None):.0%} of a model's files stayed in "
-                      "the page cache after eviction (mapped by another process)."]
+    for row in results:
+        cold = (row.get("load") or {}).get("cold") or {}
+        share = cold.get("resident_after_evict")
+        if share is not None and share > 0.05:
+            lines += ["", f"> Cold runs of {_row_name(row)} on {row['device']} are not fully cold: {share:.0%} of its "
+                          "files stayed in the page cache after eviction (another process maps them)."]
     lines.append("")
 
     lines += ["## Latency and throughput (same process, alternating; ms)", "",

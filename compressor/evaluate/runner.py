@@ -3,6 +3,7 @@ gates and write the reports."""
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
 from contextlib import nullcontext
@@ -142,7 +143,10 @@ def evaluate_artifact(
                     where = f"batch {batch_size}" + (f", length {seq_len}" if seq_len else "")
                     log.info(f"{device}: {where}: p50 {base['p50_ms']:.2f} ms -> {art['p50_ms']:.2f} ms "
                              f"({latency['artifact'][-1]['speedup']:.2f}x)")
+            # Nothing of either model may stay mapped here: cold runs evict their files, and the kernel keeps
+            # pages that any process maps.
             del models, outputs
+            gc.collect()
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
 
