@@ -92,6 +92,9 @@ def evaluate_artifact(
     torch.set_num_threads(threads)
     try:
         devices_run, skipped = resolve_devices(devices or list(spec.devices), spec.require_cuda)
+        for device in spec.devices:  # the recipe's devices left out by --device: its gates there are skipped
+            if devices is not None and device not in devices:
+                skipped.setdefault(device, "not requested (--device)")
         if not devices_run:
             raise CompressorError(f"nothing to measure: {'; '.join(f'{d} skipped, {r}' for d, r in skipped.items())}"
                                   "; measure on cpu instead (--device cpu)")
