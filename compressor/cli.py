@@ -152,8 +152,12 @@ def eval_(artifact: Path, baseline: str | None, device: str | None, no_gates: bo
     subject = baseline_from_argument(baseline, manifest) if baseline else baseline_from_manifest(artifact, manifest)
     devices = None if device is None else (["cpu", "cuda"] if device == "all" else [device])
     log = Reporter(quiet=quiet)
-    report = evaluate_artifact(artifact, baseline=subject, spec=spec, gates=gates, devices=devices, log=log,
-                               raise_on_gate=False, measure_speed=not no_speed)
+    previous = signal.signal(signal.SIGTERM, _sigterm)  # temporary files and child processes are cleaned up
+    try:
+        report = evaluate_artifact(artifact, baseline=subject, spec=spec, gates=gates, devices=devices, log=log,
+                                   raise_on_gate=False, measure_speed=not no_speed)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     _finish_evaluation(report, artifact)
 
 

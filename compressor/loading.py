@@ -8,6 +8,7 @@ truncated or corrupt artifact is refused with a clear error instead of crashing 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,9 +52,15 @@ def load(artifact_dir: str | Path, *, device: str | torch.device = "cpu", verify
         # The shards stream to the GPU while this thread builds the (empty) architecture.
         from concurrent.futures import ThreadPoolExecutor
 
+        stop = threading.Event()
         with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(load_tensors_cuda, root, info["weights"], dev)
-            module = build_architecture(root, manifest)
+            # The stream is per thread: capture the caller's here, not in the pool thread.
+            pending = pool.submit(load_tensors_cuda, root, info["weights"], dev, stop, torch.cuda.current_stream(dev))
+            try:
+                module = build_architecture(root, manifest)
+            except BaseException:
+                stop.set()  # do not finish reading a model that cannot be built
+                raise
             stored = pending.result()
     state = _decode(stored, info.get("encodings", {}))
     for alias, target in info.get("aliases", {}).items():
@@ -100,59 +107,89 @@ def load_tensors(root: Path, files: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_tensors_cuda(root: Path, files: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+CUDA_CHUNK_BYTES = 64 << 20  # pinned staging per buffer: two per thread, whatever the tensor sizes
+CUDA_THREADS = 4
+
+
+def load_tensors_cuda(root: Path, files: list[str], device: torch.device, stop: threading.Event | None = None,
+                      caller: torch.cuda.Stream | None = None) -> dict[str, torch.Tensor]:
     """All tensors of the given safetensors files, on a CUDA device.
 
-    One thread per shard (up to 8). Each thread copies a tensor from the memory-mapped file into one of two pinned
-    staging buffers (this is where the disk is read), then queues a non-blocking copy to the GPU on its own stream
-    and moves on to the next tensor while the transfer runs; a buffer is reused only after its previous copy has
-    finished (an event). Nothing is unpickled and no whole-file copy is made in host memory.
+    The tensors of all shards are spread over up to ``CUDA_THREADS`` threads, balanced by bytes (so a single-file
+    artifact is read in parallel too). Each thread copies its tensors, in chunks of at most ``CUDA_CHUNK_BYTES``,
+    from the memory-mapped file into one of two pinned staging buffers (this is where the disk is read), queues a
+    non-blocking copy of the chunk to the GPU on its own stream, and reads the next chunk while that transfer runs;
+    a buffer is reused only after the copy that last used it has finished (an event). GPU memory comes from the
+    caller's stream (``caller``, default: this thread's current stream), so the model's tensors live in its pool.
+    ``stop`` aborts between tensors.
     """
+    import os
     from concurrent.futures import ThreadPoolExecutor
 
     from safetensors import safe_open
 
-    shards = [rel for rel in files if rel.endswith(".safetensors")]
-    for rel in shards:
-        read_header(root / rel)
+    items: list[tuple[int, str, str]] = []
+    for rel in files:
+        if rel.endswith(".safetensors"):
+            header, _ = read_header(root / rel)
+            for name, info in header.items():
+                if name != "__metadata__":
+                    items.append((info["data_offsets"][1] - info["data_offsets"][0], rel, name))
+    workers = max(1, min(CUDA_THREADS, os.cpu_count() or 1, len(items)))
+    plan: list[list[tuple[str, str]]] = [[] for _ in range(workers)]
+    load_per = [0] * workers
+    for nbytes, rel, name in sorted(items, reverse=True):  # largest first onto the least-loaded thread
+        i = load_per.index(min(load_per))
+        plan[i].append((rel, name))
+        load_per[i] += nbytes
+    caller = caller or torch.cuda.current_stream(device)
 
-    def one(rel: str) -> dict[str, torch.Tensor]:
+    def work(assigned: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         stream = torch.cuda.Stream(device)
+        handles: dict[str, Any] = {}
+        current = "?"
         try:
-            with safe_open(str(root / rel), framework="pt") as f:
-                names = list(f.keys())
-                views = {n: f.get_tensor(n) for n in names}  # mmap views: nothing read yet
-                largest = max((v.numel() * v.element_size() for v in views.values()), default=0)
-                staging = [torch.empty(largest, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-                done: list[torch.cuda.Event | None] = [None, None]
-                for i, name in enumerate(names):
-                    src = views[name]
-                    k = i % 2
+            staging = [torch.empty(CUDA_CHUNK_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+            done: list[torch.cuda.Event | None] = [None, None]
+            k = 0
+            for rel, name in assigned:
+                if stop is not None and stop.is_set():
+                    break
+                current = rel
+                if rel not in handles:
+                    handles[rel] = safe_open(str(root / rel), framework="pt")
+                src = handles[rel].get_tensor(name)  # an mmap view: nothing read yet
+                with torch.cuda.stream(caller):
+                    dst = torch.empty(src.shape, dtype=src.dtype, device=device)
+                stream.wait_stream(caller)  # the block may have been in use by the caller's queued work
+                src_bytes = src.reshape(-1).view(torch.uint8)
+                dst_bytes = dst.reshape(-1).view(torch.uint8)
+                for start in range(0, src_bytes.numel(), CUDA_CHUNK_BYTES):
+                    n = min(CUDA_CHUNK_BYTES, src_bytes.numel() - start)
                     if done[k] is not None:
-                        done[k].synchronize()  # the copy that last used this buffer has finished
-                    nbytes = src.numel() * src.element_size()
-                    buf = staging[k][:nbytes].view(src.dtype).view(src.shape) if nbytes else src.clone()
-                    buf.copy_(src)  # page faults here: the disk read, overlapping the previous transfer
+                        done[k].synchronize()  # the copy that last read this buffer has finished
+                    staging[k][:n].copy_(src_bytes[start:start + n])  # page faults: the disk read
                     with torch.cuda.stream(stream):
-                        dst = torch.empty(src.shape, dtype=src.dtype, device=device)
-                        dst.copy_(buf, non_blocking=True)
+                        dst_bytes[start:start + n].copy_(staging[k][:n], non_blocking=True)
                         event = torch.cuda.Event()
                         event.record(stream)
                     done[k] = event
-                    # The tensor is used on the default stream later: tell the caching allocator.
-                    dst.record_stream(torch.cuda.default_stream(device))
-                    out[name] = dst
-                stream.synchronize()
+                    k ^= 1
+                dst.record_stream(stream)  # freed later on the caller's stream: wait for this copy first
+                out[name] = dst
+            stream.synchronize()
         except ArtifactError:
             raise
         except Exception as exc:
-            raise ArtifactError(f"{rel}: reading it onto {device} failed: {type(exc).__name__}: {exc}") from None
+            raise ArtifactError(f"{current}: reading it onto {device} failed: {type(exc).__name__}: {exc}") from None
+        finally:
+            handles.clear()
         return out
 
     result: dict[str, torch.Tensor] = {}
-    with ThreadPoolExecutor(max_workers=max(1, min(8, len(shards)))) as pool:
-        for part in pool.map(one, shards):
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for part in pool.map(work, plan):
             result.update(part)
     return result
 

@@ -47,6 +47,11 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, reporter: Reporter |
     with log.step(f"loading model ({_describe_source(recipe)})"):
         model = load_source(recipe)
     log.info(f"{len(model.tensors())} tensors, {model.numel():,} parameters, {model.stored_nbytes():,} bytes")
+    if recipe.evaluation is not None and "input_ids" in model.example_inputs:
+        from .evaluate.runner import check_sequence_lengths
+
+        config = getattr(model.module, "config", None)
+        check_sequence_lengths(recipe.evaluation, config.to_dict() if hasattr(config, "to_dict") else None)
     _smoke(model, "the source model fails on its example inputs; for a python source check `model.inputs` "
                   "against forward()'s arguments")
 

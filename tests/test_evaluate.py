@@ -283,7 +283,9 @@ def test_report_json_schema(failed_gate_run):
     assert art["latency"][0]["speedup"] == pytest.approx(base["latency"][0]["p50_ms"] / art["latency"][0]["p50_ms"])
     ratios = art["ratios"]
     assert set(ratios) == {"compression", "accuracy_drop", "cold_load_speedup", "warm_load_speedup",
-                           "cold_first_inference_speedup"}
+                           "cold_first_inference_speedup", "warm_first_inference_speedup", "rss_added_ratio"}
+    assert ratios["rss_added_ratio"] == pytest.approx(base["load"]["cold"]["rss_added_mb"]
+                                                      / art["load"]["cold"]["rss_added_mb"])
     assert ratios["compression"] == pytest.approx(base["size_bytes"] / art["size_bytes"]) and ratios["compression"] > 1.8
     assert ratios["accuracy_drop"] == pytest.approx(base["accuracy"]["value"] - art["accuracy"]["value"])
     assert ratios["cold_load_speedup"] == pytest.approx(base["load"]["cold"]["load_ms"]["median"]
@@ -906,8 +908,13 @@ def test_task_metric_top1_and_retrieval():
     metric = task_metric(data, outputs)
     assert metric == {"metric": "top1_accuracy", "label": "top-1 accuracy (%)", "value": 75.0, "correct": 3,
                       "examples": 4}
-    with pytest.raises(ValueError, match="3 outputs but 4 labels"):
+    from compressor.errors import UsageError
+
+    with pytest.raises(UsageError, match="3 outputs for 4 labels"):
         task_metric(data, [outputs[0], outputs[1][:1]])
+    with pytest.raises(UsageError, match="label 5 is out of range for the model's output of 3 values"):
+        task_metric(EvalData(name="hand", metric="top1_accuracy", batches=[], labels=torch.tensor([0, 1, 5, 1])),
+                    outputs)
 
     # Retrieval: outputs[:3] queries, outputs[3:6] their passages; query 1 is nearest to passage 2.
     queries = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.2, 1.0], [0.0, 0.0, 1.0]])

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ..errors import UsageError
 from .data import EvalData
 
 __all__ = ["primary_output", "run_outputs", "task_metric", "fidelity", "METRIC_LABELS"]
@@ -32,7 +34,9 @@ def primary_output(out: Any, batch: dict[str, torch.Tensor], task: str | None) -
         return out.logits
     if isinstance(out, torch.Tensor):
         return out
-    values = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
+    if isinstance(out, Mapping) and isinstance(out.get("logits"), torch.Tensor):
+        return out["logits"]
+    values = out.values() if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else ()
     for value in values:
         if isinstance(value, torch.Tensor):
             return value
@@ -61,7 +65,12 @@ def task_metric(data: EvalData, outputs: list[torch.Tensor]) -> dict[str, Any] |
     if data.metric == "top1_accuracy":
         assert data.labels is not None
         if flat.shape[0] != data.labels.shape[0]:
-            raise ValueError(f"{flat.shape[0]} outputs but {data.labels.shape[0]} labels")
+            raise UsageError(f"evaluation data {data.name}: the model gave {flat.shape[0]} outputs for "
+                             f"{data.labels.shape[0]} labels; every example needs exactly one label")
+        if data.labels.numel() and int(data.labels.max()) >= flat.shape[1]:
+            raise UsageError(f"evaluation data {data.name}: label {int(data.labels.max())} is out of range for the "
+                             f"model's output of {flat.shape[1]} values per example (the `logits`, or the first "
+                             "tensor it returns); labels are class indices 0..classes-1")
         correct = int((flat.argmax(dim=-1) == data.labels).sum())
         n = int(data.labels.shape[0])
     else:  # retrieval_top1
@@ -88,6 +97,8 @@ def fidelity(baseline: list[torch.Tensor], candidate: list[torch.Tensor], classi
             max_err = max(max_err, float(torch.nan_to_num((fb - fc).abs(), nan=float("inf")).max()))
         if classifier and b.dim() == 2:
             agree += int((b.argmax(-1) == c.argmax(-1)).sum())
+        else:
+            classifier = False  # agreement is defined for (examples, classes) outputs only
         n += b.shape[0]
     cos = torch.cat(cosines)
     # Non-finite outputs make cosine NaN; report them as the worst possible value rather than hide them.

@@ -86,7 +86,7 @@ def build_data(
     elif spec.path is not None:
         data = _file_data(_data_file(spec.path, artifact, manifest), artifact, example_inputs, spec)
     elif spec.function is not None:
-        data = _function_data(spec.function, base_dir, spec.limit)
+        data = _function_data(spec.function, base_dir, spec.limit, set(example_inputs))
     else:
         data = EvalData(name="example inputs", metric=None, batches=[dict(example_inputs)])
     if not data.batches:
@@ -311,7 +311,7 @@ def _floats(raw: Any) -> Any:
     return raw
 
 
-def _function_data(spec: str, base_dir: Path, limit: int | None) -> EvalData:
+def _function_data(spec: str, base_dir: Path, limit: int | None, accepted: set[str]) -> EvalData:
     from ..sources.python import import_factory
 
     func = import_factory(spec, base_dir, key="evaluate.data.function")
@@ -330,6 +330,12 @@ def _function_data(spec: str, base_dir: Path, limit: int | None) -> EvalData:
                 raise UsageError(f"{spec}: batch {i} {'lacks' if label is None else 'has'} `labels` unlike batch 0")
             if not batch:
                 raise UsageError(f"{spec}: batch {i} holds no input tensors")
+            if set(batch) != accepted:
+                raise UsageError(f"evaluate.data.function {spec}: batch {i} has the inputs {sorted(batch)}, but the "
+                                 f"model takes {sorted(accepted)} (the names of its example inputs)")
+            if label is not None and label.numel() != next(iter(batch.values())).shape[0]:
+                raise UsageError(f"evaluate.data.function {spec}: batch {i} has {label.numel()} labels for "
+                                 f"{next(iter(batch.values())).shape[0]} examples; give one label per example")
             size = next(iter(batch.values())).shape[0]
             if limit is not None and count + size > limit:  # exactly the first `limit` examples
                 keep = limit - count

@@ -102,10 +102,12 @@ def _fmt(value: float, digits: int = 4) -> str:
 
 
 def fmt_pair(value: float, threshold: float) -> tuple[str, str]:
-    """Both numbers with as many digits as it takes to tell them apart (0.99996 vs 0.99999, not 1 vs 1)."""
+    """Both numbers with the digits it takes to show their real order: 0.99996 vs 0.99999, not 1 vs 1; and 0.99999
+    vs 0.999 as 0.99999, not a rounded-up 1."""
     for digits in range(4, 13):
         a, b = _fmt(value, digits), _fmt(threshold, digits)
-        if a != b or value == threshold:
+        shown = float(a.replace(",", ""))
+        rounded_to_whole = shown == int(shown) and value != int(value) and abs(value) < 1000
+        if value == threshold or (a != b and not rounded_to_whole and abs(shown - value) <= abs(value - threshold) / 10):
             return a, b
     return repr(value), repr(threshold)
-

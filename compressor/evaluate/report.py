@@ -33,6 +33,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; reports are read by CI users and web servers
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -42,11 +45,12 @@ def _atomic_write(path: Path, data: bytes) -> None:
 def write_reports(artifact: Path, report: dict[str, Any]) -> list[Path]:
     """Write all four reports (each file replaced atomically); returns their paths."""
     report = clean_json(report)
+    # Render everything first: a failure in any renderer leaves the previous reports as they were.
+    contents = [(json.dumps(report, indent=2, allow_nan=False) + "\n").encode(), render_markdown(report).encode(),
+                render_junit(report), render_plot(report)]
     paths = [artifact / name for name in REPORT_FILES]
-    _atomic_write(paths[0], (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
-    _atomic_write(paths[1], render_markdown(report).encode())
-    _atomic_write(paths[2], render_junit(report))
-    _atomic_write(paths[3], render_plot(report))
+    for path, data in zip(paths, contents):
+        _atomic_write(path, data)
     return paths
 
 
@@ -90,7 +94,9 @@ def _n(value: Any, fmt: str = ".1f", none: str = "–") -> str:
 
 
 def _mb(nbytes: int | None) -> str:
-    return "–" if nbytes is None else f"{nbytes / 1e6:,.2f} MB"
+    if nbytes is None:
+        return "–"
+    return f"{nbytes / 1e3:,.1f} kB" if nbytes < 1e6 else f"{nbytes / 1e6:,.2f} MB"
 
 
 def _ms(stat: dict[str, Any] | None) -> str:
@@ -142,19 +148,25 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines.append("")
 
     lines += ["## Load (fresh process each run; median ± IQR, ms)", "",
-              "| model | device | cold load | cold first inference | warm load | warm first inference | cold speedup "
-              "| peak RSS | RSS added | anon RSS | peak GPU |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| model | device | cold load | cold first inference | warm load | warm first inference | peak RSS "
+              "| RSS added | anon RSS | peak GPU |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in results:
         load = row.get("load") or {}
         cold, warm = load.get("cold") or {}, load.get("warm") or {}
         either = cold or warm
-        ratios = row.get("ratios") or {}
         lines.append(
             f"| {_row_name(row)} | {row['device']} | {_ms(cold.get('load_ms'))} | {_ms(cold.get('first_inference_ms'))} "
             f"| {_ms(warm.get('load_ms'))} | {_ms(warm.get('first_inference_ms'))} "
-            f"| {_ratio(ratios.get('cold_load_speedup'))} | {_n(either.get('peak_rss_mb'))} MB "
+            f"| {_n(either.get('peak_rss_mb'))} MB "
             f"| {_n(either.get('rss_added_mb'))} MB | {_n(either.get('anon_rss_mb'))} MB "
             f"| {_n(either.get('peak_gpu_mb'), '.1f')} |")
+        if row["role"] == "artifact" and row.get("load"):
+            r = row.get("ratios") or {}
+            lines.append(f"| ratio baseline / artifact | {row['device']} | {_ratio(r.get('cold_load_speedup'))} "
+                         f"| {_ratio(r.get('cold_first_inference_speedup'))} | {_ratio(r.get('warm_load_speedup'))} "
+                         f"| {_ratio(r.get('warm_first_inference_speedup'))} | | "
+                         f"{_ratio(r.get('rss_added_ratio'))} | | |")
+    lines += ["", "Ratios above 1× favour the artifact (it loads faster, or adds less memory)."]
     for row in results:
         cold = (row.get("load") or {}).get("cold") or {}
         share = cold.get("resident_after_evict")

@@ -4,18 +4,20 @@ gates and write the reports."""
 from __future__ import annotations
 
 import gc
+import json
 import os
 import platform
+import sys
 from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..errors import CompressorError, GateFailure
+from ..errors import CompressorError, GateFailure, UsageError
 from ..log import Reporter
 from .subjects import Subject, artifact_subject
 
-__all__ = ["evaluate_artifact", "resolve_devices"]
+__all__ = ["evaluate_artifact", "resolve_devices", "check_sequence_lengths"]
 
 REPORT_VERSION = 1
 
@@ -35,6 +37,28 @@ def resolve_devices(wanted: list[str], require_cuda: bool) -> tuple[list[str], d
             continue
         devices.append(device)
     return devices, skipped
+
+
+def check_sequence_lengths(spec: Any, config: dict[str, Any] | None) -> None:
+    """Refuse speed runs at sequence lengths the model cannot take, before any work (transformers would fail
+    deep inside the forward pass)."""
+    if not config:
+        return
+    limit = config.get("max_position_embeddings") or config.get("n_positions")
+    if not isinstance(limit, int):
+        return
+    too_long = [n for n in spec.speed.sequence_lengths if n > limit]
+    if too_long:
+        raise UsageError(f"evaluate.speed.sequence_lengths: {', '.join(map(str, too_long))} exceed the model's "
+                         f"{limit} positions (max_position_embeddings); use lengths up to {limit}")
+
+
+def _config(artifact: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((artifact / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _machine(threads: int) -> dict[str, Any]:
@@ -107,8 +131,15 @@ def evaluate_artifact(
         log.info(f"evaluation data: {data.name}")
         tokenizer = tokenizer_for(artifact) if "input_ids" in example_inputs else None
         seq_lens: list[int | None] = list(spec.speed.sequence_lengths) if "input_ids" in example_inputs else [None]
-        extra_path = [str(base_dir)] if (manifest.get("source") or {}).get("kind") == "python" else []
-        classifier = data.metric == "top1_accuracy" or task == "classification"
+        if measure_speed:
+            check_sequence_lengths(spec, _config(artifact))
+        extra_path: list[str] = []
+        if (manifest.get("source") or {}).get("kind") == "python":
+            # The artifact is rebuilt by its factory: import it from the recipe's directory (the baseline's, when
+            # known) or this one, here and in the load-timing processes.
+            extra_path = list(dict.fromkeys([baseline.spec.get("base_dir") or str(base_dir), str(base_dir)]))
+            sys.path[:0] = [p for p in extra_path if p not in sys.path]
+        classifier = data.metric == "top1_accuracy" or str(task or "").endswith("classification")
 
         results: list[dict[str, Any]] = []
         for device in devices_run:
@@ -220,7 +251,15 @@ def _ratios(base: dict[str, Any], art: dict[str, Any]) -> dict[str, Any]:
         "warm_load_speedup": div(load(base, "warm", "load_ms"), load(art, "warm", "load_ms")),
         "cold_first_inference_speedup": div(load(base, "cold", "first_inference_ms"),
                                             load(art, "cold", "first_inference_ms")),
+        "warm_first_inference_speedup": div(load(base, "warm", "first_inference_ms"),
+                                            load(art, "warm", "first_inference_ms")),
+        "rss_added_ratio": div(_rss(base), _rss(art)),
     }
+
+
+def _rss(row: dict[str, Any]) -> float | None:
+    entry = (row.get("load") or {}).get("cold") or (row.get("load") or {}).get("warm")
+    return entry["rss_added_mb"] if entry else None
 
 
 def _metric_label(metric: str) -> str:

@@ -95,6 +95,10 @@ def source_subject(model: dict[str, Any], base_dir: Path) -> Subject:
         label = f"zoo: {model['name']}"
     elif source == "python":
         weights = [_resolve(model["weights"], base_dir)] if model.get("weights") else []
+        missing = [w for w in weights if not w.is_file()]
+        if missing:
+            raise UsageError(f"the baseline's weights file {missing[0]} does not exist; give the original model "
+                             "with --baseline RECIPE.yaml (its recipe file), or run from the recipe's directory")
         files = list(weights)
         label = f"python: {model['factory']}"
     else:
@@ -112,10 +116,20 @@ def _hf_files(path: Path) -> tuple[list[Path], list[Path]]:
 
     if not path.is_dir():
         raise UsageError(f"the baseline model directory {path} does not exist")
-    weights = sorted(p for p in path.rglob("*.safetensors") if not any(q.startswith(".") for q in
-                                                                       p.relative_to(path).parts))
-    weights += sorted(path.glob("*.safetensors.index.json"))
-    extra = sorted(p for p in path.rglob("*") if p.is_file() and is_copied_file(p.relative_to(path)))
+    # What from_pretrained reads: the top-level weights (the shards an index names, or model.safetensors) and
+    # top-level config/tokenizer files; never checkpoint-*/ or other subdirectories.
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"{index} is not a valid safetensors index ({exc})") from None
+        weights = [path / n for n in names] + [index]
+    else:
+        weights = [path / "model.safetensors"] if (path / "model.safetensors").is_file() else sorted(
+            path.glob("*.safetensors"))
+    extra = sorted(p for p in path.iterdir() if p.is_file() and p not in weights
+                   and is_copied_file(p.relative_to(path)))
     return weights + extra, weights
 
 
@@ -144,12 +158,13 @@ def baseline_from_manifest(artifact: Path, manifest: dict[str, Any]) -> Subject:
     try:
         return source_subject(model, base)
     except UsageError as exc:
-        raise UsageError(f"{exc}; the artifact's recipe names {model.get('path')!r} relative to its recipe file. "
-                         "Give the original model with --baseline PATH") from None
+        where = model.get("path") or model.get("weights")
+        raise UsageError(f"{exc}; the artifact's recipe names {where!r} relative to its recipe file. Give the "
+                         "original model with --baseline PATH or --baseline RECIPE.yaml") from None
 
 
 def baseline_from_argument(value: str, manifest: dict[str, Any]) -> Subject:
-    """``--baseline``: an artifact directory, a Hugging Face model directory, or ``zoo:NAME``."""
+    """``--baseline``: an artifact directory, a Hugging Face model directory, a recipe file, or ``zoo:NAME``."""
     from ..manifest import is_artifact
     from ..recipe import ZOO_MODELS
 
@@ -159,9 +174,14 @@ def baseline_from_argument(value: str, manifest: dict[str, Any]) -> Subject:
             raise UsageError(f"--baseline {value}: no zoo model {name!r}; choose one of {', '.join(ZOO_MODELS)}")
         return source_subject({"source": "zoo", "name": name}, Path.cwd())
     path = Path(value).expanduser()
+    if path.is_file() and path.suffix.lower() in (".yaml", ".yml"):
+        from ..recipe import load_recipe
+
+        recipe = load_recipe(path)  # the original model as that recipe names it, paths relative to the recipe
+        return source_subject(recipe.model.model_dump(mode="json"), recipe.base_dir)
     if not path.is_dir():
-        raise UsageError(f"--baseline {value}: not a directory; give an artifact directory, a Hugging Face model "
-                         "directory (with config.json) or zoo:NAME")
+        raise UsageError(f"--baseline {value}: not a directory or recipe; give an artifact directory, a Hugging "
+                         "Face model directory (with config.json), a recipe file (.yaml) or zoo:NAME")
     if is_artifact(path):
         return artifact_subject(path, role="baseline")
     if (path / "config.json").is_file():
@@ -174,7 +194,7 @@ def baseline_from_argument(value: str, manifest: dict[str, Any]) -> Subject:
 def preimport(spec: dict[str, Any]) -> None:
     """Import the code a subject's loader needs (transformers and the model's own modeling module, which
     transformers imports lazily at first use and which takes seconds), so that load timing measures the model."""
-    from .. import loading, zoo  # noqa: F401
+    from .. import loading, recipe, zoo  # noqa: F401
     from ..sources import hf, python  # noqa: F401
 
     if spec["kind"] == "artifact":
@@ -184,9 +204,13 @@ def preimport(spec: dict[str, Any]) -> None:
         except (OSError, ValueError):
             return
         config = root / "config.json"
+        if source.get("kind") == "python":
+            _import_factory_module(source.get("factory", ""), None)
     else:
         model = spec["model"]
         source = {"kind": model.get("source"), "name": model.get("name")}
+        if model.get("source") == "python":
+            _import_factory_module(model.get("factory", ""), Path(spec["base_dir"]))
         if model.get("source") == "hf":
             config = _resolve(model["path"], Path(spec["base_dir"])) / "config.json"
         else:
@@ -205,6 +229,26 @@ def preimport(spec: dict[str, Any]) -> None:
         importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
     except (OSError, ValueError, ImportError):
         pass  # the loader will import (and time) it, or fail with its own clear error
+
+
+def _import_factory_module(factory: str, search: Path | None) -> None:
+    """Import a python source's module (the user's code and whatever it imports) before timing starts."""
+    import importlib
+    import sys
+
+    module = factory.partition(":")[0]
+    if not module:
+        return
+    added = search is not None and str(search) not in sys.path
+    if added:
+        sys.path.insert(0, str(search))
+    try:
+        importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - the timed load will fail with its own clear error
+        pass
+    finally:
+        if added:
+            sys.path.remove(str(search))
 
 
 def load_module(spec: dict[str, Any], device: str = "cpu") -> Any:
@@ -232,7 +276,7 @@ def load_module(spec: dict[str, Any], device: str = "cpu") -> Any:
         from ..recipe import PythonModel
         from ..sources.python import load_python_module
 
-        module = load_python_module(PythonModel.model_validate(model), base)
+        module = load_python_module(PythonModel.model_validate(model, context={"base_dir": base}), base)
     else:
         raise CompressorError(f"unknown model source {source!r}")
     if device != "cpu":

@@ -30,10 +30,11 @@ def import_factory(spec: str, search: Path | None = None, key: str = "model.fact
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        where = f"the recipe's directory ({search}) and " if search else ""
+        where = f"{search} and " if search else ""
         raise RecipeError(
             Problem(f"cannot import {module_name!r}: {exc}", path=key,
-                    hint=f"the module is looked up in {where}sys.path; install it or set PYTHONPATH")
+                    hint=f"the module is looked up in {where}sys.path (for `compress run`, the recipe's "
+                         "directory; for `compress eval`, the working directory); install it or set PYTHONPATH")
         ) from exc
     except Exception as exc:  # the user's module itself is broken: say so, with its own message
         raise CompressorError(f"importing {module_name!r} for {key} failed: {type(exc).__name__}: {exc}") from exc
