@@ -55,7 +55,7 @@ def tokenizer_for(artifact: Path) -> Any | None:
 
     try:
         tok = AutoTokenizer.from_pretrained(str(artifact), local_files_only=True)
-    except (OSError, ValueError):
+    except Exception:  # noqa: BLE001 - broken tokenizer files raise OSError, ValueError, even TypeError
         return None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token

@@ -114,6 +114,7 @@ def evaluate_artifact(
     threads = spec.speed.threads or torch.get_num_threads()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    added: list[str] = []  # sys.path entries this evaluation added, removed at the end
     try:
         devices_run, skipped = resolve_devices(devices or list(spec.devices), spec.require_cuda)
         for device in spec.devices:  # the recipe's devices left out by --device: its gates there are skipped
@@ -124,6 +125,13 @@ def evaluate_artifact(
                                   "; measure on cpu instead (--device cpu)")
         for device, reason in skipped.items():
             log.warn(f"{device} skipped: {reason}; measuring {', '.join(devices_run)} only")
+        extra_path: list[str] = []
+        if (manifest.get("source") or {}).get("kind") == "python":
+            # The artifact is rebuilt by its factory: import it from the recipe's directory (the baseline's, when
+            # known) or this one, here and in the load-timing processes.
+            extra_path = list(dict.fromkeys([baseline.spec.get("base_dir") or str(base_dir), str(base_dir)]))
+        added += [p for p in extra_path if p not in sys.path]
+        sys.path[:0] = added
         task = manifest.get("task")
         example_inputs = {k: v.clone() for k, v in load_example_inputs(artifact).items()}
         data = build_data(spec.data, artifact=artifact, manifest=manifest, example_inputs=example_inputs,
@@ -133,12 +141,6 @@ def evaluate_artifact(
         seq_lens: list[int | None] = list(spec.speed.sequence_lengths) if "input_ids" in example_inputs else [None]
         if measure_speed:
             check_sequence_lengths(spec, _config(artifact))
-        extra_path: list[str] = []
-        if (manifest.get("source") or {}).get("kind") == "python":
-            # The artifact is rebuilt by its factory: import it from the recipe's directory (the baseline's, when
-            # known) or this one, here and in the load-timing processes.
-            extra_path = list(dict.fromkeys([baseline.spec.get("base_dir") or str(base_dir), str(base_dir)]))
-            sys.path[:0] = [p for p in extra_path if p not in sys.path]
         classifier = data.metric == "top1_accuracy" or str(task or "").endswith("classification")
 
         results: list[dict[str, Any]] = []
@@ -204,6 +206,9 @@ def evaluate_artifact(
                 results.append(row)
     finally:
         torch.set_num_threads(previous_threads)
+        for p in added:
+            if p in sys.path:
+                sys.path.remove(p)
 
     gate_results = check_gates(gates, results, devices_run, skipped)
     passed = None if gates is None else all(g["status"] in ("passed", "skipped") for g in gate_results)
