@@ -89,6 +89,7 @@ def recipe_reference() -> str:
         ("`model` with `source: zoo`", r.ZooModel),
         ("`export`", r.ExportSpec),
         ("`export.safetensors`", r.SafetensorsExport),
+        ("`export.onnx`", r.OnnxExport),
         ("`evaluate`", r.EvaluateSpec),
         ("`evaluate.data`", r.DataSpec),
         ("`evaluate.speed`", r.SpeedSpec),

@@ -104,6 +104,14 @@ def _write(recipe: Recipe, model: Any, reports: list[dict[str, Any]], out: Path,
         write_safetensors(tmp / INPUTS_FILE, model.example_inputs, {"format": "pt", "role": "example-inputs"})
         copied = _copy_source_files(model.files_dir, tmp, is_copied_file)
         evaluation = _copy_eval_data(recipe, tmp)
+        onnx_info = None
+        if recipe.export.onnx is not None:
+            from .export.onnx import export_onnx
+
+            with log.step("exporting ONNX and checking it in ONNX Runtime against torch"):
+                onnx_info = export_onnx(model, tmp, recipe.export.onnx)
+            worst = max(onnx_info["check"]["max_abs_err"].values(), default=0.0)
+            log.info(f"ONNX ({onnx_info['exporter']}, opset {onnx_info['opset']}): max abs error {worst:.3g} vs torch")
         body = {
             "name": recipe.name,
             "description": recipe.description,
@@ -126,6 +134,8 @@ def _write(recipe: Recipe, model: Any, reports: list[dict[str, Any]], out: Path,
         }
         if evaluation:
             body["evaluation"] = evaluation
+        if onnx_info:
+            body["onnx"] = onnx_info
         manifest = write_manifest(tmp, body)
     return manifest
 

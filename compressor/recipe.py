@@ -40,6 +40,7 @@ __all__ = [
     "InputSpec",
     "ExportSpec",
     "SafetensorsExport",
+    "OnnxExport",
     "EvaluateSpec",
     "DataSpec",
     "SpeedSpec",
@@ -195,11 +196,30 @@ class SafetensorsExport(Strict):
     )
 
 
+class OnnxExport(Strict):
+    """ONNX export settings: Hugging Face models through optimum-onnx, any other module through torch.onnx."""
+
+    opset: int = Field(18, ge=13, le=23, description="ONNX opset version.")
+    atol: float = Field(
+        1e-4, ge=0, description="Absolute tolerance of the check against torch: after export, ONNX Runtime runs the "
+        "example inputs and every output must be within atol + rtol * |torch value| of torch's, or the run fails."
+    )
+    rtol: float = Field(1e-3, ge=0, description="Relative tolerance of that check.")
+    dynamic_axes: bool = Field(
+        True, description="Batch (and, for token inputs, sequence) dimensions are dynamic; false fixes the example "
+        "inputs' shapes."
+    )
+
+
 class ExportSpec(Strict):
     """Which artifact formats to write."""
 
     safetensors: SafetensorsExport = Field(
         default_factory=SafetensorsExport, description="safetensors export (always written)."
+    )
+    onnx: OnnxExport | None = Field(
+        None, description="Also write model.onnx with its weights in model.onnx.data, aligned for memory mapping "
+        "(`onnx: {}` for the defaults)."
     )
 
 

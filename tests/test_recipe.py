@@ -148,7 +148,7 @@ def test_shipped_recipe_validates(recipe: Path):
     assert result.returncode == 0, result.stderr
     assert "valid" in result.stdout
     parsed = load_recipe(recipe)
-    assert parsed.steps, "a shipped recipe without passes compresses nothing"
+    assert parsed.steps or parsed.export.onnx is not None, "a shipped recipe must compress or convert something"
     assert parsed.base_dir == recipe.parent.resolve()
 
 

@@ -59,7 +59,9 @@ def artifact_subject(path: Path, role: str = "artifact") -> Subject:
     weights = manifest.get("model", {}).get("weights", [])
     inputs = manifest.get("model", {}).get("example_inputs")
     model_files = [root / w for w in weights]
-    skip = {"manifest.json", inputs} | set(_report_names())
+    # The safetensors subject reads neither the ONNX files nor the example inputs, reports or evaluation data.
+    onnx_files = set((manifest.get("onnx") or {}).get("files", []))
+    skip = {"manifest.json", inputs} | set(_report_names()) | onnx_files
     files = [root / "manifest.json"] + [root / rel for rel in manifest["files"] if rel not in skip
                                         and not rel.startswith("eval/")]
     label = "artifact (safetensors)" if role == "artifact" else f"artifact {root.name}"

@@ -1,0 +1,239 @@
+"""ONNX export: optimum-onnx for Hugging Face models, torch.onnx for any other module; checked against torch in
+ONNX Runtime; weights in external data aligned for memory mapping.
+
+Layout of ``model.onnx.data``: tensors of 1 MiB or more start at multiples of 4096 (a page, so ONNX Runtime can
+map them), smaller ones at multiples of 64. Tensors under 1 KiB stay inside model.onnx, as onnx itself does.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import CompressorError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx
+
+    from ..model import Model
+
+__all__ = ["ONNX_FILE", "ONNX_DATA", "export_onnx", "save_aligned", "check_against_torch", "ort_session",
+           "BIG_TENSOR", "BIG_ALIGN", "SMALL_ALIGN"]
+
+ONNX_FILE = "model.onnx"
+ONNX_DATA = "model.onnx.data"
+BIG_TENSOR = 1 << 20
+BIG_ALIGN = 4096
+SMALL_ALIGN = 64
+INLINE_BELOW = 1024
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+def export_onnx(model: Model, out_dir: Path, spec: Any) -> dict[str, Any]:
+    """Export ``model`` to ``out_dir/model.onnx`` (+ ``model.onnx.data``), check it in ONNX Runtime against torch
+    on the example inputs, and return the manifest entry. Raises CompressorError (exit 1) on a mismatch."""
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="compress-onnx-") as tmp:
+        if _is_transformers(model.module):
+            path, exporter = _export_optimum(model, Path(tmp), spec), "optimum-onnx"
+        else:
+            path, exporter = _export_torch(model, Path(tmp), spec), "torch.onnx"
+        proto = onnx.load(str(path), load_external_data=True)
+    files = save_aligned(proto, out_dir)
+    check = check_against_torch(model, out_dir / ONNX_FILE, spec.atol, spec.rtol)
+    return {
+        "model": ONNX_FILE,
+        "files": files,
+        "exporter": exporter,
+        "opset": spec.opset,
+        "inputs": [i.name for i in proto.graph.input],
+        "outputs": [o.name for o in proto.graph.output],
+        "check": check,
+    }
+
+
+def _is_transformers(module: Any) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(module, PreTrainedModel)
+
+
+def _export_optimum(model: Model, tmp: Path, spec: Any) -> Path:
+    import warnings
+
+    from optimum.exporters.onnx import onnx_export_from_model
+    from optimum.exporters.tasks import TasksManager
+
+    module = model.module
+    try:
+        task = TasksManager.infer_task_from_model(module)
+    except Exception:  # noqa: BLE001 - optimum cannot tell: the plain encoder task
+        task = "feature-extraction"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # optimum and torch.onnx warn about tracing at length
+            onnx_export_from_model(module, tmp, opset=spec.opset, task=task, do_validation=False,
+                                   no_dynamic_axes=not spec.dynamic_axes, no_post_process=True)
+    except Exception as exc:
+        raise CompressorError(f"optimum-onnx could not export this {type(module).__name__} (task {task}): "
+                              f"{type(exc).__name__}: {exc}") from exc
+    path = tmp / ONNX_FILE
+    if not path.is_file():
+        raise CompressorError(f"optimum-onnx wrote no {ONNX_FILE} (it wrote {sorted(p.name for p in tmp.iterdir())})")
+    return path
+
+
+def _export_torch(model: Model, tmp: Path, spec: Any) -> Path:
+    import warnings
+
+    import torch
+
+    inputs = model.example_inputs
+    names = list(inputs)
+    with torch.no_grad():
+        outputs = _flat_outputs(model.module(**inputs))
+    out_names = ["logits"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
+    axes: dict[str, dict[int, str]] | None = None
+    if spec.dynamic_axes:
+        axes = {}
+        for name, tensor in inputs.items():
+            axes[name] = {0: "batch"}
+            if name in TOKEN_INPUTS and tensor.dim() >= 2:
+                axes[name][1] = "sequence"
+        for name, tensor in zip(out_names, outputs):
+            axes[name] = {0: "batch"} if tensor.dim() >= 1 else {}
+    path = tmp / ONNX_FILE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # The TorchScript exporter: the dynamo one needs onnxscript, which is not a dependency.
+            torch.onnx.export(model.module, (), str(path), kwargs=dict(inputs), input_names=names,
+                              output_names=out_names, dynamic_axes=axes, opset_version=spec.opset, dynamo=False)
+    except Exception as exc:
+        raise CompressorError(f"torch.onnx could not export the model: {type(exc).__name__}: {exc}") from exc
+    return path
+
+
+def _flat_outputs(out: Any) -> list[Any]:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [v for v in out.values() if isinstance(v, torch.Tensor)]
+    if isinstance(out, (tuple, list)):
+        return [t for item in out for t in _flat_outputs(item)]
+    return []
+
+
+def save_aligned(proto: onnx.ModelProto, out_dir: Path) -> list[str]:
+    """Write ``model.onnx`` with every initializer of 1 KiB or more in ``model.onnx.data``, aligned (4096 bytes
+    for tensors of 1 MiB or more, 64 for the rest); returns the files written."""
+    import onnx
+    from onnx import numpy_helper
+
+    tensors = list(_initializers(proto.graph))
+    offset = 0
+    wrote_data = False
+    with open(out_dir / ONNX_DATA, "wb") as data:
+        for tensor in tensors:
+            raw = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
+            if len(raw) < INLINE_BELOW:
+                continue
+            align = BIG_ALIGN if len(raw) >= BIG_TENSOR else SMALL_ALIGN
+            pad = -offset % align
+            data.write(b"\0" * pad)
+            offset += pad
+            data.write(raw)
+            name, dims, dtype = tensor.name, list(tensor.dims), tensor.data_type
+            tensor.Clear()
+            tensor.name, tensor.data_type = name, dtype
+            tensor.dims.extend(dims)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", ONNX_DATA), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            offset += len(raw)
+            wrote_data = True
+    if not wrote_data:
+        (out_dir / ONNX_DATA).unlink()
+    onnx.save_model(proto, str(out_dir / ONNX_FILE))
+    return [ONNX_FILE] + ([ONNX_DATA] if wrote_data else [])
+
+
+def _initializers(graph: Any) -> Any:
+    """Initializers of a graph and of every subgraph (If/Loop bodies)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.g is not None and attr.HasField("g"):
+                yield from _initializers(attr.g)
+            for sub in attr.graphs:
+                yield from _initializers(sub)
+
+
+def ort_session(path: Path, device: str = "cpu") -> Any:
+    """An ONNX Runtime session; CUDA is requested only when CUDA is really there (no error spam elsewhere)."""
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available() or "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise CompressorError("ONNX Runtime's CUDA provider is not available on this machine")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+
+
+def check_against_torch(model: Model, path: Path, atol: float, rtol: float) -> dict[str, Any]:
+    """Run the example inputs through ONNX Runtime and torch; every ONNX output must match its torch counterpart
+    (by name for Hugging Face outputs, else by position) within ``atol + rtol * |torch|``."""
+    import numpy as np
+    import torch
+
+    try:
+        session = ort_session(path)
+    except CompressorError:
+        raise
+    except Exception as exc:
+        raise CompressorError(f"ONNX Runtime cannot load the exported model: {type(exc).__name__}: {exc}") from exc
+    feed_names = [i.name for i in session.get_inputs()]
+    missing = [n for n in feed_names if n not in model.example_inputs]
+    if missing:
+        raise CompressorError(f"the exported model wants inputs {missing} that the example inputs do not have")
+    feed = {n: model.example_inputs[n].numpy() for n in feed_names}
+    got = session.run(None, feed)
+    with torch.no_grad():
+        out = model.module(**model.example_inputs)
+    names = [o.name for o in session.get_outputs()]
+    flat = _flat_outputs(out)
+    worst: dict[str, float] = {}
+    for i, (name, value) in enumerate(zip(names, got)):
+        ref = getattr(out, name, None) if not isinstance(out, torch.Tensor) else None
+        if not isinstance(ref, torch.Tensor):
+            if i >= len(flat):
+                raise CompressorError(f"ONNX output {name!r} has no counterpart among torch's {len(flat)} outputs")
+            ref = flat[i]
+        expected = ref.detach().float().numpy()
+        actual = np.asarray(value, dtype=np.float32)
+        if expected.shape != actual.shape:
+            raise CompressorError(f"ONNX output {name!r} has shape {list(actual.shape)}, torch's "
+                                  f"{list(expected.shape)}; the export is wrong")
+        err = np.abs(actual - expected)
+        worst[name] = float(err.max()) if err.size else 0.0
+        bad = err > atol + rtol * np.abs(expected)
+        if bad.any() or not np.isfinite(actual).all():
+            raise CompressorError(
+                f"the ONNX export does not match torch: output {name!r} differs by up to {worst[name]:.3g} "
+                f"({int(bad.sum())} of {bad.size} values beyond atol {atol:g} + rtol {rtol:g} x |value|); "
+                "the artifact would compute something else than the model. Raise export.onnx.atol/rtol only if "
+                "the difference is expected (e.g. float16)"
+            )
+    return {"max_abs_err": worst, "atol": atol, "rtol": rtol, "inputs": {n: list(v.shape) for n, v in feed.items()}}
