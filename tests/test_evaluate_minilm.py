@@ -129,4 +129,4 @@ def test_eval_of_a_copy_elsewhere_reproduces_the_accuracy(minilm_fp16, report, t
         assert _cpu(again, role)["accuracy"] == _cpu(report, role)["accuracy"]
     assert _cpu(again, "artifact")["fidelity"]["cos_min"] == pytest.approx(
         _cpu(report, "artifact")["fidelity"]["cos_min"], abs=1e-6)
-    assert "cpu: accuracy" in proc.stdout
+    assert "cpu/safetensors: accuracy" in proc.stdout

@@ -281,20 +281,20 @@ def test_report_md_load_table_has_the_ratio_row_when_loads_are_timed(python_run)
     assert report["settings"]["speed"]["load_runs"] == 1
     ratios = report["results"][1]["ratios"]
     rows = load_table((out / "report.md").read_text())
-    (ratio_row,) = [row for row in rows if row.startswith("| ratio baseline / artifact |")]
+    (ratio_row,) = [row for row in rows if row.startswith("| ratio baseline / safetensors |")]
     cells = [c.strip() for c in ratio_row.strip("|").split("|")]
 
     def shown(value: float | None) -> str:
         return "–" if value is None else f"{value:.2f}×"
 
     assert ratios["cold_load_speedup"] > 0 and ratios["warm_load_speedup"] > 0
-    assert cells[:6] == ["ratio baseline / artifact", "cpu", shown(ratios["cold_load_speedup"]),
+    assert cells[:6] == ["ratio baseline / safetensors", "cpu", shown(ratios["cold_load_speedup"]),
                          shown(ratios["cold_first_inference_speedup"]), shown(ratios["warm_load_speedup"]),
                          shown(ratios["warm_first_inference_speedup"])]
     assert cells[6:] == ["", shown(ratios["rss_added_ratio"]), "", ""]
     # it follows the artifact's row
     names = [row.split("|")[1].strip() for row in rows[1:]]  # after the header
-    assert names == ["baseline (source)", "artifact (safetensors)", "ratio baseline / artifact"]
+    assert names == ["baseline (source)", "artifact (safetensors)", "ratio baseline / safetensors"]
 
 
 def test_reports_are_world_readable_under_a_normal_umask(copied, tmp_path):
@@ -313,7 +313,7 @@ def test_reports_are_world_readable_under_a_normal_umask(copied, tmp_path):
     assert not [p.name for p in copied.iterdir() if p.name.endswith(".tmp")]
     # --no-speed: no loads were timed, so report.md's Load table has no ratio row
     rows = load_table((copied / "report.md").read_text())
-    assert len(rows) == 3 and not any("ratio baseline / artifact" in row for row in rows)
+    assert len(rows) == 3 and not any("ratio baseline / safetensors" in row for row in rows)
 
 
 # ------------------------------------------------------------------------------ outputs, labels, data functions

@@ -187,3 +187,31 @@ def test_minilm_exports_through_optimum_with_dynamic_batch_and_sequence(tmp_path
            >= BIG_TENSOR]
     assert len(big) >= 12  # the embeddings and the feed-forward weights of six layers
     assert all(int(info["offset"]) % BIG_ALIGN == 0 for info in big)
+
+
+def test_evaluation_measures_the_onnx_model_in_onnxruntime_beside_torch(tmp_path):
+    (tmp_path / "r.yaml").write_text(CNN + textwrap.dedent("""\
+        evaluate:
+          speed: {batch_sizes: [2], rounds: 2, calls: 2, warmup: 1, load_runs: 1}
+        gates:
+          min_fidelity: {value: 0.9999, format: onnx}
+          max_accuracy_drop: 0.0
+        """))
+    out = tmp_path / "out"
+    proc = run_cli("run", str(tmp_path / "r.yaml"), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "cpu/onnx:" in proc.stdout and "cpu/safetensors:" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    rows = report["results"]
+    assert [(r["role"], r["format"]) for r in rows] == [("baseline", "source"), ("artifact", "safetensors"),
+                                                        ("artifact", "onnx")]
+    base, onnx_row = rows[0], rows[2]
+    assert onnx_row["accuracy"]["value"] == base["accuracy"]["value"] > 90
+    assert onnx_row["fidelity"]["cos_min"] > 0.9999 and onnx_row["fidelity"]["top1_agreement"] == 100.0
+    assert onnx_row["size_bytes"] == sum((out / f).stat().st_size for f in ("model.onnx", "model.onnx.data"))
+    assert onnx_row["latency"][0]["speedup"] > 0 and onnx_row["load"]["cold"]["load_ms"]["median"] > 0
+    gates = {(g["gate"], g["format"]): g["status"] for g in report["gates"]}
+    assert gates == {("min_fidelity", "onnx"): "passed", ("max_accuracy_drop", "safetensors"): "passed",
+                     ("max_accuracy_drop", "onnx"): "passed"}
+    md = (out / "report.md").read_text()
+    assert "artifact (onnx)" in md and "ratio baseline / onnx" in md

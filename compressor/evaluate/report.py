@@ -58,8 +58,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     """A few terminal lines: per device, accuracy, fidelity, size, speed and load of the artifact vs baseline;
     then every gate that did not pass."""
     lines = []
-    rows = report["results"]
-    for base, art in zip(rows[::2], rows[1::2]):
+    for base, art in _pairs(report["results"]):
         ratios = art.get("ratios") or {}
         parts = []
         if art.get("accuracy"):
@@ -74,7 +73,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             parts.append(f"speedup {min(speedups):.2f}x-{max(speedups):.2f}x")
         if ratios.get("cold_load_speedup"):
             parts.append(f"cold load {_ratio(ratios['cold_load_speedup'])}")
-        lines.append(f"{art['device']}: " + ", ".join(parts))
+        lines.append(f"{art['device']}/{art['format']}: " + ", ".join(parts))
     for item in report.get("skipped", []):
         lines.append(f"{item['device']}: skipped ({item['reason']})")
     if report.get("gates"):
@@ -82,6 +81,12 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                                                                                    "skipped")}
         lines.append("gates: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n or s == "passed"))
     return lines
+
+
+def _pairs(results: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(baseline row, artifact row) for every artifact row, with the baseline measured on the same device."""
+    base = {r["device"]: r for r in results if r["role"] == "baseline"}
+    return [(base[r["device"]], r) for r in results if r["role"] != "baseline" and r["device"] in base]
 
 
 # ------------------------------------------------------------------------------------------------- markdown
@@ -162,7 +167,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {_n(either.get('peak_gpu_mb'), '.1f')} |")
         if row["role"] == "artifact" and row.get("load"):
             r = row.get("ratios") or {}
-            lines.append(f"| ratio baseline / artifact | {row['device']} | {_ratio(r.get('cold_load_speedup'))} "
+            lines.append(f"| ratio baseline / {row['format']} | {row['device']} | {_ratio(r.get('cold_load_speedup'))} "
                          f"| {_ratio(r.get('cold_first_inference_speedup'))} | {_ratio(r.get('warm_load_speedup'))} "
                          f"| {_ratio(r.get('warm_first_inference_speedup'))} | | "
                          f"{_ratio(r.get('rss_added_ratio'))} | | |")
@@ -178,9 +183,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["## Latency and throughput (same process, alternating; ms)", "",
               "| device | batch | length | model | p50 | p90 | p99 | IQR | throughput/s | speedup (IQR of rounds) |",
               "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
-    for base, art in zip(results[::2], results[1::2]):
-        for pair in zip(base.get("latency") or [], art.get("latency") or []):
-            for row, c in zip((base, art), pair):
+    for device in dict.fromkeys(r["device"] for r in results):
+        rows = [r for r in results if r["device"] == device]
+        for configs in zip(*(r.get("latency") or [] for r in rows)):
+            for row, c in zip(rows, configs):
                 speed = "" if c.get("speedup") is None else (
                     f"**{c['speedup']:.2f}×** ({_n(c.get('speedup_q25'), '.2f')}–{_n(c.get('speedup_q75'), '.2f')})")
                 lines.append(f"| {row['device']} | {c['batch_size']} | {_n(c.get('seq_len'), 'd')} | {_row_name(row)} "

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import CompressorError, GateFailure, UsageError
 from ..log import Reporter
-from .subjects import Subject, artifact_subject
+from .subjects import Subject, artifact_subject, onnx_subject
 
 __all__ = ["evaluate_artifact", "resolve_devices", "check_sequence_lengths"]
 
@@ -143,66 +143,72 @@ def evaluate_artifact(
             check_sequence_lengths(spec, _config(artifact))
         classifier = data.metric == "top1_accuracy" or str(task or "").endswith("classification")
 
+        candidates = [candidate] + [s for s in (onnx_subject(artifact),) if s is not None]
+        subjects = [baseline] + candidates
         results: list[dict[str, Any]] = []
         for device in devices_run:
-            with log.step(f"{device}: loading baseline ({baseline.label}) and artifact"):
-                models = {"baseline": load_module(baseline.spec, device), "artifact": load_module(candidate.spec,
-                                                                                                   device)}
+            names = ", ".join(s.label for s in subjects)
+            with log.step(f"{device}: loading {names}"):
+                models = {s.key: load_module(s.spec, device) for s in subjects}
             with log.step(f"{device}: accuracy and fidelity on {data.name}"):
-                outputs = {role: run_outputs(m, data, device, task) for role, m in models.items()}
-                metrics = {role: task_metric(data, outs) for role, outs in outputs.items()}
-                fid = fidelity(outputs["baseline"], outputs["artifact"], classifier)
-            for role in models:
-                if metrics[role] is not None:
-                    log.info(f"{device}: {role} {metrics[role]['label']} = {metrics[role]['value']:.2f}")
-            log.info(f"{device}: fidelity cos min {fid['cos_min']:.5f}, mean {fid['cos_mean']:.5f}, "
-                     f"max abs err {fid['max_abs_err']:.3g}")
+                outputs = {key: run_outputs(m, data, device, task) for key, m in models.items()}
+                metrics = {key: task_metric(data, outs) for key, outs in outputs.items()}
+                fids = {c.key: fidelity(outputs["baseline"], outputs[c.key], classifier) for c in candidates}
+            for s in subjects:
+                if metrics[s.key] is not None:
+                    log.info(f"{device}: {s.label}: {metrics[s.key]['label']} = {metrics[s.key]['value']:.2f}")
+            for c in candidates:
+                fid = fids[c.key]
+                log.info(f"{device}: {c.label}: fidelity cos min {fid['cos_min']:.5f}, mean {fid['cos_mean']:.5f}, "
+                         f"max abs err {fid['max_abs_err']:.3g}")
 
-            latency: dict[str, list[dict[str, Any]]] = {"baseline": [], "artifact": []}
+            latency: dict[str, list[dict[str, Any]]] = {s.key: [] for s in subjects}
             configs = [(b, s) for b in spec.speed.batch_sizes for s in seq_lens] if measure_speed else []
-            title = f"{device}: latency, {len(configs)} configuration(s), baseline and artifact alternating"
+            title = f"{device}: latency, {len(configs)} configuration(s), {len(models)} models alternating"
             with log.step(title) if configs else nullcontext():
                 for batch_size, seq_len in configs:
                     inputs = latency_inputs(example_inputs, batch_size, seq_len, tokenizer, data.texts, 0)
                     timed = measure_latency(models, inputs, device, warmup=spec.speed.warmup,
                                             rounds=spec.speed.rounds, calls=spec.speed.calls)
-                    base, art = timed["baseline"], timed["artifact"]
-                    # Spread of the speedup: the ratio within each round, where both ran under the same load.
-                    ratios = [b / a for b, a in zip(base["_rounds"], art["_rounds"]) if a > 0]
-                    for role, entry in timed.items():
+                    base = timed["baseline"]
+                    where = f"batch {batch_size}" + (f", length {seq_len}" if seq_len else "")
+                    for key, entry in timed.items():
                         entry = {"batch_size": batch_size, "seq_len": seq_len, **entry}
-                        if role == "artifact":
+                        if key != "baseline":
+                            # Spread of the speedup: the ratio within each round, where all ran under one load.
+                            ratios = [b / a for b, a in zip(base["_rounds"], entry["_rounds"]) if a > 0]
                             entry["speedup"] = base["p50_ms"] / entry["p50_ms"] if entry["p50_ms"] > 0 else None
                             entry["speedup_q25"] = percentile(ratios, 25) if ratios else None
                             entry["speedup_q75"] = percentile(ratios, 75) if ratios else None
-                        latency[role].append(entry)
-                    where = f"batch {batch_size}" + (f", length {seq_len}" if seq_len else "")
-                    log.info(f"{device}: {where}: p50 {base['p50_ms']:.2f} ms -> {art['p50_ms']:.2f} ms "
-                             f"({latency['artifact'][-1]['speedup']:.2f}x)")
-            # Nothing of either model may stay mapped here: cold runs evict their files, and the kernel keeps
+                            log.info(f"{device}: {where}: p50 {base['p50_ms']:.2f} ms -> {entry['p50_ms']:.2f} ms "
+                                     f"({entry['speedup']:.2f}x, {key})")
+                        latency[key].append(entry)
+            # Nothing of any model may stay mapped here: cold runs evict their files, and the kernel keeps
             # pages that any process maps.
             del models, outputs
             gc.collect()
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
 
-            loads: dict[str, Any] = {"baseline": None, "artifact": None}
+            loads: dict[str, Any] = {}
             if spec.speed.load_runs and measure_speed:
                 with log.step(f"{device}: load times, {spec.speed.load_runs} cold and warm run(s) each, fresh "
                               "processes"):
-                    loads = load_timings([baseline, candidate], example_inputs, device=device,
-                                         runs=spec.speed.load_runs, threads=spec.speed.threads,
-                                         extra_path=extra_path, log=log)
+                    loads = load_timings(subjects, example_inputs, device=device, runs=spec.speed.load_runs,
+                                         threads=spec.speed.threads, extra_path=extra_path, log=log)
 
-            for subject, role in ((baseline, "baseline"), (candidate, "artifact")):
+            base_row: dict[str, Any] = {}
+            for subject in subjects:
                 row: dict[str, Any] = {
-                    "role": role, "label": subject.label, "format": subject.format, "device": device,
+                    "role": subject.role, "label": subject.label, "format": subject.format, "device": device,
                     "size_bytes": subject.size_bytes, "files_bytes": subject.files_bytes,
-                    "accuracy": metrics[role], "fidelity": fid if role == "artifact" else None,
-                    "load": loads.get(role), "latency": latency[role],
+                    "accuracy": metrics[subject.key], "fidelity": fids.get(subject.key),
+                    "load": loads.get(subject.key), "latency": latency[subject.key],
                 }
-                if role == "artifact":
-                    row["ratios"] = _ratios(results[-1], row)
+                if subject.role == "baseline":
+                    base_row = row
+                else:
+                    row["ratios"] = _ratios(base_row, row)
                 results.append(row)
     finally:
         torch.set_num_threads(previous_threads)

@@ -135,7 +135,7 @@ def load_timings(subjects: list[Subject], example_inputs: dict[str, torch.Tensor
 
     from . import pagecache
 
-    results: dict[str, dict[str, list[dict[str, Any]]]] = {s.role: {"cold": [], "warm": []} for s in subjects}
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {s.key: {"cold": [], "warm": []} for s in subjects}
     with tempfile.TemporaryDirectory(prefix="compress-eval-") as tmp:
         inputs = Path(tmp) / "inputs.safetensors"
         save_file({k: v.contiguous() for k, v in example_inputs.items()}, str(inputs))
@@ -146,7 +146,7 @@ def load_timings(subjects: list[Subject], example_inputs: dict[str, torch.Tensor
                     if mode == "warm":
                         pagecache.warm(subject.files)
                     log.info(f"{device}: {mode} load {i + 1}/{runs} of {subject.label}")
-                    results[subject.role][mode].append(
+                    results[subject.key][mode].append(
                         _probe(subject, device=device, cold=mode == "cold", inputs=inputs, threads=threads,
                                extra_path=extra_path))
     out: dict[str, dict[str, Any]] = {}

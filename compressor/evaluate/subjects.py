@@ -20,7 +20,7 @@ from typing import Any
 from ..errors import ArtifactError, CompressorError, UsageError
 
 __all__ = ["Subject", "artifact_subject", "source_subject", "baseline_from_manifest", "baseline_from_argument",
-           "load_module", "preimport"]
+           "load_module", "preimport", "onnx_subject", "OrtModule"]
 
 
 @dataclass
@@ -43,6 +43,13 @@ class Subject:
     def files_bytes(self) -> int:
         """Bytes of every file read when loading (weights, config, tokenizer)."""
         return sum(p.stat().st_size for p in self.files)
+
+    @property
+    def key(self) -> str:
+        """Unique within one evaluation: ``baseline``, ``artifact`` (safetensors) or ``artifact:onnx``."""
+        if self.role == "baseline":
+            return "baseline"
+        return "artifact" if self.format == "safetensors" else f"artifact:{self.format}"
 
     def describe(self) -> dict[str, Any]:
         """The record stored in report.json."""
@@ -67,6 +74,20 @@ def artifact_subject(path: Path, role: str = "artifact") -> Subject:
     label = "artifact (safetensors)" if role == "artifact" else f"artifact {root.name}"
     return Subject(role=role, label=label, format="safetensors", spec={"kind": "artifact", "path": str(root)},
                    files=files, model_files=model_files)
+
+
+def onnx_subject(path: Path) -> Subject | None:
+    """The artifact's ONNX model, run by ONNX Runtime, or None when the artifact has no ONNX export."""
+    from ..manifest import read_manifest
+
+    root = path.resolve()
+    entry = read_manifest(root).get("onnx")
+    if not entry:
+        return None
+    files = [root / rel for rel in entry.get("files", [])]
+    return Subject(role="artifact", label="artifact (onnx, ONNX Runtime)", format="onnx",
+                   spec={"kind": "onnx", "path": str(root / entry.get("model", "model.onnx"))}, files=files,
+                   model_files=files)
 
 
 def _report_names() -> tuple[str, ...]:
@@ -199,6 +220,11 @@ def preimport(spec: dict[str, Any]) -> None:
     from .. import loading, recipe, zoo  # noqa: F401
     from ..sources import hf, python  # noqa: F401
 
+    if spec["kind"] == "onnx":
+        import onnxruntime  # noqa: F401
+
+        from ..export import onnx  # noqa: F401
+        return
     if spec["kind"] == "artifact":
         root = Path(spec["path"])
         try:
@@ -261,6 +287,8 @@ def load_module(spec: dict[str, Any], device: str = "cpu") -> Any:
         from ..loading import load
 
         return load(spec["path"], device=device)
+    if spec["kind"] == "onnx":
+        return OrtModule(Path(spec["path"]), device)
     model = spec["model"]
     base = Path(spec["base_dir"])
     source = model.get("source")
@@ -284,3 +312,38 @@ def load_module(spec: dict[str, Any], device: str = "cpu") -> Any:
     if device != "cpu":
         module = module.to(torch.device(device))
     return module.eval()
+
+
+class OrtOutputs(dict):
+    """ONNX Runtime outputs by name, also readable as attributes (``out.last_hidden_state``, ``out.logits``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class OrtModule:
+    """An ONNX Runtime session called like the torch module: keyword tensors in, named tensors out."""
+
+    def __init__(self, path: Path, device: str = "cpu") -> None:
+        from ..export.onnx import ort_session
+
+        self.session = ort_session(path, device)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, **inputs: Any) -> OrtOutputs:
+        import torch
+
+        missing = [n for n in self.input_names if n not in inputs]
+        if missing:
+            raise CompressorError(f"the ONNX model needs inputs {missing}; got {sorted(inputs)}")
+        feed = {n: inputs[n].detach().cpu().numpy() for n in self.input_names}
+        values = self.session.run(None, feed)
+        return OrtOutputs((n, torch.from_numpy(v)) for n, v in zip(self.output_names, values))
+
+    def eval(self) -> OrtModule:
+        """For symmetry with nn.Module."""
+        return self
