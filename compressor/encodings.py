@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["Encoding", "Dense", "Cast", "encoding_from_json", "ENCODINGS", "dtype_from_name", "dtype_name"]
+__all__ = ["Encoding", "Dense", "Cast", "Int8", "encoding_from_json", "ENCODINGS", "dtype_from_name", "dtype_name"]
 
 ENCODINGS: dict[str, type[Encoding]] = {}
 
@@ -93,6 +93,55 @@ class Cast(Encoding):
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "dtype": self.dtype}
+
+
+class Int8(Encoding):
+    """Symmetric int8 with float32 scales, per output channel (dim 0) or per tensor: ``q * scale``.
+
+    Stored as ``<name>.__q`` (int8) and ``<name>.__scale`` (float32, one per row, or one). The effective tensor is
+    ``q.float() * scale`` in float32. Encoding an effective tensor finds its exact ``q`` and ``scale`` again: the
+    scale is recomputed from the row's largest magnitude and, where float rounding moved it by a few ulps, the
+    neighbouring float32 values are tried until ``q * scale`` reproduces every value.
+    """
+
+    kind = "int8"
+
+    def __init__(self, per_channel: bool = True) -> None:
+        self.per_channel = bool(per_channel)
+
+    def _rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.reshape(tensor.shape[0], -1) if self.per_channel and tensor.dim() >= 1 else tensor.reshape(1, -1)
+
+    def encode(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        import torch
+
+        rows = self._rows(tensor.detach().float())
+        amax = rows.abs().amax(dim=1, keepdim=True)
+        base = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+        best = base
+        exact = torch.zeros_like(amax, dtype=torch.bool)
+        # Candidates around the recomputed scale; the first that reproduces a whole row exactly wins.
+        for ulps in (0, -1, 1, -2, 2, -3, 3):
+            cand = base
+            step = torch.full_like(base, float("inf") if ulps > 0 else float("-inf"))
+            for _ in range(abs(ulps)):
+                cand = torch.nextafter(cand, step)
+            q = torch.round(rows / cand).clamp(-127, 127)
+            ok = ((q * cand) == rows).all(dim=1, keepdim=True) & ~exact
+            best = torch.where(ok, cand, best)
+            exact |= ok
+        q = torch.round(rows / best).clamp(-127, 127).to(torch.int8)
+        scale = best.reshape(-1) if self.per_channel and tensor.dim() >= 1 else best.reshape(())
+        return {".__q": q.reshape(tensor.shape), ".__scale": scale.contiguous()}
+
+    def decode(self, stored: dict[str, torch.Tensor]) -> torch.Tensor:
+        q, scale = stored[".__q"], stored[".__scale"]
+        if self.per_channel and q.dim() >= 1:
+            return (self._rows(q).float() * scale.float().reshape(-1, 1)).reshape(q.shape)
+        return q.float() * scale.float()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "per_channel": self.per_channel}
 
 
 def encoding_from_json(data: dict[str, Any]) -> Encoding:

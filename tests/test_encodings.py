@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compressor.encodings import ENCODINGS, Cast, Dense, Encoding, dtype_from_name, dtype_name, encoding_from_json
+from compressor.encodings import ENCODINGS, Cast, Dense, Encoding, Int8, dtype_from_name, dtype_name, encoding_from_json
 
 # Deterministic and light: no example database written into the repository, a fixed example sequence.
 PROPERTY = settings(derandomize=True, database=None, max_examples=60, deadline=None)
@@ -98,7 +98,7 @@ def test_cast_of_float32_stores_the_rounded_value_and_decodes_to_it(shape, targe
     assert bitwise_equal(enc.decode(stored), t.to(dtype))
 
 
-ENCODING_EXAMPLES = [Dense(), Cast("float16"), Cast("bfloat16")]
+ENCODING_EXAMPLES = [Dense(), Cast("float16"), Cast("bfloat16"), Int8(), Int8(per_channel=False)]
 
 
 @pytest.mark.parametrize("enc", ENCODING_EXAMPLES, ids=repr)

@@ -39,7 +39,7 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "compressor.passes"
 # Built-in pass modules, imported on first use of the registry (they are light: no torch at import).
-_BUILTIN_MODULES = ("compressor.passes.cast",)
+_BUILTIN_MODULES = ("compressor.passes.cast", "compressor.passes.quantize")
 
 
 class PassConfig(BaseModel):

@@ -58,6 +58,8 @@ class CastPass(Pass):
     must_not_follow = {
         "cast": "the weights are already rounded by the first cast; casting again only compounds the error. "
         "Keep one cast with the dtype you want",
+        "quantize": "cast would store the int8-quantized weights as float16 again and lose the int8 encoding; "
+        "use quantize alone (int8 weights) or cast alone",
     }
 
     def apply(self, model: Model, ctx: Context) -> PassResult:
