@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import run_child, summarize  # noqa: E402
 
 CHILD = r"""
 import json, sys, time
@@ -49,16 +50,7 @@ METHODS = ("compressor-cuda", "compressor-cpu-then-to", "transformers-device-map
 
 
 def measure(artifact: Path, how: str, mode: str) -> dict[str, float]:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(artifact), how, mode], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"{how} ({mode}) failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def summarize(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
-    return {k: {"median": round(statistics.median(r[k] for r in runs), 2),
-                "min": round(min(r[k] for r in runs), 2), "max": round(max(r[k] for r in runs), 2)}
-            for k in runs[0]}
+    return run_child(CHILD, str(artifact), how, mode)
 
 
 def main() -> None:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import run_child, summarize  # noqa: E402
 
 CHILD = r"""
 import json, sys, time
@@ -41,14 +42,7 @@ print(json.dumps({"load_ms": (t1 - t0) * 1e3, "first_inference_ms": (t2 - t1) * 
 
 
 def measure(artifact: Path, how: str) -> dict[str, float]:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(artifact), how], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def summarize(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
-    return {k: {"median": round(statistics.median(r[k] for r in runs), 2),
-                "min": round(min(r[k] for r in runs), 2), "max": round(max(r[k] for r in runs), 2)}
-            for k in runs[0]}
+    return run_child(CHILD, str(artifact), how)
 
 
 def main() -> None:
