@@ -25,15 +25,20 @@ from .manifest import check_files, read_manifest
 __all__ = ["load", "load_tensors", "load_tensors_cuda", "load_example_inputs", "build_architecture"]
 
 
-def load(artifact_dir: str | Path, *, device: str | torch.device = "cpu", verify_hashes: bool = False) -> nn.Module:
+def load(artifact_dir: str | Path, *, device: str | torch.device = "cpu", verify_hashes: bool = False,
+         int8: str = "dequantize") -> nn.Module:
     """Return the artifact's model in eval mode.
 
     On CPU its tensors are views on the memory-mapped files (nothing is read until used). On CUDA the shards are
     read by parallel threads, each staging tensors through pinned memory and copying them to the GPU without
     blocking, so disk reads overlap with host-to-device transfers. ``verify_hashes`` also recomputes every file's
-    sha256 (reads everything; off by default so that loading stays lazy). Raises ArtifactError for missing,
-    truncated, corrupt or foreign files.
+    sha256 (reads everything; off by default so that loading stays lazy). ``int8`` says what happens to weights
+    stored as int8 (the `quantize` pass): ``"dequantize"`` turns them into float32 on load; ``"keep"`` keeps the
+    int8 tensor as the parameter and dequantizes it on the fly at every use (a parametrization), so the model
+    holds a quarter of the memory. Raises ArtifactError for missing, truncated, corrupt or foreign files.
     """
+    if int8 not in ("dequantize", "keep"):
+        raise ValueError(f"int8={int8!r}: use 'dequantize' or 'keep'")
     root = Path(artifact_dir)
     dev = torch.device(device)
     if dev.type not in ("cpu", "cuda"):
@@ -62,7 +67,17 @@ def load(artifact_dir: str | Path, *, device: str | torch.device = "cpu", verify
                 stop.set()  # do not finish reading a model that cannot be built
                 raise
             stored = pending.result()
-    state = _decode(stored, info.get("encodings", {}))
+    encodings = dict(info.get("encodings", {}))
+    kept: dict[str, tuple[torch.Tensor, bool]] = {}
+    if int8 == "keep":
+        tied = set(info.get("aliases", {})) | set(info.get("aliases", {}).values())
+        for name, spec in list(encodings.items()):
+            if isinstance(spec, dict) and spec.get("kind") == "int8" and name not in tied \
+                    and f"{name}.__q" in stored and f"{name}.__scale" in stored:
+                kept[name] = (stored.pop(f"{name}.__scale"), bool(spec.get("per_channel", True)))
+                stored[name] = stored.pop(f"{name}.__q")  # the int8 tensor becomes the parameter itself
+                del encodings[name]
+    state = _decode(stored, encodings)
     for alias, target in info.get("aliases", {}).items():
         state[alias] = state[target]
     if dev.type != "cpu":
@@ -71,6 +86,11 @@ def load(artifact_dir: str | Path, *, device: str | torch.device = "cpu", verify
             for name, buf in list(sub._buffers.items()):
                 if buf is not None and not buf.is_meta:
                     sub._buffers[name] = buf.to(dev)
+    for name in kept:  # int8 tensors cannot require grad; assign=True copies this flag from the meta parameter
+        try:
+            module.get_parameter(name).requires_grad_(False)
+        except AttributeError:
+            pass
     try:
         module.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
@@ -79,6 +99,8 @@ def load(artifact_dir: str | Path, *, device: str | torch.device = "cpu", verify
     leftover = [n for n, p in module.named_parameters() if p.is_meta]
     if leftover:
         raise ArtifactError(f"{root}: no stored values for {', '.join(leftover[:5])}")
+    if kept:
+        _dequantize_on_the_fly(module, kept)
     from .model import install_bridges
 
     try:
@@ -221,6 +243,32 @@ def _decode(stored: dict[str, torch.Tensor], encodings: dict[str, Any]) -> dict[
         if name not in claimed:
             state[name] = tensor  # dense: stored as is
     return state
+
+
+class _Int8Weight(nn.Module):
+    """Parametrization: the stored int8 tensor times its scales, computed at every use."""
+
+    def __init__(self, scale: torch.Tensor, per_channel: bool) -> None:
+        super().__init__()
+        self.per_channel = per_channel
+        self.register_buffer("scale", scale)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        if self.per_channel and q.dim() >= 1:
+            return (q.reshape(q.shape[0], -1).float() * self.scale.float().reshape(-1, 1)).reshape(q.shape)
+        return q.float() * self.scale.float()
+
+
+def _dequantize_on_the_fly(module: nn.Module, kept: dict[str, tuple[torch.Tensor, bool]]) -> None:
+    from torch.nn.utils import parametrize
+
+    for name, (scale, per_channel) in kept.items():
+        *path, leaf = name.split(".")
+        owner = module.get_submodule(".".join(path))
+        param = owner._parameters[leaf]
+        # unsafe: the parametrization changes the dtype (int8 -> float32), which is the point.
+        parametrize.register_parametrization(owner, leaf, _Int8Weight(scale.to(param.device), per_channel),
+                                             unsafe=True)
 
 
 @contextmanager

@@ -135,3 +135,21 @@ def test_pass_is_listed_with_its_parameters():
     data = json.loads(proc.stdout)
     assert {"mode", "per_channel", "modules", "exclude", "min_elements"} == {p["name"] for p in
                                                                              data["quantize"]["parameters"]}
+
+
+def test_load_can_keep_int8_and_dequantize_on_the_fly(tmp_path):
+    out = tmp_path / "q"
+    run_recipe(parse_recipe(MLP), out, Reporter(quiet=True))
+    dense = compressor.load(out)
+    kept = compressor.load(out, int8="keep")
+    assert kept.fc1.parametrizations.weight.original.dtype == torch.int8
+    assert kept.fc1.weight.dtype == torch.float32 and torch.equal(kept.fc1.weight, dense.fc1.weight)
+    assert kept.fc3.weight.dtype == torch.float32 and not hasattr(kept.fc3, "parametrizations")  # left in float
+    x = torch.rand(17, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(kept(x=x), dense(x=x))
+    held = sum(p.numel() * p.element_size() for p in kept.parameters())
+    full = sum(p.numel() * p.element_size() for p in dense.parameters())
+    assert full / held > 3
+    with pytest.raises(ValueError, match="int8='fast'"):
+        compressor.load(out, int8="fast")
