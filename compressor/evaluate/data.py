@@ -178,6 +178,11 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
 def check_data_file(path: Path) -> str:
     """Read a user data file and tell its kind (``pairs``, ``text``, ``numeric``); UsageError naming file:line
     otherwise. `compress run` calls this before any long work."""
+    return _read_rows(path)[1]
+
+
+def _read_rows(path: Path) -> tuple[list[dict[str, Any]], str]:
+    """The rows of a JSONL/CSV data file and their kind, every row checked to be of the first row's kind."""
     rows = _read_jsonl(path) if path.suffix.lower() == ".jsonl" else _read_csv(path)
     if not rows:
         raise UsageError(f"evaluation data {path} has no rows")
@@ -186,7 +191,7 @@ def check_data_file(path: Path) -> str:
         if _kind(path, row) != kind:
             raise UsageError(f"{path}:{row['__line__']}: this row has the columns {sorted(set(row) - {'__line__'})}, "
                              f"unlike the first row ({kind} rows)")
-    return kind
+    return rows, kind
 
 
 def _kind(path: Path, row: dict[str, Any]) -> str:
@@ -202,14 +207,12 @@ def _kind(path: Path, row: dict[str, Any]) -> str:
 
 
 def _file_data(path: Path, artifact: Path, example_inputs: dict[str, torch.Tensor], spec: Any) -> EvalData:
-    check_data_file(path)
-    rows = _read_jsonl(path) if path.suffix.lower() == ".jsonl" else _read_csv(path)
+    rows, kind = _read_rows(path)
     if spec.limit is not None:
         rows = rows[: spec.limit]
-    keys = set(rows[0]) - {"__line__"}
-    if {"query", "passage"} <= keys:
+    if kind == "pairs":
         return _pairs_data(path.name, rows, artifact, example_inputs, spec)
-    if {"text", "label"} <= keys:
+    if kind == "text":
         return _text_classification(path, rows, artifact, example_inputs, spec)
     return _numeric_classification(path, rows, example_inputs, spec)
 

@@ -109,7 +109,7 @@ def evaluate_artifact(
     artifact = artifact.resolve()
     manifest = read_manifest(artifact)
     check_files(artifact, manifest)
-    candidate = artifact_subject(artifact)
+    candidate = artifact_subject(artifact, manifest=manifest)
     base_dir = base_dir or Path.cwd()
     threads = spec.speed.threads or torch.get_num_threads()
     previous_threads = torch.get_num_threads()
@@ -143,7 +143,7 @@ def evaluate_artifact(
             check_sequence_lengths(spec, _config(artifact))
         classifier = data.metric == "top1_accuracy" or str(task or "").endswith("classification")
 
-        candidates = [candidate] + [s for s in (onnx_subject(artifact),) if s is not None]
+        candidates = [candidate] + [s for s in (onnx_subject(artifact, manifest),) if s is not None]
         subjects = [baseline] + candidates
         results: list[dict[str, Any]] = []
         for device in devices_run:

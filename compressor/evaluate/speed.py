@@ -170,7 +170,4 @@ def load_timings(subjects: list[Subject], example_inputs: dict[str, torch.Tensor
                 resident = [p["resident_after_evict"] for p in probes if p.get("resident_after_evict") is not None]
                 entry[mode]["resident_after_evict"] = max(resident) if resident else None
         out[role] = entry
-    if "cold" not in modes:
-        for entry in out.values():
-            entry["cold"] = None
     return out

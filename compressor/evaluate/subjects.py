@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ArtifactError, CompressorError, UsageError
+from .report import REPORT_FILES, REPORT_JSON
 
 __all__ = ["Subject", "artifact_subject", "source_subject", "baseline_from_manifest", "baseline_from_argument",
            "load_module", "preimport", "onnx_subject", "OrtModule"]
@@ -57,18 +58,18 @@ class Subject:
                 "size_bytes": self.size_bytes, "files_bytes": self.files_bytes}
 
 
-def artifact_subject(path: Path, role: str = "artifact") -> Subject:
-    """An artifact directory written by ``compress run``."""
+def artifact_subject(path: Path, role: str = "artifact", manifest: dict[str, Any] | None = None) -> Subject:
+    """An artifact directory written by ``compress run`` (``manifest``: its manifest, if already read)."""
     from ..manifest import read_manifest
 
     root = path.resolve()
-    manifest = read_manifest(root)
+    manifest = manifest or read_manifest(root)
     weights = manifest.get("model", {}).get("weights", [])
     inputs = manifest.get("model", {}).get("example_inputs")
     model_files = [root / w for w in weights]
     # The safetensors subject reads neither the ONNX files nor the example inputs, reports or evaluation data.
     onnx_files = set((manifest.get("onnx") or {}).get("files", []))
-    skip = {"manifest.json", inputs} | set(_report_names()) | onnx_files
+    skip = {"manifest.json", inputs} | set(REPORT_FILES) | onnx_files
     files = [root / "manifest.json"] + [root / rel for rel in manifest["files"] if rel not in skip
                                         and not rel.startswith("eval/")]
     label = "artifact (safetensors)" if role == "artifact" else f"artifact {root.name}"
@@ -76,24 +77,18 @@ def artifact_subject(path: Path, role: str = "artifact") -> Subject:
                    files=files, model_files=model_files)
 
 
-def onnx_subject(path: Path) -> Subject | None:
+def onnx_subject(path: Path, manifest: dict[str, Any] | None = None) -> Subject | None:
     """The artifact's ONNX model, run by ONNX Runtime, or None when the artifact has no ONNX export."""
     from ..manifest import read_manifest
 
     root = path.resolve()
-    entry = read_manifest(root).get("onnx")
+    entry = (manifest or read_manifest(root)).get("onnx")
     if not entry:
         return None
     files = [root / rel for rel in entry.get("files", [])]
     return Subject(role="artifact", label="artifact (onnx, ONNX Runtime)", format="onnx",
                    spec={"kind": "onnx", "path": str(root / entry.get("model", "model.onnx"))}, files=files,
                    model_files=files)
-
-
-def _report_names() -> tuple[str, ...]:
-    from .report import REPORT_FILES
-
-    return REPORT_FILES
 
 
 def source_subject(model: dict[str, Any], base_dir: Path) -> Subject:
@@ -162,8 +157,6 @@ def baseline_from_manifest(artifact: Path, manifest: dict[str, Any]) -> Subject:
     The report of an earlier evaluation records where its baseline was (so a copied artifact still finds it);
     otherwise the manifest's recipe names the source, which works anywhere for zoo models and for absolute paths.
     """
-    from .report import REPORT_JSON
-
     previous = artifact / REPORT_JSON
     if previous.is_file():
         try:

@@ -170,7 +170,7 @@ def _initializers(graph: Any) -> Any:
     yield from graph.initializer
     for node in graph.node:
         for attr in node.attribute:
-            if attr.g is not None and attr.HasField("g"):
+            if attr.HasField("g"):
                 yield from _initializers(attr.g)
             for sub in attr.graphs:
                 yield from _initializers(sub)
