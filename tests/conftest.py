@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -80,3 +81,30 @@ def minilm_fp16(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("art") / "minilm-fp16"
     run_recipe(load_recipe(ROOT / "recipes" / "minilm-fp16.yaml"), out)
     return out
+
+
+def strict_json(text: str) -> dict:
+    """json.loads that refuses NaN and Infinity (strict JSON has neither)."""
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def read_report(artifact: Path) -> dict:
+    """An artifact's report.json, parsed as strict JSON."""
+    return strict_json((artifact / "report.json").read_text())
+
+
+def assert_same_scores(original: dict, report: dict) -> None:
+    """A re-evaluation reproduced the first one: same rows, accuracy and sizes, fidelity within 1e-6."""
+    import pytest
+
+    for before, now in zip(original["results"], report["results"], strict=True):
+        assert now["role"] == before["role"]
+        assert now["accuracy"] == before["accuracy"]
+        assert now["size_bytes"] == before["size_bytes"]
+    fid, fid_before = report["results"][1]["fidelity"], original["results"][1]["fidelity"]
+    assert fid["cos_min"] == pytest.approx(fid_before["cos_min"], abs=1e-6)
+    assert fid["top1_agreement"] == fid_before["top1_agreement"]

@@ -18,7 +18,7 @@ import pytest
 from compressor.errors import RecipeError, UsageError
 from compressor.recipe import EvaluateSpec, parse_recipe
 
-from conftest import run_cli
+from conftest import assert_same_scores, read_report, run_cli, strict_json
 
 REPORT_FILES = ("report.json", "report.md", "junit.xml", "report.png")
 
@@ -64,19 +64,6 @@ def write_recipe(directory: Path, text: str, name: str = "recipe.yaml") -> Path:
     path = directory / name
     path.write_text(textwrap.dedent(text))
     return path
-
-
-def strict_json(text: str) -> dict:
-    """json.loads that refuses NaN and Infinity (strict JSON has neither)."""
-
-    def refuse(name: str) -> None:
-        raise ValueError(f"non-standard JSON constant {name}")
-
-    return json.loads(text, parse_constant=refuse)
-
-
-def read_report(artifact: Path) -> dict:
-    return strict_json((artifact / "report.json").read_text())
 
 
 def run_in_process(directory: Path, text: str, out: Path):
@@ -309,13 +296,7 @@ def test_eval_of_a_copied_artifact_reproduces_the_run_and_no_gates_exits_0(faile
     assert Path(report["artifact"]["path"]) == copied_artifact.resolve()
     assert report["gates"] == [] and report["passed"] is None
     assert report["baseline"]["label"] == "zoo: digits-mlp"
-    for before, now in zip(original["results"], report["results"], strict=True):
-        assert now["role"] == before["role"]
-        assert now["accuracy"] == before["accuracy"]
-        assert now["size_bytes"] == before["size_bytes"]
-    fid, fid_before = report["results"][1]["fidelity"], original["results"][1]["fidelity"]
-    assert fid["cos_min"] == pytest.approx(fid_before["cos_min"], abs=1e-6)
-    assert fid["top1_agreement"] == fid_before["top1_agreement"]
+    assert_same_scores(original, report)
     assert report["results"][1]["latency"][0]["speedup"] < 100  # the gate would have failed
     assert report["results"][1]["load"]["cold"]["load_ms"]["runs"] == 1
     root = ET.parse(copied_artifact / "junit.xml").getroot()

@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import xml.etree.ElementTree as ET
 
 import pytest
 
-from conftest import run_cli
+from conftest import read_report, run_cli
 
 pytestmark = [pytest.mark.slow]
 
 
-def _strict(text: str):
-    def refuse(name: str):
-        raise AssertionError(f"non-standard JSON constant {name}")
-
-    return json.loads(text, parse_constant=refuse)
-
-
 @pytest.fixture(scope="module")
 def report(minilm_fp16):
-    return _strict((minilm_fp16 / "report.json").read_text())
+    return read_report(minilm_fp16)
 
 
 def _cpu(report, role):
@@ -123,7 +115,7 @@ def test_eval_of_a_copy_elsewhere_reproduces_the_accuracy(minilm_fp16, report, t
     shutil.copytree(minilm_fp16, copy)
     proc = run_cli("eval", str(copy), "--no-speed", "--device", "cpu", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    again = _strict((copy / "report.json").read_text())
+    again = read_report(copy)
     assert again["artifact"]["path"] == str(copy.resolve())
     for role in ("baseline", "artifact"):
         assert _cpu(again, role)["accuracy"] == _cpu(report, role)["accuracy"]

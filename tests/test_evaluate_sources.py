@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import assert_same_scores, read_report, run_cli
 
 REPORT_FILES = ("report.json", "report.md", "junit.xml", "report.png")
 
@@ -154,13 +154,6 @@ def python_model(kind: str) -> str:
         """.rstrip(" ")
 
 
-def read_report(artifact: Path) -> dict:
-    def refuse(name: str) -> None:
-        raise ValueError(f"non-standard JSON constant {name}")
-
-    return json.loads((artifact / "report.json").read_text(), parse_constant=refuse)
-
-
 def a_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -242,13 +235,7 @@ def test_eval_of_a_copied_python_artifact_from_a_third_directory_finds_the_basel
     assert Path(report["artifact"]["path"]) == copied.resolve()
     assert report["baseline"]["spec"] == original["baseline"]["spec"]  # found through the copied report.json
     assert report["baseline"]["size_bytes"] == original["baseline"]["size_bytes"]
-    for before, now in zip(original["results"], report["results"], strict=True):
-        assert now["role"] == before["role"]
-        assert now["accuracy"] == before["accuracy"]
-        assert now["size_bytes"] == before["size_bytes"]
-    fid, fid_before = report["results"][1]["fidelity"], original["results"][1]["fidelity"]
-    assert fid["cos_min"] == pytest.approx(fid_before["cos_min"], abs=1e-6)
-    assert fid["top1_agreement"] == fid_before["top1_agreement"]
+    assert_same_scores(original, report)
     assert sorted(p.name for p in (tmp_path / "third").iterdir()) == []
     for row in report["results"]:
         assert row["load"]["cold"]["load_ms"]["runs"] == 1 and row["load"]["warm"]["load_ms"]["runs"] == 1
