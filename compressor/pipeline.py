@@ -109,7 +109,8 @@ def _write(recipe: Recipe, model: Any, reports: list[dict[str, Any]], out: Path,
             from .export.onnx import export_onnx
 
             with log.step("exporting ONNX and checking it in ONNX Runtime against torch"):
-                onnx_info = export_onnx(model, tmp, recipe.export.onnx)
+                onnx_info = export_onnx(model, tmp, recipe.export.onnx, quantize=model.metadata.get("onnx_quantize"),
+                                        base_dir=recipe.base_dir, log=log)
             worst = max(onnx_info["check"]["max_abs_err"].values(), default=0.0)
             log.info(f"ONNX ({onnx_info['exporter']}, opset {onnx_info['opset']}): max abs error {worst:.3g} vs torch")
         body = {

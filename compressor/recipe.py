@@ -223,13 +223,17 @@ class ExportSpec(Strict):
     )
 
 
+BUILTIN_DATA = ("digits", "digits-train", "text-pairs", "calibration-text")
+
+
 class DataSpec(Strict):
     """Data for accuracy and fidelity: a built-in set, a JSONL/CSV file or a Python function (at most one)."""
 
-    builtin: Literal["digits", "text-pairs"] | None = Field(
+    builtin: Literal["digits", "digits-train", "text-pairs", "calibration-text"] | None = Field(
         None,
         description="A data set shipped with compressor: `digits` (scikit-learn digits, held-out split; digits "
-        "models) or `text-pairs` (240 query/passage pairs; text encoders, scored by top-1 retrieval). Unset with "
+        "models), `digits-train` (its training split), `text-pairs` (240 query/passage pairs; text encoders, "
+        "scored by top-1 retrieval) or `calibration-text` (256 unlabeled sentences on other topics). Unset with "
         "no `path`/`function`: chosen from the model, or fidelity on the example inputs if none fits.",
     )
     path: str | None = Field(
@@ -252,14 +256,14 @@ class DataSpec(Strict):
     def _shorthand(cls, data: Any) -> Any:
         # `data: digits`, `data: eval.jsonl` and `data: mymod:batches` are shorthand for the mapping forms.
         if isinstance(data, str):
-            if data in ("digits", "text-pairs"):
+            if data in BUILTIN_DATA:
                 return {"builtin": data}
             if data.lower().endswith((".jsonl", ".csv")):
                 return {"path": data}
             if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", data):
                 return {"function": data}
-            raise ValueError(f"{data!r} is not a built-in data set (digits, text-pairs), a .jsonl/.csv file or "
-                             "a module:function")
+            raise ValueError(f"{data!r} is not a built-in data set ({', '.join(BUILTIN_DATA)}), a .jsonl/.csv "
+                             "file or a module:function")
         return data
 
     @model_validator(mode="after")
@@ -272,6 +276,14 @@ class DataSpec(Strict):
         if self.function is not None and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", self.function):
             raise ValueError(f"function {self.function!r}: write it as module:function, e.g. mydata:batches")
         return self
+
+
+class CalibrationSpec(DataSpec):
+    """Calibration data for int8 ONNX quantization (`quantize` with mode dynamic or static): a built-in set, a
+    JSONL/CSV file or a Python function, as for `evaluate.data`. Unset: the digits training split for digits
+    models, `calibration-text` for text encoders, else the example inputs. Labels, if any, are not used."""
+
+    limit: PositiveInt | None = Field(128, description="Use only the first N examples (calibration needs few).")
 
 
 class SpeedSpec(Strict):
@@ -520,11 +532,27 @@ def parse_recipe(data: bytes | str, *, file: str = "<recipe>", base_dir: Path | 
         problems += _problems(exc, located, Recipe, ())
     raw_passes = located.data.get("passes")
     steps = _validate_passes(raw_passes, located, problems) if isinstance(raw_passes, list) else []
+    if recipe is not None and not problems:
+        _check_with_recipe(steps, recipe, located, problems)
     if problems:
         raise RecipeError(problems)
     assert recipe is not None
     recipe._steps, recipe._file, recipe._base_dir = steps, file, base
     return recipe
+
+
+def _check_with_recipe(steps: list[PassStep], recipe: Recipe, located: Located, problems: list[Problem]) -> None:
+    """Ask each pass whether it can work with the rest of the recipe (e.g. an ONNX-only mode without ONNX)."""
+    from .passes.base import get_pass
+
+    for step in steps:
+        check = getattr(get_pass(step.name), "recipe_problem", None)
+        found = check(step.config, recipe) if check is not None else None
+        if found is not None:
+            message, key, hint = found
+            where = located.where(("passes", step.index, step.name, key))
+            problems.append(Problem(message, file=located.file, line=where[0], col=where[1],
+                                    path=f"passes[{step.index}].{step.name}.{key}", hint=hint))
 
 
 _EXAMPLE = (

@@ -22,9 +22,12 @@ import torch
 
 from ..errors import UsageError
 
-__all__ = ["EvalData", "build_data", "check_data_file", "builtin_text_pairs", "TEXT_PAIRS", "tokenizer_for"]
+__all__ = ["EvalData", "build_data", "build_calibration", "check_data_file", "builtin_text_pairs", "TEXT_PAIRS",
+           "CALIBRATION_TEXTS", "tokenizer_for"]
 
 TEXT_PAIRS = Path(__file__).resolve().parent.parent / "data" / "text_pairs.jsonl"
+# Unlabeled sentences on topics disjoint from TEXT_PAIRS: quantization calibrates on these and is scored on those.
+CALIBRATION_TEXTS = Path(__file__).resolve().parent.parent / "data" / "calibration_texts.jsonl"
 MAX_ROWS = 1_000_000
 
 
@@ -79,8 +82,14 @@ def build_data(
             builtin = "digits"
         elif task == "text-embedding" and tokenizer_for(artifact) is not None:
             builtin = "text-pairs"
-    if builtin == "digits":
-        data = _digits(example_inputs, spec.batch_size, spec.limit)
+    if builtin in ("digits", "digits-train"):
+        data = _digits(example_inputs, spec.batch_size, spec.limit, train=builtin == "digits-train")
+    elif builtin == "calibration-text":
+        texts = [_field("calibration-text (built in)", r, "text", str) for r in _read_jsonl(CALIBRATION_TEXTS)]
+        texts = texts[: spec.limit] if spec.limit is not None else texts
+        tok = _need_tokenizer(artifact, "the calibration-text sentences")
+        data = EvalData(name=f"calibration-text (built in, {len(texts)} sentences)", metric=None,
+                        batches=_tokenize(texts, tok, example_inputs, spec.batch_size), texts=texts[:64])
     elif builtin == "text-pairs":
         data = _pairs_data("text-pairs (built in)", builtin_text_pairs(), artifact, example_inputs, spec)
     elif spec.path is not None:
@@ -102,7 +111,36 @@ def builtin_text_pairs() -> list[dict[str, str]]:
     return _read_jsonl(TEXT_PAIRS)
 
 
-def _digits(example_inputs: dict[str, torch.Tensor], batch_size: int, limit: int | None) -> EvalData:
+def build_calibration(
+    spec: Any,
+    *,
+    artifact: Path,
+    task: str | None,
+    source: dict[str, Any],
+    example_inputs: dict[str, torch.Tensor],
+    base_dir: Path,
+) -> EvalData:
+    """Calibration batches for quantization (see CalibrationSpec). Unset: the digits training split for digits
+    models, the shipped calibration sentences for text encoders, else the example inputs. Never the built-in
+    evaluation sets, so that a quantizer is not tuned on what it is scored on."""
+    if spec.builtin is None and spec.path is None and spec.function is None:
+        builtin = None
+        if source.get("kind") == "zoo" and str(source.get("name", "")).startswith("digits"):
+            builtin = "digits-train"
+        elif "input_ids" in example_inputs and tokenizer_for(artifact) is not None:
+            builtin = "calibration-text"
+        spec = spec.model_copy(update={"builtin": builtin})
+    if spec.path is not None:  # relative to the recipe, not to an artifact as for `compress eval`
+        path = (base_dir / spec.path).resolve()
+        if not path.is_file():
+            raise UsageError(f"the calibration data file {path} does not exist (paths are relative to the recipe)")
+        return _file_data(path, artifact, example_inputs, spec)
+    return build_data(spec, artifact=artifact, manifest={"task": task, "source": source},
+                      example_inputs=example_inputs, base_dir=base_dir)
+
+
+def _digits(example_inputs: dict[str, torch.Tensor], batch_size: int, limit: int | None,
+            train: bool = False) -> EvalData:
     from ..zoo import digits_split
 
     if len(example_inputs) != 1:
@@ -112,13 +150,14 @@ def _digits(example_inputs: dict[str, torch.Tensor], batch_size: int, limit: int
     if example[0].numel() != 64:
         raise UsageError(f"the digits data set has 8x8 = 64 pixels per example; this model's input {name!r} has "
                          f"{example[0].numel()} values per example (shape {list(example.shape)})")
-    _, x_test, _, y_test = digits_split("digits-mlp")  # the held-out split; reshaped below to the model's layout
-    x = torch.from_numpy(x_test).to(example.dtype).reshape(-1, *example.shape[1:])
-    y = torch.from_numpy(y_test)
+    x_train, x_test, y_train, y_test = digits_split("digits-mlp")  # reshaped below to the model's layout
+    x = torch.from_numpy(x_train if train else x_test).to(example.dtype).reshape(-1, *example.shape[1:])
+    y = torch.from_numpy(y_train if train else y_test)
     if limit is not None:
         x, y = x[:limit], y[:limit]
     batches = [{name: x[i:i + batch_size]} for i in range(0, len(x), batch_size)]
-    return EvalData(name=f"digits (held-out split, {len(x)} images)", metric="top1_accuracy", batches=batches,
+    split = "training" if train else "held-out"
+    return EvalData(name=f"digits ({split} split, {len(x)} images)", metric="top1_accuracy", batches=batches,
                     labels=y)
 
 

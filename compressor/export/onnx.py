@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..model import Model
 
-__all__ = ["ONNX_FILE", "ONNX_DATA", "export_onnx", "save_aligned", "check_against_torch", "ort_session",
+__all__ = ["ONNX_FILE", "ONNX_DATA", "export_onnx", "calibration", "save_aligned", "check_against_torch", "ort_session",
            "BIG_TENSOR", "BIG_ALIGN", "SMALL_ALIGN"]
 
 ONNX_FILE = "model.onnx"
@@ -30,9 +30,13 @@ INLINE_BELOW = 1024
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
-def export_onnx(model: Model, out_dir: Path, spec: Any) -> dict[str, Any]:
+def export_onnx(model: Model, out_dir: Path, spec: Any, *, quantize: dict[str, Any] | None = None,
+                base_dir: Path | None = None, log: Any = None) -> dict[str, Any]:
     """Export ``model`` to ``out_dir/model.onnx`` (+ ``model.onnx.data``), check it in ONNX Runtime against torch
-    on the example inputs, and return the manifest entry. Raises CompressorError (exit 1) on a mismatch."""
+    on the example inputs, and return the manifest entry. Raises CompressorError (exit 1) on a mismatch.
+
+    ``quantize`` ({"index": pass index, "config": QuantizeConfig}) then turns the checked float model into int8
+    (compressor.export.onnx_quant), calibrating on data resolved against ``base_dir``."""
     import onnx
 
     with tempfile.TemporaryDirectory(prefix="compress-onnx-") as tmp:
@@ -43,7 +47,7 @@ def export_onnx(model: Model, out_dir: Path, spec: Any) -> dict[str, Any]:
         proto = onnx.load(str(path), load_external_data=True)
     files = save_aligned(proto, out_dir)
     check = check_against_torch(model, out_dir / ONNX_FILE, spec.atol, spec.rtol)
-    return {
+    info = {
         "model": ONNX_FILE,
         "files": files,
         "exporter": exporter,
@@ -52,6 +56,29 @@ def export_onnx(model: Model, out_dir: Path, spec: Any) -> dict[str, Any]:
         "outputs": [o.name for o in proto.graph.output],
         "check": check,
     }
+    if quantize is not None:
+        from .onnx_quant import quantize_onnx
+
+        config = quantize["config"]
+        calib = calibration(model, out_dir, config.calibration, base_dir or Path.cwd())
+        del proto
+        with tempfile.TemporaryDirectory(prefix="compress-int8-") as work:
+            quantized, report = quantize_onnx(out_dir / ONNX_FILE, Path(work), config, calib,
+                                              where=f"passes[{quantize['index']}].quantize", log=log)
+        info["files"] = save_aligned(quantized, out_dir)
+        info["quantization"] = report
+    return info
+
+
+def calibration(model: Model, artifact: Path, spec: Any, base_dir: Path) -> Any:
+    """Calibration batches for ONNX quantization, as numpy feeds (see CalibrationSpec)."""
+    from ..evaluate.data import build_calibration
+    from .onnx_quant import Calibration
+
+    data = build_calibration(spec, artifact=artifact, task=model.task, source=model.source,
+                             example_inputs=model.example_inputs, base_dir=base_dir)
+    feeds = [{k: v.detach().cpu().numpy() for k, v in batch.items() if k != "labels"} for batch in data.batches]
+    return Calibration(feeds=feeds, name=data.name, pooled=model.task == "text-embedding")
 
 
 def _is_transformers(module: Any) -> bool:

@@ -1,19 +1,23 @@
-"""`quantize`: int8 weights with float32 scales (weight-only), for torch/safetensors artifacts.
+"""`quantize`: int8 weights (weight-only, torch/safetensors) or int8 compute in ONNX Runtime (dynamic, static).
 
-Each selected weight is replaced by its int8 grid value ``q * scale`` (symmetric, per output channel by default),
-so the module computes exactly what the artifact stores; on disk the weight is an int8 tensor plus its scales.
-Compute stays in float: `compressor.load` dequantizes on load.
+weight-only: each selected weight is replaced by its int8 grid value ``q * scale`` (symmetric, per output channel
+by default), so the module computes exactly what the artifact stores; on disk the weight is an int8 tensor plus
+its scales. Compute stays in float: `compressor.load` dequantizes on load (or keeps int8).
+
+dynamic / static: int8 matrix products in ONNX Runtime, applied to the exported ONNX model
+(compressor.export.onnx_quant); the torch module and the safetensors artifact stay float.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..encodings import Int8
 from ..errors import Problem, RecipeError
+from ..recipe import CalibrationSpec
 from .base import Context, Pass, PassConfig, PassResult, register_pass
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -23,10 +27,14 @@ if TYPE_CHECKING:  # pragma: no cover
 class QuantizeConfig(PassConfig):
     """Settings of the `quantize` pass."""
 
-    mode: Literal["weight-only"] = Field(
+    mode: Literal["weight-only", "dynamic", "static"] = Field(
         "weight-only",
         description="weight-only: int8 weights with float32 scales, float compute (torch and safetensors "
-        "artifacts; about 4x smaller).",
+        "artifacts; about 4x smaller). dynamic: the ONNX artifact computes matrix products in int8, activations "
+        "quantized at run time per tensor (ONNX Runtime's MatMulInteger / DynamicQuantizeMatMul); the fast CPU "
+        "mode for transformers. static: QDQ format, activation scales fixed from calibration data (`method`); "
+        "the usual mode for CNNs. dynamic and static need `export: {onnx: {}}` and leave the safetensors "
+        "artifact in float.",
     )
     per_channel: bool = Field(
         True, description="One scale per output channel (row of the weight); false: one scale per tensor."
@@ -44,6 +52,50 @@ class QuantizeConfig(PassConfig):
         1024, ge=1, description="Weights with fewer elements stay in float (their scales would cost more than "
         "they save)."
     )
+    smooth: Literal["auto", "off"] | float = Field(
+        "auto",
+        description="dynamic/static: outlier smoothing (SmoothQuant). Each int8 matrix product's input is divided "
+        "per channel by s = max|x|^a / max|w|^(1-a) and its weight rows multiplied by s, an exact rewrite that "
+        "moves activation outliers into the weights. `auto` picks a per input from 0 (off) to 0.95 by the "
+        "smallest output error on the calibration data; a number in (0, 1] fixes a; `off` disables it.",
+    )
+    calibration: CalibrationSpec = Field(
+        default_factory=CalibrationSpec,
+        description="dynamic/static: data for activation ranges, smoothing and the fidelity check (same forms as "
+        "`evaluate.data`; default: the digits training split or the shipped calibration sentences).",
+    )
+    method: Literal["minmax", "percentile", "entropy"] = Field(
+        "minmax",
+        description="static: how activation ranges are set from calibration data: minmax (observed range), "
+        "percentile (clip at `percentile`), entropy (KL-divergence-minimizing clip).",
+    )
+    percentile: float = Field(99.999, gt=90, le=100, description="static, method percentile: the percentile kept.")
+    target_fidelity: float | None = Field(
+        None, gt=0, le=1,
+        description="dynamic/static: minimum cosine similarity to the float ONNX model, per calibration example "
+        "(mean-pooled embeddings for text encoders). Below it, the matrix products with the largest output "
+        "error move to float compute (weights stay int8 on disk), one at a time, until it is met or "
+        "`max_float` is reached. Unset: no fallback.",
+    )
+    max_float: float = Field(
+        0.25, ge=0, le=1, description="dynamic/static: at most this fraction of the quantizable matrix products "
+        "may move to float compute for `target_fidelity`."
+    )
+
+    @model_validator(mode="after")
+    def _mode_fields(self) -> QuantizeConfig:
+        onnx_only = {"smooth", "calibration", "method", "percentile", "target_fidelity", "max_float"}
+        if self.mode == "weight-only":
+            wrong = sorted(onnx_only & self.model_fields_set)
+            if wrong:
+                raise ValueError(f"{', '.join(wrong)} only apply to mode dynamic or static (int8 ONNX); mode "
+                                 "weight-only quantizes the stored weights alone")
+        elif self.mode == "dynamic" and self.model_fields_set & {"method", "percentile"}:
+            raise ValueError("method/percentile set activation ranges from calibration, which only mode static "
+                             "has; dynamic measures them at run time")
+        if isinstance(self.smooth, float) and not 0 < self.smooth <= 1:
+            raise ValueError(f"smooth {self.smooth}: a fixed smoothing strength must be in (0, 1]; or `auto`/`off`")
+        return self
 
 
 @register_pass
@@ -59,10 +111,24 @@ class QuantizePass(Pass):
         "quantize": "the weights are already on an int8 grid; keep one quantize",
     }
 
+    @classmethod
+    def recipe_problem(cls, config: Any, recipe: Any) -> tuple[str, str, str] | None:
+        """(message, recipe path, hint) when this pass cannot work with the rest of ``recipe``."""
+        if config.mode != "weight-only" and recipe.export.onnx is None:
+            return (f"mode {config.mode} quantizes the ONNX artifact, but this recipe exports no ONNX", "mode",
+                    "add `export: {onnx: {}}`, or use mode weight-only for a safetensors-only artifact")
+        return None
+
     def apply(self, model: Model, ctx: Context) -> PassResult:
         import torch
 
         config: QuantizeConfig = self.config  # type: ignore[assignment]
+        if config.mode != "weight-only":
+            # int8 compute exists only in the ONNX artifact: the exporter applies it after the float export has
+            # been checked against torch (compressor.export.onnx_quant).
+            model.metadata["onnx_quantize"] = {"index": self.index, "config": config}
+            ctx.info(f"int8 {config.mode} quantization will be applied to the exported ONNX model")
+            return PassResult(touched=[], details={"format": "int8", "mode": config.mode, "applies_to": "onnx"})
         modules = dict(model.module.named_modules())
         matched = {pattern: False for pattern in config.exclude}
 

@@ -1,0 +1,651 @@
+"""int8 quantization of an exported ONNX model, for ONNX Runtime: dynamic or static, with outlier smoothing,
+per-row int8 embeddings, automatic fallback of nodes ONNX Runtime cannot run, and a fidelity-driven fallback of
+the most harmful matrix products to float compute.
+
+The heavy lifting (MatMulInteger / DynamicQuantizeLinear for dynamic, QDQ and calibration for static) is ONNX
+Runtime's own quantizer; this module prepares the graph for it and checks what comes out:
+
+1. Gemm nodes with a constant weight become MatMul + Add (ONNX Runtime quantizes MatMul dynamically, not Gemm).
+2. Calibration batches run through the float model, recording the reference output and, for every input that
+   feeds int8 matrix products, per-channel maxima plus a few whole batches.
+3. Smoothing (SmoothQuant, Xiao et al. 2023): ``x @ W == (x / s) @ (s * W)``. Transformers have a few hidden
+   channels a hundred times larger than the rest, and one per-tensor activation scale must cover them, leaving
+   the others a handful of int8 levels. Dividing those channels by ``s`` (an explicit Mul: the input is also the
+   residual, so it cannot be folded into the LayerNorm) and multiplying the weight rows by ``s`` flattens the
+   activation at the cost of a rougher weight, which per-channel weight scales absorb. The strength ``a`` in
+   ``s = max|x|^a / max|w|^(1-a)`` is chosen per input by the smallest output error on the calibration batches,
+   emulating exactly the quantization ONNX Runtime will do.
+4. ONNX Runtime's quantizer rewrites the chosen MatMul / Conv nodes.
+5. Embedding tables (Gather on a constant matrix) are stored int8 with one scale per row and dequantized after
+   the lookup, so only the rows looked up are ever converted.
+6. The result must load and run in a plain session: a node ONNX Runtime rejects is put back in float (listed in
+   the report) and the model rebuilt, never a crash.
+7. With ``target_fidelity``, the matrix products with the largest output error move to float compute one at a
+   time (their weights stay int8 on disk and are converted once when the session loads) until the model's
+   outputs are within the target cosine of the float model's on every calibration example.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import CompressorError, Problem, RecipeError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx
+
+__all__ = ["Calibration", "quantize_onnx", "ALPHAS"]
+
+ALPHAS = (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)  # 0: no smoothing
+SAMPLE_BATCHES = 4  # whole calibration batches kept per input for the smoothing search
+KIND_OF_OP = {"MatMul": "Linear", "Gemm": "Linear", "Gather": "Embedding", "Conv": "Conv"}
+
+
+@dataclass
+class Calibration:
+    """Calibration batches (numpy feeds keyed by graph input name) and how outputs are compared."""
+
+    feeds: list[dict[str, np.ndarray]]
+    name: str
+    pooled: bool = False  # text encoder: compare attention-mask mean-pooled first outputs
+
+
+@dataclass
+class _Plan:
+    """What gets quantized how."""
+
+    dynamic: list[str] = field(default_factory=list)  # MatMul / Conv nodes for ONNX Runtime's quantizer
+    embeddings: list[str] = field(default_factory=list)  # Gather nodes: per-row int8 table
+    weight_only: dict[str, str] = field(default_factory=dict)  # MatMul nodes: int8 on disk, float compute
+    left_in_float: dict[str, str] = field(default_factory=dict)  # node -> why
+
+
+def quantize_onnx(src: Path, work: Path, config: Any, calib: Calibration, *, where: str = "quantize",
+                  log: Any = None) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Quantize the float ONNX model at ``src`` as ``config`` (a QuantizeConfig, mode dynamic or static) asks.
+
+    ``work`` is an empty scratch directory. Returns the quantized model (external data loaded) and the report
+    that goes into the manifest. Raises RecipeError for patterns that match nothing, CompressorError when the
+    model cannot be quantized at all."""
+    import onnx
+
+    say = log.info if log is not None else (lambda _msg: None)
+    model = onnx.load(str(src), load_external_data=True)
+    gemms = _gemm_to_matmul(model)
+    candidates, plan = _select(model, config, where)
+    if not candidates["matmul"] and not candidates["conv"] and not candidates["gather"]:
+        raise CompressorError(f"{where}: no node of the ONNX model can be quantized (no MatMul/Gemm/Conv with a "
+                              "constant weight and no embedding table); " + _summary(plan.left_in_float))
+    float_path = work / "float.onnx"
+    _save(model, float_path)
+    reference, stats = _calibrate(float_path, calib, _matmul_groups(model, candidates["matmul"]))
+    alphas = _smooth(model, config, stats, candidates["matmul"])
+    smoothed = sum(1 for a in alphas.values() if a > 0)
+    if smoothed:
+        say(f"smoothing {smoothed} of {len(alphas)} matrix-product inputs (strength "
+            f"{min(a for a in alphas.values() if a > 0):g}-{max(alphas.values()):g})")
+    smooth_path = work / "smoothed.onnx"
+    _save(model, smooth_path)
+    local_error = {n: e for g in stats.values() for n, e in g.get("error", {}).items()}
+    relative_error = {n: e for g in stats.values() for n, e in g.get("relative", {}).items()}
+    plan.dynamic = candidates["matmul"] + candidates["conv"]
+    plan.embeddings = candidates["gather"]
+
+    out_path = work / "quantized.onnx"
+    build = _builder(smooth_path, out_path, config, calib, work, reference)
+    fidelity = build(plan)
+    say(f"int8 {config.mode}: {len(plan.dynamic)} nodes quantized; min cosine to float {fidelity['min']:.5f} on "
+        f"{calib.name}")
+    moved: list[str] = []
+    if config.target_fidelity is not None and fidelity["min"] < config.target_fidelity:
+        fidelity = _fallback(plan, build, fidelity, (local_error, relative_error), config, moved, say)
+        _ = build(plan)  # leave the chosen plan's model in out_path
+    result = onnx.load(str(out_path), load_external_data=True)
+    report = {
+        "mode": config.mode,
+        "per_channel": config.per_channel,
+        "weights": "int8 symmetric" + (" per channel" if config.per_channel else " per tensor"),
+        "activations": ("uint8 per tensor, range measured at run time" if config.mode == "dynamic"
+                        else f"uint8 per tensor, range from calibration ({config.method})"),
+        "calibration": {"data": calib.name, "batches": len(calib.feeds)},
+        "nodes_quantized": sorted(plan.dynamic),
+        "embeddings_int8_per_row": sorted(plan.embeddings),
+        "float_compute_int8_weights": dict(sorted(plan.weight_only.items())),
+        "left_in_float": dict(sorted(plan.left_in_float.items())),
+        "gemm_rewritten": gemms,
+        "smoothing": {k: v for k, v in sorted(alphas.items()) if v > 0},
+        "fidelity_on_calibration": {"min_cosine": round(fidelity["min"], 6), "mean_cosine": round(fidelity["mean"], 6),
+                                    "target": config.target_fidelity, "moved_to_float": moved},
+    }
+    return result, report
+
+
+PROBE = 4  # fallback candidates tried per step from each of the two local-error rankings
+
+
+def _fallback(plan: _Plan, build: Any, fidelity: dict[str, float], errors: tuple[dict[str, float], dict[str, float]],
+              config: Any, moved: list[str], say: Any) -> dict[str, float]:
+    """Move matrix products to float compute until ``config.target_fidelity`` is met on the calibration data.
+
+    Local output errors alone rank poorly (a large relative error on a small attention output matters less than
+    a small one on a large FFN output), so each step measures: the few worst nodes by absolute and by relative
+    local error are each tried, and the one that raises the minimum cosine most is moved."""
+    budget = int(config.max_float * (len(plan.dynamic) + len(plan.weight_only)))
+    absolute, relative = errors
+    while len(moved) < budget and fidelity["min"] < config.target_fidelity:
+        remaining = [n for n in plan.dynamic if n in absolute]
+        pool = list(dict.fromkeys(sorted(remaining, key=lambda n: -absolute[n])[:PROBE]
+                                  + sorted(remaining, key=lambda n: -relative[n])[:PROBE]))
+        if not pool:
+            break
+        tried = {}
+        for name in pool:
+            plan.dynamic.remove(name)
+            plan.weight_only[name] = "target_fidelity"
+            tried[name] = build(plan)
+            plan.weight_only.pop(name)
+            plan.dynamic.append(name)
+        name = max(tried, key=lambda n: tried[n]["min"])
+        if tried[name]["min"] <= fidelity["min"]:
+            say(f"  no single matrix product in float raises the minimum cosine above {fidelity['min']:.5f}; stop")
+            break
+        plan.dynamic.remove(name)
+        plan.weight_only[name] = "target_fidelity: moving it to float raised the calibration fidelity most"
+        moved.append(name)
+        fidelity = tried[name]
+        say(f"  {name}: float compute (int8 weights) -> min cosine {fidelity['min']:.5f}")
+    if fidelity["min"] < config.target_fidelity:
+        say(f"target_fidelity {config.target_fidelity} not reached with {len(moved)} of at most {budget} matrix "
+            f"products in float (max_float {config.max_float}); min cosine {fidelity['min']:.5f}")
+    return fidelity
+
+
+# ------------------------------------------------------------------------------------------------ selection
+
+
+def _gemm_to_matmul(model: onnx.ModelProto) -> list[str]:
+    """Gemm(A, B, C) with constant B (alpha = beta = 1, no transA) -> MatMul(A, B') + Add(C)."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    out, done = [], []
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            out.append(node)
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        if attrs.get("transB", 0):
+            weight = weight.T
+        inits[node.input[1]].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(weight), node.input[1]))
+        name = node.name or f"gemm_{len(done)}"
+        if len(node.input) > 2 and node.input[2]:
+            mid = f"{name}/matmul_output"
+            out.append(helper.make_node("MatMul", [node.input[0], node.input[1]], [mid], name=name))
+            out.append(helper.make_node("Add", [mid, node.input[2]], list(node.output), name=f"{name}/bias"))
+        else:
+            out.append(helper.make_node("MatMul", [node.input[0], node.input[1]], list(node.output), name=name))
+        done.append(name)
+    if done:
+        del model.graph.node[:]
+        model.graph.node.extend(out)
+    return done
+
+
+def module_name(node_name: str) -> str:
+    """The torch module a node came from: '/encoder/layer.0/output/dense/MatMul' -> 'encoder.layer.0.output.dense'."""
+    parts = node_name.strip("/").split("/")
+    return ".".join(parts[:-1]) if len(parts) > 1 else node_name
+
+
+def _select(model: onnx.ModelProto, config: Any, where: str) -> tuple[dict[str, list[str]], _Plan]:
+    from onnx import TensorProto
+
+    inits = {i.name: i for i in model.graph.initializer}
+    plan = _Plan()
+    found: dict[str, list[str]] = {"matmul": [], "conv": [], "gather": []}
+    hit = {p: False for p in config.exclude}
+
+    def chosen(node: Any) -> bool:
+        kind = KIND_OF_OP[node.op_type]
+        names = (node.name, module_name(node.name))
+        if not any(fnmatch.fnmatchcase(kind, p) or fnmatch.fnmatchcase(kind + "2d", p) or fnmatch.fnmatchcase(kind + "1d", p)
+                   or any(fnmatch.fnmatchcase(n, p) for n in names) for p in config.modules):
+            return False
+        for pattern in config.exclude:
+            if any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                hit[pattern] = True
+                plan.left_in_float[node.name] = f"excluded by {pattern!r}"
+                return False
+        return True
+
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Conv", "Gather"):
+            continue
+        weight_input = 0 if node.op_type == "Gather" else 1
+        weight = inits.get(node.input[weight_input])
+        if weight is None or not node.name:
+            continue
+        if not chosen(node):
+            continue
+        numel = int(np.prod(weight.dims))
+        if weight.data_type != TensorProto.FLOAT:
+            plan.left_in_float[node.name] = f"weight {TensorProto.DataType.Name(weight.data_type).lower()}, not float32"
+        elif numel < config.min_elements:
+            plan.left_in_float[node.name] = f"{numel} weight elements (< min_elements {config.min_elements})"
+        elif node.op_type == "MatMul" and len(weight.dims) == 2:
+            found["matmul"].append(node.name)
+        elif node.op_type == "Conv":
+            found["conv"].append(node.name)
+        elif node.op_type == "Gather" and len(weight.dims) == 2 and _gather_axis(node) == 0:
+            found["gather"].append(node.name)
+        else:
+            plan.left_in_float[node.name] = f"{node.op_type} with a {len(weight.dims)}-D weight is not quantized"
+    missed = [p for p, ok in hit.items() if not ok]
+    if missed:
+        sample = ", ".join(module_name(n) for n in (found["matmul"] + found["conv"])[:6])
+        raise RecipeError(Problem(f"exclude pattern(s) {', '.join(repr(p) for p in missed)} match no node of the "
+                                  "ONNX model that would be quantized", path=f"{where}.exclude",
+                                  hint=f"patterns match ONNX node names or their module names, e.g. {sample}"))
+    return found, plan
+
+
+def _gather_axis(node: Any) -> int:
+    from onnx import helper
+
+    for attr in node.attribute:
+        if attr.name == "axis":
+            return int(helper.get_attribute_value(attr))
+    return 0
+
+
+def _matmul_groups(model: onnx.ModelProto, names: list[str]) -> dict[str, list[str]]:
+    """Quantizable MatMul nodes grouped by their activation input (Q, K and V share one)."""
+    wanted = set(names)
+    groups: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        if node.name in wanted:
+            groups.setdefault(node.input[0], []).append(node.name)
+    return groups
+
+
+def _summary(reasons: dict[str, str]) -> str:
+    if not reasons:
+        return "the graph has no such node"
+    items = list(reasons.items())
+    return "; ".join(f"{k}: {v}" for k, v in items[:3]) + (f" (+{len(items) - 3} more)" if len(items) > 3 else "")
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+
+
+def _session(path: Path, threads: int | None = None) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def _calibrate(path: Path, calib: Calibration, groups: dict[str, list[str]]) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """Reference outputs of the float model, and for each MatMul input: per-channel max |x| and sample batches."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    present = {o.name for o in model.graph.output}
+    for name in groups:
+        if name not in present:
+            model.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    probe = path.with_name("probe.onnx")
+    onnx.save(model, str(probe))  # same directory: the external data file is shared, not copied
+    session = _session(probe)
+    names = [o.name for o in session.get_outputs()]
+    first = names[0]
+    reference: list[np.ndarray] = []
+    stats: dict[str, Any] = {g: {"absmax": None, "batches": [], "nodes": members} for g, members in groups.items()}
+    for feed in calib.feeds:
+        outs = dict(zip(names, session.run(None, _fit(session, feed))))
+        reference.append(_pool(outs[first], feed, calib.pooled))
+        for g, st in stats.items():
+            x = outs[g].reshape(-1, outs[g].shape[-1]).astype(np.float32)
+            m = np.abs(x).max(axis=0)
+            st["absmax"] = m if st["absmax"] is None else np.maximum(st["absmax"], m)
+            if len(st["batches"]) < SAMPLE_BATCHES:
+                st["batches"].append(x)
+    del session
+    probe.unlink()
+    return reference, stats
+
+
+def _fit(session: Any, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The feed restricted to the session's inputs, in their integer/float types."""
+    out = {}
+    for spec in session.get_inputs():
+        if spec.name not in feed:
+            raise CompressorError(f"the calibration data has no input {spec.name!r} (it has {', '.join(feed)})")
+        value = feed[spec.name]
+        if spec.type == "tensor(int64)":
+            value = value.astype(np.int64)
+        elif spec.type == "tensor(float)":
+            value = value.astype(np.float32)
+        out[spec.name] = value
+    return out
+
+
+def _pool(out: np.ndarray, feed: dict[str, np.ndarray], pooled: bool) -> np.ndarray:
+    out = np.asarray(out, dtype=np.float32)
+    if pooled and out.ndim == 3 and "attention_mask" in feed:
+        mask = feed["attention_mask"].astype(np.float32)[..., None]
+        return (out * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9)
+    return out.reshape(out.shape[0], -1)
+
+
+def _cosines(reference: list[np.ndarray], got: list[np.ndarray]) -> np.ndarray:
+    a, b = np.concatenate(reference), np.concatenate(got)
+    num = (a * b).sum(axis=1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.where(den > 0, num / np.maximum(den, 1e-30), 1.0)
+
+
+# ------------------------------------------------------------------------------------------------ smoothing
+
+
+def _fake_act(x: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+    """uint8 asymmetric quantize-dequantize over the whole tensor, as ONNX Runtime does it (the range always
+    holds 0); dynamic: range of this tensor, static: the calibrated range."""
+    lo = min(float(x.min()), 0.0) if lo is None else lo
+    hi = max(float(x.max()), 0.0) if hi is None else hi
+    scale = max((hi - lo) / 255.0, 1e-12)
+    zero = np.round(-lo / scale)
+    return (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
+
+
+def _fake_weight(w: np.ndarray, per_channel: bool) -> np.ndarray:
+    """int8 symmetric quantize-dequantize of a (in, out) MatMul weight: per output column or per tensor."""
+    m = np.abs(w).max(axis=0, keepdims=True) if per_channel else np.abs(w).max()
+    scale = np.maximum(m / 127.0, 1e-12)
+    return np.clip(np.round(w / scale), -127, 127) * scale
+
+
+def _smooth(model: onnx.ModelProto, config: Any, stats: dict[str, Any], names: list[str]) -> dict[str, float]:
+    """Choose and apply a smoothing strength per MatMul input; record each node's local output error."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    chosen: dict[str, float] = {}
+    new_nodes: dict[str, Any] = {}
+    for x_name, st in stats.items():
+        members = [nodes[n] for n in st["nodes"]]
+        weights = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n in members]
+        wmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+        amax = st["absmax"]
+        if config.smooth == "off":
+            grid: tuple[float, ...] = (0.0,)
+        elif config.smooth == "auto":
+            grid = ALPHAS
+        else:
+            grid = (float(config.smooth),)
+        best: tuple[float, float, dict[str, float], dict[str, float]] | None = None
+        for alpha in grid:
+            s = _scales(amax, wmax, alpha)
+            errs: dict[str, float] = {}
+            rel: dict[str, float] = {}
+            total_err = total_ref = 0.0
+            qws = [_fake_weight(w * s[:, None], config.per_channel) for w in weights]
+            # static: one range for all batches, as calibration would set it; dynamic: each batch its own.
+            fixed = (min(min(float((b / s).min()) for b in st["batches"]), 0.0),
+                     max(max(float((b / s).max()) for b in st["batches"]), 0.0)) if config.mode == "static" else (None, None)
+            for batch in st["batches"]:
+                xs = batch / s
+                xq = _fake_act(xs, *fixed)
+                for node, w, qw in zip(members, weights, qws):
+                    y = batch @ w
+                    e = float(((y - xq @ qw) ** 2).sum())
+                    r = float((y ** 2).sum())
+                    # Absolute, not relative: what the residual stream receives. A small output with a large
+                    # relative error (attention projections) harms less than a large one (early FFN outputs).
+                    errs[node.name] = errs.get(node.name, 0.0) + e / batch.shape[0]
+                    rel[node.name] = rel.get(node.name, 0.0) + e / max(r, 1e-30)
+                    total_err += e
+                    total_ref += r
+            score = total_err / max(total_ref, 1e-30)
+            if best is None or score < best[0] - 1e-12:
+                best = (score, alpha, errs, rel)
+        assert best is not None
+        _, alpha, st["error"], st["relative"] = best
+        chosen[x_name] = alpha
+        if alpha == 0.0:
+            continue
+        s = _scales(amax, wmax, alpha)
+        inv = numpy_helper.from_array((1.0 / s).astype(np.float32), name=f"{x_name}/smooth_inv")
+        model.graph.initializer.append(inv)
+        y_name = f"{x_name}/smoothed"
+        new_nodes[st["nodes"][0]] = helper.make_node("Mul", [x_name, inv.name], [y_name], name=f"{x_name}/smooth")
+        for node, w in zip(members, weights):
+            inits[node.input[1]].CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32), node.input[1]))
+            node.input[0] = y_name
+    if new_nodes:
+        order = []
+        for node in model.graph.node:
+            if node.name in new_nodes:
+                order.append(new_nodes[node.name])  # just before its first consumer: still topologically sorted
+            order.append(node)
+        del model.graph.node[:]
+        model.graph.node.extend(order)
+    return chosen
+
+
+def _scales(amax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
+    if alpha == 0.0:
+        return np.ones_like(amax, dtype=np.float32)
+    s = np.maximum(amax, 1e-5) ** alpha / np.maximum(wmax, 1e-5) ** (1 - alpha)
+    # Channels that are (nearly) always zero would get s -> 0 and 1/s -> inf.
+    return np.clip(s, 1e-4, 1e4).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------ building
+
+
+def _builder(src: Path, out: Path, config: Any, calib: Calibration, work: Path, reference: list[np.ndarray]) -> Any:
+    """A function plan -> fidelity: quantize ``src`` as the plan says into ``out``, make sure ONNX Runtime loads
+    and runs it (moving nodes it rejects to float), and measure cosine similarity to the float model's outputs
+    (``reference``)."""
+
+    def build(plan: _Plan) -> dict[str, float]:
+        import onnx
+
+        for _attempt in range(len(plan.dynamic) + len(plan.embeddings) + 2):
+            _run_ort_quantizer(src, out, config, plan, calib, work)
+            model = onnx.load(str(out), load_external_data=True)
+            _embeddings_per_row(model, plan.embeddings)
+            _weight_only(model, plan.weight_only)
+            _save(model, out)
+            try:
+                session = _session(out)
+                got = [_pool(session.run(None, _fit(session, feed))[0], feed, calib.pooled) for feed in calib.feeds]
+            except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own exception types
+                culprit = _culprit(str(exc), plan)
+                if culprit is None:
+                    raise CompressorError(f"ONNX Runtime cannot run the int8 model and the error names no node "
+                                          f"that could be put back in float: {type(exc).__name__}: {exc}") from exc
+                for bucket in (plan.dynamic, plan.embeddings):
+                    if culprit in bucket:
+                        bucket.remove(culprit)
+                plan.weight_only.pop(culprit, None)
+                plan.left_in_float[culprit] = f"ONNX Runtime cannot run it quantized: {_first_line(str(exc))}"
+                continue
+            del session
+            cos = _cosines(reference, got)
+            if not np.isfinite(cos).all():
+                raise CompressorError("the int8 model produces non-finite outputs on the calibration data")
+            return {"min": float(cos.min()), "mean": float(cos.mean())}
+        raise CompressorError("ONNX Runtime keeps rejecting the int8 model")
+
+    return build
+
+
+def _first_line(text: str) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else text
+    return line[:300]
+
+
+def _culprit(message: str, plan: _Plan) -> str | None:
+    """The quantized node an ONNX Runtime error is about (ONNX Runtime names nodes in its messages)."""
+    for name in sorted(plan.dynamic + plan.embeddings + list(plan.weight_only), key=len, reverse=True):
+        if re.search(re.escape(name) + r"(_quant|\b|$)", message):
+            return name
+    return None
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """ONNX Runtime's quantizer logs advice through the root logger ("run pre-processing first")."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _run_ort_quantizer(src: Path, out: Path, config: Any, plan: _Plan, calib: Calibration, work: Path) -> None:
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_dynamic, quantize_static)
+
+    for stale in (out, out.with_name(out.name + ".data")):
+        stale.unlink(missing_ok=True)
+    if not plan.dynamic:
+        onnx.save(onnx.load(str(src), load_external_data=True), str(out), save_as_external_data=True,
+                  location=out.name + ".data")
+        return
+    common = dict(per_channel=config.per_channel, nodes_to_quantize=list(plan.dynamic), op_types_to_quantize=["MatMul", "Conv"],
+                  use_external_data_format=True)
+    with _quiet():
+        if config.mode == "dynamic":
+            quantize_dynamic(src, out, weight_type=QuantType.QInt8,
+                             extra_options={"MatMulConstBOnly": True}, **common)
+        else:
+            feeds = calib.feeds
+            names = [i.name for i in onnx.load(str(src), load_external_data=False).graph.input]
+
+            class Reader(CalibrationDataReader):
+                def __init__(self) -> None:
+                    self.it = iter([{n: f[n] for n in names if n in f} for f in feeds])  # already numpy, typed
+
+                def get_next(self) -> dict[str, np.ndarray] | None:
+                    return next(self.it, None)
+
+            method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                      "entropy": CalibrationMethod.Entropy}[config.method]
+            extra: dict[str, Any] = {"WeightSymmetric": True, "ActivationSymmetric": False}
+            if config.method == "percentile":
+                extra["CalibPercentile"] = config.percentile
+            scratch = work / "calibration"
+            scratch.mkdir(exist_ok=True)
+            import os
+            import tempfile
+
+            # The calibrator writes its augmented model into the temp directory.
+            previous = tempfile.tempdir
+            tempfile.tempdir = str(scratch)
+            try:
+                quantize_static(src, out, Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                                weight_type=QuantType.QInt8, calibrate_method=method, extra_options=extra, **common)
+            finally:
+                tempfile.tempdir = previous
+                for leftover in scratch.iterdir():
+                    if leftover.is_file():
+                        os.unlink(leftover)
+
+
+def _embeddings_per_row(model: onnx.ModelProto, names: list[str]) -> None:
+    """Gather(table, ids) -> Gather(int8 table, ids) * Gather(row scales, ids): int8 on disk and in memory, only
+    the looked-up rows converted."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if not names:
+        return
+    inits = {i.name: i for i in model.graph.initializer}
+    wanted = set(names)
+    order = []
+    for node in model.graph.node:
+        if node.name not in wanted or node.input[0] not in inits:
+            order.append(node)
+            continue
+        table = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
+        scale = np.maximum(np.abs(table).max(axis=1) / 127.0, 1e-12).astype(np.float32)
+        q = np.clip(np.round(table / scale[:, None]), -127, 127).astype(np.int8)
+        base = node.input[0]
+        inits[base].CopyFrom(numpy_helper.from_array(q, base + "_int8"))
+        scale_init = numpy_helper.from_array(scale, base + "_row_scale")
+        model.graph.initializer.append(scale_init)
+        axes = numpy_helper.from_array(np.array([-1], dtype=np.int64), base + "_unsqueeze_axes")
+        model.graph.initializer.append(axes)
+        n = node.name
+        order += [
+            helper.make_node("Gather", [base + "_int8", node.input[1]], [n + "/q"], name=n + "/q", axis=0),
+            helper.make_node("Cast", [n + "/q"], [n + "/qf"], name=n + "/cast", to=TensorProto.FLOAT),
+            helper.make_node("Gather", [scale_init.name, node.input[1]], [n + "/s"], name=n + "/scale", axis=0),
+            helper.make_node("Unsqueeze", [n + "/s", axes.name], [n + "/s1"], name=n + "/unsqueeze"),
+            helper.make_node("Mul", [n + "/qf", n + "/s1"], list(node.output), name=n),
+        ]
+    del model.graph.node[:]
+    model.graph.node.extend(order)
+
+
+def _weight_only(model: onnx.ModelProto, names: dict[str, str]) -> None:
+    """MatMul(x, W) -> MatMul(x, Cast(W_int8) * scales): int8 on disk; ONNX Runtime folds the constant Cast and
+    Mul once when the session loads and computes in float. (DequantizeLinear would be fused into an int8 kernel
+    that quantizes the activations again, which is what these nodes must avoid.)"""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if not names:
+        return
+    inits = {i.name: i for i in model.graph.initializer}
+    order = []
+    for node in model.graph.node:
+        if node.name not in names or node.input[1] not in inits:
+            order.append(node)
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        scale = np.maximum(np.abs(w).max(axis=0) / 127.0, 1e-12).astype(np.float32)
+        q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+        base = node.input[1]
+        inits[base].CopyFrom(numpy_helper.from_array(q, base + "_int8"))
+        model.graph.initializer.append(numpy_helper.from_array(scale, base + "_col_scale"))
+        n = node.name
+        order += [
+            helper.make_node("Cast", [base + "_int8"], [n + "/wf"], name=n + "/cast", to=TensorProto.FLOAT),
+            helper.make_node("Mul", [n + "/wf", base + "_col_scale"], [n + "/w"], name=n + "/dequantize"),
+        ]
+        node.input[1] = n + "/w"
+        order.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(order)
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    """Save with all weights in one external file beside it (ONNX Runtime's quantizer and sessions read files)."""
+    import onnx
+
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # saving as external data strips the tensors from the proto it is given
+    onnx.save(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
+              size_threshold=1024)
