@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+from collections import Counter
 import logging
 import re
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ __all__ = ["Calibration", "quantize_onnx", "ALPHAS"]
 
 ALPHAS = (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)  # 0: no smoothing
 SAMPLE_BATCHES = 4  # whole calibration batches kept per input for the smoothing search
+SAMPLE_ROWS = 512  # rows (tokens) of each whose output error is measured
 KIND_OF_OP = {"MatMul": "Linear", "Gemm": "Linear", "Gather": "Embedding", "Conv": "Conv"}
 
 
@@ -79,6 +81,7 @@ def quantize_onnx(src: Path, work: Path, config: Any, calib: Calibration, *, whe
 
     say = log.info if log is not None else (lambda _msg: None)
     model = onnx.load(str(src), load_external_data=True)
+    _name_nodes(model)
     gemms = _gemm_to_matmul(model)
     candidates, plan = _select(model, config, where)
     if not candidates["matmul"] and not candidates["conv"] and not candidates["gather"]:
@@ -86,7 +89,13 @@ def quantize_onnx(src: Path, work: Path, config: Any, calib: Calibration, *, whe
                               "constant weight and no embedding table); " + _summary(plan.left_in_float))
     float_path = work / "float.onnx"
     _save(model, float_path)
-    reference, stats = _calibrate(float_path, calib, _matmul_groups(model, candidates["matmul"]))
+    try:
+        reference, stats = _calibrate(float_path, calib, _matmul_groups(model, candidates["matmul"]))
+    except CompressorError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own exception types
+        raise CompressorError(f"{where}: the float ONNX model fails on the calibration data ({calib.name}): "
+                              f"{type(exc).__name__}: {_first_line(str(exc))}") from exc
     alphas = _smooth(model, config, stats, candidates["matmul"])
     smoothed = sum(1 for a in alphas.values() if a > 0)
     if smoothed:
@@ -106,7 +115,8 @@ def quantize_onnx(src: Path, work: Path, config: Any, calib: Calibration, *, whe
         f"{calib.name}")
     moved: list[str] = []
     if config.target_fidelity is not None and fidelity["min"] < config.target_fidelity:
-        fidelity = _fallback(plan, build, fidelity, (local_error, relative_error), config, moved, say)
+        fidelity = _fallback(plan, build, fidelity, (local_error, relative_error), _weight_sizes(model),
+                             config, moved, say)
         _ = build(plan)  # leave the chosen plan's model in out_path
     result = onnx.load(str(out_path), load_external_data=True)
     report = {
@@ -132,12 +142,13 @@ PROBE = 4  # fallback candidates tried per step from each of the two local-error
 
 
 def _fallback(plan: _Plan, build: Any, fidelity: dict[str, float], errors: tuple[dict[str, float], dict[str, float]],
-              config: Any, moved: list[str], say: Any) -> dict[str, float]:
+              cost: dict[str, int], config: Any, moved: list[str], say: Any) -> dict[str, float]:
     """Move matrix products to float compute until ``config.target_fidelity`` is met on the calibration data.
 
     Local output errors alone rank poorly (a large relative error on a small attention output matters less than
     a small one on a large FFN output), so each step measures: the few worst nodes by absolute and by relative
-    local error are each tried, and the one that raises the minimum cosine most is moved."""
+    local error are each tried, and the one that raises the minimum cosine most per weight element (multiplies
+    per token) is moved."""
     budget = int(config.max_float * (len(plan.dynamic) + len(plan.weight_only)))
     absolute, relative = errors
     while len(moved) < budget and fidelity["min"] < config.target_fidelity:
@@ -150,10 +161,16 @@ def _fallback(plan: _Plan, build: Any, fidelity: dict[str, float], errors: tuple
         for name in pool:
             plan.dynamic.remove(name)
             plan.weight_only[name] = "target_fidelity"
-            tried[name] = build(plan)
+            try:
+                tried[name] = build(plan)
+            except CompressorError as exc:  # this candidate cannot be built: try the others
+                say(f"  {name} in float: {exc}")
             plan.weight_only.pop(name)
             plan.dynamic.append(name)
-        name = max(tried, key=lambda n: tried[n]["min"])
+        if not tried:
+            break
+        # Fidelity gained per multiply moved to float: an attention projection costs a quarter of an FFN one.
+        name = max(tried, key=lambda n: (tried[n]["min"] - fidelity["min"]) / cost.get(n, 1))
         if tried[name]["min"] <= fidelity["min"]:
             say(f"  no single matrix product in float raises the minimum cosine above {fidelity['min']:.5f}; stop")
             break
@@ -168,7 +185,32 @@ def _fallback(plan: _Plan, build: Any, fidelity: dict[str, float], errors: tuple
     return fidelity
 
 
+def _weight_sizes(model: onnx.ModelProto) -> dict[str, int]:
+    """Weight elements of every MatMul/Conv node: its multiplies per output position."""
+    dims = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
+    return {n.name: dims[n.input[1]] for n in model.graph.node
+            if n.op_type in ("MatMul", "Conv") and len(n.input) > 1 and n.input[1] in dims}
+
+
 # ------------------------------------------------------------------------------------------------ selection
+
+
+def _name_nodes(model: onnx.ModelProto) -> None:
+    """Give every unnamed node a unique name: plans, reports and exclusions refer to nodes by name."""
+    taken = {n.name for n in model.graph.node if n.name}
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+
+
+def _users(model: onnx.ModelProto) -> Counter:
+    """How many node inputs read each tensor: a weight read more than once is shared (tied embeddings, ALBERT
+    layers) and must not be rewritten for one of its readers."""
+    return Counter(i for n in model.graph.node for i in n.input)
 
 
 def _gemm_to_matmul(model: onnx.ModelProto) -> list[str]:
@@ -176,10 +218,11 @@ def _gemm_to_matmul(model: onnx.ModelProto) -> list[str]:
     from onnx import helper, numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
+    users = _users(model)
     out, done = [], []
     for node in model.graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if (node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0)
+        if (node.op_type != "Gemm" or node.input[1] not in inits or users[node.input[1]] > 1 or attrs.get("transA", 0)
                 or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
             out.append(node)
             continue
@@ -187,7 +230,7 @@ def _gemm_to_matmul(model: onnx.ModelProto) -> list[str]:
         if attrs.get("transB", 0):
             weight = weight.T
         inits[node.input[1]].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(weight), node.input[1]))
-        name = node.name or f"gemm_{len(done)}"
+        name = node.name
         if len(node.input) > 2 and node.input[2]:
             mid = f"{name}/matmul_output"
             out.append(helper.make_node("MatMul", [node.input[0], node.input[1]], [mid], name=name))
@@ -215,11 +258,14 @@ def _select(model: onnx.ModelProto, config: Any, where: str) -> tuple[dict[str, 
     found: dict[str, list[str]] = {"matmul": [], "conv": [], "gather": []}
     hit = {p: False for p in config.exclude}
 
-    def chosen(node: Any) -> bool:
+    users = _users(model)
+
+    def chosen(node: Any, weight: Any) -> bool:
         kind = KIND_OF_OP[node.op_type]
+        kinds = [kind] + ([f"Conv{len(weight.dims) - 2}d"] if kind == "Conv" else [])
         names = (node.name, module_name(node.name))
-        if not any(fnmatch.fnmatchcase(kind, p) or fnmatch.fnmatchcase(kind + "2d", p) or fnmatch.fnmatchcase(kind + "1d", p)
-                   or any(fnmatch.fnmatchcase(n, p) for n in names) for p in config.modules):
+        if not any(fnmatch.fnmatchcase(k, p) for k in kinds for p in config.modules) and \
+                not any(fnmatch.fnmatchcase(n, p) for n in names for p in config.modules):
             return False
         for pattern in config.exclude:
             if any(fnmatch.fnmatchcase(n, pattern) for n in names):
@@ -233,15 +279,15 @@ def _select(model: onnx.ModelProto, config: Any, where: str) -> tuple[dict[str, 
             continue
         weight_input = 0 if node.op_type == "Gather" else 1
         weight = inits.get(node.input[weight_input])
-        if weight is None or not node.name:
-            continue
-        if not chosen(node):
+        if weight is None or not chosen(node, weight):
             continue
         numel = int(np.prod(weight.dims))
         if weight.data_type != TensorProto.FLOAT:
             plan.left_in_float[node.name] = f"weight {TensorProto.DataType.Name(weight.data_type).lower()}, not float32"
         elif numel < config.min_elements:
             plan.left_in_float[node.name] = f"{numel} weight elements (< min_elements {config.min_elements})"
+        elif users[weight.name] > 1 and node.op_type != "Conv":
+            plan.left_in_float[node.name] = "its weight is shared with other nodes (tied), left as it is"
         elif node.op_type == "MatMul" and len(weight.dims) == 2:
             found["matmul"].append(node.name)
         elif node.op_type == "Conv":
@@ -356,7 +402,8 @@ def _cosines(reference: list[np.ndarray], got: list[np.ndarray]) -> np.ndarray:
     a, b = np.concatenate(reference), np.concatenate(got)
     num = (a * b).sum(axis=1)
     den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return np.where(den > 0, num / np.maximum(den, 1e-30), 1.0)
+    both_zero = (np.linalg.norm(a, axis=1) == 0) & (np.linalg.norm(b, axis=1) == 0)
+    return np.where(den > 0, num / np.maximum(den, 1e-30), np.where(both_zero, 1.0, 0.0))
 
 
 # ------------------------------------------------------------------------------------------------ smoothing
@@ -389,6 +436,8 @@ def _smooth(model: onnx.ModelProto, config: Any, stats: dict[str, Any], names: l
     new_nodes: dict[str, Any] = {}
     for x_name, st in stats.items():
         members = [nodes[n] for n in st["nodes"]]
+        rng = np.random.default_rng(0)
+        st["rows"] = [np.sort(rng.choice(len(b), size=min(len(b), SAMPLE_ROWS), replace=False)) for b in st["batches"]]
         weights = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n in members]
         wmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
         amax = st["absmax"]
@@ -408,16 +457,18 @@ def _smooth(model: onnx.ModelProto, config: Any, stats: dict[str, Any], names: l
             # static: one range for all batches, as calibration would set it; dynamic: each batch its own.
             fixed = (min(min(float((b / s).min()) for b in st["batches"]), 0.0),
                      max(max(float((b / s).max()) for b in st["batches"]), 0.0)) if config.mode == "static" else (None, None)
-            for batch in st["batches"]:
+            for batch, rows in zip(st["batches"], st["rows"]):
                 xs = batch / s
-                xq = _fake_act(xs, *fixed)
+                # The range comes from the whole batch, as at run time; the error from a fixed sample of rows.
+                lo, hi = fixed if fixed[0] is not None else (min(float(xs.min()), 0.0), max(float(xs.max()), 0.0))
+                xq = _fake_act(xs[rows], lo, hi)
                 for node, w, qw in zip(members, weights, qws):
-                    y = batch @ w
+                    y = batch[rows] @ w
                     e = float(((y - xq @ qw) ** 2).sum())
                     r = float((y ** 2).sum())
                     # Absolute, not relative: what the residual stream receives. A small output with a large
                     # relative error (attention projections) harms less than a large one (early FFN outputs).
-                    errs[node.name] = errs.get(node.name, 0.0) + e / batch.shape[0]
+                    errs[node.name] = errs.get(node.name, 0.0) + e / len(rows)
                     rel[node.name] = rel.get(node.name, 0.0) + e / max(r, 1e-30)
                     total_err += e
                     total_ref += r
@@ -451,9 +502,11 @@ def _smooth(model: onnx.ModelProto, config: Any, stats: dict[str, Any], names: l
 def _scales(amax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
     if alpha == 0.0:
         return np.ones_like(amax, dtype=np.float32)
-    s = np.maximum(amax, 1e-5) ** alpha / np.maximum(wmax, 1e-5) ** (1 - alpha)
-    # Channels that are (nearly) always zero would get s -> 0 and 1/s -> inf.
-    return np.clip(s, 1e-4, 1e4).astype(np.float32)
+    # A channel (nearly) always zero in calibration would get s -> 0: one unseen non-zero value at run time,
+    # divided by that s, would then set the range of the whole tensor. Floor both maxima at 1% of the largest.
+    a = np.maximum(amax, max(float(amax.max()) * 0.01, 1e-5))
+    w = np.maximum(wmax, max(float(wmax.max()) * 0.01, 1e-5))
+    return (a ** alpha / w ** (1 - alpha)).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------------ building
@@ -468,7 +521,12 @@ def _builder(src: Path, out: Path, config: Any, calib: Calibration, work: Path, 
         import onnx
 
         for _attempt in range(len(plan.dynamic) + len(plan.embeddings) + 2):
-            _run_ort_quantizer(src, out, config, plan, calib, work)
+            try:
+                _run_ort_quantizer(src, out, config, plan, calib, work)
+            except Exception as exc:  # noqa: BLE001 - the quantizer raises whatever its graph code raises
+                raise CompressorError(f"ONNX Runtime's quantizer failed on this model: {type(exc).__name__}: "
+                                      f"{_first_line(str(exc))}; exclude the node it names (`exclude`) or use "
+                                      "mode weight-only") from exc
             model = onnx.load(str(out), load_external_data=True)
             _embeddings_per_row(model, plan.embeddings)
             _weight_only(model, plan.weight_only)
@@ -555,22 +613,8 @@ def _run_ort_quantizer(src: Path, out: Path, config: Any, plan: _Plan, calib: Ca
             extra: dict[str, Any] = {"WeightSymmetric": True, "ActivationSymmetric": False}
             if config.method == "percentile":
                 extra["CalibPercentile"] = config.percentile
-            scratch = work / "calibration"
-            scratch.mkdir(exist_ok=True)
-            import os
-            import tempfile
-
-            # The calibrator writes its augmented model into the temp directory.
-            previous = tempfile.tempdir
-            tempfile.tempdir = str(scratch)
-            try:
-                quantize_static(src, out, Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                                weight_type=QuantType.QInt8, calibrate_method=method, extra_options=extra, **common)
-            finally:
-                tempfile.tempdir = previous
-                for leftover in scratch.iterdir():
-                    if leftover.is_file():
-                        os.unlink(leftover)
+            quantize_static(src, out, Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, calibrate_method=method, extra_options=extra, **common)
 
 
 def _embeddings_per_row(model: onnx.ModelProto, names: list[str]) -> None:

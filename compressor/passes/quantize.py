@@ -13,7 +13,7 @@ from __future__ import annotations
 import fnmatch
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..encodings import Int8
 from ..errors import Problem, RecipeError
@@ -82,6 +82,14 @@ class QuantizeConfig(PassConfig):
         "may move to float compute for `target_fidelity`."
     )
 
+    @field_validator("smooth", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as false (and `on`/`yes` as true): take the words the user wrote.
+        if isinstance(value, bool):
+            return "auto" if value else "off"
+        return value
+
     @model_validator(mode="after")
     def _mode_fields(self) -> QuantizeConfig:
         onnx_only = {"smooth", "calibration", "method", "percentile", "target_fidelity", "max_float"}
@@ -93,6 +101,8 @@ class QuantizeConfig(PassConfig):
         elif self.mode == "dynamic" and self.model_fields_set & {"method", "percentile"}:
             raise ValueError("method/percentile set activation ranges from calibration, which only mode static "
                              "has; dynamic measures them at run time")
+        if "percentile" in self.model_fields_set and self.method != "percentile":
+            raise ValueError(f"percentile applies to method percentile; method is {self.method}")
         if isinstance(self.smooth, float) and not 0 < self.smooth <= 1:
             raise ValueError(f"smooth {self.smooth}: a fixed smoothing strength must be in (0, 1]; or `auto`/`off`")
         return self
