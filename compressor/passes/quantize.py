@@ -73,9 +73,10 @@ class QuantizeConfig(PassConfig):
     target_fidelity: float | None = Field(
         None, gt=0, le=1,
         description="dynamic/static: minimum cosine similarity to the float ONNX model, per calibration example "
-        "(mean-pooled embeddings for text encoders). Below it, the matrix products with the largest output "
-        "error move to float compute (weights stay int8 on disk), one at a time, until it is met or "
-        "`max_float` is reached. Unset: no fallback.",
+        "(mean-pooled embeddings for text encoders). Below it, matrix products move to float compute (weights "
+        "stay int8 on disk) one at a time, each step taking, among the few with the largest local output error, "
+        "the one that raises the minimum cosine most per multiply, until it is met or `max_float` is reached. "
+        "Unset: no fallback.",
     )
     max_float: float = Field(
         0.25, ge=0, le=1, description="dynamic/static: at most this fraction of the quantizable matrix products "
