@@ -419,11 +419,17 @@ def _fake_act(x: np.ndarray, lo: float | None = None, hi: float | None = None) -
     return (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
 
 
+def _int8(x: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 values and float32 scales (kept dimensions), one scale per slice reduced over ``axis``
+    (None: one for the whole tensor)."""
+    scale = np.maximum(np.abs(x).max(axis=axis, keepdims=True) / 127.0, 1e-12).astype(np.float32)
+    return np.clip(np.round(x / scale), -127, 127).astype(np.int8), scale
+
+
 def _fake_weight(w: np.ndarray, per_channel: bool) -> np.ndarray:
     """int8 symmetric quantize-dequantize of a (in, out) MatMul weight: per output column or per tensor."""
-    m = np.abs(w).max(axis=0, keepdims=True) if per_channel else np.abs(w).max()
-    scale = np.maximum(m / 127.0, 1e-12)
-    return np.clip(np.round(w / scale), -127, 127) * scale
+    q, scale = _int8(w, 0 if per_channel else None)
+    return q * scale
 
 
 def _smooth(model: onnx.ModelProto, config: Any, stats: dict[str, Any], names: list[str]) -> dict[str, float]:
@@ -632,8 +638,8 @@ def _embeddings_per_row(model: onnx.ModelProto, names: list[str]) -> None:
             order.append(node)
             continue
         table = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
-        scale = np.maximum(np.abs(table).max(axis=1) / 127.0, 1e-12).astype(np.float32)
-        q = np.clip(np.round(table / scale[:, None]), -127, 127).astype(np.int8)
+        q, scale = _int8(table, 1)
+        scale = scale[:, 0]
         base = node.input[0]
         inits[base].CopyFrom(numpy_helper.from_array(q, base + "_int8"))
         scale_init = numpy_helper.from_array(scale, base + "_row_scale")
@@ -667,8 +673,8 @@ def _weight_only(model: onnx.ModelProto, names: dict[str, str]) -> None:
             order.append(node)
             continue
         w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-        scale = np.maximum(np.abs(w).max(axis=0) / 127.0, 1e-12).astype(np.float32)
-        q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+        q, scale = _int8(w, 0)
+        scale = scale[0]
         base = node.input[1]
         inits[base].CopyFrom(numpy_helper.from_array(q, base + "_int8"))
         model.graph.initializer.append(numpy_helper.from_array(scale, base + "_col_scale"))
