@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,7 @@ from torch import nn
 
 from .encodings import Dense, Encoding, dtype_from_name
 
-__all__ = ["Model", "install_bridges", "install_dtype_bridge", "find_aliases"]
+__all__ = ["Model", "install_bridges", "install_dtype_bridge", "remove_bridges", "find_aliases"]
 
 
 @dataclass
@@ -79,6 +81,28 @@ class Model:
         """(Re)install every recorded dtype bridge on the module."""
         install_bridges(self.module, self.dtype_bridges)
 
+    @contextmanager
+    def float32_view(self) -> Iterator[nn.Module]:
+        """The module with its float16/bfloat16 tensors widened to float32 and no dtype bridges, for as long as the
+        block runs; then narrowed back and bridged again. Widening and narrowing back are both exact, so the view
+        computes the cast model's weights in float32 (what a narrowed ONNX graph is checked against)."""
+        narrow: list[tuple[torch.Tensor, torch.dtype]] = []
+        seen: set[int] = set()
+        for tensor in (*self.module.parameters(), *self.module.buffers()):
+            if id(tensor) in seen or tensor.dtype not in (torch.float16, torch.bfloat16):
+                continue  # a tied tensor appears once; float32 and integer tensors are left alone
+            seen.add(id(tensor))
+            narrow.append((tensor, tensor.dtype))
+        remove_bridges(self.module)
+        try:
+            for tensor, _ in narrow:
+                tensor.data = tensor.data.float()
+            yield self.module
+        finally:
+            for tensor, dtype in narrow:
+                tensor.data = tensor.data.to(dtype)
+            self.install_bridges()
+
 
 def install_bridges(module: nn.Module, bridges: dict[str, dict[str, str]]) -> None:
     """Install dtype bridges as recorded in a Model / manifest: ``{module name: {"run": dtype, "out": dtype}}``.
@@ -88,6 +112,16 @@ def install_bridges(module: nn.Module, bridges: dict[str, dict[str, str]]) -> No
     for name, spec in bridges.items():
         out = spec.get("out")
         install_dtype_bridge(modules[name], dtype_from_name(spec["run"]), dtype_from_name(out) if out else None)
+
+
+def remove_bridges(module: nn.Module) -> None:
+    """Remove every dtype bridge installed on ``module`` and its submodules."""
+    for sub in module.modules():
+        handles = getattr(sub, _BRIDGE_ATTR, None)
+        if handles is not None:
+            for handle in handles:
+                handle.remove()
+            object.__delattr__(sub, _BRIDGE_ATTR)
 
 
 def find_aliases(module: nn.Module) -> dict[str, str]:

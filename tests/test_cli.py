@@ -54,6 +54,7 @@ CAST_PARAMS = {
     "dtype": ("float16 | bfloat16", '"float16"'),
     "keep_norms": ("bool", "true"),
     "keep": ("list[str]", "[]"),
+    "float32_io": ("bool", "true"),
 }
 
 
@@ -77,7 +78,7 @@ def test_passes_json_matches_the_text():
     assert cast["summary"]
     params = {row["name"]: (row["type"], row["default"]) for row in cast["parameters"]}
     assert params == CAST_PARAMS
-    assert [row["name"] for row in cast["parameters"]] == ["dtype", "keep_norms", "keep"]
+    assert [row["name"] for row in cast["parameters"]] == ["dtype", "keep_norms", "keep", "float32_io"]
     assert all(row["description"] for row in cast["parameters"])
 
     text = run_cli("passes").stdout

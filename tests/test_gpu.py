@@ -65,3 +65,22 @@ def test_eval_on_cuda_reports_gpu_memory_and_both_devices(minilm_fp16, tmp_path)
         assert row["load"]["cold"]["peak_gpu_mb"] > 0
         assert row["accuracy"]["value"] > 50
     assert cuda_rows[1]["fidelity"]["cos_min"] > 0.99
+
+
+def test_float16_onnx_runs_on_the_cuda_provider_and_matches_the_cpu_run(tmp_path):
+    from compressor.evaluate.subjects import OrtModule
+    from compressor.pipeline import run_recipe
+    from compressor.recipe import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: fp16\nmodel: {source: zoo, name: minilm}\npasses:\n  - cast: {dtype: float16}\n"
+                      "export: {onnx: {}}\n")
+    out = tmp_path / "fp16"
+    run_recipe(load_recipe(recipe), out)
+    inputs = load_example_inputs(out)
+    gpu = OrtModule(out / "model.onnx", device="cuda")
+    assert gpu.session.get_providers()[0] == "CUDAExecutionProvider"
+    got = gpu(**inputs).last_hidden_state.float()
+    ref = OrtModule(out / "model.onnx")(**inputs).last_hidden_state.float()  # CPU: widens most float16 ops
+    cos = torch.nn.functional.cosine_similarity(got.flatten(1), ref.flatten(1), dim=1)
+    assert float(cos.min()) > 0.999

@@ -8,6 +8,7 @@ map them), smaller ones at multiples of 64. Tensors under 1 KiB stay inside mode
 from __future__ import annotations
 
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ BIG_TENSOR = 1 << 20
 BIG_ALIGN = 4096
 SMALL_ALIGN = 64
 INLINE_BELOW = 1024
+FLOAT16_TOLERANCE = 0.01
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
@@ -39,14 +41,19 @@ def export_onnx(model: Model, out_dir: Path, spec: Any, *, quantize: dict[str, A
     (compressor.export.onnx_quant), calibrating on data resolved against ``base_dir``."""
     import onnx
 
-    with tempfile.TemporaryDirectory(prefix="compress-onnx-") as tmp:
-        if _is_transformers(model.module):
-            path, exporter = _export_optimum(model, Path(tmp), spec), "optimum-onnx"
-        else:
-            path, exporter = _export_torch(model, Path(tmp), spec), "torch.onnx"
-        proto = onnx.load(str(path), load_external_data=True)
-    files = save_aligned(proto, out_dir)
-    check = check_against_torch(model, out_dir / ONNX_FILE, spec.atol, spec.rtol)
+    cast = model.metadata.get("onnx_cast")
+    # A cast model is traced as its float32 view (exact: the rounded weights widened), checked at the usual tight
+    # tolerance, and only then narrowed (compressor.export.onnx_cast), so the check tests the export, not float16
+    # rounding in two different kernels.
+    with model.float32_view() if cast else nullcontext(model.module):
+        with tempfile.TemporaryDirectory(prefix="compress-onnx-") as tmp:
+            if _is_transformers(model.module):
+                path, exporter = _export_optimum(model, Path(tmp), spec), "optimum-onnx"
+            else:
+                path, exporter = _export_torch(model, Path(tmp), spec), "torch.onnx"
+            proto = onnx.load(str(path), load_external_data=True)
+        files = save_aligned(proto, out_dir)
+        check = check_against_torch(model, out_dir / ONNX_FILE, spec.atol, spec.rtol)
     info = {
         "model": ONNX_FILE,
         "files": files,
@@ -56,6 +63,17 @@ def export_onnx(model: Model, out_dir: Path, spec: Any, *, quantize: dict[str, A
         "outputs": [o.name for o in proto.graph.output],
         "check": check,
     }
+    if cast:
+        from .onnx_cast import narrow_onnx
+
+        reference = run_onnx(out_dir / ONNX_FILE, model.example_inputs)
+        # save_aligned pointed the in-memory initializers at the data file: read the saved model back whole.
+        proto = onnx.load(str(out_dir / ONNX_FILE), load_external_data=True)
+        narrowed, report = narrow_onnx(proto, cast["dtype"], float32_io=cast["float32_io"],
+                                       kept_modules=cast["kept_modules"])
+        info["files"] = save_aligned(narrowed, out_dir)
+        report["check"] = check_narrowed(model, out_dir / ONNX_FILE, reference, cast["dtype"], spec)
+        info["cast"] = report
     if quantize is not None:
         from .onnx_quant import quantize_onnx
 
@@ -217,6 +235,70 @@ def ort_session(path: Path, device: str = "cpu") -> Any:
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only
     return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+
+
+def run_onnx(path: Path, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Outputs of the ONNX model at ``path`` on ``inputs`` (torch tensors by name) as float32 numpy arrays by name;
+    float inputs are given in the dtype the graph declares (float16 inputs for a float16-IO graph)."""
+    import numpy as np
+
+    session = ort_session(path)
+    feed = {}
+    for arg in session.get_inputs():
+        value = inputs[arg.name].detach().cpu().numpy()
+        if arg.type == "tensor(float16)":
+            value = value.astype(np.float16)
+        feed[arg.name] = value
+    names = [o.name for o in session.get_outputs()]
+    return {n: np.asarray(v, dtype=np.float32) for n, v in zip(names, session.run(None, feed))}
+
+
+def check_narrowed(model: Model, path: Path, reference: dict[str, Any], dtype: str, spec: Any) -> dict[str, Any]:
+    """Compare the narrowed ONNX model with the float32 graph it came from (``reference``, its outputs on the
+    example inputs), and with how far the cast torch model itself is from that reference."""
+    import numpy as np
+    import torch
+
+    try:
+        got = run_onnx(path, model.example_inputs)
+    except Exception as exc:  # noqa: BLE001 - a graph ONNX Runtime cannot load or run is this run's failure
+        raise CompressorError(f"ONNX Runtime cannot run the {dtype} ONNX model: {type(exc).__name__}: {exc}") from exc
+    with torch.no_grad():
+        out = model.module(**model.example_inputs)
+    flat = _flat_outputs(out)
+    result: dict[str, Any] = {"max_abs_err": {}, "torch_max_abs_err": {}, "max_abs_value": {}}
+    for i, (name, expected) in enumerate(reference.items()):
+        actual = got[name]
+        ref = getattr(out, name, None) if not isinstance(out, torch.Tensor) else None
+        torch_value = (ref if isinstance(ref, torch.Tensor) else flat[i]).detach().float().numpy()
+        result["max_abs_err"][name] = float(np.abs(actual - expected).max()) if actual.size else 0.0
+        result["torch_max_abs_err"][name] = float(np.abs(torch_value - expected).max()) if actual.size else 0.0
+        result["max_abs_value"][name] = float(np.abs(expected).max()) if actual.size else 0.0
+        if not np.isfinite(actual).all():
+            raise CompressorError(
+                f"the {dtype} ONNX model gives non-finite values at output {name!r} on the example inputs (float16 "
+                "overflows above 65504); keep the modules that overflow in float32 with cast.keep, or use dtype "
+                "bfloat16")
+        if dtype == "float16":
+            # float16 compute rounds every activation: allow 1% of the output's largest magnitude, which an export
+            # that is right stays far below (MiniLM: 0.04%) and a broken conversion does not.
+            limit = spec.atol + FLOAT16_TOLERANCE * result["max_abs_value"][name]
+            if result["max_abs_err"][name] > limit:
+                raise CompressorError(
+                    f"the float16 ONNX model differs from the float32 graph of the same weights by up to "
+                    f"{result['max_abs_err'][name]:.3g} at output {name!r} (limit {limit:.3g}: {FLOAT16_TOLERANCE:.0%} "
+                    f"of its largest value {result['max_abs_value'][name]:.3g}); keep sensitive modules in float32 "
+                    "with cast.keep, or use dtype bfloat16 (float32 compute)")
+        else:
+            # bfloat16 is stored, not computed: the graph must reproduce the float32 export like any export.
+            bad = np.abs(actual - expected) > spec.atol + spec.rtol * np.abs(expected)
+            if bad.any():
+                raise CompressorError(
+                    f"the {dtype} ONNX model does not reproduce the float32 export of the same weights: output "
+                    f"{name!r} differs by up to {result['max_abs_err'][name]:.3g} ({int(bad.sum())} of {bad.size} "
+                    f"values beyond atol {spec.atol:g} + rtol {spec.rtol:g} x |value|)")
+    result["limit"] = "1% of each output's largest value" if dtype == "float16" else "atol + rtol x |value|"
+    return result
 
 
 def check_against_torch(model: Model, path: Path, atol: float, rtol: float) -> dict[str, Any]:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import fnmatch
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field
+from typing import Any
+
+from pydantic import Field, model_validator
 
 from ..encodings import Cast
 from ..errors import Problem, RecipeError
@@ -38,6 +40,20 @@ class CastConfig(PassConfig):
         description="More modules to keep in float32: glob patterns matched against module names "
         "(e.g. `embeddings.*`, `classifier`) or class names (e.g. `Embedding`). Each must match something.",
     )
+    float32_io: bool = Field(
+        True,
+        description="ONNX artifact: its float inputs and outputs stay float32 (a Cast at each boundary), so callers "
+        "feed the same arrays as to the float model; false: they are float16 too (dtype float16 only). With "
+        "float16 the ONNX graph computes in float16; with bfloat16 it stores the weights in bfloat16 and computes "
+        "in float32, since ONNX Runtime's CPU provider has no bfloat16 matrix kernels.",
+    )
+
+    @model_validator(mode="after")
+    def _io(self) -> CastConfig:
+        if not self.float32_io and self.dtype == "bfloat16":
+            raise ValueError("float32_io false needs dtype float16: a bfloat16 ONNX graph computes in float32 "
+                             "(ONNX Runtime has no bfloat16 CPU kernels), so its inputs and outputs are float32")
+        return self
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -61,6 +77,15 @@ class CastPass(Pass):
         "quantize": "cast would store the int8-quantized weights as float16 again and lose the int8 encoding; "
         "use quantize alone (int8 weights) or cast alone",
     }
+
+    @classmethod
+    def recipe_problem(cls, config: Any, recipe: Any) -> tuple[str, str, str] | None:
+        """(message, recipe path, hint) when this pass cannot work with the rest of ``recipe``."""
+        if "float32_io" in config.model_fields_set and recipe.export.onnx is None:
+            return ("float32_io sets the ONNX artifact's input and output dtype, but this recipe exports no ONNX",
+                    "float32_io", "add `export: {onnx: {}}`, or drop float32_io (the torch model always takes and "
+                    "returns the caller's dtype)")
+        return None
 
     def apply(self, model: Model, ctx: Context) -> PassResult:
         import torch
@@ -129,6 +154,10 @@ class CastPass(Pass):
                         for root in kept_roots if _has_float_tensors(modules[root])})
         model.dtype_bridges.update(bridges)
         model.install_bridges()
+        # The ONNX exporter traces a float32 view of this model and narrows the checked graph the same way
+        # (compressor.export.onnx_cast); it needs to know which modules stay float32.
+        model.metadata["onnx_cast"] = {"index": self.index, "dtype": config.dtype, "float32_io": config.float32_io,
+                                       "kept_modules": list(kept_roots)}
         ctx.info(f"cast {len(touched)} tensors to {config.dtype}; kept {kept_tensors} in float32 ({len(kept_roots)} modules)")
         return PassResult(
             touched=touched,
