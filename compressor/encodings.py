@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["Encoding", "Dense", "Cast", "Int8", "encoding_from_json", "ENCODINGS", "dtype_from_name", "dtype_name"]
+__all__ = ["Encoding", "Dense", "Cast", "Int8", "Sparse", "Codebook", "encoding_from_json", "ENCODINGS",
+           "dtype_from_name", "dtype_name", "pack_bits", "unpack_bits", "encode_positions", "decode_positions"]
 
 ENCODINGS: dict[str, type[Encoding]] = {}
 
@@ -142,6 +143,207 @@ class Int8(Encoding):
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "per_channel": self.per_channel}
+
+
+# ------------------------------------------------------------------------------------------ bit-level helpers
+
+
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack non-negative integers below 2**bits into bytes, ``bits`` each, least significant bit first."""
+    import torch
+
+    if not 1 <= bits <= 16:
+        raise ValueError(f"bits must be in 1..16, got {bits}")
+    v = values.reshape(-1).to(torch.int32)
+    shifts = torch.arange(bits, dtype=torch.int32)
+    flat = ((v[:, None] >> shifts) & 1).reshape(-1).to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])
+    weights = (1 << torch.arange(8, dtype=torch.int32)).to(torch.uint8)
+    return (flat.reshape(-1, 8) * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of ``pack_bits``: the first ``count`` integers (int64)."""
+    import torch
+
+    if packed.numel() * 8 < count * bits:
+        raise ValueError(f"{packed.numel()} bytes cannot hold {count} values of {bits} bits")
+    shifts = torch.arange(8, dtype=torch.int32)
+    flat = ((packed.reshape(-1).to(torch.int32)[:, None] >> shifts) & 1)[: count * bits // 8 + 1].reshape(-1)
+    flat = flat[: count * bits].reshape(count, bits).to(torch.int64)
+    return (flat << torch.arange(bits, dtype=torch.int64)).sum(dim=1)
+
+
+# Positions of the non-zero elements of a flat tensor, as a byte stream whose first byte names its form:
+# 0: a bitmask, one bit per element; b in 1..8: relative indices, one b-bit symbol per step. A symbol s below
+# M = 2**b - 1 skips s zeros and marks the next element non-zero; s == M skips M zeros (a filler, Deep Compression's
+# padding zero). The smaller form is chosen per tensor.
+_BITMASK = 0
+
+
+def encode_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Byte stream of the positions of the true elements of ``mask`` (flattened), in the smaller of both forms."""
+    import torch
+
+    flat = mask.reshape(-1).bool()
+    where = flat.nonzero().reshape(-1)
+    gaps = torch.diff(where, prepend=where.new_full((1,), -1)) - 1
+    best_bits, best_size = _BITMASK, flat.numel()
+    for bits in range(1, 9):
+        m = (1 << bits) - 1
+        size = (where.numel() + int((gaps // m).sum())) * bits
+        if size < best_size:
+            best_bits, best_size = bits, size
+    if best_bits == _BITMASK:
+        body = pack_bits(flat.to(torch.int32), 1)
+    else:
+        m = (1 << best_bits) - 1
+        fillers = gaps // m
+        symbols = torch.full((int(fillers.sum()) + where.numel(),), m, dtype=torch.int64)
+        symbols[torch.cumsum(fillers + 1, 0) - 1] = gaps - fillers * m
+        body = pack_bits(symbols, best_bits)
+    return torch.cat([torch.tensor([best_bits], dtype=torch.uint8), body])
+
+
+def decode_positions(stream: torch.Tensor, numel: int, nnz: int) -> torch.Tensor:
+    """Flat boolean mask of ``numel`` elements with ``nnz`` true ones from an ``encode_positions`` stream."""
+    import torch
+
+    stream = stream.reshape(-1)
+    if stream.numel() < 1:
+        raise ValueError("empty position stream")
+    form, body = int(stream[0]), stream[1:]
+    if form == _BITMASK:
+        mask = unpack_bits(body, 1, numel).bool()
+    elif 1 <= form <= 8:
+        m = (1 << form) - 1
+        symbols = unpack_bits(body, form, body.numel() * 8 // form)
+        is_nz = symbols < m
+        # Each non-zero symbol ends a step; trailing padding bits may decode as extra symbols after the last one.
+        ends = torch.cumsum(symbols + is_nz.to(torch.int64), 0) - 1
+        where = ends[is_nz][:nnz]
+        if where.numel() != nnz or (nnz and int(where[-1]) >= numel):
+            raise ValueError(f"position stream holds {where.numel()} positions, expected {nnz} within {numel}")
+        mask = torch.zeros(numel, dtype=torch.bool)
+        mask[where] = True
+    else:
+        raise ValueError(f"unknown position form {form}")
+    if int(mask.sum()) != nnz:
+        raise ValueError(f"position stream marks {int(mask.sum())} elements, expected {nnz}")
+    return mask
+
+
+class Sparse(Encoding):
+    """Pruned tensor: the non-zero values in order (``<name>.__values``, the tensor's dtype) and their positions
+    (``<name>.__positions``, bytes from ``encode_positions``: a bitmask or relative indices, whichever is smaller).
+    Zeros are exact; the effective tensor has ``shape``."""
+
+    kind = "sparse"
+
+    def __init__(self, shape: list[int]) -> None:
+        self.shape = [int(d) for d in shape]
+
+    def encode(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        if list(tensor.shape) != self.shape:
+            raise ValueError(f"sparse encoding of shape {self.shape} given a tensor of shape {list(tensor.shape)}")
+        flat = tensor.detach().reshape(-1)
+        mask = flat != 0
+        return {".__values": flat[mask].contiguous(), ".__positions": encode_positions(mask)}
+
+    def decode(self, stored: dict[str, torch.Tensor]) -> torch.Tensor:
+        import math
+
+        values = stored[".__values"].reshape(-1)
+        numel = math.prod(self.shape)
+        mask = decode_positions(stored[".__positions"], numel, values.numel())
+        out = values.new_zeros(numel)
+        out[mask] = values
+        return out.reshape(self.shape)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "shape": self.shape}
+
+
+class Codebook(Encoding):
+    """Shared weights (k-means): every value (every non-zero one when ``sparse``) is one of at most 2**bits
+    centroids. Stored as one byte tensor ``<name>.__shared``: a 6-byte header (centroid count as uint16, non-zero
+    count as uint32, little-endian), the centroids sorted in ``codebook_dtype``, then for sparse tensors the
+    ``encode_positions`` stream, then the centroid index of each value packed to ``bits`` bits. The effective
+    tensor is in ``dtype``; a pruned zero takes no centroid."""
+
+    kind = "codebook"
+
+    def __init__(self, shape: list[int], bits: int, dtype: str = "float32", codebook_dtype: str = "float16",
+                 sparse: bool = False) -> None:
+        if not 1 <= int(bits) <= 8:
+            raise ValueError(f"codebook bits must be in 1..8, got {bits}")
+        dtype_from_name(dtype)
+        dtype_from_name(codebook_dtype)
+        self.shape, self.bits, self.dtype = [int(d) for d in shape], int(bits), dtype
+        self.codebook_dtype, self.sparse = codebook_dtype, bool(sparse)
+
+    def encode(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        import torch
+
+        if list(tensor.shape) != self.shape:
+            raise ValueError(f"codebook encoding of shape {self.shape} given a tensor of shape {list(tensor.shape)}")
+        flat = tensor.detach().reshape(-1)
+        mask = flat != 0 if self.sparse else torch.ones_like(flat, dtype=torch.bool)
+        values = flat[mask]
+        book_dtype = dtype_from_name(self.codebook_dtype)
+        book = torch.unique(values).to(book_dtype)
+        if not torch.equal(book.to(flat.dtype), torch.unique(values)):
+            raise ValueError(f"values are not all representable in {self.codebook_dtype}; the share pass rounds "
+                             "centroids to the codebook dtype")
+        if book.numel() > 1 << self.bits:
+            raise ValueError(f"{book.numel()} distinct values do not fit a {self.bits}-bit codebook")
+        index = torch.searchsorted(book.to(flat.dtype), values)
+        parts = [_le_bytes(book.numel(), 2), _le_bytes(values.numel(), 4), book.contiguous().view(torch.uint8)]
+        if self.sparse:
+            parts.append(encode_positions(mask))
+        parts.append(pack_bits(index, self.bits))
+        return {".__shared": torch.cat([p.reshape(-1) for p in parts])}
+
+    def decode(self, stored: dict[str, torch.Tensor]) -> torch.Tensor:
+        import math
+
+        import torch
+
+        blob = stored[".__shared"].reshape(-1)
+        k, nnz = _from_le(blob[0:2]), _from_le(blob[2:6])
+        book_dtype = dtype_from_name(self.codebook_dtype)
+        size = torch.empty((), dtype=book_dtype).element_size()
+        at = 6 + k * size
+        book = blob[6:at].clone().view(book_dtype).to(dtype_from_name(self.dtype))  # clone: the mmap may be unaligned
+        numel = math.prod(self.shape)
+        index_bytes = (nnz * self.bits + 7) // 8
+        if self.sparse:
+            mask = decode_positions(blob[at: blob.numel() - index_bytes], numel, nnz)
+        elif nnz != numel:
+            raise ValueError(f"dense codebook tensor holds {nnz} values, its shape {self.shape} needs {numel}")
+        index = unpack_bits(blob[blob.numel() - index_bytes:], self.bits, nnz)
+        if nnz and int(index.max()) >= k:
+            raise ValueError(f"centroid index {int(index.max())} beyond the {k} centroids")
+        values = book[index] if k else book.new_zeros(0)
+        if not self.sparse:
+            return values.reshape(self.shape)
+        out = book.new_zeros(numel)
+        out[mask] = values
+        return out.reshape(self.shape)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "shape": self.shape, "bits": self.bits, "dtype": self.dtype,
+                "codebook_dtype": self.codebook_dtype, "sparse": self.sparse}
+
+
+def _le_bytes(value: int, width: int) -> torch.Tensor:
+    import torch
+
+    return torch.tensor(list(int(value).to_bytes(width, "little")), dtype=torch.uint8)
+
+
+def _from_le(raw: torch.Tensor) -> int:
+    return int.from_bytes(bytes(raw.tolist()), "little")
 
 
 def encoding_from_json(data: dict[str, Any]) -> Encoding:

@@ -55,10 +55,16 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, reporter: Reporter |
     _smoke(model, "the source model fails on its example inputs; for a python source check `model.inputs` "
                   "against forward()'s arguments")
 
-    ctx = Context(seed=recipe.seed, log=log)
+    ctx = Context(seed=recipe.seed, log=log, base_dir=recipe.base_dir)
+    passes = [get_pass(step.name)(step.config, step.index) for step in recipe.steps]
+    for pass_ in passes:  # every pass's model-dependent check before the first one works
+        pass_.check(model)
+    if any(p.needs_original for p in passes):
+        import copy
+
+        ctx.original = copy.deepcopy(model.module).eval()
     reports = []
-    for step in recipe.steps:
-        pass_ = get_pass(step.name)(step.config, step.index)
+    for step, pass_ in zip(recipe.steps, passes):
         with log.step(f"pass {step.index + 1}/{len(recipe.steps)}: {step.name}"):
             report = pass_(model, ctx)
         # Wall time goes to the log, not the manifest: two runs of one recipe give identical manifests.

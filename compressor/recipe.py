@@ -286,6 +286,14 @@ class CalibrationSpec(DataSpec):
     limit: PositiveInt | None = Field(128, description="Use only the first N examples (calibration needs few).")
 
 
+class TrainingDataSpec(DataSpec):
+    """Training data for the `recover` pass: a built-in set, a JSONL/CSV file or a Python function, as for
+    `evaluate.data`. Unset: the digits training split for digits models, `calibration-text` for text encoders, else
+    the example inputs. Labels are used when the data has them; the uncompressed model's outputs always are."""
+
+    batch_size: PositiveInt = Field(64, description="Examples per training step.")
+
+
 class SpeedSpec(Strict):
     """How speed is measured. Baseline and artifact alternate (A B B A ...) so machine noise cancels."""
 

@@ -1,7 +1,8 @@
 """safetensors export laid out for memory-mapped loading, and a strict header reader.
 
 Layout of every file written here (the format itself forbids gaps between tensors, so order does the aligning):
-- the JSON header is padded with spaces so the data section starts at a multiple of 4096 (a page);
+- the JSON header is padded with spaces so the data section starts at a multiple of 4096 (a page), or of 64 when
+  the tensors hold less than 1 MiB (page padding would dwarf a small compressed file);
 - tensors whose byte size is a multiple of 64 come first, so each starts on a 64-byte boundary;
 - the rest follow, largest element size first, so each still starts on a multiple of its element size and a
   zero-copy view of it is always legal.
@@ -23,6 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "DTYPE_CODES",
     "PAGE",
+    "header_alignment",
     "layout_order",
     "write_safetensors",
     "read_header",
@@ -32,6 +34,7 @@ __all__ = [
 ]
 
 PAGE = 4096
+PAGE_ALIGN_FROM = 1 << 20
 LINE = 64
 DTYPE_CODES = {
     "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
@@ -56,6 +59,13 @@ def layout_order(tensors: dict[str, torch.Tensor]) -> list[str]:
     return sorted(tensors, key=key)
 
 
+def header_alignment(data_bytes: int) -> int:
+    """Where the data section starts: on a page boundary when the tensors hold 1 MiB or more, so large tensors map
+    page-aligned; on a 64-byte line otherwise, where a page of padding would be most of a small compressed file
+    (the digits MLP after Deep Compression is 4 KiB)."""
+    return PAGE if data_bytes >= PAGE_ALIGN_FROM else LINE
+
+
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write ``tensors`` to ``path`` in the aligned layout described above."""
     import torch
@@ -74,7 +84,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode()
-    raw += b" " * ((-(8 + len(raw))) % PAGE)  # pad so data starts on a page boundary
+    raw += b" " * ((-(8 + len(raw))) % header_alignment(offset))
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)

@@ -39,7 +39,8 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "compressor.passes"
 # Built-in pass modules, imported on first use of the registry (they are light: no torch at import).
-_BUILTIN_MODULES = ("compressor.passes.cast", "compressor.passes.quantize")
+_BUILTIN_MODULES = ("compressor.passes.cast", "compressor.passes.quantize", "compressor.passes.prune",
+                    "compressor.passes.share", "compressor.passes.recover")
 
 
 class PassConfig(BaseModel):
@@ -78,6 +79,8 @@ class Context:
 
     seed: int = 0
     log: Any = None  # compressor.log.Reporter; Any keeps this module free of rich
+    base_dir: Any = None  # the recipe's directory (pathlib.Path): data files are relative to it
+    original: Any = None  # a copy of the uncompressed module, kept when a pass has `needs_original` (distillation)
 
     def info(self, message: str) -> None:
         if self.log is not None:
@@ -92,6 +95,8 @@ class Pass(ABC):
     summary: ClassVar[str] = ""
     # Passes that must not come earlier in the recipe than this one: {earlier pass name: why}.
     must_not_follow: ClassVar[Mapping[str, str]] = {}
+    # True: the pipeline keeps a copy of the uncompressed module in ``Context.original`` (e.g. a distillation teacher).
+    needs_original: ClassVar[bool] = False
 
     def __init__(self, config: PassConfig, index: int = 0) -> None:
         if not isinstance(config, self.Config):
@@ -123,6 +128,11 @@ class Pass(ABC):
             seconds=round(seconds, 4),
             details=result.details,
         )
+
+    def check(self, model: Model) -> None:
+        """Refuse (RecipeError) what cannot work on this model, such as a pattern matching no module. The pipeline
+        calls every pass's check after loading the model and before the first pass runs, so a mistake in the last
+        pass costs no minutes of work. Default: nothing to check."""
 
     @abstractmethod
     def apply(self, model: Model, ctx: Context) -> PassResult:

@@ -1,0 +1,234 @@
+"""`prune`: magnitude pruning, unstructured (per layer or global) or N:M semi-structured.
+
+Pruned weights become exact zeros in the module, and the tensor is stored sparse (``encodings.Sparse``: its
+non-zero values plus their positions as a bitmask or relative indices, whichever is smaller). Zeros already there
+(an earlier prune) have the smallest magnitude, so they stay pruned: prune -> recover -> prune is gradual pruning.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from ..encodings import Codebook, Int8, Sparse
+from ..errors import Problem, RecipeError
+from .base import Context, Pass, PassConfig, PassResult, register_pass
+from .select import matches, select_tensors
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from ..model import Model
+
+_NM = re.compile(r"(\d+):(\d+)")
+PRUNABLE = ["Linear", "Conv1d", "Conv2d", "Conv3d"]
+
+
+class PruneConfig(PassConfig):
+    """Settings of the `prune` pass."""
+
+    sparsity: float | dict[str, float] | None = Field(
+        None,
+        description="Fraction of each selected weight set to zero, in [0, 1) (0.9 keeps one weight in ten). A "
+        "mapping gives per-layer-type targets: keys are class names or module-name globs, the first key that "
+        "matches a weight wins (list specific ones first), and weights matching no key stay dense (`'*'` sets a "
+        "default). Required for `pattern: unstructured`; an N:M pattern fixes it at 1 - N/M.",
+    )
+    pattern: str = Field(
+        "unstructured",
+        description="`unstructured`: any weight may go. `N:M` (e.g. `2:4`): in every group of M consecutive "
+        "weights along the input dimension, the N largest stay (the layout sparse tensor cores accelerate).",
+    )
+    scope: Literal["layer", "global"] = Field(
+        "layer",
+        description="unstructured: `layer` prunes each weight to the target on its own; `global` ranks all "
+        "selected weights together under one threshold (layers with small weights lose more; a single number "
+        "`sparsity` only).",
+    )
+    modules: list[str] = Field(
+        default_factory=lambda: list(PRUNABLE),
+        description="Modules whose `weight` is pruned: class names or glob patterns on module names. Each must "
+        "match something.",
+    )
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="Modules left dense: class names or module-name globs (e.g. `classifier`). Each must match "
+        "something.",
+    )
+
+    @field_validator("sparsity")
+    @classmethod
+    def _fractions(cls, value: Any) -> Any:
+        targets = value.items() if isinstance(value, dict) else [("", value)] if value is not None else []
+        for key, target in targets:
+            where = f" for {key!r}" if key else ""
+            if not 0 <= target < 1:
+                raise ValueError(f"sparsity {target}{where} is not a fraction in [0, 1): it is the share of weights "
+                                 "set to zero (0.9 keeps one in ten; 1 would remove them all)")
+        if isinstance(value, dict) and not value:
+            raise ValueError("sparsity is an empty mapping; give a number or {pattern: fraction}")
+        return value
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, value: str) -> str:
+        if value == "unstructured":
+            return value
+        found = _NM.fullmatch(value)
+        if found is None:
+            raise ValueError(f"pattern {value!r}: write `unstructured` or N:M with integers, e.g. `2:4`")
+        n, m = int(found[1]), int(found[2])
+        if not 0 < n < m <= 64:
+            raise ValueError(f"pattern {value!r}: N:M needs 0 < N < M <= 64 (2:4 keeps 2 of every 4 weights)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PruneConfig:
+        if self.pattern == "unstructured":
+            if self.sparsity is None:
+                raise ValueError("set `sparsity` (e.g. 0.9) for unstructured pruning, or an N:M `pattern`")
+            if self.scope == "global" and isinstance(self.sparsity, dict):
+                raise ValueError("scope global ranks every weight under one threshold, so sparsity must be one "
+                                 "number; per-type targets need scope layer")
+        else:
+            if self.sparsity is not None:
+                raise ValueError(f"pattern {self.pattern} fixes the sparsity at 1 - N/M; drop `sparsity`")
+            if "scope" in self.model_fields_set:
+                raise ValueError("scope applies to unstructured pruning; an N:M pattern works per group")
+        return self
+
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        """(N, M) of an N:M pattern, else None."""
+        found = _NM.fullmatch(self.pattern)
+        return (int(found[1]), int(found[2])) if found else None
+
+
+@register_pass
+class PrunePass(Pass):
+    """Magnitude pruning."""
+
+    name = "prune"
+    Config = PruneConfig
+    summary = "Set the smallest-magnitude weights to zero (per layer, global or N:M) and store them sparse."
+    must_not_follow = {
+        "share": "shared weights take their values from a codebook; pruning now would leave centroids without "
+        "members. Prune first, then share",
+        "quantize": "the weights are on an int8 grid; prune first, then quantize",
+        "cast": "prune in float32 first, then cast",
+    }
+
+    def _plan(self, model: Model) -> dict[str, tuple[torch.Tensor, float]]:
+        """Each selected weight with its target sparsity (N:M: 1 - N/M)."""
+        config: PruneConfig = self.config  # type: ignore[assignment]
+        where = f"passes[{self.index}].prune"
+        tensors = select_tensors(model, config.modules, config.exclude, where,
+                                 defaults="modules" not in config.model_fields_set)
+        n_m = config.n_m
+        if n_m is not None:
+            n, m = n_m
+            for name, t in tensors.items():
+                width = t[0].numel() if t.dim() > 1 else t.numel()
+                if width % m:
+                    raise RecipeError(Problem(
+                        f"{name} has {width} weights per output row, not a multiple of M = {m}",
+                        path=f"{where}.pattern",
+                        hint=f"exclude that module, or choose an M dividing {width}"))
+            return {name: (t, 1 - n / m) for name, t in tensors.items()}
+        if not isinstance(config.sparsity, dict):
+            return {name: (t, float(config.sparsity)) for name, t in tensors.items()}  # type: ignore[arg-type]
+        kinds = {f"{n}.weight" if n else "weight": type(mod).__name__ for n, mod in model.module.named_modules()}
+        plan: dict[str, tuple[torch.Tensor, float]] = {}
+        used = {key: False for key in config.sparsity}
+        for name, t in tensors.items():
+            module_name = name.rsplit(".", 1)[0] if "." in name else ""
+            for key, target in config.sparsity.items():
+                if matches(key, module_name, kinds.get(name, "")):
+                    used[key] = True
+                    plan[name] = (t, target)
+                    break
+        unused = [k for k, u in used.items() if not u]
+        if unused:
+            raise RecipeError(Problem(
+                f"sparsity key(s) {', '.join(repr(k) for k in unused)} match no selected weight",
+                path=f"{where}.sparsity",
+                hint=f"keys match module names or class names of the selected weights, e.g. {next(iter(tensors))}"))
+        return plan
+
+    def check(self, model: Model) -> None:
+        self._plan(model)
+
+    def apply(self, model: Model, ctx: Context) -> PassResult:
+        import torch
+
+        config: PruneConfig = self.config  # type: ignore[assignment]
+        plan = self._plan(model)
+        for name in plan:
+            if isinstance(model.encodings[name], (Codebook, Int8)):  # pragma: no cover - must_not_follow stops it
+                raise RecipeError(Problem(f"{name} is already shared or quantized", path=f"passes[{self.index}]"))
+        with torch.no_grad():
+            if config.n_m is not None:
+                masks = {name: _n_m_mask(t, *config.n_m) for name, (t, _) in plan.items()}
+            elif config.scope == "global":
+                masks = _global_masks({n: t for n, (t, _) in plan.items()}, float(config.sparsity))  # type: ignore[arg-type]
+            else:
+                masks = {name: _layer_mask(t, target) for name, (t, target) in plan.items()}
+            per_layer: dict[str, float] = {}
+            for name, (tensor, _) in plan.items():
+                tensor.mul_(masks[name].to(tensor.dtype))
+                model.encodings[name] = Sparse(list(tensor.shape))
+                per_layer[name] = round(1 - int(masks[name].sum()) / tensor.numel(), 6)
+        pruned = sum(int((~masks[n]).sum()) for n in plan)
+        selected = sum(t.numel() for t, _ in plan.values())
+        all_params = model.numel()
+        zeros = sum(int((t == 0).sum()) for t in model.tensors().values() if t.is_floating_point())
+        ctx.info(f"pruned {pruned:,} of {selected:,} weights ({pruned / max(selected, 1):.1%}) in {len(plan)} tensors")
+        return PassResult(
+            touched=list(plan),
+            details={
+                "pattern": config.pattern,
+                "scope": config.scope if config.n_m is None else "group",
+                "sparsity_selected": round(pruned / max(selected, 1), 6),
+                "sparsity_overall": round(zeros / max(all_params, 1), 6),
+                "sparsity_per_layer": per_layer,
+            },
+        )
+
+
+def _layer_mask(tensor: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep-mask dropping the ``round(sparsity * numel)`` smallest magnitudes (ties: lower index first)."""
+    import torch
+
+    flat = tensor.detach().abs().reshape(-1).float()
+    drop = round(sparsity * flat.numel())
+    mask = torch.ones_like(flat, dtype=torch.bool)
+    if drop:
+        mask[torch.argsort(flat, stable=True)[:drop]] = False
+    return mask.reshape(tensor.shape)
+
+
+def _global_masks(tensors: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+    import torch
+
+    flat = torch.cat([t.detach().abs().reshape(-1).float() for t in tensors.values()])
+    drop = round(sparsity * flat.numel())
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    if drop:
+        keep[torch.argsort(flat, stable=True)[:drop]] = False
+    out, at = {}, 0
+    for name, t in tensors.items():
+        out[name] = keep[at:at + t.numel()].reshape(t.shape)
+        at += t.numel()
+    return out
+
+
+def _n_m_mask(tensor: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """In each group of ``m`` consecutive weights of a row (the input dimension), keep the ``n`` largest."""
+    import torch
+
+    groups = tensor.detach().abs().float().reshape(tensor.shape[0], -1, m)
+    order = torch.argsort(groups, dim=-1, descending=True, stable=True)
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order[..., :n], True)
+    return mask.reshape(tensor.shape)
