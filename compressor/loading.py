@@ -67,6 +67,7 @@ def load(artifact_dir: str | Path, *, device: str | torch.device = "cpu", verify
                 stop.set()  # do not finish reading a model that cannot be built
                 raise
             stored = pending.result()
+    _resize(module, info.get("resized", {}), root)
     encodings = dict(info.get("encodings", {}))
     kept: dict[str, tuple[torch.Tensor, bool]] = {}
     if int8 == "keep":
@@ -314,6 +315,25 @@ def build_architecture(root: Path, manifest: dict[str, Any]) -> nn.Module:
 
             return build_python(source["factory"], source.get("kwargs", {}), None)
     raise ArtifactError(f"{root}: unknown model source {kind!r} in the manifest")
+
+
+def _resize(module: nn.Module, resized: dict[str, Any], root: Path) -> None:
+    """Rebuild the Linear layers a structured pass shrank at their stored sizes (parameters on meta, filled by
+    load_state_dict like every other)."""
+    if not resized:
+        return
+    named = dict(module.named_modules())
+    with _parameters_on_meta():
+        for name, size in resized.items():
+            layer = named.get(name)
+            if not isinstance(layer, nn.Linear) or not isinstance(size, dict):
+                raise ArtifactError(f"{root}: manifest.json resizes {name!r}, which is not a Linear of this model")
+            try:
+                fresh = nn.Linear(int(size["in_features"]), int(size["out_features"]), bias=layer.bias is not None)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ArtifactError(f"{root}: malformed model.resized entry for {name!r} ({exc!r})") from None
+            layer.weight, layer.bias = fresh.weight, fresh.bias
+            layer.in_features, layer.out_features = fresh.in_features, fresh.out_features
 
 
 def _retie(module: nn.Module, aliases: dict[str, str]) -> None:

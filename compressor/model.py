@@ -35,6 +35,9 @@ class Model:
     encodings: dict[str, Encoding] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
     dtype_bridges: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Linear modules whose shape a pass changed (structured pruning): {module name: {in_features, out_features}};
+    # the loader rebuilds them at these sizes before loading the weights.
+    resized: dict[str, dict[str, int]] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

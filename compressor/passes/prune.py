@@ -14,8 +14,10 @@ from pydantic import Field, field_validator, model_validator
 
 from ..encodings import Codebook, Int8, Sparse
 from ..errors import Problem, RecipeError
+from ..recipe import CalibrationSpec
 from .base import Context, Pass, PassConfig, PassResult, register_pass
 from .select import matches, select_tensors
+from .structured import NeuronGroup, consumer_input_power, neuron_groups, shrink_group
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -39,7 +41,11 @@ class PruneConfig(PassConfig):
     pattern: str = Field(
         "unstructured",
         description="`unstructured`: any weight may go. `N:M` (e.g. `2:4`): in every group of M consecutive "
-        "weights along the input dimension, the N largest stay (the layout sparse tensor cores accelerate).",
+        "weights along the input dimension, the N largest stay (the layout sparse tensor cores accelerate). "
+        "`neurons`: structured; whole hidden neurons between two linear layers go (FFN neurons of BERT- and "
+        "Llama-style transformers, hidden units of MLPs), least important first (norm of the producer row times "
+        "the consumer column), and both layers physically shrink, so the model is smaller and faster in every "
+        "runtime; `sparsity` is the fraction of neurons removed.",
     )
     scope: Literal["layer", "global"] = Field(
         "layer",
@@ -56,6 +62,17 @@ class PruneConfig(PassConfig):
         default_factory=list,
         description="Modules left dense: class names or module-name globs (e.g. `classifier`). Each must match "
         "something.",
+    )
+    importance: Literal["activation", "magnitude"] = Field(
+        "activation",
+        description="pattern neurons: how neurons are ranked. `activation`: consumer column norm times the "
+        "neuron's RMS activation on `data` (what removing it takes from the output); `magnitude`: times its "
+        "producer row norm, no data needed.",
+    )
+    data: CalibrationSpec = Field(
+        default_factory=CalibrationSpec,
+        description="pattern neurons with importance activation: the data the activations are measured on (same "
+        "forms as `evaluate.data`; default: the digits training split or the shipped calibration sentences).",
     )
 
     @field_validator("sparsity")
@@ -74,11 +91,11 @@ class PruneConfig(PassConfig):
     @field_validator("pattern")
     @classmethod
     def _pattern(cls, value: str) -> str:
-        if value == "unstructured":
+        if value in ("unstructured", "neurons"):
             return value
         found = _NM.fullmatch(value)
         if found is None:
-            raise ValueError(f"pattern {value!r}: write `unstructured` or N:M with integers, e.g. `2:4`")
+            raise ValueError(f"pattern {value!r}: write `unstructured`, `neurons` or N:M with integers, e.g. `2:4`")
         n, m = int(found[1]), int(found[2])
         if not 0 < n < m <= 64:
             raise ValueError(f"pattern {value!r}: N:M needs 0 < N < M <= 64 (2:4 keeps 2 of every 4 weights)")
@@ -86,7 +103,14 @@ class PruneConfig(PassConfig):
 
     @model_validator(mode="after")
     def _consistent(self) -> PruneConfig:
-        if self.pattern == "unstructured":
+        if self.pattern != "neurons" and {"importance", "data"} & self.model_fields_set:
+            raise ValueError("importance and data rank neurons for pattern neurons; magnitude pruning needs neither")
+        if self.pattern == "neurons":
+            if self.sparsity is None:
+                raise ValueError("set `sparsity`, the fraction of neurons removed (e.g. 0.25), for pattern neurons")
+            if self.scope != "layer":
+                raise ValueError("pattern neurons prunes each neuron group on its own; scope must be layer")
+        elif self.pattern == "unstructured":
             if self.sparsity is None:
                 raise ValueError("set `sparsity` (e.g. 0.9) for unstructured pruning, or an N:M `pattern`")
             if self.scope == "global" and isinstance(self.sparsity, dict):
@@ -157,13 +181,109 @@ class PrunePass(Pass):
                 hint=f"keys match module names or class names of the selected weights, e.g. {next(iter(tensors))}"))
         return plan
 
+    def _groups(self, model: Model) -> list[tuple[NeuronGroup, float]]:
+        """pattern neurons: each neuron group with the fraction of its neurons to remove."""
+        config: PruneConfig = self.config  # type: ignore[assignment]
+        where = f"passes[{self.index}].prune"
+        groups = neuron_groups(model.module)
+        if not groups:
+            raise RecipeError(Problem(
+                f"pattern neurons found no neuron groups in this {type(model.module).__name__}",
+                path=f"{where}.pattern",
+                hint="it knows BERT-style (intermediate.dense -> output.dense) and Llama-style (gate/up -> down) "
+                     "blocks and, through torch.fx, Linear -> activation -> Linear chains; use unstructured or "
+                     "N:M pruning for other models"))
+        explicit = "modules" in config.model_fields_set
+        hit = {p: False for p in ([*config.modules] if explicit else []) + config.exclude}
+        kinds = {n: type(m).__name__ for n, m in model.module.named_modules()}
+        chosen: list[tuple[NeuronGroup, float]] = []
+        used = {k: False for k in config.sparsity} if isinstance(config.sparsity, dict) else {}
+        for group in groups:
+            names = [*group.producers, group.consumer]
+            if explicit:
+                found = [p for p in config.modules if any(matches(p, n, kinds[n]) for n in names)]
+                for p in found:
+                    hit[p] = True
+                if not found:
+                    continue
+            excluded = [p for p in config.exclude if any(matches(p, n, kinds[n]) for n in names)]
+            for p in excluded:
+                hit[p] = True
+            if excluded:
+                continue
+            if isinstance(config.sparsity, dict):
+                target = None
+                for key, value in config.sparsity.items():
+                    if any(matches(key, n, kinds[n]) for n in names):
+                        used[key], target = True, value
+                        break
+                if target is None:
+                    continue
+            else:
+                target = float(config.sparsity)  # type: ignore[arg-type]
+            chosen.append((group, target))
+        missing = [p for p, h in {**hit, **used}.items() if not h]
+        if missing:
+            sample = ", ".join(f"{g.producers[0]} -> {g.consumer}" for g in groups[:2])
+            raise RecipeError(Problem(f"pattern(s) {', '.join(repr(p) for p in missing)} match no neuron group",
+                                      path=where, hint=f"neuron groups of this model: {sample}, ..."))
+        for group, _ in chosen:
+            for n in (*group.producers, group.consumer):
+                for suffix in (".weight", ".bias"):
+                    enc = model.encodings.get(n + suffix)
+                    if enc is not None and enc.kind != "dense":
+                        raise RecipeError(Problem(
+                            f"{n + suffix} is already stored as {enc.kind}; structured pruning reshapes layers "
+                            "and must come before passes that encode them", path=where,
+                            hint="put `prune: {pattern: neurons}` first"))
+        return chosen
+
     def check(self, model: Model) -> None:
-        self._plan(model)
+        if self.config.pattern == "neurons":  # type: ignore[attr-defined]
+            self._groups(model)
+        else:
+            self._plan(model)
+
+    def _apply_neurons(self, model: Model, ctx: Context) -> PassResult:
+        import torch
+
+        config: PruneConfig = self.config  # type: ignore[assignment]
+        chosen = self._groups(model)
+        before = model.numel()
+        per_group: dict[str, dict[str, int]] = {}
+        named = dict(model.module.named_modules())
+        power: dict[str, torch.Tensor] = {}
+        data_name = None
+        if config.importance == "activation":
+            from .recover import training_batches
+
+            batches, _, data_name = training_batches(model, config.data, ctx)
+            power = consumer_input_power(model.module, [g for g, _ in chosen], batches)
+        with torch.no_grad():
+            for group, target in chosen:
+                remove = min(round(target * group.width), group.width - 1)  # a group keeps at least one neuron
+                shrink_group(model.module, group, remove, power.get(group.consumer))
+                per_group[group.consumer] = {"neurons": group.width, "removed": remove}
+                for n in (*group.producers, group.consumer):
+                    layer = named[n]
+                    model.resized[n] = {"in_features": layer.in_features, "out_features": layer.out_features}
+        touched = [f"{n}{s}" for g, _ in chosen for n in (*g.producers, g.consumer) for s in (".weight", ".bias")
+                   if f"{n}{s}" in model.encodings]
+        after = model.numel()
+        removed = sum(v["removed"] for v in per_group.values())
+        total = sum(v["neurons"] for v in per_group.values())
+        ctx.info(f"removed {removed:,} of {total:,} neurons in {len(per_group)} groups; "
+                 f"{before:,} -> {after:,} parameters")
+        return PassResult(touched=touched, details={
+            "pattern": "neurons", "importance": config.importance, "data": data_name, "neurons_removed": removed, "neurons_before": total,
+            "parameters_before": before, "parameters_after": after, "per_group": per_group})
 
     def apply(self, model: Model, ctx: Context) -> PassResult:
         import torch
 
         config: PruneConfig = self.config  # type: ignore[assignment]
+        if config.pattern == "neurons":
+            return self._apply_neurons(model, ctx)
         plan = self._plan(model)
         for name in plan:
             if isinstance(model.encodings[name], (Codebook, Int8)):  # pragma: no cover - must_not_follow stops it

@@ -95,7 +95,7 @@ class RecoverPass(Pass):
         teacher = ctx.original
         if teacher is None:  # pragma: no cover - the pipeline keeps it for passes with needs_original
             raise UsageError("recover needs the uncompressed model; run it through `compress run`")
-        batches, labels = _training_batches(model, config, ctx)
+        batches, labels, _ = training_batches(model, config.data, ctx)
         frozen = self._frozen(model)
         params = dict(model.module.named_parameters())
         trained: dict[str, torch.Tensor] = {}
@@ -238,14 +238,15 @@ def _distill(student: torch.Tensor, teacher: torch.Tensor, attention: torch.Tens
     return err.mean() / scale.mean().clamp_min(1e-12)
 
 
-def _training_batches(model: Model, config: RecoverConfig, ctx: Context) -> tuple[list[dict], list]:
-    """The training data as model-input batches, each with its labels (or None)."""
+def training_batches(model: Model, spec: Any, ctx: Context) -> tuple[list[dict], list, str]:
+    """The data ``spec`` (a DataSpec; unset: chosen from the model) as model-input batches, each with its labels
+    (or None), and the data's name."""
     from pathlib import Path
 
     from ..evaluate.data import build_calibration
 
     base = Path(ctx.base_dir) if ctx.base_dir is not None else Path.cwd()
-    data = build_calibration(config.data, artifact=model.files_dir or base, task=model.task, source=model.source,
+    data = build_calibration(spec, artifact=model.files_dir or base, task=model.task, source=model.source,
                              example_inputs=model.example_inputs, base_dir=base)
     batches, labels, at = [], [], 0
     for batch in data.batches:
@@ -260,5 +261,5 @@ def _training_batches(model: Model, config: RecoverConfig, ctx: Context) -> tupl
         at += n
         batches.append(inputs)
     if not batches:
-        raise UsageError(f"recover's training data ({data.name}) has no examples")
-    return batches, labels
+        raise UsageError(f"the training data ({data.name}) has no examples")
+    return batches, labels, data.name
