@@ -156,7 +156,7 @@ class RecoverPass(Pass):
                 with torch.no_grad():
                     for name, mask in masks.items():
                         trained[name].mul_(mask)
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 if (step + 1) % every == 0 or step + 1 == config.steps:
                     recent = losses[-every:]
                     ctx.info(f"recover: step {step + 1}/{config.steps}, loss {sum(recent) / len(recent):.4g}")

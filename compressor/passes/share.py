@@ -9,14 +9,15 @@ of each value packed into bytes, and for pruned tensors their positions.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..encodings import Codebook, Int8, Sparse, dtype_name
+from ..errors import Problem, RecipeError
 from .base import Context, Pass, PassConfig, PassResult, register_pass
 from .prune import PRUNABLE
-from .select import select_tensors
+from .select import matches, select_tensors
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -27,9 +28,11 @@ if TYPE_CHECKING:  # pragma: no cover
 class ShareConfig(PassConfig):
     """Settings of the `share` pass."""
 
-    bits: int = Field(
-        4, ge=2, le=8, description="Index width: each tensor gets at most 2**bits shared values (2 to 8; Deep "
-        "Compression used 5 for fully connected layers and 8 for convolutions)."
+    bits: int | dict[str, int] = Field(
+        4, description="Index width: each tensor gets at most 2**bits shared values (2 to 8; Deep Compression used "
+        "5 for fully connected layers and 8 for convolutions). A mapping gives widths per module: keys are class "
+        "names or module-name globs, the first key that matches wins, and modules matching no key are left as "
+        "they are (e.g. `{Embedding: 4, Linear: 6}`)."
     )
     init: Literal["linear", "density", "random"] = Field(
         "linear",
@@ -54,6 +57,20 @@ class ShareConfig(PassConfig):
     )
 
 
+    @field_validator("bits")
+    @classmethod
+    def _widths(cls, value: Any) -> Any:
+        widths = value.items() if isinstance(value, dict) else [("", value)]
+        for key, bits in widths:
+            where = f" for {key!r}" if key else ""
+            if not 2 <= bits <= 8:
+                raise ValueError(f"bits {bits}{where} is outside 2..8: 2**bits centroids per tensor, 4 (16 "
+                                 "centroids) is the usual choice")
+        if isinstance(value, dict) and not value:
+            raise ValueError("bits is an empty mapping; give a number or {pattern: bits}")
+        return value
+
+
 @register_pass
 class SharePass(Pass):
     """k-means weight sharing."""
@@ -67,7 +84,30 @@ class SharePass(Pass):
         "cast": "share in float32, then keep the codebook in float16 with `codebook_dtype`",
     }
 
-    def _tensors(self, model: Model) -> dict[str, torch.Tensor]:
+    def _tensors(self, model: Model) -> dict[str, tuple[torch.Tensor, int]]:
+        """Each selected tensor with its index width."""
+        config: ShareConfig = self.config  # type: ignore[assignment]
+        selected = self._selected(model)
+        if not isinstance(config.bits, dict):
+            return {name: (t, int(config.bits)) for name, t in selected.items()}
+        kinds = {n: type(m).__name__ for n, m in model.module.named_modules()}
+        used = {key: False for key in config.bits}
+        out = {}
+        for name, tensor in selected.items():
+            module_name = name.rsplit(".", 1)[0] if "." in name else ""
+            for key, bits in config.bits.items():
+                if matches(key, module_name, kinds.get(module_name, "")):
+                    used[key] = True
+                    out[name] = (tensor, bits)
+                    break
+        unused = [k for k, u in used.items() if not u]
+        if unused:
+            raise RecipeError(Problem(f"bits key(s) {', '.join(repr(k) for k in unused)} match no selected module",
+                                      path=f"passes[{self.index}].share.bits",
+                                      hint=f"keys match module or class names, e.g. {next(iter(selected))}"))
+        return out
+
+    def _selected(self, model: Model) -> dict[str, torch.Tensor]:
         config: ShareConfig = self.config  # type: ignore[assignment]
         attrs = ("weight", "bias") if config.include_bias else ("weight",)
         return select_tensors(model, config.modules, config.exclude, f"passes[{self.index}].share", attrs,
@@ -85,14 +125,14 @@ class SharePass(Pass):
         book_dtype = getattr(torch, config.codebook_dtype)
         per_tensor: dict[str, dict[str, float]] = {}
         with torch.no_grad():
-            for name, tensor in tensors.items():
+            for name, (tensor, bits) in tensors.items():
                 if isinstance(model.encodings[name], Int8):  # pragma: no cover - must_not_follow stops it
                     continue
                 sparse = isinstance(model.encodings[name], Sparse)
                 flat = tensor.detach().reshape(-1).float()
                 keep = flat != 0 if sparse else torch.ones_like(flat, dtype=torch.bool)
                 values = flat[keep]
-                centroids = kmeans_1d(values, 1 << config.bits, config.init, config.iterations, gen)
+                centroids = kmeans_1d(values, 1 << bits, config.init, config.iterations, gen)
                 centroids = torch.unique(centroids.to(book_dtype).float())
                 if sparse:
                     centroids = centroids[centroids != 0]  # a zero centroid would be read back as a pruned weight
@@ -103,9 +143,9 @@ class SharePass(Pass):
                 out = torch.zeros_like(flat)
                 out[keep] = shared
                 tensor.copy_(out.reshape(tensor.shape).to(tensor.dtype))
-                model.encodings[name] = Codebook(list(tensor.shape), config.bits, dtype_name(tensor.dtype),
+                model.encodings[name] = Codebook(list(tensor.shape), bits, dtype_name(tensor.dtype),
                                                  config.codebook_dtype, sparse=sparse)
-                per_tensor[name] = {"centroids": int(centroids.numel()), "values": int(values.numel()),
+                per_tensor[name] = {"bits": bits, "centroids": int(centroids.numel()), "values": int(values.numel()),
                                     "relative_error": round(err, 6)}
         ctx.info(f"shared {len(per_tensor)} tensors with {config.bits}-bit codebooks")
         return PassResult(touched=list(per_tensor), details={"bits": config.bits, "init": config.init,
