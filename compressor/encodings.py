@@ -177,7 +177,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 # Positions of the non-zero elements of a flat tensor, as a byte stream whose first byte names its form:
 # 0: a bitmask, one bit per element; b in 1..8: relative indices, one b-bit symbol per step. A symbol s below
 # M = 2**b - 1 skips s zeros and marks the next element non-zero; s == M skips M zeros (a filler, Deep Compression's
-# padding zero). The smaller form is chosen per tensor.
+# padding zero). The last byte is padded with one bits. The smaller form is chosen per tensor.
 _BITMASK = 0
 
 
@@ -202,6 +202,9 @@ def encode_positions(mask: torch.Tensor) -> torch.Tensor:
         symbols = torch.full((int(fillers.sum()) + where.numel(),), m, dtype=torch.int64)
         symbols[torch.cumsum(fillers + 1, 0) - 1] = gaps - fillers * m
         body = pack_bits(symbols, best_bits)
+        tail = symbols.numel() * best_bits % 8
+        if tail:  # pad with one bits: they read as fillers, never as positions (zero bits would)
+            body[-1] |= (0xFF << tail) & 0xFF
     return torch.cat([torch.tensor([best_bits], dtype=torch.uint8), body])
 
 
@@ -221,9 +224,14 @@ def decode_positions(stream: torch.Tensor, numel: int, nnz: int) -> torch.Tensor
         is_nz = symbols < m
         # Each non-zero symbol ends a step; trailing padding bits may decode as extra symbols after the last one.
         ends = torch.cumsum(symbols + is_nz.to(torch.int64), 0) - 1
-        where = ends[is_nz][:nnz]
+        marks = is_nz.nonzero().reshape(-1)
+        where = ends[marks[:nnz]]
         if where.numel() != nnz or (nnz and int(where[-1]) >= numel):
             raise ValueError(f"position stream holds {where.numel()} positions, expected {nnz} within {numel}")
+        # What follows the last position is the final byte's padding: one bits (fillers), less than a byte.
+        used = int(marks[nnz - 1]) + 1 if nnz else 0
+        if (used * form + 7) // 8 != body.numel() or bool((symbols[used:] != m).any()):
+            raise ValueError(f"position stream of {body.numel()} bytes does not end after its {nnz} positions")
         mask = torch.zeros(numel, dtype=torch.bool)
         mask[where] = True
     else:
@@ -247,7 +255,7 @@ class Sparse(Encoding):
         if list(tensor.shape) != self.shape:
             raise ValueError(f"sparse encoding of shape {self.shape} given a tensor of shape {list(tensor.shape)}")
         flat = tensor.detach().reshape(-1)
-        mask = flat != 0
+        mask = _stored(flat)
         return {".__values": flat[mask].contiguous(), ".__positions": encode_positions(mask)}
 
     def decode(self, stored: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -288,16 +296,17 @@ class Codebook(Encoding):
         if list(tensor.shape) != self.shape:
             raise ValueError(f"codebook encoding of shape {self.shape} given a tensor of shape {list(tensor.shape)}")
         flat = tensor.detach().reshape(-1)
-        mask = flat != 0 if self.sparse else torch.ones_like(flat, dtype=torch.bool)
+        mask = _stored(flat) if self.sparse else torch.ones_like(flat, dtype=torch.bool)
         values = flat[mask]
-        book_dtype = dtype_from_name(self.codebook_dtype)
-        book = torch.unique(values).to(book_dtype)
-        if not torch.equal(book.to(flat.dtype), torch.unique(values)):
+        # Distinct values by bit pattern, so -0.0 and +0.0 (equal as numbers) stay apart and decode as written.
+        keys, index = torch.unique(_bit_pattern(values), sorted=True, return_inverse=True)
+        distinct = _from_bit_pattern(keys, flat.dtype)
+        if distinct.numel() > 1 << self.bits:
+            raise ValueError(f"{distinct.numel()} distinct values do not fit a {self.bits}-bit codebook")
+        book = distinct.to(dtype_from_name(self.codebook_dtype))
+        if not torch.equal(_bit_pattern(book.to(flat.dtype)), keys):
             raise ValueError(f"values are not all representable in {self.codebook_dtype}; the share pass rounds "
                              "centroids to the codebook dtype")
-        if book.numel() > 1 << self.bits:
-            raise ValueError(f"{book.numel()} distinct values do not fit a {self.bits}-bit codebook")
-        index = torch.searchsorted(book.to(flat.dtype), values)
         parts = [_le_bytes(book.numel(), 2), _le_bytes(values.numel(), 4), book.contiguous().view(torch.uint8)]
         if self.sparse:
             parts.append(encode_positions(mask))
@@ -317,6 +326,9 @@ class Codebook(Encoding):
         book = blob[6:at].clone().view(book_dtype).to(dtype_from_name(self.dtype))  # clone: the mmap may be unaligned
         numel = math.prod(self.shape)
         index_bytes = (nnz * self.bits + 7) // 8
+        if (self.sparse and at > blob.numel() - index_bytes) or (not self.sparse and blob.numel() != at + index_bytes):
+            raise ValueError(f"codebook tensor of {blob.numel()} bytes cannot hold {k} centroids and {nnz} "
+                             f"{self.bits}-bit indices; the file is truncated or corrupt")
         if self.sparse:
             mask = decode_positions(blob[at: blob.numel() - index_bytes], numel, nnz)
         elif nnz != numel:
@@ -334,6 +346,30 @@ class Codebook(Encoding):
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "shape": self.shape, "bits": self.bits, "dtype": self.dtype,
                 "codebook_dtype": self.codebook_dtype, "sparse": self.sparse}
+
+
+def _stored(flat: torch.Tensor) -> torch.Tensor:
+    """Which elements a sparse form stores: all but +0.0 (a -0.0 is stored, so it decodes with its sign)."""
+    import torch
+
+    return (flat != 0) | torch.signbit(flat)
+
+
+_INT_OF_WIDTH = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}
+
+
+def _bit_pattern(values: torch.Tensor) -> torch.Tensor:
+    """Each float's bits as an int64 (equal exactly when the floats are bit-identical)."""
+    import torch
+
+    return values.contiguous().view(getattr(torch, _INT_OF_WIDTH[values.element_size()])).to(torch.int64)
+
+
+def _from_bit_pattern(keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    import torch
+
+    width = torch.empty((), dtype=dtype).element_size()
+    return keys.to(getattr(torch, _INT_OF_WIDTH[width])).view(dtype)
 
 
 def _le_bytes(value: int, width: int) -> torch.Tensor:

@@ -238,7 +238,10 @@ def _decode(stored: dict[str, torch.Tensor], encodings: dict[str, Any]) -> dict[
         parts = {k[len(name):]: v for k, v in stored.items() if k == name or k.startswith(name + ".__")}
         if "" not in parts and not parts:
             raise ArtifactError(f"tensor {name} is listed in the manifest but missing from the weight files")
-        state[name] = enc.decode(parts)
+        try:
+            state[name] = enc.decode(parts)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise ArtifactError(f"tensor {name} ({spec.get('kind')}) cannot be decoded: {exc}") from None
         claimed.update(name + suffix for suffix in parts)
     for name, tensor in stored.items():
         if name not in claimed:

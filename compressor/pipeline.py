@@ -57,8 +57,15 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, reporter: Reporter |
 
     ctx = Context(seed=recipe.seed, log=log, base_dir=recipe.base_dir)
     passes = [get_pass(step.name)(step.config, step.index) for step in recipe.steps]
+    from .errors import RecipeError
+
     for pass_ in passes:  # every pass's model-dependent check before the first one works
-        pass_.check(model)
+        try:
+            pass_.check(model)
+        except RecipeError as exc:
+            for problem in exc.problems:
+                problem.file = problem.file or recipe.file
+            raise RecipeError(exc.problems) from None
     if any(p.needs_original for p in passes):
         import copy
 

@@ -297,10 +297,11 @@ class PrunePass(Pass):
                 masks = {name: _layer_mask(t, target) for name, (t, target) in plan.items()}
             per_layer: dict[str, float] = {}
             for name, (tensor, _) in plan.items():
-                tensor.mul_(masks[name].to(tensor.dtype))
+                # where(), not a multiply: a negative weight times 0 is -0.0, which storage would give back as +0.0.
+                tensor.copy_(torch.where(masks[name], tensor, torch.zeros((), dtype=tensor.dtype)))
                 model.encodings[name] = Sparse(list(tensor.shape))
-                per_layer[name] = round(1 - int(masks[name].sum()) / tensor.numel(), 6)
-        pruned = sum(int((~masks[n]).sum()) for n in plan)
+                per_layer[name] = round(int((tensor == 0).sum()) / tensor.numel(), 6)
+        pruned = sum(int((t == 0).sum()) for t, _ in plan.values())
         selected = sum(t.numel() for t, _ in plan.values())
         all_params = model.numel()
         zeros = sum(int((t == 0).sum()) for t in model.tensors().values() if t.is_floating_point())

@@ -29,6 +29,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..model import Model
 
 
+SMALL_MODEL = 2_000_000  # parameters; below this recover trains on one thread
+
+
 class RecoverConfig(PassConfig):
     """Settings of the `recover` pass."""
 
@@ -127,6 +130,11 @@ class RecoverPass(Pass):
         every = max(1, config.steps // 10)
         losses: list[float] = []
         order: list[int] = []
+        threads = torch.get_num_threads()
+        if model.numel() < SMALL_MODEL:
+            # Tiny matrix products gain nothing from threads, and on a busy machine threads waiting for each other
+            # made the digits recipe 30x slower.
+            torch.set_num_threads(1)
         try:
             for step in range(config.steps):
                 if not order:
@@ -155,12 +163,13 @@ class RecoverPass(Pass):
                 optimizer.step()
                 with torch.no_grad():
                     for name, mask in masks.items():
-                        trained[name].mul_(mask)
+                        trained[name].masked_fill_(~mask, 0.0)  # +0.0: a multiply would leave -0.0
                 losses.append(float(loss.detach()))
                 if (step + 1) % every == 0 or step + 1 == config.steps:
                     recent = losses[-every:]
                     ctx.info(f"recover: step {step + 1}/{config.steps}, loss {sum(recent) / len(recent):.4g}")
         finally:
+            torch.set_num_threads(threads)
             for tensor in params.values():
                 tensor.requires_grad_(False)
                 tensor.grad = None

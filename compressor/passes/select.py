@@ -29,7 +29,8 @@ def select_tensors(model: Model, modules: list[str], exclude: list[str], where: 
     ...), of which a model need not have every kind."""
     named = list(model.module.named_modules())
     stored = set(model.tensors())
-    hit = {p: False for p in (*modules, *exclude)}
+    hit = {p: False for p in modules}
+    hit_exclude = {p: False for p in exclude}
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, module in named:
@@ -43,7 +44,7 @@ def select_tensors(model: Model, modules: list[str], exclude: list[str], where: 
         excluded = False
         for pattern in exclude:
             if matches(pattern, name, kind):
-                hit[pattern] = excluded = True
+                hit_exclude[pattern] = excluded = True
         if excluded:
             continue
         for attr in attrs:
@@ -53,11 +54,13 @@ def select_tensors(model: Model, modules: list[str], exclude: list[str], where: 
                 continue
             seen.add(id(tensor))
             out[full] = tensor
-    missing = [p for p, h in hit.items() if not h and not (defaults and p in modules)]
+    missing = [p for p, h in hit.items() if not h and not defaults]
+    field = "modules"
+    if not missing:
+        missing, field = [p for p, h in hit_exclude.items() if not h], "exclude"
     if missing:
         sample = ", ".join(n for n, _ in named[1:7])
         kinds = ", ".join(sorted({type(m).__name__ for _, m in named[1:]})[:6])
-        field = "modules" if missing[0] in modules else "exclude"
         raise RecipeError(Problem(
             f"pattern(s) {', '.join(repr(p) for p in missing)} match no module of this model",
             path=f"{where}.{field}",

@@ -145,7 +145,7 @@ class SharePass(Pass):
                 tensor.copy_(out.reshape(tensor.shape).to(tensor.dtype))
                 model.encodings[name] = Codebook(list(tensor.shape), bits, dtype_name(tensor.dtype),
                                                  config.codebook_dtype, sparse=sparse)
-                per_tensor[name] = {"bits": bits, "centroids": int(centroids.numel()), "values": int(values.numel()),
+                per_tensor[name] = {"bits": bits, "centroids": int(torch.unique(shared).numel()), "values": int(values.numel()),
                                     "relative_error": round(err, 6)}
         ctx.info(f"shared {len(per_tensor)} tensors with {config.bits}-bit codebooks")
         return PassResult(touched=list(per_tensor), details={"bits": config.bits, "init": config.init,
