@@ -104,7 +104,7 @@ class SharePass(Pass):
         if unused:
             raise RecipeError(Problem(f"bits key(s) {', '.join(repr(k) for k in unused)} match no selected module",
                                       path=f"passes[{self.index}].share.bits",
-                                      hint=f"keys match module or class names, e.g. {next(iter(selected))}"))
+                                      hint=f"keys match module or class names, e.g. {next(iter(selected)).rsplit('.', 1)[0]}"))
         return out
 
     def _selected(self, model: Model) -> dict[str, torch.Tensor]:
@@ -147,7 +147,9 @@ class SharePass(Pass):
                                                  config.codebook_dtype, sparse=sparse)
                 per_tensor[name] = {"bits": bits, "centroids": int(torch.unique(shared).numel()), "values": int(values.numel()),
                                     "relative_error": round(err, 6)}
-        ctx.info(f"shared {len(per_tensor)} tensors with {config.bits}-bit codebooks")
+        widths = sorted({v["bits"] for v in per_tensor.values()})
+        width = f"{widths[0]}" if len(widths) == 1 else f"{widths[0]}- to {widths[-1]}"
+        ctx.info(f"shared {len(per_tensor)} tensors with {width}-bit codebooks")
         return PassResult(touched=list(per_tensor), details={"bits": config.bits, "init": config.init,
                                                              "per_tensor": per_tensor})
 
