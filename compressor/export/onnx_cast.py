@@ -17,16 +17,12 @@ computes in float32 and exactly reproduces the cast torch weights.
 
 from __future__ import annotations
 
-import logging
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CompressorError
-from .onnx_quant import module_name
+from .onnx_quant import module_name, quiet
 
 if TYPE_CHECKING:  # pragma: no cover
-    from collections.abc import Iterator
-
     import onnx
 
 __all__ = ["narrow_onnx", "MIN_NARROWED"]
@@ -56,7 +52,8 @@ def _float16(model: onnx.ModelProto, float32_io: bool, kept_modules: list[str]) 
 
     blocked = [n.name for n in model.graph.node if n.name and _under(module_name(n.name), kept_modules)]
     before = _float_bytes(model)
-    with _quiet("onnxruntime.transformers.float16"):
+    # The converter warns per clamped value through its own logger; the report says what matters.
+    with quiet("onnxruntime.transformers.float16"):
         try:
             narrowed = convert_float_to_float16(model, keep_io_types=float32_io, node_block_list=blocked,
                                                 disable_shape_infer=False)
@@ -127,15 +124,3 @@ def _float_bytes(model: onnx.ModelProto) -> int:
 
     size = {TensorProto.FLOAT: 4, TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2, TensorProto.DOUBLE: 8}
     return sum(_numel(i) * size[i.data_type] for i in model.graph.initializer if i.data_type in size)
-
-
-@contextmanager
-def _quiet(name: str) -> Iterator[None]:
-    """The converter warns per clamped value through its own logger; the report says what matters."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)

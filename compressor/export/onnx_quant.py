@@ -575,15 +575,16 @@ def _culprit(message: str, plan: _Plan) -> str | None:
 
 
 @contextlib.contextmanager
-def _quiet() -> Any:
-    """ONNX Runtime's quantizer logs advice through the root logger ("run pre-processing first")."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+def quiet(name: str | None = None) -> Any:
+    """Errors only from the logger ``name`` (default: the root logger, through which ONNX Runtime's quantizer logs
+    advice such as "run pre-processing first") while the block runs."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        root.setLevel(level)
+        logger.setLevel(level)
 
 
 def _run_ort_quantizer(src: Path, out: Path, config: Any, plan: _Plan, calib: Calibration, work: Path) -> None:
@@ -599,7 +600,7 @@ def _run_ort_quantizer(src: Path, out: Path, config: Any, plan: _Plan, calib: Ca
         return
     common = dict(per_channel=config.per_channel, nodes_to_quantize=list(plan.dynamic), op_types_to_quantize=["MatMul", "Conv"],
                   use_external_data_format=True)
-    with _quiet():
+    with quiet():
         if config.mode == "dynamic":
             quantize_dynamic(src, out, weight_type=QuantType.QInt8,
                              extra_options={"MatMulConstBOnly": True}, **common)

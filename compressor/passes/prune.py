@@ -16,7 +16,7 @@ from ..encodings import Codebook, Int8, Sparse
 from ..errors import Problem, RecipeError
 from ..recipe import CalibrationSpec
 from .base import Context, Pass, PassConfig, PassResult, register_pass
-from .select import matches, select_tensors
+from .select import matches, per_module, select_tensors
 from .structured import NeuronGroup, consumer_input_power, neuron_groups, shrink_group
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -163,23 +163,7 @@ class PrunePass(Pass):
             return {name: (t, 1 - n / m) for name, t in tensors.items()}
         if not isinstance(config.sparsity, dict):
             return {name: (t, float(config.sparsity)) for name, t in tensors.items()}  # type: ignore[arg-type]
-        kinds = {f"{n}.weight" if n else "weight": type(mod).__name__ for n, mod in model.module.named_modules()}
-        plan: dict[str, tuple[torch.Tensor, float]] = {}
-        used = {key: False for key in config.sparsity}
-        for name, t in tensors.items():
-            module_name = name.rsplit(".", 1)[0] if "." in name else ""
-            for key, target in config.sparsity.items():
-                if matches(key, module_name, kinds.get(name, "")):
-                    used[key] = True
-                    plan[name] = (t, target)
-                    break
-        unused = [k for k, u in used.items() if not u]
-        if unused:
-            raise RecipeError(Problem(
-                f"sparsity key(s) {', '.join(repr(k) for k in unused)} match no selected weight",
-                path=f"{where}.sparsity",
-                hint=f"keys match module names or class names of the selected weights, e.g. {next(iter(tensors))}"))
-        return plan
+        return per_module(model, tensors, config.sparsity, where, "sparsity")
 
     def _groups(self, model: Model) -> list[tuple[NeuronGroup, float]]:
         """pattern neurons: each neuron group with the fraction of its neurons to remove."""

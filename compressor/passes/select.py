@@ -4,7 +4,7 @@ required to match something (a typo must not silently compress nothing)."""
 from __future__ import annotations
 
 import fnmatch
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import Problem, RecipeError
 
@@ -13,7 +13,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..model import Model
 
-__all__ = ["select_tensors", "matches"]
+__all__ = ["select_tensors", "matches", "per_module"]
 
 
 def matches(pattern: str, name: str, kind: str) -> bool:
@@ -69,4 +69,27 @@ def select_tensors(model: Model, modules: list[str], exclude: list[str], where: 
         raise RecipeError(Problem(
             "the selection holds no tensor to work on (every matching module is excluded or has no float weight)",
             path=f"{where}.modules", hint="widen `modules` or narrow `exclude`"))
+    return out
+
+
+def per_module(model: Model, selected: dict[str, torch.Tensor], mapping: dict[str, Any], where: str,
+               field: str) -> dict[str, tuple[torch.Tensor, Any]]:
+    """Each selected tensor with the value of the first ``mapping`` key that matches its module (by name or class
+    name); tensors matching no key are left out. RecipeError (at ``where``.``field``) for a key that matches
+    none."""
+    kinds = {n: type(m).__name__ for n, m in model.module.named_modules()}
+    used = {key: False for key in mapping}
+    out: dict[str, tuple[torch.Tensor, Any]] = {}
+    for name, tensor in selected.items():
+        module_name = name.rsplit(".", 1)[0] if "." in name else ""
+        for key, value in mapping.items():
+            if matches(key, module_name, kinds.get(module_name, "")):
+                used[key] = True
+                out[name] = (tensor, value)
+                break
+    unused = [k for k, u in used.items() if not u]
+    if unused:
+        example = next(iter(selected)).rsplit(".", 1)[0]
+        raise RecipeError(Problem(f"{field} key(s) {', '.join(repr(k) for k in unused)} match no selected module",
+                                  path=f"{where}.{field}", hint=f"keys match module names or class names, e.g. {example}"))
     return out

@@ -14,10 +14,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, field_validator
 
 from ..encodings import Codebook, Int8, Sparse, dtype_name
-from ..errors import Problem, RecipeError
 from .base import Context, Pass, PassConfig, PassResult, register_pass
 from .prune import PRUNABLE
-from .select import matches, select_tensors
+from .select import per_module, select_tensors
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -90,22 +89,7 @@ class SharePass(Pass):
         selected = self._selected(model)
         if not isinstance(config.bits, dict):
             return {name: (t, int(config.bits)) for name, t in selected.items()}
-        kinds = {n: type(m).__name__ for n, m in model.module.named_modules()}
-        used = {key: False for key in config.bits}
-        out = {}
-        for name, tensor in selected.items():
-            module_name = name.rsplit(".", 1)[0] if "." in name else ""
-            for key, bits in config.bits.items():
-                if matches(key, module_name, kinds.get(module_name, "")):
-                    used[key] = True
-                    out[name] = (tensor, bits)
-                    break
-        unused = [k for k, u in used.items() if not u]
-        if unused:
-            raise RecipeError(Problem(f"bits key(s) {', '.join(repr(k) for k in unused)} match no selected module",
-                                      path=f"passes[{self.index}].share.bits",
-                                      hint=f"keys match module or class names, e.g. {next(iter(selected)).rsplit('.', 1)[0]}"))
-        return out
+        return per_module(model, selected, config.bits, f"passes[{self.index}].share", "bits")
 
     def _selected(self, model: Model) -> dict[str, torch.Tensor]:
         config: ShareConfig = self.config  # type: ignore[assignment]
