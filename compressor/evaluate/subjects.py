@@ -317,9 +317,6 @@ class OrtOutputs(dict):
             raise AttributeError(name) from None
 
 
-_NUMPY_OF_ORT = {"tensor(float16)": "float16", "tensor(float)": "float32"}
-
-
 class OrtModule:
     """An ONNX Runtime session called like the torch module: keyword tensors in, named tensors out."""
 
@@ -328,22 +325,17 @@ class OrtModule:
 
         self.session = ort_session(path, device)
         self.input_names = [i.name for i in self.session.get_inputs()]
-        self.input_types = {i.name: _NUMPY_OF_ORT.get(i.type, None) for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, **inputs: Any) -> OrtOutputs:
         import torch
 
+        from ..export.onnx import ort_feed
+
         missing = [n for n in self.input_names if n not in inputs]
         if missing:
             raise CompressorError(f"the ONNX model needs inputs {missing}; got {sorted(inputs)}")
-        # A float16-IO graph (cast with float32_io false) takes float16 arrays; callers pass what the torch model
-        # takes.
-        feed = {}
-        for name in self.input_names:
-            value = inputs[name].detach().cpu().numpy()
-            wanted = self.input_types[name]
-            feed[name] = value.astype(wanted) if wanted and value.dtype.kind == "f" and value.dtype != wanted else value
+        feed = ort_feed(self.session, inputs)
         values = self.session.run(None, feed)
         return OrtOutputs((n, torch.from_numpy(v)) for n, v in zip(self.output_names, values))
 

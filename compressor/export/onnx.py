@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..model import Model
 
 __all__ = ["ONNX_FILE", "ONNX_DATA", "export_onnx", "calibration", "save_aligned", "check_against_torch", "ort_session",
-           "BIG_TENSOR", "BIG_ALIGN", "SMALL_ALIGN"]
+           "ort_feed", "run_onnx", "BIG_TENSOR", "BIG_ALIGN", "SMALL_ALIGN"]
 
 ONNX_FILE = "model.onnx"
 ONNX_DATA = "model.onnx.data"
@@ -237,20 +237,39 @@ def ort_session(path: Path, device: str = "cpu") -> Any:
     return ort.InferenceSession(str(path), sess_options=options, providers=providers)
 
 
-def run_onnx(path: Path, inputs: dict[str, Any]) -> dict[str, Any]:
-    """Outputs of the ONNX model at ``path`` on ``inputs`` (torch tensors by name) as float32 numpy arrays by name;
-    float inputs are given in the dtype the graph declares (float16 inputs for a float16-IO graph)."""
-    import numpy as np
+_NUMPY_FLOAT = {"tensor(float16)": "float16", "tensor(float)": "float32", "tensor(double)": "float64"}
 
-    session = ort_session(path)
+
+def ort_feed(session: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Numpy feeds for ``session`` from torch tensors by name. Float inputs are given in the float dtype the graph
+    declares: a float16-IO graph (cast with float32_io false) takes the float32 tensors the torch model takes."""
     feed = {}
     for arg in session.get_inputs():
         value = inputs[arg.name].detach().cpu().numpy()
-        if arg.type == "tensor(float16)":
-            value = value.astype(np.float16)
-        feed[arg.name] = value
+        wanted = _NUMPY_FLOAT.get(arg.type)
+        feed[arg.name] = value.astype(wanted) if wanted and value.dtype.kind == "f" and value.dtype != wanted else value
+    return feed
+
+
+def run_onnx(path: Path, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Outputs of the ONNX model at ``path`` on ``inputs`` (torch tensors by name) as float32 numpy arrays by name."""
+    import numpy as np
+
+    session = ort_session(path)
     names = [o.name for o in session.get_outputs()]
-    return {n: np.asarray(v, dtype=np.float32) for n, v in zip(names, session.run(None, feed))}
+    return {n: np.asarray(v, dtype=np.float32) for n, v in zip(names, session.run(None, ort_feed(session, inputs)))}
+
+
+def _torch_output(out: Any, flat: list[Any], name: str, index: int) -> Any:
+    """torch's counterpart of ONNX output ``name``: by name for Hugging Face outputs, else by position."""
+    import torch
+
+    ref = getattr(out, name, None) if not isinstance(out, torch.Tensor) else None
+    if isinstance(ref, torch.Tensor):
+        return ref
+    if index >= len(flat):
+        raise CompressorError(f"ONNX output {name!r} has no counterpart among torch's {len(flat)} outputs")
+    return flat[index]
 
 
 def check_narrowed(model: Model, path: Path, reference: dict[str, Any], dtype: str, spec: Any) -> dict[str, Any]:
@@ -269,8 +288,7 @@ def check_narrowed(model: Model, path: Path, reference: dict[str, Any], dtype: s
     result: dict[str, Any] = {"max_abs_err": {}, "torch_max_abs_err": {}, "max_abs_value": {}}
     for i, (name, expected) in enumerate(reference.items()):
         actual = got[name]
-        ref = getattr(out, name, None) if not isinstance(out, torch.Tensor) else None
-        torch_value = (ref if isinstance(ref, torch.Tensor) else flat[i]).detach().float().numpy()
+        torch_value = _torch_output(out, flat, name, i).detach().float().numpy()
         result["max_abs_err"][name] = float(np.abs(actual - expected).max()) if actual.size else 0.0
         result["torch_max_abs_err"][name] = float(np.abs(torch_value - expected).max()) if actual.size else 0.0
         result["max_abs_value"][name] = float(np.abs(expected).max()) if actual.size else 0.0
@@ -325,12 +343,7 @@ def check_against_torch(model: Model, path: Path, atol: float, rtol: float) -> d
     flat = _flat_outputs(out)
     worst: dict[str, float] = {}
     for i, (name, value) in enumerate(zip(names, got)):
-        ref = getattr(out, name, None) if not isinstance(out, torch.Tensor) else None
-        if not isinstance(ref, torch.Tensor):
-            if i >= len(flat):
-                raise CompressorError(f"ONNX output {name!r} has no counterpart among torch's {len(flat)} outputs")
-            ref = flat[i]
-        expected = ref.detach().float().numpy()
+        expected = _torch_output(out, flat, name, i).detach().float().numpy()
         actual = np.asarray(value, dtype=np.float32)
         if expected.shape != actual.shape:
             raise CompressorError(f"ONNX output {name!r} has shape {list(actual.shape)}, torch's "
