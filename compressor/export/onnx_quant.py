@@ -624,6 +624,16 @@ def _run_ort_quantizer(src: Path, out: Path, config: Any, plan: _Plan, calib: Ca
                             weight_type=QuantType.QInt8, calibrate_method=method, extra_options=extra, **common)
 
 
+def _to_int8(init: Any, axis: int) -> np.ndarray:
+    """Replace the float initializer ``init`` by its symmetric int8 form, renamed ``<name>_int8``; returns the
+    scales (reduced over ``axis``, dims kept)."""
+    from onnx import numpy_helper
+
+    q, scale = _int8(numpy_helper.to_array(init).astype(np.float32), axis)
+    init.CopyFrom(numpy_helper.from_array(q, init.name + "_int8"))
+    return scale
+
+
 def _embeddings_per_row(model: onnx.ModelProto, names: list[str]) -> None:
     """Gather(table, ids) -> Gather(int8 table, ids) * Gather(row scales, ids): int8 on disk and in memory, only
     the looked-up rows converted."""
@@ -638,11 +648,8 @@ def _embeddings_per_row(model: onnx.ModelProto, names: list[str]) -> None:
         if node.name not in wanted or node.input[0] not in inits:
             order.append(node)
             continue
-        table = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
-        q, scale = _int8(table, 1)
-        scale = scale[:, 0]
         base = node.input[0]
-        inits[base].CopyFrom(numpy_helper.from_array(q, base + "_int8"))
+        scale = _to_int8(inits[base], axis=1)[:, 0]
         scale_init = numpy_helper.from_array(scale, base + "_row_scale")
         model.graph.initializer.append(scale_init)
         axes = numpy_helper.from_array(np.array([-1], dtype=np.int64), base + "_unsqueeze_axes")
@@ -673,11 +680,8 @@ def _weight_only(model: onnx.ModelProto, names: dict[str, str]) -> None:
         if node.name not in names or node.input[1] not in inits:
             order.append(node)
             continue
-        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-        q, scale = _int8(w, 0)
-        scale = scale[0]
         base = node.input[1]
-        inits[base].CopyFrom(numpy_helper.from_array(q, base + "_int8"))
+        scale = _to_int8(inits[base], axis=0)[0]
         model.graph.initializer.append(numpy_helper.from_array(scale, base + "_col_scale"))
         n = node.name
         order += [
