@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from ..encodings import Cast, Codebook, Int8, Sparse
-from ..errors import UsageError
+from ..errors import CompressorError, UsageError
 from ..recipe import TrainingDataSpec
 from .base import Context, Pass, PassConfig, PassResult, register_pass
 from .select import matches
@@ -165,6 +165,10 @@ class RecoverPass(Pass):
                     for name, mask in masks.items():
                         trained[name].masked_fill_(~mask, 0.0)  # +0.0: a multiply would leave -0.0
                 losses.append(float(loss.detach()))
+                if not math.isfinite(losses[-1]):
+                    # A runtime failure (exit 1), not a recipe error: the same lr may work on other data.
+                    raise CompressorError(f"recover diverged at step {step + 1} (loss {losses[-1]}); lower `lr` "
+                                          f"(now {config.lr:g})")
                 if (step + 1) % every == 0 or step + 1 == config.steps:
                     recent = losses[-every:]
                     ctx.info(f"recover: step {step + 1}/{config.steps}, loss {sum(recent) / len(recent):.4g}")
@@ -174,8 +178,6 @@ class RecoverPass(Pass):
                 tensor.requires_grad_(False)
                 tensor.grad = None
         final = _materialise(books, params)
-        if not all(math.isfinite(x) for x in losses):
-            raise UsageError(f"recover diverged (loss {losses[-1]}); lower `lr` (now {config.lr:g})")
         window = max(1, len(losses) // 10)
         return PassResult(
             touched=list(trained),
