@@ -67,7 +67,6 @@ def load(artifact_dir: str | Path, *, device: str | torch.device = "cpu", verify
                 stop.set()  # do not finish reading a model that cannot be built
                 raise
             stored = pending.result()
-    _resize(module, info.get("resized", {}), root)
     encodings = dict(info.get("encodings", {}))
     kept: dict[str, tuple[torch.Tensor, bool]] = {}
     if int8 == "keep":
@@ -79,6 +78,7 @@ def load(artifact_dir: str | Path, *, device: str | torch.device = "cpu", verify
                 stored[name] = stored.pop(f"{name}.__q")  # the int8 tensor becomes the parameter itself
                 del encodings[name]
     state = _decode(stored, encodings)
+    _restructure(module, info, state, root)
     for alias, target in info.get("aliases", {}).items():
         state[alias] = state[target]
     if dev.type != "cpu":
@@ -320,23 +320,39 @@ def build_architecture(root: Path, manifest: dict[str, Any]) -> nn.Module:
     raise ArtifactError(f"{root}: unknown model source {kind!r} in the manifest")
 
 
-def _resize(module: nn.Module, resized: dict[str, Any], root: Path) -> None:
-    """Rebuild the Linear layers a structured pass shrank at their stored sizes (parameters on meta, filled by
-    load_state_dict like every other)."""
-    if not resized:
-        return
+def _restructure(module: nn.Module, info: dict[str, Any], state: dict[str, torch.Tensor], root: Path) -> None:
+    """Give the modules structured pruning changed their pruned shapes (parameters on meta, filled by
+    load_state_dict like every other): attention heads are removed with the module's own ``prune_heads``; resized
+    Linear, Conv and BatchNorm modules get their recorded size attributes and tensors of the stored shapes."""
+    heads, resized = info.get("pruned_heads", {}), info.get("resized", {})
+    if not isinstance(heads, dict) or not isinstance(resized, dict):
+        raise ArtifactError(f"{root}: manifest.json has a malformed model.pruned_heads or model.resized")
     named = dict(module.named_modules())
     with _parameters_on_meta():
-        for name, size in resized.items():
-            layer = named.get(name)
-            if not isinstance(layer, nn.Linear) or not isinstance(size, dict):
-                raise ArtifactError(f"{root}: manifest.json resizes {name!r}, which is not a Linear of this model")
-            try:
-                fresh = nn.Linear(int(size["in_features"]), int(size["out_features"]), bias=layer.bias is not None)
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ArtifactError(f"{root}: malformed model.resized entry for {name!r} ({exc!r})") from None
-            layer.weight, layer.bias = fresh.weight, fresh.bias
-            layer.in_features, layer.out_features = fresh.in_features, fresh.out_features
+        for name, removed in heads.items():
+            attention = named.get(name)
+            if not callable(getattr(attention, "prune_heads", None)) or not isinstance(removed, list) \
+                    or not all(isinstance(h, int) for h in removed):
+                raise ArtifactError(f"{root}: manifest.json prunes heads of {name!r}, which is not an attention "
+                                    "module with prune_heads, or lists no head indices")
+            attention.prune_heads(set(removed))
+    named = dict(module.named_modules())  # prune_heads replaced the projections
+    for name, sizes in resized.items():
+        layer = named.get(name)
+        if layer is None or not isinstance(sizes, dict) or not all(
+                isinstance(getattr(layer, a, None), int) and isinstance(v, int) for a, v in sizes.items()):
+            raise ArtifactError(f"{root}: manifest.json resizes {name!r} with {sizes!r}, which does not fit that "
+                                "module of this model")
+        for attr, value in sizes.items():
+            setattr(layer, attr, value)
+        for slot in (layer._parameters, layer._buffers):
+            for key, tensor in list(slot.items()):
+                target = state.get(f"{name}.{key}")
+                if tensor is None or target is None or tensor.shape == target.shape:
+                    continue
+                empty = torch.empty(target.shape, dtype=tensor.dtype, device="meta")
+                slot[key] = nn.Parameter(empty, requires_grad=tensor.requires_grad) if slot is layer._parameters \
+                    else empty
 
 
 def _retie(module: nn.Module, aliases: dict[str, str]) -> None:

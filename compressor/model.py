@@ -35,9 +35,12 @@ class Model:
     encodings: dict[str, Encoding] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
     dtype_bridges: dict[str, dict[str, str]] = field(default_factory=dict)
-    # Linear modules whose shape a pass changed (structured pruning): {module name: {in_features, out_features}};
-    # the loader rebuilds them at these sizes before loading the weights.
+    # Linear, Conv and BatchNorm modules whose shape a pass changed (structured pruning): {module name: their size
+    # attributes, e.g. in_features/out_features}; the loader rebuilds them at these sizes before loading weights.
     resized: dict[str, dict[str, int]] = field(default_factory=dict)
+    # Attention heads removed (structured pruning): {attention module name: original head indices}; the loader
+    # removes them again with the module's own prune_heads.
+    pruned_heads: dict[str, list[int]] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -1,42 +1,72 @@
-"""Structured pruning: find the hidden neurons between two linear layers and remove the least important ones,
-shrinking the producer's rows and the consumer's columns, so the model is smaller and faster in any runtime.
+"""Structured pruning: find groups of units (hidden neurons, conv channels, attention heads) between the layers
+that produce them and the layer that consumes them, and remove the least important units, shrinking the
+producers' output rows and the consumer's input columns, so the model is smaller and faster in any runtime.
 
-Groups (producers -> consumer) come from the architecture:
-- Hugging Face BERT family: ``<layer>.intermediate.dense -> <layer>.output.dense``;
+Groups come from the architecture:
+- Hugging Face BERT family: FFN neurons ``<layer>.intermediate.dense -> <layer>.output.dense`` and attention
+  heads (``<layer>.attention``: query/key/value rows -> ``attention.output.dense`` columns, removed with the
+  model's own ``prune_heads``);
 - Llama family: ``<mlp>.gate_proj`` and ``<mlp>.up_proj -> <mlp>.down_proj``;
-- any other module that torch.fx can trace: a Linear whose output reaches exactly one Linear through element-wise
-  ops only (activations, dropout).
+- any other module that torch.fx can trace: a Linear or Conv whose output reaches exactly one Linear or Conv
+  through element-wise and per-channel ops only (activations, dropout, pooling, batch norm, which is shrunk with
+  the channels, and ``flatten(1)``, after which each channel feeds a block of the consumer's columns).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
 
-__all__ = ["NeuronGroup", "neuron_groups", "shrink_group", "neuron_importance", "consumer_input_power",
-           "resize_linear"]
+__all__ = ["NeuronGroup", "InputStats", "neuron_groups", "head_groups", "shrink_group", "prune_head_group",
+           "neuron_importance", "consumer_input_stats", "reconstruct_consumer", "resize_module", "module_sizes"]
 
-_ELEMENTWISE_MODULES = ("ReLU", "GELU", "SiLU", "Tanh", "Sigmoid", "Dropout", "Identity", "LeakyReLU", "Mish",
-                        "Hardswish", "ELU", "ReLU6")
+_ELEMENTWISE_MODULES = {"ReLU", "GELU", "SiLU", "Tanh", "Sigmoid", "Dropout", "Identity", "LeakyReLU", "Mish",
+                        "Hardswish", "ELU", "ReLU6"}
 _ELEMENTWISE_FUNCTIONS = {"relu", "gelu", "silu", "tanh", "sigmoid", "dropout", "leaky_relu", "mish", "hardswish",
                           "elu", "relu6"}
+# Per channel over positions: transparent after a conv (never after a Linear, where they would mix features).
+_POOLING = {"MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d", "AdaptiveAvgPool1d",
+            "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AdaptiveMaxPool2d", "Dropout2d", "max_pool1d", "max_pool2d",
+            "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+            "adaptive_avg_pool3d", "adaptive_max_pool2d", "dropout2d"}
+_SIZE_ATTRIBUTES = {"Linear": ("in_features", "out_features"), "Conv": ("in_channels", "out_channels"),
+                    "BatchNorm": ("num_features",)}
 
 
 @dataclass
 class NeuronGroup:
-    """Hidden neurons shared by the rows of ``producers`` and the columns of ``consumer``."""
+    """Units (neurons, channels or heads) produced by the output rows of ``producers`` and consumed by the input
+    columns of ``consumer``.
+
+    Each unit owns ``len(rows) / width`` consecutive output rows of every producer (a head: its head-size rows of
+    query, key and value) and ``span`` consecutive input columns of the consumer (a head: head-size columns; a
+    conv channel before ``flatten(1)``: its H*W columns). ``followers`` are per-channel modules in between (batch
+    norm) sliced with the units. ``attention`` names the attention module of a head group."""
 
     producers: list[str]
     consumer: str
     width: int
+    span: int = 1
+    followers: list[str] = field(default_factory=list)
+    attention: str | None = None
+
+    @property
+    def kind(self) -> str:
+        """``heads`` or ``neurons``."""
+        return "heads" if self.attention is not None else "neurons"
+
+    @property
+    def members(self) -> list[str]:
+        """Every module whose shape the group's pruning changes."""
+        return [*self.producers, *self.followers, self.consumer]
 
 
 def neuron_groups(module: nn.Module) -> list[NeuronGroup]:
-    """The prunable neuron groups of ``module``; empty when none can be found."""
+    """The prunable neuron and channel groups of ``module``; empty when none can be found."""
     from torch import nn
 
     named = dict(module.named_modules())
@@ -62,9 +92,41 @@ def neuron_groups(module: nn.Module) -> list[NeuronGroup]:
     return _traced_groups(module)
 
 
+def head_groups(module: nn.Module) -> list[NeuronGroup]:
+    """The attention-head groups of a BERT-family model: attention modules with the model's own ``prune_heads``
+    (query/key/value -> output.dense); empty for other models."""
+    from torch import nn
+
+    groups = []
+    for name, m in module.named_modules():
+        inner, out = getattr(m, "self", None), getattr(getattr(m, "output", None), "dense", None)
+        if not (callable(getattr(m, "prune_heads", None)) and isinstance(out, nn.Linear)
+                and isinstance(getattr(inner, "num_attention_heads", None), int)
+                and all(isinstance(getattr(inner, p, None), nn.Linear) for p in ("query", "key", "value"))):
+            continue
+        heads, size = inner.num_attention_heads, inner.attention_head_size
+        if out.in_features != heads * size:
+            continue
+        stem = f"{name}." if name else ""
+        groups.append(NeuronGroup([f"{stem}self.query", f"{stem}self.key", f"{stem}self.value"],
+                                  f"{stem}output.dense", heads, span=size, attention=name))
+    return groups
+
+
+def _kind(m: nn.Module) -> str | None:
+    from torch import nn
+
+    if isinstance(m, nn.Linear):
+        return "Linear"
+    if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed and m.groups == 1:
+        return "Conv"
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return "BatchNorm"
+    return None
+
+
 def _traced_groups(module: nn.Module) -> list[NeuronGroup]:
     import torch.fx
-    from torch import nn
 
     try:
         graph = torch.fx.symbolic_trace(module).graph
@@ -72,67 +134,120 @@ def _traced_groups(module: nn.Module) -> list[NeuronGroup]:
         return []
     named = dict(module.named_modules())
 
-    def is_linear(node: torch.fx.Node) -> bool:
-        return node.op == "call_module" and isinstance(named.get(str(node.target)), nn.Linear)
+    def kind(node: torch.fx.Node) -> str | None:
+        return _kind(named[str(node.target)]) if node.op == "call_module" else None
 
-    def elementwise(node: torch.fx.Node) -> bool:
+    def passes_through(node: torch.fx.Node, channels: bool) -> bool:
+        """Element-wise ops, and per-channel pooling while ``channels`` (a conv's output, not yet flattened)."""
         if node.op == "call_module":
-            return type(named.get(str(node.target))).__name__ in _ELEMENTWISE_MODULES
+            name = type(named.get(str(node.target))).__name__
+            return name in _ELEMENTWISE_MODULES or (channels and name in _POOLING)
         if node.op in ("call_function", "call_method"):
             name = getattr(node.target, "__name__", str(node.target))
-            return name in _ELEMENTWISE_FUNCTIONS and len(node.args) >= 1
+            return name in _ELEMENTWISE_FUNCTIONS or (channels and name in _POOLING)
         return False
+
+    def flattens_channels(node: torch.fx.Node) -> bool:
+        """``flatten(x, 1)``: channel-major, so each channel becomes a block of consecutive features."""
+        if node.op not in ("call_function", "call_method") or getattr(node.target, "__name__", node.target) != \
+                "flatten":
+            return False
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+        return start == 1 and end == -1
 
     groups = []
     for node in graph.nodes:
-        if not is_linear(node):
+        if kind(node) not in ("Linear", "Conv"):
             continue
-        current = node
+        producer = named[str(node.target)]
+        width = producer.out_features if kind(node) == "Linear" else producer.out_channels
+        current, followers, flat = node, [], False
         while len(current.users) == 1:
             (user,) = current.users
-            if is_linear(user) and user.args and user.args[0] is current:
-                producer, consumer = named[str(node.target)], named[str(user.target)]
-                if consumer.in_features == producer.out_features:
-                    groups.append(NeuronGroup([str(node.target)], str(user.target), producer.out_features))
+            if not user.args or user.args[0] is not current:
                 break
-            if not elementwise(user) or user.args[0] is not current:
+            user_kind = kind(user)
+            if user_kind in ("Linear", "Conv"):
+                consumer = named[str(user.target)]
+                fan_in = consumer.in_features if user_kind == "Linear" else consumer.in_channels
+                if (user_kind == "Conv") != (kind(node) == "Conv" and not flat):
+                    break  # a conv consumes channels only from a conv, unflattened; a Linear after a conv needs
+                    # flatten(1), else it would act on positions
+                span = fan_in // width if flat else 1
+                if fan_in == width * span and (span == 1 or kind(node) == "Conv"):
+                    groups.append(NeuronGroup([str(node.target)], str(user.target), width, span, followers))
+                break
+            if user_kind == "BatchNorm" and not flat and named[str(user.target)].num_features == width:
+                followers = [*followers, str(user.target)]
+            elif flattens_channels(user) and kind(node) == "Conv" and not flat:
+                flat = True
+            elif not passes_through(user, kind(node) == "Conv" and not flat):
                 break
             current = user
     return groups
 
 
+def _unit_sums(values: torch.Tensor, width: int) -> torch.Tensor:
+    """Per-unit sums of per-row (or per-column) values: each unit owns ``len(values) / width`` consecutive ones."""
+    return values.reshape(width, -1).sum(dim=1)
+
+
+def _power_by_column(weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum of squares of ``weight`` over every dimension but ``dim``."""
+    w = weight.detach().float().pow(2)
+    return w.transpose(0, dim).reshape(w.shape[dim], -1).sum(dim=1)
+
+
 def neuron_importance(module: nn.Module, group: NeuronGroup, activations: torch.Tensor | None = None) -> torch.Tensor:
-    """Importance of each neuron: what removing it would take from the consumer's output, estimated as the
-    consumer column's L2 norm times the neuron's RMS activation on data (``activations``: mean square per
-    neuron at the consumer's input), or, without data, times the L2 norm of its producer rows."""
+    """Importance of each unit: what removing it would take from the consumer's output, estimated from the
+    consumer columns' L2 norms times the unit's RMS activation on data (``activations``: mean square of each
+    consumer input column), or, without data, times the L2 norm of its producer rows."""
     named = dict(module.named_modules())
-    cols = named[group.consumer].weight.detach().float().pow(2).sum(dim=0)
+    cols = _power_by_column(named[group.consumer].weight, 1)
     if activations is not None:
-        return (activations.float() * cols).sqrt()
-    rows = sum(named[p].weight.detach().float().pow(2).sum(dim=1) for p in group.producers)
-    return (rows * cols).sqrt()
+        return _unit_sums(activations.float() * cols, group.width).sqrt()
+    rows = sum(_unit_sums(_power_by_column(named[p].weight, 0), group.width) for p in group.producers)
+    return (rows * _unit_sums(cols, group.width)).sqrt()
 
 
-def consumer_input_power(module: nn.Module, groups: list[NeuronGroup], batches: list[dict[str, torch.Tensor]]
-                         ) -> dict[str, torch.Tensor]:
-    """Mean square of each consumer's input features over ``batches`` (by consumer name); real tokens only when
-    the batch has an attention mask."""
+@dataclass
+class InputStats:
+    """What a consumer saw on calibration data: the mean square of each input column, and, for a Linear consumer
+    when asked, the Gram matrix of its inputs with a constant column appended (float64, summed over rows)."""
+
+    power: torch.Tensor
+    gram: torch.Tensor | None = None
+
+
+def consumer_input_stats(module: nn.Module, groups: list[NeuronGroup], batches: list[dict[str, torch.Tensor]],
+                         gram: bool = False) -> dict[str, InputStats]:
+    """Input statistics of each group's consumer over ``batches`` (a conv consumer: per input channel, over every
+    position), by consumer name; real tokens only when the batch has an attention mask. ``gram`` also collects
+    Gram matrices for Linear consumers (what `reconstruct_consumer` needs)."""
     import torch
+    from torch import nn
 
     named = dict(module.named_modules())
     sums: dict[str, torch.Tensor] = {}
+    grams: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     mask: list[torch.Tensor | None] = [None]
 
     def hook(name: str):  # noqa: ANN202 - a forward pre-hook
-        def record(_mod: nn.Module, args: tuple) -> None:
+        def record(mod: nn.Module, args: tuple) -> None:
             x = args[0].detach().float()
+            if _kind(mod) == "Conv":
+                x = x.movedim(1, -1)
             x = x.reshape(-1, x.shape[-1])
             m = mask[0]
             if m is not None and m.numel() == x.shape[0]:
                 x = x[m.reshape(-1).bool()]
             sums[name] = sums.get(name, 0) + x.pow(2).sum(dim=0)
             counts[name] = counts.get(name, 0) + x.shape[0]
+            if gram and _kind(mod) == "Linear":
+                xd = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
+                grams[name] = grams.get(name, 0) + xd.T @ xd
         return record
 
     handles = [named[g.consumer].register_forward_pre_hook(hook(g.consumer)) for g in groups]
@@ -144,35 +259,125 @@ def consumer_input_power(module: nn.Module, groups: list[NeuronGroup], batches: 
     finally:
         for h in handles:
             h.remove()
-    return {n: sums[n] / max(counts[n], 1) for n in sums}
+    return {n: InputStats(sums[n] / max(counts[n], 1), grams.get(n)) for n in sums}
 
 
-def resize_linear(layer: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
-    """Keep only ``rows`` (output features) and/or ``cols`` (input features) of ``layer``, in place."""
+RECONSTRUCT_DAMPING = 0.01  # of the mean diagonal: keeps the solve well posed; 0.01-1 measured alike on MiniLM
+
+
+def reconstruct_consumer(layer: nn.Linear, keep: torch.Tensor, drop: torch.Tensor, gram: torch.Tensor) -> None:
+    """Refit a Linear consumer's kept input columns (and bias) so that, on the data ``gram`` was measured on, it
+    reproduces the output it gave with every column: the least-squares fit of the dropped columns' contribution
+    from the kept ones and a constant, ``W_K += W_D G_DK G_KK^-1``, in place (before the columns are removed)."""
+    import torch
+
+    n = gram.shape[0] - 1
+    basis = torch.cat([keep, torch.tensor([n])]) if layer.bias is not None else keep
+    g_kk = gram[basis][:, basis]
+    g_kk = g_kk + RECONSTRUCT_DAMPING * g_kk.diagonal().mean() * torch.eye(len(basis), dtype=gram.dtype)
+    weight = layer.weight.detach()
+    correction = weight[:, drop].double() @ torch.linalg.solve(g_kk, gram[drop][:, basis].T).T
+    with torch.no_grad():
+        weight[:, keep] += correction[:, : len(keep)].to(weight.dtype)
+        if layer.bias is not None:
+            layer.bias += correction[:, -1].to(layer.bias.dtype)
+
+
+def module_sizes(layer: nn.Module) -> dict[str, int]:
+    """The size attributes of a Linear, Conv or BatchNorm (what the loader sets when it rebuilds it)."""
+    kind = _kind(layer)
+    if kind is None:
+        raise TypeError(f"{type(layer).__name__} is not a Linear, Conv or BatchNorm")
+    return {a: int(getattr(layer, a)) for a in _SIZE_ATTRIBUTES[kind]}
+
+
+def resize_module(layer: nn.Module, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
+    """Keep only ``rows`` (output features or channels; a batch norm's features) and/or ``cols`` (input features
+    or channels) of a Linear, Conv or BatchNorm, in place."""
     from torch import nn
 
+    kind = _kind(layer)
+    if kind is None:
+        raise TypeError(f"cannot resize a {type(layer).__name__}")
+    if kind == "BatchNorm":
+        assert cols is None and rows is not None
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            t = getattr(layer, name)
+            if t is None:
+                continue
+            if isinstance(t, nn.Parameter):
+                setattr(layer, name, nn.Parameter(t.detach()[rows].clone(), requires_grad=t.requires_grad))
+            else:
+                setattr(layer, name, t[rows].clone())
+        layer.num_features = int(rows.numel())
+        return
+    out_attr, in_attr = ("out_features", "in_features") if kind == "Linear" else ("out_channels", "in_channels")
     weight = layer.weight.detach()
     if rows is not None:
         weight = weight[rows]
         if layer.bias is not None:
             layer.bias = nn.Parameter(layer.bias.detach()[rows].clone(), requires_grad=layer.bias.requires_grad)
-        layer.out_features = int(rows.numel())
+        setattr(layer, out_attr, int(rows.numel()))
     if cols is not None:
         weight = weight[:, cols]
-        layer.in_features = int(cols.numel())
+        setattr(layer, in_attr, int(cols.numel()))
     layer.weight = nn.Parameter(weight.clone().contiguous(), requires_grad=layer.weight.requires_grad)
 
 
-def shrink_group(module: nn.Module, group: NeuronGroup, remove: int, activations: torch.Tensor | None = None
-                 ) -> torch.Tensor:
-    """Remove the ``remove`` least important neurons of ``group``; returns the kept neuron indices (sorted)."""
+def _expand(keep: torch.Tensor, block: int) -> torch.Tensor:
+    """Indices of the ``block`` consecutive rows or columns owned by each kept unit."""
+    import torch
+
+    return (keep[:, None] * block + torch.arange(block)).reshape(-1)
+
+
+def _least_important(module: nn.Module, group: NeuronGroup, remove: int, activations: torch.Tensor | None
+                     ) -> torch.Tensor:
     import torch
 
     importance = neuron_importance(module, group, activations)
     order = torch.argsort(importance, descending=True, stable=True)
-    keep = order[: group.width - remove].sort().values
+    return order[group.width - remove:].sort().values
+
+
+def _split(module: nn.Module, group: NeuronGroup, remove: int, stats: InputStats | None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, removed) unit indices, sorted; with a Gram matrix, the consumer is refitted on the kept columns."""
+    import torch
+
+    drop = _least_important(module, group, remove, stats.power if stats is not None else None)
+    dropped = set(drop.tolist())
+    keep = torch.tensor([i for i in range(group.width) if i not in dropped], dtype=torch.long)
+    if stats is not None and stats.gram is not None and remove:
+        consumer = module.get_submodule(group.consumer)
+        reconstruct_consumer(consumer, _expand(keep, group.span), _expand(drop, group.span), stats.gram)
+    return keep, drop
+
+
+def shrink_group(module: nn.Module, group: NeuronGroup, remove: int, stats: InputStats | None = None
+                 ) -> torch.Tensor:
+    """Remove the ``remove`` least important units of a neuron or channel group (ranked with ``stats`` when given,
+    else by magnitude; the consumer refitted when ``stats`` has a Gram matrix); returns the kept unit indices."""
+    keep, _ = _split(module, group, remove, stats)
     named = dict(module.named_modules())
     for p in group.producers:
-        resize_linear(named[p], rows=keep)
-    resize_linear(named[group.consumer], cols=keep)
+        resize_module(named[p], rows=_expand(keep, named[p].weight.shape[0] // group.width))
+    for f in group.followers:
+        resize_module(named[f], rows=keep)
+    resize_module(named[group.consumer], cols=_expand(keep, group.span))
     return keep
+
+
+def prune_head_group(module: nn.Module, group: NeuronGroup, remove: int, stats: InputStats | None = None
+                     ) -> list[int]:
+    """Remove the ``remove`` least important heads of a head group (as `shrink_group` ranks and refits) with the
+    attention module's own ``prune_heads``; returns every head removed from it so far, as indices into the
+    original heads (what ``prune_heads`` takes to rebuild the pruned model)."""
+    attention = module.get_submodule(group.attention or "")
+    if not remove:
+        return sorted(attention.pruned_heads)
+    current = _split(module, group, remove, stats)[1].tolist()
+    # prune_heads takes indices of the original heads; earlier pruning may have removed some already.
+    original = sorted(set(range(group.width + len(attention.pruned_heads))) - set(attention.pruned_heads))
+    attention.prune_heads({original[i] for i in current})
+    return sorted(int(h) for h in attention.pruned_heads)
