@@ -128,13 +128,25 @@ def _finish_evaluation(report: dict[str, Any], where: Path) -> None:
 @click.option("--no-gates", is_flag=True, help="Measure and report only; do not check the recipe's gates.")
 @click.option("--no-speed", is_flag=True,
               help="Accuracy, fidelity and size only: no latency or load timing (speed gates cannot pass).")
+@click.option("--tp", type=click.IntRange(2, 64), default=None, metavar="N",
+              help="Run a tensor-parallel artifact (the `shard` pass) on N processes (gloo on CPU, NCCL on CUDA) and "
+                   "compare it with the same artifact loaded whole; writes tp-report.json. Exit 3 when the minimum "
+                   "cosine is below --min-cosine.")
+@click.option("--min-cosine", type=click.FloatRange(-1, 1), default=None,
+              help="With --tp: the lowest acceptable cosine similarity to the whole model (default 0.9999).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only warnings, errors and the summary.")
 @_guarded
 def eval_(artifact: Path, baseline: str | None, device: str | None, no_gates: bool, no_speed: bool,
-          quiet: bool) -> None:
+          tp: int | None, min_cosine: float | None, quiet: bool) -> None:
     """Evaluate ARTIFACT (a directory written by `compress run`) against its baseline; writes report.json,
     report.md, junit.xml and report.png into it. Exit 3 when a gate of its recipe is missed."""
     from .errors import UsageError
+
+    if tp is not None:
+        _eval_tp(artifact, tp, device, min_cosine, baseline, quiet)
+        return
+    if min_cosine is not None:
+        raise UsageError("--min-cosine applies to --tp runs; gates of the recipe set thresholds otherwise")
     from .evaluate import evaluate_artifact
     from .evaluate.subjects import baseline_from_argument, baseline_from_manifest
     from .log import Reporter
@@ -159,6 +171,38 @@ def eval_(artifact: Path, baseline: str | None, device: str | None, no_gates: bo
     finally:
         signal.signal(signal.SIGTERM, previous)
     _finish_evaluation(report, artifact)
+
+
+def _eval_tp(artifact: Path, world: int, device: str | None, min_cosine: float | None, baseline: str | None,
+             quiet: bool) -> None:
+    from .errors import GateFailure, UsageError
+    from .evaluate.tp import DEFAULT_MIN_COSINE, evaluate_tp, summary_lines
+    from .log import Reporter
+    from .manifest import read_manifest
+    from .recipe import EvaluateSpec
+
+    if baseline is not None:
+        raise UsageError("--tp compares the artifact with itself loaded whole; drop --baseline")
+    if device == "all":
+        raise UsageError("--tp runs on one kind of device: --device cpu (gloo) or --device cuda (NCCL)")
+    recipe = read_manifest(artifact).get("recipe") or {}
+    try:
+        spec = EvaluateSpec.model_validate(recipe.get("evaluate") or {})
+    except ValueError as exc:
+        raise UsageError(f"{artifact}/manifest.json: its recipe's evaluate section is not valid: {exc}") from None
+    previous = signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        report = evaluate_tp(artifact, world, device=device or "cpu", spec=spec,
+                             min_cosine=DEFAULT_MIN_COSINE if min_cosine is None else min_cosine,
+                             log=Reporter(quiet=quiet))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    for line in summary_lines(report):
+        click.echo(line)
+    click.echo(f"report: {artifact / 'tp-report.json'}")
+    if not report["passed"]:
+        raise GateFailure(f"tensor-parallel output differs from the whole model: min cosine "
+                          f"{report['fidelity']['cos_min']:.6f} < {report['min_cosine']}")
 
 
 @cli.command(name="passes")

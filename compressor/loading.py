@@ -26,7 +26,7 @@ __all__ = ["load", "load_tensors", "load_tensors_cuda", "load_example_inputs", "
 
 
 def load(artifact_dir: str | Path, *, device: str | torch.device = "cpu", verify_hashes: bool = False,
-         int8: str = "dequantize") -> nn.Module:
+         int8: str = "dequantize", tp_rank: int | None = None, tp_world: int | None = None) -> nn.Module:
     """Return the artifact's model in eval mode.
 
     On CPU its tensors are views on the memory-mapped files (nothing is read until used). On CUDA the shards are
@@ -35,7 +35,13 @@ def load(artifact_dir: str | Path, *, device: str | torch.device = "cpu", verify
     sha256 (reads everything; off by default so that loading stays lazy). ``int8`` says what happens to weights
     stored as int8 (the `quantize` pass): ``"dequantize"`` turns them into float32 on load; ``"keep"`` keeps the
     int8 tensor as the parameter and dequantizes it on the fly at every use (a parametrization), so the model
-    holds a quarter of the memory. Raises ArtifactError for missing, truncated, corrupt or foreign files.
+    holds a quarter of the memory.
+
+    A tensor-parallel artifact (the `shard` pass) loads whole by default, its rank files joined again. With
+    ``tp_rank`` and ``tp_world``, inside an initialised torch.distributed process group of that size (gloo on CPU,
+    nccl on CUDA, ``device`` this rank's device), only that rank's file and the replicated tensors are mapped and the
+    module runs tensor-parallel (torch.distributed.tensor.parallel). Raises ArtifactError for missing, truncated,
+    corrupt or foreign files.
     """
     if int8 not in ("dequantize", "keep"):
         raise ValueError(f"int8={int8!r}: use 'dequantize' or 'keep'")
@@ -50,7 +56,25 @@ def load(artifact_dir: str | Path, *, device: str | torch.device = "cpu", verify
     info = manifest.get("model", {})
     if not isinstance(info.get("weights"), list) or not all(isinstance(w, str) for w in info["weights"]):
         raise ArtifactError(f"{root}: manifest.json has no list of weight files (model.weights)")
-    if dev.type == "cpu":
+    sharded = manifest.get("tensor_parallel")
+    if (tp_rank is None) != (tp_world is None):
+        raise ValueError("give both tp_rank and tp_world, or neither")
+    if tp_rank is not None:
+        if not sharded:
+            raise ArtifactError(f"{root} is not a tensor-parallel artifact (its recipe has no `shard` pass)")
+        if int8 != "dequantize":
+            raise ValueError("int8='keep' is not supported with tensor parallelism")
+        from .tp import load_rank
+
+        return load_rank(root, manifest, int(tp_rank), int(tp_world), dev)  # type: ignore[arg-type]
+    if sharded:
+        from .tp import assemble
+
+        stored = assemble(root, manifest)
+        if dev.type != "cpu":
+            stored = {k: v.to(dev) for k, v in stored.items()}
+        module = build_architecture(root, manifest)
+    elif dev.type == "cpu":
         stored = load_tensors(root, info["weights"])
         module = build_architecture(root, manifest)
     else:

@@ -113,7 +113,16 @@ def _write(recipe: Recipe, model: Any, reports: list[dict[str, Any]], out: Path,
 
     with log.step(f"writing artifact to {out}"), staged_dir(out) as tmp:
         stored = model.stored()
-        files = export_safetensors(stored, tmp, int(recipe.export.safetensors.max_shard_size))
+        tp_entry = None
+        if "tensor_parallel" in model.metadata:
+            from .tp import write_rank_files
+
+            with log.step(f"writing {model.metadata['tensor_parallel'].world} tensor-parallel rank files"):
+                files, tp_entry = write_rank_files(
+                    stored, tmp, model.metadata["tensor_parallel"],
+                    {n: e.to_json() for n, e in model.encodings.items()}, model.aliases)
+        else:
+            files = export_safetensors(stored, tmp, int(recipe.export.safetensors.max_shard_size))
         write_safetensors(tmp / INPUTS_FILE, model.example_inputs, {"format": "pt", "role": "example-inputs"})
         copied = _copy_source_files(model.files_dir, tmp, is_copied_file)
         evaluation = _copy_eval_data(recipe, tmp)
@@ -152,6 +161,8 @@ def _write(recipe: Recipe, model: Any, reports: list[dict[str, Any]], out: Path,
             body["evaluation"] = evaluation
         if onnx_info:
             body["onnx"] = onnx_info
+        if tp_entry:
+            body["tensor_parallel"] = tp_entry
         manifest = write_manifest(tmp, body)
     return manifest
 

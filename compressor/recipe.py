@@ -622,6 +622,13 @@ def _validate_passes(raw: list[Any], located: Located, problems: list[Problem]) 
 
 def _check_order(steps: list[PassStep], classes: list[Any], located: Located, problems: list[Problem]) -> None:
     names = [s.name for s in steps]
+    for i, cls in enumerate(classes[:-1]):
+        if getattr(cls, "must_be_last", None):
+            where = located.where(("passes", i, names[i]), key=True)
+            problems.append(Problem(f"{names[i]!r} must be the last pass, and {names[-1]!r} follows it: "
+                                    f"{cls.must_be_last}", file=located.file, line=where[0], col=where[1],
+                                    path=f"passes[{i}]", hint=f"move {names[i]!r} to the end of `passes`"))
+            return
     for i, cls in enumerate(classes):
         for j in range(i):
             reason = cls.must_not_follow.get(names[j])

@@ -40,7 +40,7 @@ __all__ = [
 ENTRY_POINT_GROUP = "compressor.passes"
 # Built-in pass modules, imported on first use of the registry (they are light: no torch at import).
 _BUILTIN_MODULES = ("compressor.passes.cast", "compressor.passes.quantize", "compressor.passes.prune",
-                    "compressor.passes.share", "compressor.passes.recover")
+                    "compressor.passes.share", "compressor.passes.recover", "compressor.passes.shard")
 
 
 class PassConfig(BaseModel):
@@ -95,6 +95,8 @@ class Pass(ABC):
     summary: ClassVar[str] = ""
     # Passes that must not come earlier in the recipe than this one: {earlier pass name: why}.
     must_not_follow: ClassVar[Mapping[str, str]] = {}
+    # Set (to the reason) when the pass must be the recipe's last.
+    must_be_last: ClassVar[str | None] = None
     # True: the pipeline keeps a copy of the uncompressed module in ``Context.original`` (e.g. a distillation teacher).
     needs_original: ClassVar[bool] = False
 

@@ -1,0 +1,193 @@
+"""`compress eval ARTIFACT --tp N`: run a tensor-parallel artifact on N processes and compare it with itself
+loaded whole.
+
+Each process joins a torch.distributed process group (gloo on CPU, NCCL on CUDA, one GPU per rank), loads only its
+rank file and the replicated tensors with ``compressor.load(dir, tp_rank=r, tp_world=N)``, and runs the evaluation
+inputs; rank 0 hands its outputs back. The parent loads the same artifact whole (the rank files joined) and
+compares: fidelity (cosine, max abs error), the task metric of both, and, per rank, which artifact files the
+process mapped and their bytes (from /proc/self/maps, so the claim "each rank maps only its own file" is measured).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import CompressorError, UsageError
+from ..log import Reporter
+
+__all__ = ["evaluate_tp", "summary_lines", "TP_REPORT", "DEFAULT_MIN_COSINE"]
+
+TP_REPORT = "tp-report.json"
+DEFAULT_MIN_COSINE = 0.9999
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _mapped_files(root: Path) -> list[str] | None:
+    """Files under ``root`` this process has memory-mapped (Linux), relative to it; None where unknown."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return None
+    prefix = str(root.resolve()) + os.sep
+    found = {line.split(maxsplit=5)[5] for line in lines if len(line.split(maxsplit=5)) == 6}
+    return sorted(p[len(prefix):] for p in found if p.startswith(prefix))
+
+
+def _worker(rank: int, world: int, artifact: str, backend: str, port: int, work: str, task: str | None,
+            threads: int) -> None:
+    """One rank: join the group, load this rank's slices, run every batch; rank 0 saves the outputs."""
+    import torch
+    import torch.distributed as dist
+
+    import compressor
+
+    from .accuracy import primary_output
+
+    device = torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    torch.set_num_threads(threads)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        start = time.perf_counter()
+        model = compressor.load(artifact, tp_rank=rank, tp_world=world, device=device)
+        loaded = time.perf_counter()
+        mapped = _mapped_files(Path(artifact))
+        batches = torch.load(Path(work) / "batches.pt", weights_only=True)
+        outputs = []
+        with torch.inference_mode():
+            for batch in batches:
+                moved = {k: v.to(device) for k, v in batch.items()}
+                outputs.append(primary_output(model(**moved), moved, task).float().cpu())
+        ran = time.perf_counter()
+        if rank == 0:
+            torch.save(outputs, Path(work) / "outputs.pt")
+        sizes = {f: (Path(artifact) / f).stat().st_size for f in (mapped or [])}
+        stats = {"rank": rank, "load_seconds": round(loaded - start, 3), "run_seconds": round(ran - loaded, 3),
+                 "mapped_files": mapped, "bytes_mapped": sum(sizes.values()) if mapped is not None else None}
+        (Path(work) / f"rank{rank}.json").write_text(json.dumps(stats))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def evaluate_tp(artifact: Path, world: int, *, device: str = "cpu", spec: Any = None,
+                min_cosine: float = DEFAULT_MIN_COSINE, log: Reporter | None = None) -> dict[str, Any]:
+    """Run ``artifact`` tensor-parallel on ``world`` processes and compare with it loaded whole; writes
+    tp-report.json into the artifact and returns the report (``passed`` False when the minimum cosine is below
+    ``min_cosine``)."""
+    import torch
+    import torch.multiprocessing as mp
+
+    import compressor
+
+    from ..loading import load_example_inputs
+    from ..manifest import check_files, read_manifest
+    from ..recipe import EvaluateSpec
+    from ..tp import read_plan
+    from .accuracy import fidelity, run_outputs, task_metric
+    from .data import build_data
+    from .report import _atomic_write
+
+    log = log or Reporter()
+    artifact = artifact.resolve()
+    manifest = read_manifest(artifact)
+    check_files(artifact, manifest)
+    entry = manifest.get("tensor_parallel")
+    if not entry:
+        raise UsageError(f"{artifact} is not a tensor-parallel artifact; --tp needs one written by a recipe with a "
+                         "`shard` pass")
+    plan = read_plan(artifact, manifest)
+    if int(plan["world"]) != world:
+        raise UsageError(f"{artifact} is sharded for {plan['world']} ranks; run with --tp {plan['world']}")
+    if device == "cuda":
+        if not torch.cuda.is_available() or torch.cuda.device_count() < world:
+            found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            raise UsageError(f"--tp {world} on cuda needs {world} GPUs (one per rank, NCCL); this machine has "
+                             f"{found}. Run it on CPU (gloo) with --device cpu")
+    backend = "nccl" if device == "cuda" else "gloo"
+    spec = spec or EvaluateSpec()
+    task = manifest.get("task")
+    example_inputs = load_example_inputs(artifact)
+    data = build_data(spec.data, artifact=artifact, manifest=manifest, example_inputs=example_inputs,
+                      base_dir=artifact)
+    threads = max(1, (os.cpu_count() or 1) // world)
+    with tempfile.TemporaryDirectory(prefix="compress-tp-") as work:
+        torch.save(data.batches, Path(work) / "batches.pt")
+        with log.step(f"running {artifact.name} on {world} ranks ({backend}) over {data.name}"):
+            start = time.perf_counter()
+            try:
+                mp.start_processes(_worker, args=(world, str(artifact), backend, _free_port(), work, task, threads),
+                                   nprocs=world, join=True, start_method="spawn")
+            except mp.ProcessRaisedException as exc:
+                raise CompressorError(f"a tensor-parallel rank failed:\n{exc}") from None
+            except mp.ProcessExitedException as exc:
+                raise CompressorError(f"a tensor-parallel rank died: {exc}") from None
+            seconds = time.perf_counter() - start
+        sharded = torch.load(Path(work) / "outputs.pt", weights_only=True)
+        ranks = [json.loads((Path(work) / f"rank{r}.json").read_text()) for r in range(world)]
+    with log.step("running the same artifact loaded whole"):
+        whole_device = "cuda" if device == "cuda" else "cpu"
+        whole = compressor.load(artifact, device=whole_device)
+        reference = run_outputs(whole, data, whole_device, task)
+    classifier = data.metric == "top1_accuracy" or str(task or "").endswith("classification")
+    fid = fidelity(reference, sharded, classifier)
+    metric_whole, metric_tp = task_metric(data, reference), task_metric(data, sharded)
+    weights = {f: (artifact / f).stat().st_size for f in [*plan["ranks"], plan["replicated"]]}
+    rank_bytes = sum(weights[f] for f in plan["ranks"])
+    for r, stats in enumerate(ranks):
+        own = {plan["ranks"][r], plan["replicated"]}
+        mapped = stats["mapped_files"]
+        stats["maps_only_own_files"] = None if mapped is None else set(mapped) <= own
+        # What the issue bounds: a rank's slices are 1/N of the split weights (a little more on the first ranks when
+        # a vocabulary does not divide evenly).
+        stats["own_file_share"] = round(weights[plan["ranks"][r]] / rank_bytes, 6)
+    report = {
+        "artifact": str(artifact),
+        "tensor_parallel": world,
+        "backend": backend,
+        "device": device,
+        "data": data.name,
+        "family": plan.get("family"),
+        "fidelity": fid,
+        "metric": {"whole": metric_whole, "tensor_parallel": metric_tp},
+        "min_cosine": min_cosine,
+        "passed": fid["cos_min"] >= min_cosine,
+        "seconds": round(seconds, 2),
+        "files": weights,
+        "ranks": ranks,
+    }
+    from .report import clean_json
+
+    _atomic_write(artifact / TP_REPORT, (json.dumps(clean_json(report), indent=2) + "\n").encode())
+    return report
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """Human summary of a tensor-parallel evaluation."""
+    fid = report["fidelity"]
+    lines = [f"tp {report['tensor_parallel']} ({report['backend']}, {report['device']}): cos min {fid['cos_min']:.7f}, "
+             f"max abs err {fid['max_abs_err']:.3g} vs the artifact loaded whole "
+             f"({'pass' if report['passed'] else 'FAIL'}: min cosine >= {report['min_cosine']})"]
+    whole, tp = report["metric"]["whole"], report["metric"]["tensor_parallel"]
+    if whole and tp:
+        lines.append(f"{whole['label']}: whole {whole['value']:.2f}, tensor-parallel {tp['value']:.2f}")
+    for r in report["ranks"]:
+        mapped = r["mapped_files"]
+        which = ", ".join(mapped) if mapped is not None else "unknown"
+        size = f"{r['bytes_mapped'] / 1e6:.2f} MB" if r["bytes_mapped"] is not None else "?"
+        lines.append(f"rank {r['rank']}: mapped {size} ({which}); its slices are {r['own_file_share']:.2%} of the split "
+                     f"weights; load {r['load_seconds']:.2f}s, run {r['run_seconds']:.2f}s")
+    return lines
