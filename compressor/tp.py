@@ -358,7 +358,6 @@ def load_rank(root: Path, manifest: dict[str, Any], rank: int, world: int, devic
     the plan are parallelized by torch.distributed.tensor.parallel on a 1-D DeviceMesh of the default process
     group, and their parameters are DTensors built from the local slices (no rank ever holds a whole split
     tensor)."""
-    import torch
     import torch.distributed as dist
     from torch import nn
     from torch.distributed.device_mesh import init_device_mesh

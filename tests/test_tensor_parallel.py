@@ -12,8 +12,6 @@ import torch
 
 import compressor
 from compressor.errors import UsageError
-from compressor.pipeline import run_recipe
-from compressor.recipe import load_recipe
 from compressor.sources.zoo import load_zoo
 
 from conftest import ROOT, run_cli
