@@ -98,20 +98,57 @@ def run(recipe: Path, output: Path | None, quiet: bool) -> None:
     finally:
         signal.signal(signal.SIGTERM, previous)
     size = sum(f["bytes"] for f in result.manifest["files"].values())
-    click.echo(f"wrote {result.out_dir} ({len(result.manifest['files']) + 1} files, {size:,} bytes)")
+    wrote = f"wrote {result.out_dir} ({len(result.manifest['files']) + 1} files, {size:,} bytes)"
     if result.report is not None:
-        _finish_evaluation(result.report, result.out_dir)
+        if not quiet:
+            click.echo(wrote)
+        _finish_evaluation(result.report, result.out_dir, quiet, result.manifest.get("name"))
+    else:
+        click.echo(wrote)
 
 
-def _finish_evaluation(report: dict[str, Any], where: Path) -> None:
-    """Print the summary; a missed gate exits 3 (everything has been written by now)."""
-    from .errors import GateFailure
+def _result_line(report: dict[str, Any], where: Path, name: str | None) -> str:
+    """One line for logs and CI: gates, the headline numbers of the first artifact row, where the report is."""
+    gates = report.get("gates") or []
+    failed = [g for g in gates if g["status"] in ("failed", "error")]
+    passed = sum(1 for g in gates if g["status"] == "passed")
+    if not gates:
+        verdict = "no gates"
+    elif failed:
+        verdict = f"FAILED {len(failed)} of {len(gates)} gates (" + ", ".join(
+            f"{g['gate']} on {g['device']}/{g.get('format') or 'torch'}" for g in failed[:3]) + ")"
+    else:
+        verdict = f"passed {passed} of {len(gates)} gates"
+    rows = [r for r in report.get("results", []) if r.get("role") != "baseline"]
+    figures = ""
+    if rows:
+        row = rows[-1]
+        bits = []
+        ratio = (row.get("ratios") or {}).get("compression")
+        if ratio:
+            bits.append(f"{ratio:.2f}x smaller")
+        fid = row.get("fidelity") or {}
+        if fid.get("cos_min") is not None:
+            bits.append(f"cos min {fid['cos_min']:.4f}")
+        if row.get("accuracy"):
+            bits.append(f"{row['accuracy']['label'].split(' (')[0]} {row['accuracy']['value']:.2f}")
+        figures = f" ({row['device']}/{row['format']}: {', '.join(bits)})" if bits else ""
+    return f"{name or where.name}: {verdict}{figures}; report: {where / 'report.md'}"
+
+
+def _finish_evaluation(report: dict[str, Any], where: Path, quiet: bool = False, name: str | None = None) -> None:
+    """Print the summary (quiet: the result line only); a missed gate exits 3 (everything has been written by
+    now)."""
+    from .errors import EXIT_GATE, GateFailure
     from .evaluate.report import summary_lines
 
-    for line in summary_lines(report):
-        click.echo(line)
-    click.echo(f"report: {where / 'report.md'}")
+    if not quiet:
+        for line in summary_lines(report):
+            click.echo(line)
+    click.echo(_result_line(report, where, name))
     if report.get("passed") is False:
+        if quiet:
+            sys.exit(EXIT_GATE)  # the result line said which gates failed
         failed = [g["message"] for g in report["gates"] if g["status"] in ("failed", "error")]
         raise GateFailure(f"{len(failed)} release gate(s) missed (artifacts and reports kept):\n  " +
                           "\n  ".join(failed))
@@ -134,16 +171,18 @@ def _finish_evaluation(report: dict[str, Any], where: Path) -> None:
                    "cosine is below --min-cosine.")
 @click.option("--min-cosine", type=click.FloatRange(-1, 1), default=None,
               help="With --tp: the lowest acceptable cosine similarity to the whole model (default 0.9999).")
-@click.option("-q", "--quiet", is_flag=True, help="Print only warnings, errors and the summary.")
+@click.option("--limit", type=click.IntRange(1), default=None, metavar="N",
+              help="Use only the first N examples (pairs, for retrieval) of the evaluation data: a quick check.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the result line (errors still go to stderr).")
 @_guarded
 def eval_(artifact: Path, baseline: str | None, device: str | None, no_gates: bool, no_speed: bool,
-          tp: int | None, min_cosine: float | None, quiet: bool) -> None:
+          tp: int | None, min_cosine: float | None, limit: int | None, quiet: bool) -> None:
     """Evaluate ARTIFACT (a directory written by `compress run`) against its baseline; writes report.json,
     report.md, junit.xml and report.png into it. Exit 3 when a gate of its recipe is missed."""
     from .errors import UsageError
 
     if tp is not None:
-        _eval_tp(artifact, tp, device, min_cosine, baseline, quiet)
+        _eval_tp(artifact, tp, device, min_cosine, baseline, limit, quiet)
         return
     if min_cosine is not None:
         raise UsageError("--min-cosine applies to --tp runs; gates of the recipe set thresholds otherwise")
@@ -156,7 +195,7 @@ def eval_(artifact: Path, baseline: str | None, device: str | None, no_gates: bo
     manifest = read_manifest(artifact)
     recipe = manifest.get("recipe") or {}
     try:
-        spec = EvaluateSpec.model_validate(recipe.get("evaluate") or {})
+        spec = _limited(EvaluateSpec.model_validate(recipe.get("evaluate") or {}), limit)
         gates = None if no_gates or not recipe.get("gates") else GatesSpec.model_validate(recipe["gates"])
     except ValueError as exc:
         raise UsageError(f"{artifact}/manifest.json: its recipe's evaluate/gates sections are not valid for this "
@@ -170,12 +209,18 @@ def eval_(artifact: Path, baseline: str | None, device: str | None, no_gates: bo
                                    raise_on_gate=False, measure_speed=not no_speed)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    _finish_evaluation(report, artifact)
+    _finish_evaluation(report, artifact, quiet, manifest.get("name"))
+
+
+def _limited(spec: Any, limit: int | None) -> Any:
+    """The evaluate spec with its data cut to the first ``limit`` examples (--limit)."""
+    return spec if limit is None else spec.model_copy(update={"data": spec.data.model_copy(update={"limit": limit})})
 
 
 def _eval_tp(artifact: Path, world: int, device: str | None, min_cosine: float | None, baseline: str | None,
-             quiet: bool) -> None:
-    from .errors import GateFailure, UsageError
+             limit: int | None, quiet: bool) -> None:
+    from .errors import EXIT_GATE, GateFailure, UsageError
+    from .evaluate.runner import env_devices
     from .evaluate.tp import DEFAULT_MIN_COSINE, evaluate_tp, summary_lines
     from .log import Reporter
     from .manifest import read_manifest
@@ -183,26 +228,112 @@ def _eval_tp(artifact: Path, world: int, device: str | None, min_cosine: float |
 
     if baseline is not None:
         raise UsageError("--tp compares the artifact with itself loaded whole; drop --baseline")
+    if device is None:
+        device = (env_devices() or ["cpu"])[0] if len(env_devices() or []) < 2 else "all"
     if device == "all":
         raise UsageError("--tp runs on one kind of device: --device cpu (gloo) or --device cuda (NCCL)")
     recipe = read_manifest(artifact).get("recipe") or {}
     try:
-        spec = EvaluateSpec.model_validate(recipe.get("evaluate") or {})
+        spec = _limited(EvaluateSpec.model_validate(recipe.get("evaluate") or {}), limit)
     except ValueError as exc:
         raise UsageError(f"{artifact}/manifest.json: its recipe's evaluate section is not valid: {exc}") from None
     previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
-        report = evaluate_tp(artifact, world, device=device or "cpu", spec=spec,
+        report = evaluate_tp(artifact, world, device=device, spec=spec,
                              min_cosine=DEFAULT_MIN_COSINE if min_cosine is None else min_cosine,
                              log=Reporter(quiet=quiet))
     finally:
         signal.signal(signal.SIGTERM, previous)
-    for line in summary_lines(report):
-        click.echo(line)
-    click.echo(f"report: {artifact / 'tp-report.json'}")
+    if not quiet:
+        for line in summary_lines(report):
+            click.echo(line)
+    fid = report["fidelity"]
+    click.echo(f"{artifact.name}: tp {world} {'passed' if report['passed'] else 'FAILED'} (cos min "
+               f"{fid['cos_min']:.7f} >= {report['min_cosine']}: {'yes' if report['passed'] else 'no'}); report "
+               f"{artifact / 'tp-report.json'}")
     if not report["passed"]:
+        if quiet:
+            sys.exit(EXIT_GATE)
         raise GateFailure(f"tensor-parallel output differs from the whole model: min cosine "
                           f"{report['fidelity']['cos_min']:.6f} < {report['min_cosine']}")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--no-hashes", is_flag=True, help="Check sizes and structure only (fast; misses same-size edits).")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the result line.")
+@_guarded
+def verify(artifact: Path, as_json: bool, no_hashes: bool, quiet: bool) -> None:
+    """Check ARTIFACT against its manifest: every file's sha256, missing and extra files, safetensors headers and
+    ONNX external-data references. Exit 0 when intact, 1 otherwise."""
+    import json
+
+    from .verify import verify_artifact
+
+    result = verify_artifact(artifact, hashes=not no_hashes)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        if not quiet:
+            for problem in result["problems"]:
+                click.echo(f"  {problem}")
+        checked = sum(1 for f in result["files"].values() if f["status"] == "ok")
+        how = "sha256" if not no_hashes else "sizes"
+        click.echo(f"{artifact}: intact ({checked} files, {how} and structure checked)" if result["ok"] else
+                   f"{artifact}: {len(result['problems'])} problem(s)")
+    if not result["ok"]:
+        sys.exit(EXIT_RUNTIME)
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_guarded
+def inspect(artifact: Path, as_json: bool) -> None:
+    """Summarize ARTIFACT: source, recipe, passes and their effect, tensors by encoding and dtype, sizes per file,
+    the ONNX export, the tensor-parallel split, gates and their last results."""
+    import json
+
+    from .inspect import inspect_artifact, render_text
+
+    summary = inspect_artifact(artifact)
+    click.echo(json.dumps(summary, indent=2) if as_json else render_text(summary))
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(file_okay=False, path_type=Path), required=False)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="The bundle to write (a .zip; default: <artifact>-<target>.zip beside the artifact, or under "
+                   "$COMPRESS_BUNDLE_DIR).")
+@click.option("--target", default="cpu-x86_64", show_default=True, metavar="TARGET",
+              help="Device class: picks the model format, dtype and execution providers (see --list-targets).")
+@click.option("--dtype", type=click.Choice(["auto", "keep", "float16"]), default="auto", show_default=True,
+              help="auto: the target's choice; keep: as exported; float16: narrow a float32 export.")
+@click.option("--list-targets", is_flag=True, help="Describe every target and exit.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the result line.")
+@_guarded
+def pack(artifact: Path | None, output: Path | None, target: str, dtype: str, list_targets: bool,
+         quiet: bool) -> None:
+    """Pack ARTIFACT's ONNX model into a deterministic zip bundle for a device: the model (ONNX or ORT format),
+    tokenizer, manifest, bundle.json and run.py, a runner needing only numpy and onnxruntime (+ tokenizers)."""
+    import os
+
+    from .errors import UsageError
+    from .log import Reporter
+    from .pack import pack_artifact, targets_text
+
+    if list_targets:
+        click.echo(targets_text())
+        return
+    if artifact is None:
+        raise UsageError("give the artifact directory to pack (or --list-targets)")
+    if output is None:
+        root = Path(os.environ.get("COMPRESS_BUNDLE_DIR") or artifact.resolve().parent)
+        output = root / f"{artifact.resolve().name}-{target}.zip"
+    result = pack_artifact(artifact, output, target, dtype, log=Reporter(quiet=quiet))
+    click.echo(f"wrote {result['bundle']} ({result['bytes']:,} bytes, sha256 {result['sha256']}; {target}, "
+               f"{result['model_format']}, {result['dtype'].split(' ')[0]})")
 
 
 @cli.command(name="passes")

@@ -277,7 +277,7 @@ def _pieces(t: torch.Tensor, dim: int, parts: int, world: int, uneven: bool) -> 
 def write_rank_files(stored: dict[str, torch.Tensor], out_dir: Path, plan: TPPlan,
                      encodings: dict[str, dict[str, Any]], aliases: dict[str, str]) -> tuple[list[str], dict[str, Any]]:
     """Write one safetensors file per rank (its slices) and one of replicated tensors (stored once), plus the
-    plan file. Returns (file names, the manifest's `tensor_parallel` entry)."""
+    plan file. Returns (the safetensors file names, the manifest's `tensor_parallel` entry)."""
     from .export.safetensors import write_safetensors
 
     specs = split_specs(plan, list(stored), encodings)
@@ -308,7 +308,7 @@ def write_rank_files(stored: dict[str, torch.Tensor], out_dir: Path, plan: TPPla
     entry = {"world": world, "plan": PLAN_FILE, "family": plan.family, "ranks": body["ranks"],
              "replicated": REPLICATED_FILE, "sharded_bytes": sum(nbytes(r) for r in ranks),
              "replicated_bytes": nbytes(replicated), "bytes_per_rank": [nbytes(r) for r in ranks]}
-    return files + [PLAN_FILE], entry
+    return files, entry
 
 
 def read_plan(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:

@@ -39,6 +39,20 @@ def resolve_devices(wanted: list[str], require_cuda: bool) -> tuple[list[str], d
     return devices, skipped
 
 
+DEVICE_ENV = "COMPRESS_DEVICE"
+
+
+def env_devices() -> list[str] | None:
+    """Devices named by $COMPRESS_DEVICE (cpu, cuda or all), for CI jobs that set the device per runner; None when
+    unset. A bad value is a usage error naming the variable."""
+    value = os.environ.get(DEVICE_ENV, "").strip()
+    if not value:
+        return None
+    if value not in ("cpu", "cuda", "all"):
+        raise UsageError(f"${DEVICE_ENV}={value!r}: use cpu, cuda or all (or unset it to use the recipe's devices)")
+    return ["cpu", "cuda"] if value == "all" else [value]
+
+
 def check_sequence_lengths(spec: Any, config: dict[str, Any] | None) -> None:
     """Refuse speed runs at sequence lengths the model cannot take, before any work (transformers would fail
     deep inside the forward pass)."""
@@ -116,6 +130,7 @@ def evaluate_artifact(
     torch.set_num_threads(threads)
     added: list[str] = []  # sys.path entries this evaluation added, removed at the end
     try:
+        devices = devices or env_devices()
         devices_run, skipped = resolve_devices(devices or list(spec.devices), spec.require_cuda)
         for device in spec.devices:  # the recipe's devices left out by --device: its gates there are skipped
             if devices is not None and device not in devices:

@@ -1,0 +1,173 @@
+"""`compress inspect`: what an artifact is, from its manifest, its safetensors headers and its last report.
+
+Reads no tensor data and imports no torch: source, recipe, what each pass did, tensors by encoding and dtype, file
+sizes by role, the ONNX export, the tensor-parallel split, and the gates with their last results.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .manifest import read_manifest
+
+__all__ = ["inspect_artifact", "render_text"]
+
+_ROLES = (
+    ("weights", lambda rel, m: rel in m.get("model", {}).get("weights", [])),
+    ("onnx", lambda rel, m: rel in (m.get("onnx") or {}).get("files", [])),
+    ("plan", lambda rel, m: rel == "tensor_parallel.json"),
+    ("example inputs", lambda rel, m: rel == m.get("model", {}).get("example_inputs")),
+    ("evaluation data", lambda rel, m: rel.startswith("eval/")),
+    ("model files (config, tokenizer)", lambda rel, m: rel in m.get("model", {}).get("copied_files", [])),
+)
+
+
+def _role(rel: str, manifest: dict[str, Any]) -> str:
+    for role, test in _ROLES:
+        if test(rel, manifest):
+            return role
+    return "other"
+
+
+def _pass_effect(report: dict[str, Any]) -> str:
+    before, after = report.get("bytes_before", 0), report.get("bytes_after", 0)
+    details = report.get("details") or {}
+    bits = [f"{before:,} -> {after:,} bytes" + (f" ({before / after:.2f}x)" if after and after != before else "")]
+    for key in ("sparsity_overall", "neurons_removed", "heads_removed", "parameters_after", "tensor_parallel",
+                "mode", "dtype", "bits", "steps", "final_loss"):
+        if key in details and not isinstance(details[key], (dict, list)):
+            bits.append(f"{key} {details[key]}")
+    return "; ".join(bits)
+
+
+def inspect_artifact(root: Path) -> dict[str, Any]:
+    """A summary of the artifact at ``root`` (see the module docstring); ArtifactError if it is not one."""
+    from .export.safetensors import read_header
+
+    root = Path(root)
+    manifest = read_manifest(root)
+    info = manifest.get("model", {})
+    encodings = info.get("encodings", {})
+    parts: dict[str, dict[str, tuple[str, int]]] = {}  # tensor name -> {suffix: (dtype, bytes)}
+    for rel in info.get("weights", []):
+        if not rel.endswith(".safetensors") or not (root / rel).is_file():
+            continue
+        header, _ = read_header(root / rel)
+        for stored, entry in header.items():
+            if stored == "__metadata__":
+                continue
+            name, sep, suffix = stored.partition(".__")
+            dtype, size = parts.setdefault(name, {}).get(sep + suffix, ("", 0))
+            # A tensor-parallel artifact holds a slice of a tensor in every rank file: sizes add up.
+            parts[name][sep + suffix] = (entry["dtype"], size + entry["data_offsets"][1] - entry["data_offsets"][0])
+    tensors: dict[tuple[str, str], dict[str, int]] = {}
+    for name, found in parts.items():
+        kind = (encodings.get(name) or {}).get("kind", "dense")
+        main = next((found[s][0] for s in ("", ".__q", ".__values", ".__shared") if s in found),
+                    next(iter(found.values()))[0])
+        slot = tensors.setdefault((kind, main), {"tensors": 0, "bytes": 0})
+        slot["tensors"] += 1
+        slot["bytes"] += sum(size for _, size in found.values())
+    files: dict[str, dict[str, Any]] = {}
+    for rel, entry in sorted(manifest["files"].items()):
+        files[rel] = {"bytes": entry.get("bytes"), "role": _role(rel, manifest)}
+    last = None
+    report_path = root / "report.json"
+    if report_path.is_file():
+        try:
+            report = json.loads(report_path.read_text())
+            last = {"created": report.get("created"), "passed": report.get("passed"),
+                    "gates": [{k: g.get(k) for k in ("gate", "device", "format", "threshold", "measured", "status")}
+                              for g in report.get("gates", [])]}
+        except (OSError, ValueError, AttributeError):
+            last = {"error": "report.json is unreadable"}
+    recipe = manifest.get("recipe") or {}
+    onnx = manifest.get("onnx")
+    return {
+        "artifact": str(root),
+        "name": manifest.get("name"),
+        "description": manifest.get("description"),
+        "source": manifest.get("source"),
+        "task": manifest.get("task"),
+        "versions": manifest.get("versions"),
+        "passes": [{"name": p.get("name"), "effect": _pass_effect(p), "config": p.get("config")}
+                   for p in manifest.get("passes", [])],
+        "parameters": info.get("parameters"),
+        "tensors": [{"encoding": k, "dtype": d, **v} for (k, d), v in sorted(tensors.items())],
+        "files": files,
+        "bytes_by_role": _sum_roles(files),
+        "onnx": None if not onnx else {k: onnx.get(k) for k in ("model", "exporter", "opset", "inputs", "outputs",
+                                                                  "quantize", "cast") if onnx.get(k) is not None},
+        "tensor_parallel": manifest.get("tensor_parallel"),
+        "gates": recipe.get("gates"),
+        "last_report": last,
+    }
+
+
+def _sum_roles(files: dict[str, dict[str, Any]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for entry in files.values():
+        out[entry["role"]] = out.get(entry["role"], 0) + int(entry["bytes"] or 0)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def render_text(summary: dict[str, Any]) -> str:
+    """The summary as readable text."""
+    src = summary.get("source") or {}
+    detail = src.get("name") or src.get("path") or src.get("factory") or ""
+    lines = [f"{summary['name']}: {summary.get('description') or ''}".rstrip(": "),
+             f"  artifact   {summary['artifact']}",
+             f"  source     {src.get('kind')}: {detail}" + (f" ({src.get('model_type')})" if src.get("model_type") else ""),
+             f"  task       {summary.get('task')}",
+             f"  parameters {summary['parameters']:,}" if summary.get("parameters") is not None else "  parameters ?",
+             "", "passes:"]
+    for i, p in enumerate(summary["passes"]):
+        lines.append(f"  {i}. {p['name']}: {p['effect']}")
+    if not summary["passes"]:
+        lines.append("  (none: the source model as is)")
+    lines += ["", "tensors by encoding and dtype:"]
+    for t in summary["tensors"]:
+        lines.append(f"  {t['encoding']:<9} {t['dtype']:<16} {t['tensors']:>5} tensors {t['bytes']:>14,} bytes")
+    lines += ["", "files:"]
+    for role, size in summary["bytes_by_role"].items():
+        lines.append(f"  {role:<32} {size:>14,} bytes")
+    for rel, f in summary["files"].items():
+        if f["role"] in ("weights", "onnx", "plan"):
+            lines.append(f"    {rel:<44} {f['bytes']:>14,}")
+    if summary.get("onnx"):
+        o = summary["onnx"]
+        extra = ", int8" if o.get("quantize") else f", {o['cast'].get('dtype')}" if o.get("cast") else ""
+        lines += ["", f"onnx: {o.get('model')} ({o.get('exporter')}, opset {o.get('opset')}{extra}); inputs "
+                      f"{', '.join(o.get('inputs') or [])}; outputs {', '.join(o.get('outputs') or [])}"]
+    tp = summary.get("tensor_parallel")
+    if tp:
+        lines += ["", f"tensor parallel: {tp['world']} ranks ({tp.get('family')}); per rank "
+                      f"{', '.join(f'{b:,}' for b in tp.get('bytes_per_rank', []))} bytes; replicated "
+                      f"{tp.get('replicated_bytes', 0):,} bytes"]
+    lines += ["", "gates:"]
+    gates = summary.get("gates") or {}
+    set_gates = {k: v for k, v in gates.items() if v is not None} if isinstance(gates, dict) else {}
+    if not set_gates:
+        lines.append("  (none in the recipe)")
+    for k, v in set_gates.items():
+        if isinstance(v, dict):
+            where = "/".join(str(v[x]) for x in ("device", "format") if v.get(x))
+            lines.append(f"  {k}: {v.get('value')}" + (f" (on {where})" if where else ""))
+        else:
+            lines.append(f"  {k}: {v}")
+    last = summary.get("last_report")
+    if last and "gates" in last:
+        verdict = {True: "passed", False: "FAILED", None: "not checked"}[last.get("passed")]
+        lines.append(f"  last evaluation ({last.get('created')}): {verdict}")
+        for g in last["gates"]:
+            measured = g["measured"]
+            shown = f"{measured:.4g}" if isinstance(measured, (int, float)) else "–"
+            lines.append(f"    {g['status']:<8} {g['gate']} on {g['device']}/{g['format']}: {shown} "
+                         f"(threshold {g['threshold']})")
+    elif last:
+        lines.append(f"  last evaluation: {last.get('error')}")
+    else:
+        lines.append("  not evaluated yet (compress eval)")
+    return "\n".join(lines)

@@ -1,0 +1,323 @@
+"""`compress pack`: an artifact's ONNX model as a deterministic zip bundle for a device class.
+
+The bundle holds the model (ONNX, or ONNX Runtime's ORT format for minimal builds), the tokenizer for text
+models, the artifact's manifest, ``bundle.json`` (target, providers, inputs, tokenizer settings, file hashes) and
+``run.py``, a runner that needs only numpy and onnxruntime (plus `tokenizers` for text). Packing the same artifact
+twice gives byte-identical bundles: entries sorted, fixed timestamps and permissions, fixed compression level.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ArtifactError, CompressorError, UsageError
+
+__all__ = ["TARGETS", "Target", "pack_artifact", "targets_text", "BUNDLE_FORMAT"]
+
+BUNDLE_FORMAT = "compressor-bundle"
+_EPOCH = (1980, 1, 1, 0, 0, 0)  # zip's earliest date: the same for every entry of every bundle
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A device class: the model format, dtype and execution-provider settings a bundle for it gets."""
+
+    format: str  # "onnx" or "ort"
+    dtype: str  # "keep" (as exported) or "float16" (a float32 export is narrowed, weights and compute)
+    providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
+    graph_optimization: str = "all"  # what the runner asks ONNX Runtime for at load
+    platform: str | None = None  # ORT format: the --target_platform of ONNX Runtime's converter
+    description: str = ""
+
+
+TARGETS: dict[str, Target] = {
+    "cpu-x86_64": Target(
+        "onnx", "keep", description="x86-64 servers and desktops with the full onnxruntime package: the ONNX model as "
+        "exported (float32, float16 or int8), CPU provider, all graph optimizations at load."),
+    "cpu-x86_64-minimal": Target(
+        "ort", "keep", graph_optimization="disable", platform="amd64",
+        description="x86-64 devices running an ONNX Runtime minimal build: ORT format, optimized for amd64 at pack "
+        "time (NCHWc layouts and the like baked in), plus required_operators.config, the operator list to build "
+        "that minimal runtime with (--include_ops_by_config)."),
+    "cpu-arm64": Target(
+        "ort", "keep", graph_optimization="disable", platform="arm",
+        description="ARM64 boards and phones (Raspberry Pi, Jetson CPU, Android, iOS): ORT format optimized for ARM "
+        "at pack time (int8 kept as QDQ where ARM kernels want it), CPU provider, plus required_operators.config "
+        "for a minimal build. Also runs on the full onnxruntime package."),
+    "cuda": Target(
+        "onnx", "float16", providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+        description="NVIDIA GPUs: a float32 export is narrowed to float16 weights and compute (inputs and outputs "
+        "stay float32; checked against the float32 graph), CUDA provider first, CPU as fallback. int8 and float16 "
+        "exports are kept as they are."),
+}
+
+
+def targets_text() -> str:
+    """What each target does, for `compress pack --list-targets`."""
+    lines = []
+    for name, t in TARGETS.items():
+        lines.append(f"{name}\n  format {t.format}, dtype {t.dtype}, providers {', '.join(t.providers)}, graph "
+                     f"optimization at load: {t.graph_optimization}")
+        lines.append("  " + t.description)
+    return "\n".join(lines)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _graph_float_type(path: Path) -> str:
+    """"float16", "int8" or "float32": what the ONNX model at ``path`` mostly stores its weights in."""
+    import onnx
+    from onnx import TensorProto
+
+    model = onnx.load(str(path), load_external_data=False)
+    count: dict[int, int] = {}
+    for init in model.graph.initializer:
+        n = 1
+        for d in init.dims:
+            n *= d
+        count[init.data_type] = count.get(init.data_type, 0) + n
+    if not count:
+        return "float32"
+    top = max(count, key=lambda k: count[k])
+    return {TensorProto.FLOAT16: "float16", TensorProto.INT8: "int8", TensorProto.UINT8: "int8",
+            TensorProto.BFLOAT16: "bfloat16"}.get(top, "float32")
+
+
+def _example_feed(artifact: Path, session: Any) -> dict[str, Any]:
+    from .export.onnx import ort_feed
+    from .loading import load_example_inputs
+
+    return ort_feed(session, load_example_inputs(artifact))
+
+
+def _compare(reference_model: Path, candidate_model: Path, artifact: Path, what: str, rel_tol: float) -> float:
+    """Largest error of ``candidate_model`` against ``reference_model`` on the artifact's example inputs, relative
+    to the largest reference value; CompressorError beyond ``rel_tol`` or on non-finite values."""
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    ref = ort.InferenceSession(str(reference_model), options, providers=["CPUExecutionProvider"])
+    cand = ort.InferenceSession(str(candidate_model), options, providers=["CPUExecutionProvider"])
+    feed = _example_feed(artifact, ref)
+    worst = 0.0
+    for (name, expected), got in zip(zip([o.name for o in ref.get_outputs()], ref.run(None, feed)),
+                                     cand.run(None, _example_feed(artifact, cand))):
+        expected, got = np.asarray(expected, np.float32), np.asarray(got, np.float32)
+        if not np.isfinite(got).all():
+            raise CompressorError(f"{what} gives non-finite values at output {name!r} on the example inputs")
+        scale = float(np.abs(expected).max()) or 1.0
+        err = float(np.abs(got - expected).max()) / scale
+        worst = max(worst, err)
+        if err > rel_tol:
+            raise CompressorError(f"{what} is off by {err:.3g} (relative to the largest value) at output {name!r}, "
+                                  f"more than {rel_tol}; pack with --dtype keep")
+    return worst
+
+
+def _narrow_float16(src: Path, dst_dir: Path) -> list[str]:
+    import onnx
+
+    from .export.onnx import save_aligned
+    from .export.onnx_cast import narrow_onnx
+
+    proto = onnx.load(str(src), load_external_data=True)
+    narrowed, _ = narrow_onnx(proto, "float16", float32_io=True, kept_modules=[])
+    return save_aligned(narrowed, dst_dir)
+
+
+def _no_aslr() -> None:
+    """In the converter's process, before exec: no address-space randomization. ONNX Runtime writes a table of
+    the ORT format model in the iteration order of a hash map seeded by an address, so with randomization the same
+    model converts to different bytes on every run; without it, to the same bytes (Linux; elsewhere a no-op)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        current = libc.personality(0xFFFFFFFF)
+        if current != -1:
+            libc.personality(current | 0x0040000)  # ADDR_NO_RANDOMIZE
+    except (OSError, AttributeError):
+        pass
+
+
+def _to_ort(src_dir: Path, model: str, dst_dir: Path, platform: str) -> list[str]:
+    """Convert with ONNX Runtime's own tool (python -m onnxruntime.tools.convert_onnx_models_to_ort)."""
+    with tempfile.TemporaryDirectory(prefix="compress-ort-") as out:
+        cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(src_dir / model),
+               "--output_dir", out, "--optimization_style", "Fixed", "--target_platform", platform]
+        proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_no_aslr)
+        produced = sorted(Path(out).rglob("*.ort"))
+        if proc.returncode != 0 or not produced:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            raise CompressorError("ONNX Runtime's converter could not make an ORT format model:\n  " +
+                                  "\n  ".join(tail))
+        shutil.copyfile(produced[0], dst_dir / "model.ort")
+        files = ["model.ort"]
+        configs = sorted(Path(out).rglob("*.config"))
+        if configs:
+            # The converter names the model it read by its (temporary) path: name it as the bundle does.
+            text = configs[0].read_text().replace(str(produced[0]), "model.ort")
+            (dst_dir / "required_operators.config").write_text(text)
+            files.append("required_operators.config")
+    return files
+
+
+def _tokenizer(artifact: Path, manifest: dict[str, Any], dst: Path) -> dict[str, Any] | None:
+    """Copy the tokenizer files (making tokenizer.json from a slow tokenizer when needed); the runner's settings."""
+    copied = set(manifest.get("model", {}).get("copied_files", []))
+    has_tokenizer = any(n.startswith(("tokenizer", "vocab", "merges", "spiece", "sentencepiece")) for n in copied)
+    if not has_tokenizer:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(artifact), local_files_only=True, use_fast=True)
+    except Exception as exc:  # noqa: BLE001 - broken tokenizer files raise many types
+        raise ArtifactError(f"{artifact}: its tokenizer files cannot be loaded ({type(exc).__name__}: {exc})") from None
+    for name in _TOKENIZER_FILES:
+        if name in copied:
+            shutil.copyfile(artifact / name, dst / name)
+    if "tokenizer.json" not in copied:
+        if not getattr(tok, "is_fast", False):
+            raise ArtifactError(f"{artifact}: its tokenizer has no fast (tokenizers) version, which the bundle's "
+                                "runner needs")
+        tok.backend_tokenizer.save(str(dst / "tokenizer.json"))
+    pad = tok.pad_token or tok.eos_token or tok.unk_token
+    return {"file": "tokenizer.json", "max_length": min(int(tok.model_max_length or 512), 512),
+            "pad_token": pad, "pad_id": int(tok.convert_tokens_to_ids(pad))}
+
+
+def _zip(src: Path, output: Path, top: str) -> None:
+    """Deterministic zip of ``src`` under the folder ``top``: sorted entries, fixed times and modes."""
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    try:
+        with zipfile.ZipFile(tmp, "w") as zf:
+            for path in sorted(p for p in src.rglob("*") if p.is_file()):
+                info = zipfile.ZipInfo(f"{top}/{path.relative_to(src).as_posix()}", date_time=_EPOCH)
+                info.compress_type = zipfile.ZIP_DEFLATED
+                info.create_system = 3  # unix, whatever packs it
+                info.external_attr = (0o100755 if path.name == "run.py" else 0o100644) << 16
+                with open(path, "rb") as f, zf.open(info, "w") as out:
+                    shutil.copyfileobj(f, out, 1 << 20)
+        os.replace(tmp, output)  # the bundle appears whole or not at all
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def pack_artifact(artifact: Path, output: Path, target: str = "cpu-x86_64", dtype: str = "auto",
+                  log: Any = None) -> dict[str, Any]:
+    """Pack ``artifact`` into the zip ``output`` for ``target`` (see TARGETS). ``dtype``: "auto" (the target's),
+    "keep" or "float16". The artifact is verified first (sha256 of every file). Returns the bundle's description
+    (bundle.json) with its path, size and sha256."""
+    import onnx
+
+    from .manifest import read_manifest
+    from .verify import verify_artifact
+
+    if target not in TARGETS:
+        raise UsageError(f"unknown target {target!r}; targets: {', '.join(TARGETS)} (see --list-targets)")
+    if dtype not in ("auto", "keep", "float16"):
+        raise UsageError(f"--dtype {dtype!r}: use auto, keep or float16")
+    spec = TARGETS[target]
+    artifact = Path(artifact).resolve()
+    manifest = read_manifest(artifact)
+    checked = verify_artifact(artifact)
+    if not checked["ok"]:
+        raise ArtifactError(f"{artifact} does not match its manifest; refusing to pack it:\n  " +
+                            "\n  ".join(checked["problems"]))
+    onnx_info = manifest.get("onnx")
+    if not onnx_info:
+        raise UsageError(f"{artifact} has no ONNX model; bundles run on ONNX Runtime. Add `export: {{onnx: {{}}}}` "
+                         "to its recipe and run it again")
+    if output.suffix != ".zip":
+        raise UsageError(f"{output}: bundles are zip files; name it *.zip")
+    if output.exists() and not output.is_file():
+        raise UsageError(f"{output} exists and is not a file")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    source_model = artifact / onnx_info["model"]
+    stored = _graph_float_type(source_model)
+    wanted = spec.dtype if dtype == "auto" else dtype
+    if wanted == "float16" and stored == "int8":
+        if dtype == "float16":
+            raise UsageError("the artifact's ONNX model is int8; float16 applies to float32 exports")
+        wanted = "keep"
+    name = manifest.get("name") or artifact.name
+    with tempfile.TemporaryDirectory(prefix="compress-pack-") as tmp:
+        stage = Path(tmp) / "bundle"
+        stage.mkdir()
+        if wanted == "float16" and stored == "float32":
+            _say(log, "narrowing the float32 ONNX model to float16 and checking it against float32")
+            narrow_dir = Path(tmp) / "fp16"
+            narrow_dir.mkdir()
+            model_files = _narrow_float16(source_model, narrow_dir)
+            _compare(source_model, narrow_dir / model_files[0], artifact, "the float16 model", 0.01)
+            dtype_note = "float16 (narrowed at pack time from the float32 export; float32 inputs and outputs)"
+            model_dir = narrow_dir
+        else:
+            model_files = list(onnx_info["files"])
+            model_dir = artifact
+            dtype_note = f"{stored} (as exported)"
+        if spec.format == "ort":
+            _say(log, f"converting to ORT format for {spec.platform} with ONNX Runtime's converter")
+            files = _to_ort(model_dir, model_files[0], stage, spec.platform or "amd64")
+            _compare(model_dir / model_files[0], stage / "model.ort", artifact, "the ORT format model", 1e-3)
+            model_name = "model.ort"
+        else:
+            for f in model_files:
+                shutil.copyfile(model_dir / f, stage / f)
+            files = list(model_files)
+            model_name = model_files[0]
+        tokenizer = _tokenizer(artifact, manifest, stage)
+        shutil.copyfile(artifact / "manifest.json", stage / "manifest.json")
+        shutil.copyfile(Path(__file__).with_name("bundle_runner.py"), stage / "run.py")
+        graph = onnx.load(str(model_dir / model_files[0]), load_external_data=False)
+        body = {
+            "format": BUNDLE_FORMAT,
+            "format_version": 1,
+            "name": name,
+            "target": target,
+            "target_settings": asdict(spec),
+            "model": model_name,
+            "model_format": spec.format,
+            "dtype": dtype_note,
+            "providers": spec.providers,
+            "graph_optimization": spec.graph_optimization,
+            "task": manifest.get("task"),
+            "pooling": "mean" if manifest.get("task") == "text-embedding" else None,
+            "inputs": [i.name for i in graph.graph.input],
+            "outputs": [o.name for o in graph.graph.output],
+            "tokenizer": tokenizer,
+            "artifact_manifest_sha256": _sha256(artifact / "manifest.json"),
+            "requires": ["numpy", "onnxruntime"] + (["tokenizers"] if tokenizer else []),
+            "files": {},
+        }
+        body["files"] = {p.relative_to(stage).as_posix(): _sha256(p) for p in sorted(stage.rglob("*")) if p.is_file()}
+        (stage / "bundle.json").write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+        _say(log, f"writing {output}")
+        _zip(stage, output, name)
+    return {**body, "bundle": str(output), "bytes": output.stat().st_size, "sha256": _sha256(output),
+            "model_files": files}
+
+
+def _say(log: Any, message: str) -> None:
+    if log is not None:
+        log.info(message)
