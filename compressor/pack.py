@@ -8,7 +8,6 @@ twice gives byte-identical bundles: entries sorted, fixed timestamps and permiss
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ArtifactError, CompressorError, UsageError
+from .manifest import sha256_file as _sha256
 
 __all__ = ["TARGETS", "Target", "pack_artifact", "targets_text", "BUNDLE_FORMAT"]
 
@@ -71,14 +71,6 @@ def targets_text() -> str:
                      f"optimization at load: {t.graph_optimization}")
         lines.append("  " + t.description)
     return "\n".join(lines)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _graph_float_type(path: Path) -> str:
