@@ -247,7 +247,8 @@ def test_minilm_int8_bundle_reproduces_the_artifact_embeddings_with_only_onnxrun
                            str(tmp_path / "texts.json"), str(tmp_path / "bundle.npy")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
-    # compressor's own ONNX session on the artifact, with compressor's tokenization, mean-pooled the same way.
+    # compressor's own ONNX session on the artifact, with compressor's tokenization, mean-pooled the same way, on
+    # the same single batch: dynamic int8 measures activation ranges per batch, so batching must match.
     from compressor.evaluate.data import tokenizer_for
     from compressor.export.onnx import ort_session
 
