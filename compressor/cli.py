@@ -228,10 +228,14 @@ def _eval_tp(artifact: Path, world: int, device: str | None, min_cosine: float |
 
     if baseline is not None:
         raise UsageError("--tp compares the artifact with itself loaded whole; drop --baseline")
-    if device is None:
-        device = (env_devices() or ["cpu"])[0] if len(env_devices() or []) < 2 else "all"
     if device == "all":
         raise UsageError("--tp runs on one kind of device: --device cpu (gloo) or --device cuda (NCCL)")
+    if device is None:
+        from_env = env_devices()
+        if from_env is not None and len(from_env) > 1:
+            raise UsageError("$COMPRESS_DEVICE=all, but --tp runs on one kind of device: give --device cpu (gloo) "
+                             "or --device cuda (NCCL)")
+        device = (from_env or ["cpu"])[0]
     recipe = read_manifest(artifact).get("recipe") or {}
     try:
         spec = _limited(EvaluateSpec.model_validate(recipe.get("evaluate") or {}), limit)

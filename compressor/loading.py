@@ -56,6 +56,10 @@ def load(artifact_dir: str | Path, *, device: str | torch.device = "cpu", verify
     info = manifest.get("model", {})
     if not isinstance(info.get("weights"), list) or not all(isinstance(w, str) for w in info["weights"]):
         raise ArtifactError(f"{root}: manifest.json has no list of weight files (model.weights)")
+    strangers = [w for w in info["weights"] if w not in manifest["files"]]
+    if strangers:
+        raise ArtifactError(f"{root}: manifest.json names weight files it does not list (and so never checked): "
+                            f"{', '.join(map(repr, strangers[:3]))}")
     sharded = manifest.get("tensor_parallel")
     if (tp_rank is None) != (tp_world is None):
         raise ValueError("give both tp_rank and tp_world, or neither")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -136,27 +137,27 @@ def _narrow_float16(src: Path, dst_dir: Path) -> list[str]:
     return save_aligned(narrowed, dst_dir)
 
 
-def _no_aslr() -> None:
-    """In the converter's process, before exec: no address-space randomization. ONNX Runtime writes a table of
-    the ORT format model in the iteration order of a hash map seeded by an address, so with randomization the same
-    model converts to different bytes on every run; without it, to the same bytes (Linux; elsewhere a no-op)."""
-    try:
-        import ctypes
+# Runs the converter in a process without address-space randomization: ONNX Runtime writes a table of the ORT
+# format model in the iteration order of a hash map seeded by an address, so with randomization the same model
+# converts to different bytes on every run. personality() takes effect at the next exec, hence the trampoline;
+# it says on stderr whether the kernel allowed it (containers may refuse).
+_TRAMPOLINE = (
+    "import ctypes, os, sys\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "cur = libc.personality(0xFFFFFFFF)\n"
+    "ok = cur != -1 and libc.personality(cur | 0x0040000) != -1 and libc.personality(0xFFFFFFFF) & 0x0040000\n"
+    "sys.stderr.write('compressor-aslr:' + ('off' if ok else 'on') + '\\n'); sys.stderr.flush()\n"
+    "os.execv(sys.executable, [sys.executable, '-m', 'onnxruntime.tools.convert_onnx_models_to_ort'] + sys.argv[1:])\n"
+)
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        current = libc.personality(0xFFFFFFFF)
-        if current != -1:
-            libc.personality(current | 0x0040000)  # ADDR_NO_RANDOMIZE
-    except (OSError, AttributeError):
-        pass
 
-
-def _to_ort(src_dir: Path, model: str, dst_dir: Path, platform: str) -> list[str]:
-    """Convert with ONNX Runtime's own tool (python -m onnxruntime.tools.convert_onnx_models_to_ort)."""
+def _to_ort(src_dir: Path, model: str, dst_dir: Path, platform: str) -> tuple[list[str], bool]:
+    """Convert with ONNX Runtime's own tool (python -m onnxruntime.tools.convert_onnx_models_to_ort); returns the
+    files written and whether the conversion ran without address randomization (reproducible bytes)."""
     with tempfile.TemporaryDirectory(prefix="compress-ort-") as out:
-        cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(src_dir / model),
+        cmd = [sys.executable, "-c", _TRAMPOLINE, str(src_dir / model),
                "--output_dir", out, "--optimization_style", "Fixed", "--target_platform", platform]
-        proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_no_aslr)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
         produced = sorted(Path(out).rglob("*.ort"))
         if proc.returncode != 0 or not produced:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
@@ -170,7 +171,7 @@ def _to_ort(src_dir: Path, model: str, dst_dir: Path, platform: str) -> list[str
             text = configs[0].read_text().replace(str(produced[0]), "model.ort")
             (dst_dir / "required_operators.config").write_text(text)
             files.append("required_operators.config")
-    return files
+    return files, "compressor-aslr:off" in proc.stderr
 
 
 def _tokenizer(artifact: Path, manifest: dict[str, Any], dst: Path) -> dict[str, Any] | None:
@@ -208,6 +209,7 @@ def _zip(src: Path, output: Path, top: str) -> None:
                 info.compress_type = zipfile.ZIP_DEFLATED
                 info.create_system = 3  # unix, whatever packs it
                 info.external_attr = (0o100755 if path.name == "run.py" else 0o100644) << 16
+                info.file_size = path.stat().st_size  # lets zipfile use ZIP64 for members over 2 GiB
                 with open(path, "rb") as f, zf.open(info, "w") as out:
                     shutil.copyfileobj(f, out, 1 << 20)
         os.replace(tmp, output)  # the bundle appears whole or not at all
@@ -252,7 +254,10 @@ def pack_artifact(artifact: Path, output: Path, target: str = "cpu-x86_64", dtyp
         if dtype == "float16":
             raise UsageError("the artifact's ONNX model is int8; float16 applies to float32 exports")
         wanted = "keep"
-    name = manifest.get("name") or artifact.name
+    name = manifest.get("name")
+    if not (isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name)):
+        name = artifact.name  # the bundle's top folder must never lead out of where it is unpacked
+    reproducible = True
     with tempfile.TemporaryDirectory(prefix="compress-pack-") as tmp:
         stage = Path(tmp) / "bundle"
         stage.mkdir()
@@ -270,7 +275,10 @@ def pack_artifact(artifact: Path, output: Path, target: str = "cpu-x86_64", dtyp
             dtype_note = f"{stored} (as exported)"
         if spec.format == "ort":
             _say(log, f"converting to ORT format for {spec.platform} with ONNX Runtime's converter")
-            files = _to_ort(model_dir, model_files[0], stage, spec.platform or "amd64")
+            files, reproducible = _to_ort(model_dir, model_files[0], stage, spec.platform or "amd64")
+            if not reproducible and log is not None:
+                log.warn("this system refused to turn address randomization off for ONNX Runtime's converter, "
+                         "so this ORT format bundle may differ byte for byte from the next one")
             _compare(model_dir / model_files[0], stage / "model.ort", artifact, "the ORT format model", 1e-3)
             model_name = "model.ort"
         else:
@@ -300,6 +308,7 @@ def pack_artifact(artifact: Path, output: Path, target: str = "cpu-x86_64", dtyp
             "tokenizer": tokenizer,
             "artifact_manifest_sha256": _sha256(artifact / "manifest.json"),
             "requires": ["numpy", "onnxruntime"] + (["tokenizers"] if tokenizer else []),
+            "reproducible": reproducible,
             "files": {},
         }
         body["files"] = {p.relative_to(stage).as_posix(): _sha256(p) for p in sorted(stage.rglob("*")) if p.is_file()}

@@ -185,6 +185,10 @@ def user_plan(module: nn.Module, world: int, mapping: dict[str, str], where: str
                     if style == "vocab" and _kind(m) == "conv1d":
                         raise RecipeError(Problem(f"{name} is a Conv1D; vocab applies to embeddings and LM heads",
                                                   path=f"{where}.plan.{pattern}"))
+                    if _kind(m) == "embedding" and style != "vocab":
+                        raise RecipeError(Problem(f"{name} is an Embedding: split it with `vocab` (its rows) or "
+                                                  f"keep it whole with `replicate`, not {style}",
+                                                  path=f"{where}.plan.{pattern}"))
                     _add(plan, named, name, style)
                 break
     missing = [p for p, hit in used.items() if not hit]
@@ -221,14 +225,24 @@ def check_divisible(plan: TPPlan, where: str) -> None:
                               hint=world_sizes([s for _, s, _ in plan.constraints])))
 
 
-def split_specs(plan: TPPlan, stored_names: list[str], encodings: dict[str, dict[str, Any]], where: str = "shard"
-                ) -> dict[str, dict]:
+def split_specs(plan: TPPlan, stored_names: list[str], encodings: dict[str, dict[str, Any]], where: str = "shard",
+                aliases: dict[str, str] | None = None) -> dict[str, dict]:
     """How each stored tensor part is split: {stored name: {dim, parts, uneven}}; parts absent are replicated.
 
     A colwise Linear splits weight rows and bias; rowwise splits weight columns (its bias is replicated); Conv1D
     stores (in, out), so the dims swap. A per-channel int8 weight's scales (one per stored row) follow when the
-    rows are split and are replicated otherwise."""
+    rows are split and are replicated otherwise. A tied tensor (``aliases``: alias -> stored name) is split once,
+    as its split owner needs; owners that would split it differently are refused."""
+    aliases = aliases or {}
     out: dict[str, dict[str, Any]] = {}
+    owner: dict[str, str] = {}
+
+    def put(stored: str, spec: dict[str, Any], name: str) -> None:
+        if stored in out and out[stored] != spec:
+            raise RecipeError(Problem(f"{name} and {owner[stored]} are the same (tied) tensor but would be split "
+                                      "differently", path=where, hint="give both modules the same style in `plan`"))
+        out[stored], owner[stored] = spec, name
+
     for module, entry in plan.modules.items():
         style, kind, parts = entry["style"], entry["kind"], entry["parts"]
         if style == "replicate":
@@ -237,17 +251,19 @@ def split_specs(plan: TPPlan, stored_names: list[str], encodings: dict[str, dict
         weight_dim = out_dim if style in ("colwise", "vocab") else 1 - out_dim
         uneven = style == "vocab"
         for leaf, dim in (("weight", weight_dim), ("bias", 0 if style != "rowwise" else None)):
-            name = f"{module}.{leaf}"
             if dim is None:
                 continue
-            spec = encodings.get(name, {"kind": "dense"})
+            name = f"{module}.{leaf}"
+            target = aliases.get(name, name)
+            spec = encodings.get(target, {"kind": "dense"})
+            split = {"dim": dim, "parts": parts, "uneven": uneven}
             if spec.get("kind") in ("dense", "cast"):  # stored under the tensor's own name, as is
-                if name in stored_names:
-                    out[name] = {"dim": dim, "parts": parts, "uneven": uneven}
+                if target in stored_names:
+                    put(target, split, name)
             elif spec.get("kind") == "int8":
-                out[f"{name}.__q"] = {"dim": dim, "parts": parts, "uneven": uneven}
+                put(f"{target}.__q", split, name)
                 if dim == 0 and spec.get("per_channel", True):
-                    out[f"{name}.__scale"] = {"dim": 0, "parts": parts, "uneven": uneven}
+                    put(f"{target}.__scale", {**split, "dim": 0}, name)
             else:
                 raise RecipeError(Problem(f"{name} is stored as {spec.get('kind')}, which cannot be split over ranks",
                                           path=where, hint="shard dense, cast or int8 (`quantize`) weights"))
@@ -280,7 +296,7 @@ def write_rank_files(stored: dict[str, torch.Tensor], out_dir: Path, plan: TPPla
     plan file. Returns (the safetensors file names, the manifest's `tensor_parallel` entry)."""
     from .export.safetensors import write_safetensors
 
-    specs = split_specs(plan, list(stored), encodings)
+    specs = split_specs(plan, list(stored), encodings, aliases=aliases)
     world = plan.world
     ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(world)]
     replicated: dict[str, torch.Tensor] = {}
@@ -315,12 +331,21 @@ def read_plan(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """The artifact's plan file, checked for the keys the loader needs."""
     entry = manifest.get("tensor_parallel") or {}
     try:
-        plan = json.loads((root / entry.get("plan", PLAN_FILE)).read_text())
+        if entry.get("plan", PLAN_FILE) != PLAN_FILE:
+            raise ValueError(f"the manifest names the plan {entry.get('plan')!r}, not {PLAN_FILE}")
+        plan = json.loads((root / PLAN_FILE).read_text())
         world = int(plan["world"])
         if len(plan["ranks"]) != world or not isinstance(plan["tensors"], dict):
             raise ValueError("ranks and world disagree")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ArtifactError(f"{root}: the tensor-parallel plan {PLAN_FILE} is missing or malformed ({exc})") from None
+    listed = manifest.get("files", {})
+    for name in [*plan["ranks"], plan.get("replicated")]:
+        # Only files of this artifact, listed (and so hashed) in its manifest: never a path that leads elsewhere.
+        if not isinstance(name, str) or name not in listed or not (root / name).resolve().is_relative_to(
+                root.resolve()):
+            raise ArtifactError(f"{root}: the tensor-parallel plan names {name!r}, which is not a file of this "
+                                "artifact's manifest")
     return plan
 
 
@@ -357,7 +382,9 @@ def load_rank(root: Path, manifest: dict[str, Any], rank: int, world: int, devic
     """Rank ``rank``'s tensor-parallel module: only its file and the replicated file are mapped; the modules of
     the plan are parallelized by torch.distributed.tensor.parallel on a 1-D DeviceMesh of the default process
     group, and their parameters are DTensors built from the local slices (no rank ever holds a whole split
-    tensor)."""
+    tensor). The module is for running: a fused parameter (GPT-2's c_attn, each rank holding its q, k and v
+    slices) is a correct local shard but not a Shard(0) of the stored tensor, so gather state with
+    ``compressor.load(dir)``, not ``full_tensor()``."""
     import torch.distributed as dist
     from torch import nn
     from torch.distributed.device_mesh import init_device_mesh
@@ -410,7 +437,11 @@ def load_rank(root: Path, manifest: dict[str, Any], rank: int, world: int, devic
     mesh = init_device_mesh(device.type, (world,))
     parallelize_module(module, mesh, styles)
     shared: dict[str, nn.Parameter] = {}
-    for full_name, param in list(module.named_parameters(remove_duplicate=False)):
+    params = list(module.named_parameters(remove_duplicate=False))
+    # Split parameters first: a tensor tied to a split one (an LM head's bias held by its parent too) takes the
+    # same DTensor, not a whole copy.
+    params.sort(key=lambda item: not isinstance(item[1], DTensor))
+    for full_name, param in params:
         owner_name, _, leaf = full_name.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
         key = aliases.get(full_name, full_name)

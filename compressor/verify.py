@@ -116,11 +116,13 @@ def check_onnx_external_data(path: Path, root: Path) -> int:
             raise ArtifactError(f"{path.name}: tensor {tensor.name} points outside the artifact ({location!r})")
         if not target.is_file():
             raise ArtifactError(f"{path.name}: tensor {tensor.name} points at {location}, which is missing")
-        try:
-            offset, length = int(info.get("offset", 0)), int(info["length"])
-        except (KeyError, ValueError):
-            raise ArtifactError(f"{path.name}: tensor {tensor.name} has no valid offset/length") from None
         size = target.stat().st_size
+        try:
+            # Both are optional in ONNX: no offset is 0, no length is "to the end of the file".
+            offset = int(info.get("offset", 0))
+            length = int(info["length"]) if "length" in info else size - offset
+        except ValueError:
+            raise ArtifactError(f"{path.name}: tensor {tensor.name} has a malformed offset or length") from None
         if offset < 0 or length < 0 or offset + length > size:
             raise ArtifactError(f"{path.name}: tensor {tensor.name} spans bytes {offset}..{offset + length} of "
                                 f"{location}, which has {size}")

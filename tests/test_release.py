@@ -91,6 +91,28 @@ def test_verify_checks_onnx_external_data_references_are_in_bounds(copy):
     assert "model.onnx: invalid:" in proc.stdout and f"tensor {tensor.name} spans bytes" in proc.stdout
 
 
+def test_external_data_without_length_or_offset_is_valid_onnx(copy):
+    """Both keys are optional in ONNX (offset 0, length to the end of the file)."""
+    import onnx
+
+    from compressor.verify import check_onnx_external_data
+
+    model = onnx.load(str(copy / "model.onnx"), load_external_data=False)
+    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert check_onnx_external_data(copy / "model.onnx", copy) == len(external) > 0
+    data = copy / "model.onnx.data"
+    first = onnx.TensorProto()
+    first.CopyFrom(external[0])
+    info = {e.key: e.value for e in first.external_data}
+    data.write_bytes(data.read_bytes()[int(info["offset"]):int(info["offset"]) + int(info["length"])])
+    del first.external_data[:]
+    first.external_data.add(key="location", value="model.onnx.data")
+    del model.graph.initializer[:]  # the others pointed into the bytes just cut away
+    model.graph.initializer.append(first)
+    onnx.save_model(model, str(copy / "model.onnx"))
+    assert check_onnx_external_data(copy / "model.onnx", copy) == 1
+
+
 def test_verify_refuses_a_directory_that_is_not_an_artifact(tmp_path):
     proc = run_cli("verify", str(tmp_path))
     assert proc.returncode == 1 and "no manifest.json" in proc.stdout

@@ -293,3 +293,21 @@ def test_cnn_channel_pruning_keeps_accuracy_after_recovery(tmp_path):
     cls = get_pass("recover")
     cls(cls.Config(steps=100, lr=1e-3), index=1)(model, Context(seed=0, original=load_zoo("digits-cnn").module))
     assert zoo.digits_accuracy(model.module, "digits-cnn") >= base - 2
+
+
+def test_a_module_called_twice_forms_no_group():
+    """Weights shared across two calls: shrinking fc1 for one call would break the other, so no group uses it."""
+    from torch import nn
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.fc3, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 16), nn.Linear(16, 2)
+
+        def forward(self, x):
+            h = self.fc2(torch.relu(self.fc1(x)))
+            h = self.fc2(torch.relu(self.fc1(h)))
+            return self.head(torch.relu(self.fc3(h)))
+
+    groups = neuron_groups(Twice())
+    assert [(g.producers, g.consumer) for g in groups] == [(["fc3"], "head")]

@@ -248,6 +248,25 @@ def test_unsatisfiable_shards_are_refused_before_any_work(tmp_path, passes, mess
     assert not (tmp_path / "out").exists()
 
 
+def test_masked_lm_with_a_tied_decoder_bias_shards_and_matches(tmp_path):
+    """BertForMaskedLM ties cls.predictions.bias to the vocabulary-parallel decoder's bias: stored once, split
+    once, and both modules hold the same DTensor on each rank."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=999, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=128, max_position_embeddings=64)).save_pretrained(tmp_path / "mlm")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: mlm\nmodel: {{source: hf, path: {tmp_path / 'mlm'}, auto_class: AutoModelForMaskedLM, "
+                      "max_length: 16}\npasses:\n  - shard: {tensor_parallel: 2}\n")
+    _run(recipe, tmp_path / "out")
+    plan = json.loads((tmp_path / "out" / "tensor_parallel.json").read_text())
+    assert plan["modules"]["cls.predictions.decoder"]["style"] == "vocab"
+    assert plan["tensors"]["cls.predictions.bias"] == {"dim": 0, "parts": 1, "uneven": True}
+    report = _eval_tp(tmp_path / "out", 2)
+    assert report["fidelity"]["max_abs_err"] <= 1e-4
+
+
 def test_shard_refuses_onnx_export_and_encoded_weights(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: m\nmodel: {source: zoo, name: minilm}\npasses:\n  - shard: {tensor_parallel: 2}\n"
@@ -260,6 +279,10 @@ def test_shard_refuses_onnx_export_and_encoded_weights(tmp_path):
     proc = run_cli("run", str(recipe), "-o", str(tmp_path / "out"))
     assert proc.returncode == 2 and "stored as codebook, which cannot be split over ranks" in proc.stderr
     assert not (tmp_path / "out").exists()
+    recipe.write_text("name: m\nmodel: {source: zoo, name: minilm}\npasses:\n"
+                      "  - shard: {tensor_parallel: 2, plan: {Embedding: colwise}}\n")
+    proc = run_cli("run", str(recipe), "-o", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "is an Embedding: split it with `vocab`" in proc.stderr
 
 
 def test_rank_loading_needs_a_process_group_and_the_right_world(minilm_tp2):

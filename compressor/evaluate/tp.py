@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -27,12 +26,6 @@ TP_REPORT = "tp-report.json"
 DEFAULT_MIN_COSINE = 0.9999
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _mapped_files(root: Path) -> list[str] | None:
     """Files under ``root`` this process has memory-mapped (Linux), relative to it; None where unknown."""
     try:
@@ -44,7 +37,7 @@ def _mapped_files(root: Path) -> list[str] | None:
     return sorted(p[len(prefix):] for p in found if p.startswith(prefix))
 
 
-def _worker(rank: int, world: int, artifact: str, backend: str, port: int, work: str, task: str | None,
+def _worker(rank: int, world: int, artifact: str, backend: str, rendezvous: str, work: str, task: str | None,
             threads: int) -> None:
     """One rank: join the group, load this rank's slices, run every batch; rank 0 saves the outputs."""
     import torch
@@ -59,7 +52,7 @@ def _worker(rank: int, world: int, artifact: str, backend: str, port: int, work:
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
     torch.set_num_threads(threads)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group(backend, init_method=rendezvous, rank=rank, world_size=world)
     try:
         start = time.perf_counter()
         model = compressor.load(artifact, tp_rank=rank, tp_world=world, device=device)
@@ -129,7 +122,9 @@ def evaluate_tp(artifact: Path, world: int, *, device: str = "cpu", spec: Any = 
         with log.step(f"running {artifact.name} on {world} ranks ({backend}) over {data.name}"):
             start = time.perf_counter()
             try:
-                mp.start_processes(_worker, args=(world, str(artifact), backend, _free_port(), work, task, threads),
+                # A file in this run's own directory: no port to race other runs for.
+                rendezvous = f"file://{Path(work) / 'rendezvous'}"
+                mp.start_processes(_worker, args=(world, str(artifact), backend, rendezvous, work, task, threads),
                                    nprocs=world, join=True, start_method="spawn")
             except mp.ProcessRaisedException as exc:
                 raise CompressorError(f"a tensor-parallel rank failed:\n{exc}") from None

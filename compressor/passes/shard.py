@@ -98,7 +98,8 @@ class ShardPass(Pass):
         plan = user_plan(model.module, config.tensor_parallel, config.plan, where) if config.plan \
             else derive_plan(model.module, config.tensor_parallel, where)
         check_divisible(plan, where)
-        split_specs(plan, list(model.tensors()), {n: e.to_json() for n, e in model.encodings.items()}, where)
+        split_specs(plan, list(model.tensors()), {n: e.to_json() for n, e in model.encodings.items()}, where,
+                    aliases=model.aliases)
         return plan
 
     def check(self, model: Model) -> None:

@@ -156,6 +156,10 @@ def _traced_groups(module: nn.Module) -> list[NeuronGroup]:
         end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
         return start == 1 and end == -1
 
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
     groups = []
     for node in graph.nodes:
         if kind(node) not in ("Linear", "Conv"):
@@ -185,7 +189,9 @@ def _traced_groups(module: nn.Module) -> list[NeuronGroup]:
             elif not passes_through(user, kind(node) == "Conv" and not flat):
                 break
             current = user
-    return groups
+    # A module called at more than one place (weights shared across calls) has inputs from several producers or
+    # outputs to several consumers: shrinking it for one group would break the others, so it is left alone.
+    return [g for g in groups if all(calls.get(m, 0) == 1 for m in g.members)]
 
 
 def _unit_sums(values: torch.Tensor, width: int) -> torch.Tensor:
