@@ -135,7 +135,7 @@ def test_inspect_summarizes_the_artifact_in_text_and_json(cnn):
 def test_inspect_shows_passes_and_the_last_gate_results(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: g\nmodel: {source: zoo, name: digits-mlp}\npasses:\n  - cast: {dtype: float16}\n"
-                      "evaluate: {speed: {batch_sizes: [1], rounds: 1, calls: 1, load_runs: 1}}\n"
+                      "evaluate: {speed: {batch_sizes: [1], rounds: 1, calls: 1, load_runs: 0}}\n"
                       "gates: {min_compression: 1.5, max_accuracy_drop: 0.5}\n")
     assert run_cli("run", str(recipe), "-o", str(tmp_path / "g"), "-q").returncode == 0
     text = run_cli("inspect", str(tmp_path / "g")).stdout

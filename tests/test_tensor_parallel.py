@@ -84,7 +84,7 @@ def test_minilm_tp2_loads_whole_exactly_as_the_source(minilm_tp2):
 
 
 def test_minilm_tp2_runs_tensor_parallel_on_gloo_and_matches_the_whole_model(minilm_tp2):
-    report = _eval_tp(minilm_tp2, 2, "--limit", "96")
+    report = _eval_tp(minilm_tp2, 2, "--limit", "32")
     assert report["passed"] and report["fidelity"]["cos_min"] >= 0.9999
     assert report["metric"]["whole"]["value"] == report["metric"]["tensor_parallel"]["value"]
     for r, rank in enumerate(report["ranks"]):
@@ -101,8 +101,8 @@ def test_minilm_tp4_matches_the_whole_model_with_an_uneven_vocabulary(tmp_path):
     plan = json.loads((out / "tensor_parallel.json").read_text())
     # 30522 rows over 4 ranks: torch.chunk sizes 7631, 7631, 7631, 7629.
     assert plan["tensors"]["embeddings.word_embeddings.weight"]["uneven"] is True
-    report = _eval_tp(out, 4, "--limit", "48")  # 96 texts: the acceptance run over all 480 is in the closing note
-    assert report["fidelity"]["cos_min"] >= 0.9999 and report["data"].endswith("(48 query/passage pairs)")
+    report = _eval_tp(out, 4, "--limit", "16")  # 32 texts: the acceptance run over all 480 is in the closing note
+    assert report["fidelity"]["cos_min"] >= 0.9999 and report["data"].endswith("(16 query/passage pairs)")
     assert all(r["maps_only_own_files"] and r["own_file_share"] <= 0.25 + 1e-3 for r in report["ranks"])
 
 
@@ -153,9 +153,10 @@ def test_decoders_shard_at_tp2_and_match_their_unsharded_logits(tmp_path, kind):
     else:
         assert plan["modules"]["model.layers.0.self_attn.k_proj"]["style"] == "colwise"
         assert plan["modules"]["model.layers.1.mlp.down_proj"]["style"] == "rowwise"
-    report = _eval_tp(out, 2)
-    assert report["fidelity"]["max_abs_err"] <= 1e-4
-    assert report["data"] == "example inputs"
+    if kind == "llama":  # GPT-2 runs tensor-parallel in test_gpt2_tp2_runs_in_a_user_process_group
+        report = _eval_tp(out, 2)
+        assert report["fidelity"]["max_abs_err"] <= 1e-4
+        assert report["data"] == "example inputs"
     # The whole artifact is the source model exactly.
     from transformers import AutoModelForCausalLM
 
@@ -217,7 +218,7 @@ def test_int8_weights_shard_with_their_scales(tmp_path):
     assert tensors["encoder.layer.0.attention.self.query.weight.__scale"]["dim"] == 0
     assert tensors["encoder.layer.0.attention.output.dense.weight.__q"]["dim"] == 1
     assert "encoder.layer.0.attention.output.dense.weight.__scale" not in tensors
-    report = _eval_tp(out, 2, "--limit", "48")
+    report = _eval_tp(out, 2, "--limit", "16")
     assert report["fidelity"]["cos_min"] >= 0.9999
 
 
