@@ -253,7 +253,7 @@ def _eval_tp(artifact: Path, world: int, device: str | None, min_cosine: float |
             click.echo(line)
     fid = report["fidelity"]
     click.echo(f"{artifact.name}: tp {world} {'passed' if report['passed'] else 'FAILED'} (cos min "
-               f"{fid['cos_min']:.7f} >= {report['min_cosine']}: {'yes' if report['passed'] else 'no'}); report "
+               f"{fid['cos_min']:.7f} >= {report['min_cosine']}: {'yes' if report['passed'] else 'no'}); report: "
                f"{artifact / 'tp-report.json'}")
     if not report["passed"]:
         if quiet:
