@@ -108,7 +108,8 @@ def run(recipe: Path, output: Path | None, quiet: bool) -> None:
 
 
 def _result_line(report: dict[str, Any], where: Path, name: str | None) -> str:
-    """One line for logs and CI: gates, the headline numbers of the first artifact row, where the report is."""
+    """One line for logs and CI: gates, the headline numbers of the last artifact row (ONNX when measured), where
+    the report is."""
     gates = report.get("gates") or []
     failed = [g for g in gates if g["status"] in ("failed", "error")]
     passed = sum(1 for g in gates if g["status"] == "passed")
@@ -180,26 +181,27 @@ def eval_(artifact: Path, baseline: str | None, device: str | None, no_gates: bo
     """Evaluate ARTIFACT (a directory written by `compress run`) against its baseline; writes report.json,
     report.md, junit.xml and report.png into it. Exit 3 when a gate of its recipe is missed."""
     from .errors import UsageError
-
-    if tp is not None:
-        _eval_tp(artifact, tp, device, min_cosine, baseline, limit, quiet)
-        return
-    if min_cosine is not None:
-        raise UsageError("--min-cosine applies to --tp runs; gates of the recipe set thresholds otherwise")
-    from .evaluate import evaluate_artifact
-    from .evaluate.subjects import baseline_from_argument, baseline_from_manifest
-    from .log import Reporter
     from .manifest import read_manifest
     from .recipe import EvaluateSpec, GatesSpec
 
+    if min_cosine is not None and tp is None:
+        raise UsageError("--min-cosine applies to --tp runs; gates of the recipe set thresholds otherwise")
     manifest = read_manifest(artifact)
     recipe = manifest.get("recipe") or {}
     try:
-        spec = _limited(EvaluateSpec.model_validate(recipe.get("evaluate") or {}), limit)
-        gates = None if no_gates or not recipe.get("gates") else GatesSpec.model_validate(recipe["gates"])
+        spec = EvaluateSpec.model_validate(recipe.get("evaluate") or {})
+        gates = None if no_gates or tp or not recipe.get("gates") else GatesSpec.model_validate(recipe["gates"])
     except ValueError as exc:
         raise UsageError(f"{artifact}/manifest.json: its recipe's evaluate/gates sections are not valid for this "
                          f"compressor version: {exc}") from None
+    if limit is not None:
+        spec = spec.model_copy(update={"data": spec.data.model_copy(update={"limit": limit})})
+    if tp is not None:
+        _eval_tp(artifact, tp, device, min_cosine, baseline, spec, quiet)
+        return
+    from .evaluate import evaluate_artifact
+    from .evaluate.subjects import baseline_from_argument, baseline_from_manifest
+    from .log import Reporter
     subject = baseline_from_argument(baseline, manifest) if baseline else baseline_from_manifest(artifact, manifest)
     devices = None if device is None else (["cpu", "cuda"] if device == "all" else [device])
     log = Reporter(quiet=quiet)
@@ -212,19 +214,13 @@ def eval_(artifact: Path, baseline: str | None, device: str | None, no_gates: bo
     _finish_evaluation(report, artifact, quiet, manifest.get("name"))
 
 
-def _limited(spec: Any, limit: int | None) -> Any:
-    """The evaluate spec with its data cut to the first ``limit`` examples (--limit)."""
-    return spec if limit is None else spec.model_copy(update={"data": spec.data.model_copy(update={"limit": limit})})
-
-
 def _eval_tp(artifact: Path, world: int, device: str | None, min_cosine: float | None, baseline: str | None,
-             limit: int | None, quiet: bool) -> None:
+             spec: Any, quiet: bool) -> None:
+    """`compress eval --tp`: run the artifact tensor-parallel, compare with it whole, exit 3 below min cosine."""
     from .errors import EXIT_GATE, GateFailure, UsageError
     from .evaluate.runner import env_devices
     from .evaluate.tp import DEFAULT_MIN_COSINE, evaluate_tp, summary_lines
     from .log import Reporter
-    from .manifest import read_manifest
-    from .recipe import EvaluateSpec
 
     if baseline is not None:
         raise UsageError("--tp compares the artifact with itself loaded whole; drop --baseline")
@@ -236,11 +232,6 @@ def _eval_tp(artifact: Path, world: int, device: str | None, min_cosine: float |
             raise UsageError("$COMPRESS_DEVICE=all, but --tp runs on one kind of device: give --device cpu (gloo) "
                              "or --device cuda (NCCL)")
         device = (from_env or ["cpu"])[0]
-    recipe = read_manifest(artifact).get("recipe") or {}
-    try:
-        spec = _limited(EvaluateSpec.model_validate(recipe.get("evaluate") or {}), limit)
-    except ValueError as exc:
-        raise UsageError(f"{artifact}/manifest.json: its recipe's evaluate section is not valid: {exc}") from None
     previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
         report = evaluate_tp(artifact, world, device=device, spec=spec,

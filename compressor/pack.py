@@ -93,37 +93,24 @@ def _graph_float_type(path: Path) -> str:
             TensorProto.BFLOAT16: "bfloat16"}.get(top, "float32")
 
 
-def _example_feed(artifact: Path, session: Any) -> dict[str, Any]:
-    from .export.onnx import ort_feed
+def _compare(reference_model: Path, candidate_model: Path, artifact: Path, what: str, rel_tol: float) -> None:
+    """CompressorError unless ``candidate_model`` gives finite outputs within ``rel_tol`` of the largest value of
+    ``reference_model``'s, on the artifact's example inputs."""
+    import numpy as np
+
+    from .export.onnx import run_onnx
     from .loading import load_example_inputs
 
-    return ort_feed(session, load_example_inputs(artifact))
-
-
-def _compare(reference_model: Path, candidate_model: Path, artifact: Path, what: str, rel_tol: float) -> float:
-    """Largest error of ``candidate_model`` against ``reference_model`` on the artifact's example inputs, relative
-    to the largest reference value; CompressorError beyond ``rel_tol`` or on non-finite values."""
-    import numpy as np
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    ref = ort.InferenceSession(str(reference_model), options, providers=["CPUExecutionProvider"])
-    cand = ort.InferenceSession(str(candidate_model), options, providers=["CPUExecutionProvider"])
-    feed = _example_feed(artifact, ref)
-    worst = 0.0
-    for (name, expected), got in zip(zip([o.name for o in ref.get_outputs()], ref.run(None, feed)),
-                                     cand.run(None, _example_feed(artifact, cand))):
-        expected, got = np.asarray(expected, np.float32), np.asarray(got, np.float32)
+    inputs = load_example_inputs(artifact)
+    expected_all, got_all = run_onnx(reference_model, inputs), run_onnx(candidate_model, inputs)
+    for name, expected in expected_all.items():
+        got = got_all[name]
         if not np.isfinite(got).all():
             raise CompressorError(f"{what} gives non-finite values at output {name!r} on the example inputs")
-        scale = float(np.abs(expected).max()) or 1.0
-        err = float(np.abs(got - expected).max()) / scale
-        worst = max(worst, err)
+        err = float(np.abs(got - expected).max()) / (float(np.abs(expected).max()) or 1.0)
         if err > rel_tol:
             raise CompressorError(f"{what} is off by {err:.3g} (relative to the largest value) at output {name!r}, "
                                   f"more than {rel_tol}; pack with --dtype keep")
-    return worst
 
 
 def _narrow_float16(src: Path, dst_dir: Path) -> list[str]:
@@ -176,16 +163,14 @@ def _to_ort(src_dir: Path, model: str, dst_dir: Path, platform: str) -> tuple[li
 
 def _tokenizer(artifact: Path, manifest: dict[str, Any], dst: Path) -> dict[str, Any] | None:
     """Copy the tokenizer files (making tokenizer.json from a slow tokenizer when needed); the runner's settings."""
-    copied = set(manifest.get("model", {}).get("copied_files", []))
-    has_tokenizer = any(n.startswith(("tokenizer", "vocab", "merges", "spiece", "sentencepiece")) for n in copied)
-    if not has_tokenizer:
-        return None
-    from transformers import AutoTokenizer
+    from .evaluate.data import tokenizer_for
 
-    try:
-        tok = AutoTokenizer.from_pretrained(str(artifact), local_files_only=True, use_fast=True)
-    except Exception as exc:  # noqa: BLE001 - broken tokenizer files raise many types
-        raise ArtifactError(f"{artifact}: its tokenizer files cannot be loaded ({type(exc).__name__}: {exc})") from None
+    copied = set(manifest.get("model", {}).get("copied_files", []))
+    if not {"tokenizer.json", "tokenizer_config.json"} & copied:
+        return None
+    tok = tokenizer_for(artifact)  # the tokenizer compressor's own evaluation uses, padding token and all
+    if tok is None:
+        raise ArtifactError(f"{artifact}: its tokenizer files cannot be loaded by transformers' AutoTokenizer")
     for name in _TOKENIZER_FILES:
         if name in copied:
             shutil.copyfile(artifact / name, dst / name)
@@ -194,9 +179,10 @@ def _tokenizer(artifact: Path, manifest: dict[str, Any], dst: Path) -> dict[str,
             raise ArtifactError(f"{artifact}: its tokenizer has no fast (tokenizers) version, which the bundle's "
                                 "runner needs")
         tok.backend_tokenizer.save(str(dst / "tokenizer.json"))
-    pad = tok.pad_token or tok.eos_token or tok.unk_token
+    if tok.pad_token is None:
+        raise ArtifactError(f"{artifact}: its tokenizer has no padding, end or unknown token to pad batches with")
     return {"file": "tokenizer.json", "max_length": min(int(tok.model_max_length or 512), 512),
-            "pad_token": pad, "pad_id": int(tok.convert_tokens_to_ids(pad))}
+            "pad_token": tok.pad_token, "pad_id": int(tok.pad_token_id)}
 
 
 def _zip(src: Path, output: Path, top: str) -> None:
@@ -224,7 +210,9 @@ def pack_artifact(artifact: Path, output: Path, target: str = "cpu-x86_64", dtyp
     (bundle.json) with its path, size and sha256."""
     import onnx
 
+    from .export.onnx import FLOAT16_TOLERANCE
     from .manifest import read_manifest
+    from .recipe import NAME_PATTERN
     from .verify import verify_artifact
 
     if target not in TARGETS:
@@ -255,7 +243,7 @@ def pack_artifact(artifact: Path, output: Path, target: str = "cpu-x86_64", dtyp
             raise UsageError("the artifact's ONNX model is int8; float16 applies to float32 exports")
         wanted = "keep"
     name = manifest.get("name")
-    if not (isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name)):
+    if not (isinstance(name, str) and re.fullmatch(NAME_PATTERN, name)):
         name = artifact.name  # the bundle's top folder must never lead out of where it is unpacked
     reproducible = True
     with tempfile.TemporaryDirectory(prefix="compress-pack-") as tmp:
@@ -266,7 +254,7 @@ def pack_artifact(artifact: Path, output: Path, target: str = "cpu-x86_64", dtyp
             narrow_dir = Path(tmp) / "fp16"
             narrow_dir.mkdir()
             model_files = _narrow_float16(source_model, narrow_dir)
-            _compare(source_model, narrow_dir / model_files[0], artifact, "the float16 model", 0.01)
+            _compare(source_model, narrow_dir / model_files[0], artifact, "the float16 model", FLOAT16_TOLERANCE)
             dtype_note = "float16 (narrowed at pack time from the float32 export; float32 inputs and outputs)"
             model_dir = narrow_dir
         else:
@@ -309,7 +297,6 @@ def pack_artifact(artifact: Path, output: Path, target: str = "cpu-x86_64", dtyp
             "artifact_manifest_sha256": _sha256(artifact / "manifest.json"),
             "requires": ["numpy", "onnxruntime"] + (["tokenizers"] if tokenizer else []),
             "reproducible": reproducible,
-            "files": {},
         }
         body["files"] = {p.relative_to(stage).as_posix(): _sha256(p) for p in sorted(stage.rglob("*")) if p.is_file()}
         (stage / "bundle.json").write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")

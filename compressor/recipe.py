@@ -54,6 +54,8 @@ __all__ = [
 
 ZOO_MODELS = ("minilm", "digits-mlp", "digits-cnn")
 MAX_RECIPE_BYTES = 1 << 20
+# A recipe name becomes a directory name (artifacts/<name>/, a bundle's top folder): portable, never a path.
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
 _BYTES: TypeAdapter[ByteSize] = TypeAdapter(ByteSize)
 
 
@@ -435,7 +437,7 @@ class Recipe(Strict):
     @field_validator("name")
     @classmethod
     def _name_form(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", value):
+        if not re.fullmatch(NAME_PATTERN, value):
             raise ValueError(f"{value!r} cannot name a directory portably; use letters, digits, '.', '_' and '-' "
                              "(first a letter or digit), e.g. 'minilm-fp16'")
         return value

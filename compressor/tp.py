@@ -27,11 +27,9 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
 
-__all__ = ["STYLES", "TPPlan", "derive_plan", "user_plan", "split_specs", "write_rank_files", "assemble",
-           "load_rank", "PLAN_FILE", "rank_file", "REPLICATED_FILE", "bytes_read", "check_divisible", "read_plan",
-           "world_sizes"]
+__all__ = ["TPPlan", "derive_plan", "user_plan", "split_specs", "write_rank_files", "assemble", "load_rank",
+           "PLAN_FILE", "rank_file", "REPLICATED_FILE", "check_divisible", "read_plan", "world_sizes"]
 
-STYLES = ("colwise", "rowwise", "vocab", "replicate")
 PLAN_FILE = "tensor_parallel.json"
 REPLICATED_FILE = "model-tp-replicated.safetensors"
 
@@ -370,12 +368,6 @@ def assemble(root: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
             split = [torch.chunk(p, parts, dim=dim) for p in pieces]
             out[name] = torch.cat([torch.cat([s[j] for s in split], dim=dim) for j in range(parts)], dim=dim)
     return out
-
-
-def bytes_read(root: Path, manifest: dict[str, Any], rank: int) -> int:
-    """Bytes of the files rank ``rank`` maps: its own slices and the replicated tensors."""
-    plan = read_plan(root, manifest)
-    return (root / plan["ranks"][rank]).stat().st_size + (root / plan["replicated"]).stat().st_size
 
 
 def load_rank(root: Path, manifest: dict[str, Any], rank: int, world: int, device: torch.device) -> nn.Module:

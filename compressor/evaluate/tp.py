@@ -92,7 +92,7 @@ def evaluate_tp(artifact: Path, world: int, *, device: str = "cpu", spec: Any = 
     from ..tp import read_plan
     from .accuracy import fidelity, run_outputs, task_metric
     from .data import build_data
-    from .report import _atomic_write
+    from .report import _atomic_write, clean_json
 
     log = log or Reporter()
     artifact = artifact.resolve()
@@ -164,8 +164,6 @@ def evaluate_tp(artifact: Path, world: int, *, device: str = "cpu", spec: Any = 
         "files": weights,
         "ranks": ranks,
     }
-    from .report import clean_json
-
     _atomic_write(artifact / TP_REPORT, (json.dumps(clean_json(report), indent=2) + "\n").encode())
     return report
 

@@ -55,11 +55,6 @@ class NeuronGroup:
     attention: str | None = None
 
     @property
-    def kind(self) -> str:
-        """``heads`` or ``neurons``."""
-        return "heads" if self.attention is not None else "neurons"
-
-    @property
     def members(self) -> list[str]:
         """Every module whose shape the group's pruning changes."""
         return [*self.producers, *self.followers, self.consumer]
