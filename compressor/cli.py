@@ -120,7 +120,7 @@ def _result_line(report: dict[str, Any], where: Path, name: str | None) -> str:
             f"{g['gate']} on {g['device']}/{g.get('format') or 'torch'}" for g in failed[:3]) + ")"
     else:
         verdict = f"passed {passed} of {len(gates)} gates"
-    rows = [r for r in report.get("results", []) if r.get("role") != "baseline"]
+    rows = [r for r in report.get("results", []) if r.get("role") != "baseline" and not r.get("emulated")]
     figures = ""
     if rows:
         row = rows[-1]
@@ -133,7 +133,15 @@ def _result_line(report: dict[str, Any], where: Path, name: str | None) -> str:
             bits.append(f"cos min {fid['cos_min']:.4f}")
         if row.get("accuracy"):
             bits.append(f"{row['accuracy']['label'].split(' (')[0]} {row['accuracy']['value']:.2f}")
+        targets = [r for r in report.get("results", []) if r.get("target") and r.get("fidelity")]
+        if len(targets) > 1:
+            worst = min(targets, key=lambda r: r["fidelity"]["cos_min"])
+            bits.append(f"worst of {len(targets)} targets {worst['target']} cos min {worst['fidelity']['cos_min']:.4f}")
         figures = f" ({row['device']}/{row['format']}: {', '.join(bits)})" if bits else ""
+    int8 = report.get("int8") or {}
+    if int8.get("reached") is False:
+        figures += (f"; target_fidelity {int8['target_fidelity']} NOT reached (calibration min cos "
+                    f"{int8['calibration_min_cosine']:.4f})")
     return f"{name or where.name}: {verdict}{figures}; report: {where / 'report.md'}"
 
 

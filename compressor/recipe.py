@@ -29,6 +29,7 @@ from pydantic import (
     model_validator,
 )
 
+from .cpu import Target
 from .errors import Problem, RecipeError
 from .yamlpos import Located, load_yaml
 
@@ -348,6 +349,10 @@ class Threshold(Strict):
     value: float = Field(description="The threshold.")
     device: Literal["cpu", "cuda"] | None = Field(None, description="Device the gate applies to (all if unset).")
     format: Literal["safetensors", "onnx"] | None = Field(None, description="Artifact format (all if unset).")
+    target: Target | None = Field(
+        None, description="int8 ONNX: the CPU family whose (emulated) arithmetic the gate applies to "
+        "(x86-avx2, x86-vnni, arm64). Unset: accuracy, fidelity and size gates apply to every target the artifact "
+        "was quantized for, and to the row measured on this machine.")
 
     @model_validator(mode="before")
     @classmethod

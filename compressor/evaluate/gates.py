@@ -66,16 +66,19 @@ def check_gates(gates: Any, results: list[dict[str, Any]], devices: list[str],
                 out.append(_entry(name, device, threshold.format, threshold.value, None, "skipped",
                                   f"{name} on {device}: skipped ({skipped[device]})"))
                 continue
-            rows = [r for r in artifact_rows if r["device"] == device
+            rows = [r for r in artifact_rows if r["device"] == device and _applies(name, threshold, r)
                     and (threshold.format is None or r["format"] == threshold.format)]
             if not rows:
                 fmt = threshold.format or "any format"
+                what = f"{fmt}, target {threshold.target}" if getattr(threshold, "target", None) else fmt
                 out.append(_entry(name, device, threshold.format, threshold.value, None, "error",
-                                  f"{name} on {device}/{fmt}: nothing was measured for this device and format"))
+                                  f"{name} on {device}/{what}: nothing was measured for this device and format"
+                                  + (" (the artifact was not quantized for that target)"
+                                     if getattr(threshold, "target", None) else "")))
                 continue
             for row in rows:
                 value, note = _measure(name, row)
-                label = f"{name} on {device}/{row['format']}"
+                label = f"{name} on {device}/{row['format']}" + _target_label(row)
                 if value is None or (isinstance(value, float) and math.isnan(value)):
                     out.append(_entry(name, device, row["format"], threshold.value, None, "error",
                                       f"{label}: not measured: {note}"))
@@ -86,7 +89,33 @@ def check_gates(gates: Any, results: list[dict[str, Any]], devices: list[str],
                 message = f"{label}: {what} {shown} {'meets' if ok else 'misses'} the threshold {op} {limit}{unit}"
                 out.append(_entry(name, device, row["format"], threshold.value, value, "passed" if ok else "failed",
                                   message))
+                out[-1]["target"] = row.get("target")
     return out
+
+
+SPEED_GATES = ("min_speedup", "max_load_ms")
+
+
+def _applies(gate: str, threshold: Any, row: dict[str, Any]) -> bool:
+    """Whether ``gate`` judges ``row``. Emulated target rows carry numbers, not speed; a row measured on a CPU the
+    artifact was not quantized for shows its speed here but promises no accuracy; ``target:`` narrows a gate to
+    one family's row(s)."""
+    wanted = getattr(threshold, "target", None)
+    if row.get("emulated") and gate in SPEED_GATES:
+        return False
+    if wanted is not None:
+        return row.get("target") == wanted
+    if "cpu_target" in row and row.get("target") is None and gate not in SPEED_GATES:
+        return False
+    return True
+
+
+def _target_label(row: dict[str, Any]) -> str:
+    if row.get("emulated"):
+        return f" [{row['target']}, emulated]"
+    if row.get("target"):
+        return f" [{row['target']}, this CPU]"
+    return ""
 
 
 def _entry(gate: str, device: str, fmt: str | None, threshold: float, measured: float | None, status: str,

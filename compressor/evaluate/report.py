@@ -73,7 +73,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             parts.append(f"speedup {min(speedups):.2f}x-{max(speedups):.2f}x")
         if ratios.get("cold_load_speedup"):
             parts.append(f"cold load {_ratio(ratios['cold_load_speedup'])}")
-        lines.append(f"{art['device']}/{art['format']}: " + ", ".join(parts))
+        where = f"{art['device']}/{art['format']}"
+        if art.get("target"):
+            where += f" [{art['target']}{', emulated' if art.get('emulated') else ', this CPU'}]"
+        lines.append(f"{where}: " + ", ".join(parts))
     for item in report.get("skipped", []):
         lines.append(f"{item['device']}: skipped ({item['reason']})")
     if report.get("gates"):
@@ -115,7 +118,19 @@ def _ratio(value: float | None) -> str:
 
 
 def _row_name(row: dict[str, Any]) -> str:
+    if row.get("emulated"):
+        return f"{row['role']} ({row['format']}, {row['target']} emulated)"
+    if row.get("target"):
+        return f"{row['role']} ({row['format']}, {row['target']}: this CPU)"
     return f"{row['role']} ({row['format']})"
+
+
+def _flags(machine: dict[str, Any]) -> str:
+    """The CPU flags that decide int8 kernels, and the target family they make it."""
+    if "cpu_flags" not in machine:
+        return ""
+    flags = ", ".join(machine["cpu_flags"]) or "no int8-relevant flags"
+    return f" ({flags}; int8 target {machine.get('cpu_target') or 'none'})"
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -128,7 +143,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     base = report["baseline"]
     lines += [f"- baseline: {base['label']} ({_mb(base['size_bytes'])})",
               f"- data: {report['data']['name']}",
-              f"- machine: {report['machine']['cpu']} · {report['machine']['threads']} threads · "
+              f"- machine: {report['machine']['cpu']}" + _flags(report['machine']) + f" · {report['machine']['threads']} threads · "
               f"torch {report['machine']['torch']}" + (f" · {report['machine']['cuda']}" if report['machine'].get('cuda')
                                                         else ""),
               ""]
@@ -150,12 +165,19 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {_n(fid.get('top1_agreement'), '.2f')} |")
     if report["data"].get("metric"):
         lines += ["", f"Accuracy: {report['data']['label']} on {report['data']['name']}."]
+    if any(r.get("emulated") for r in results):
+        lines += ["", "int8 ONNX on each CPU family it was quantized for: *this CPU* rows are measured here; "
+                  "*emulated* rows run the same model with its integer matrix products computing that family's "
+                  "arithmetic exactly (x86-avx2: adjacent products summed in saturating 16-bit integers; x86-vnni "
+                  "and arm64: exact 32-bit sums). Gates on accuracy, fidelity and size apply to every one."]
     lines.append("")
 
     lines += ["## Load (fresh process each run; median ± IQR, ms)", "",
               "| model | device | cold load | cold first inference | warm load | warm first inference | peak RSS "
               "| RSS added | anon RSS | peak GPU |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in results:
+        if row.get("emulated"):
+            continue  # numbers only: an emulated row is the same file, run on another CPU's arithmetic
         load = row.get("load") or {}
         cold, warm = load.get("cold") or {}, load.get("warm") or {}
         either = cold or warm
@@ -195,13 +217,13 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines.append("")
 
     if report.get("gates"):
-        lines += ["## Gates", "", "| gate | device | format | measured | threshold | result |",
-                  "|---|---|---|---:|---:|---|"]
+        lines += ["## Gates", "", "| gate | device | format | target | measured | threshold | result |",
+                  "|---|---|---|---|---:|---:|---|"]
         for g in report["gates"]:
             mark = {"passed": "pass", "failed": "**FAIL**", "error": "**ERROR**", "skipped": "skipped"}[g["status"]]
             measured, limit = ("–", f"{g['threshold']:g}") if g["measured"] is None else fmt_pair(
                 g["measured"], g["threshold"])
-            lines.append(f"| {g['gate']} | {g['device']} | {g['format'] or 'any'} | {measured} "
+            lines.append(f"| {g['gate']} | {g['device']} | {g['format'] or 'any'} | {g.get('target') or ''} | {measured} "
                          f"| {g['comparison']} {limit} | {mark} |")
         lines += [""] + [f"- {g['message']}" for g in report["gates"] if g["status"] != "passed"] + [""]
     return "\n".join(lines).rstrip() + "\n"
@@ -230,7 +252,8 @@ def render_junit(report: dict[str, Any]) -> bytes:
         # No gates configured: one passing case so the run still shows up as evaluated.
         ET.SubElement(suite, "testcase", classname="compressor.evaluate", name="evaluation", time="0")
     for g in gates:
-        case = ET.SubElement(suite, "testcase", classname=f"compressor.gates.{g['device']}.{g['format'] or 'any'}",
+        target = f".{g['target']}" if g.get("target") else ""
+        case = ET.SubElement(suite, "testcase", classname=f"compressor.gates.{g['device']}.{g['format'] or 'any'}{target}",
                              name=g["gate"], time="0")
         ET.SubElement(case, "system-out").text = g["message"]
         if g["status"] == "failed":

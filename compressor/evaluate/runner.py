@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..cpu import machine_cpu
 from ..errors import CompressorError, GateFailure, UsageError
 from ..log import Reporter
 from .subjects import Subject, artifact_subject, onnx_subject
@@ -78,15 +79,9 @@ def _config(artifact: Path) -> dict[str, Any] | None:
 def _machine(threads: int) -> dict[str, Any]:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "platform": platform.platform(),
+    cpu = machine_cpu()  # the model name and the flags that decide int8 kernels (compressor.cpu)
+    info: dict[str, Any] = {"cpu": cpu["model"], "cpu_flags": cpu["flags"], "cpu_target": cpu["target"],
+                            "cores": os.cpu_count(), "threads": threads, "platform": platform.platform(),
                             "python": platform.python_version(), "torch": torch.__version__, "cuda": None}
     if torch.cuda.is_available():
         info["cuda"] = torch.cuda.get_device_name(0)
@@ -118,6 +113,7 @@ def evaluate_artifact(
     from .report import REPORT_FORMAT, write_reports
     from .speed import latency_inputs, load_timings, measure_latency, percentile
     from .subjects import load_module
+    from .targets import int8_targets, target_outputs
 
     log = log or Reporter()
     artifact = artifact.resolve()
@@ -159,6 +155,9 @@ def evaluate_artifact(
         classifier = data.metric == "top1_accuracy" or str(task or "").endswith("classification")
 
         candidates = [candidate] + [s for s in (onnx_subject(artifact, manifest),) if s is not None]
+        targets = int8_targets(manifest)  # int8 ONNX: the CPU families its numbers must hold on
+        quant_mode = ((manifest.get("onnx") or {}).get("quantization") or {}).get("mode")
+        here = machine_cpu()["target"]
         subjects = [baseline] + candidates
         results: list[dict[str, Any]] = []
         for device in devices_run:
@@ -176,6 +175,19 @@ def evaluate_artifact(
                 fid = fids[c.key]
                 log.info(f"{device}: {c.label}: fidelity cos min {fid['cos_min']:.5f}, mean {fid['cos_mean']:.5f}, "
                          f"max abs err {fid['max_abs_err']:.3g}")
+            per_target: dict[str, dict[str, Any]] = {}
+            onnx_candidate = next((c for c in candidates if c.format == "onnx"), None)
+            if device == "cpu" and onnx_candidate is not None and targets:
+                per_target = target_outputs(Path(onnx_candidate.spec["path"]), quant_mode, targets, data, task,
+                                            outputs[onnx_candidate.key], log)
+                for target, entry in per_target.items():
+                    entry["accuracy"] = task_metric(data, entry["outputs"])
+                    entry["fidelity"] = fidelity(outputs["baseline"], entry["outputs"], classifier)
+                    fid = entry["fidelity"]
+                    log.info(f"{device}: onnx under {target} arithmetic ({'emulated' if entry['emulated'] else 'this CPU'}"
+                             f"): fidelity cos min {fid['cos_min']:.5f}"
+                             + (f", {entry['accuracy']['label']} = {entry['accuracy']['value']:.2f}"
+                                if entry["accuracy"] else ""))
 
             latency: dict[str, list[dict[str, Any]]] = {s.key: [] for s in subjects}
             configs = [(b, s) for b in spec.speed.batch_sizes for s in seq_lens] if measure_speed else []
@@ -224,7 +236,20 @@ def evaluate_artifact(
                     base_row = row
                 else:
                     row["ratios"] = _ratios(base_row, row)
+                if subject is onnx_candidate and targets:
+                    row["target"] = here if here in targets else None
+                    row["cpu_target"] = here
                 results.append(row)
+                if subject is onnx_candidate:
+                    for target, entry in per_target.items():
+                        if not entry["emulated"]:
+                            continue
+                        emulated = {**row, "label": f"artifact (onnx, {target} arithmetic, emulated)", "target": target,
+                                    "emulated": True, "arithmetic": entry["arithmetic"], "accuracy": entry["accuracy"],
+                                    "fidelity": entry["fidelity"], "load": None, "latency": []}
+                        emulated.pop("cpu_target", None)
+                        emulated["ratios"] = _ratios(base_row, emulated)
+                        results.append(emulated)
     finally:
         torch.set_num_threads(previous_threads)
         for p in added:
@@ -250,6 +275,12 @@ def evaluate_artifact(
         "gates": gate_results,
         "passed": passed,
     }
+    quant = (manifest.get("onnx") or {}).get("quantization") or {}
+    if targets:
+        goal = quant.get("fidelity_on_calibration") or {}
+        report["int8"] = {"targets": targets, "arithmetic": quant.get("arithmetic"),
+                          "target_fidelity": goal.get("target"), "reached": goal.get("reached"),
+                          "calibration_min_cosine": goal.get("min_cosine")}
     paths = write_reports(artifact, report)
     log.info(f"reports: {', '.join(p.name for p in paths)} in {artifact}")
     for g in gate_results:

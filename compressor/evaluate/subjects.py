@@ -320,10 +320,10 @@ class OrtOutputs(dict):
 class OrtModule:
     """An ONNX Runtime session called like the torch module: keyword tensors in, named tensors out."""
 
-    def __init__(self, path: Path, device: str = "cpu") -> None:
+    def __init__(self, path: Path, device: str = "cpu", unfused: bool = False) -> None:
         from ..export.onnx import ort_session
 
-        self.session = ort_session(path, device)
+        self.session = ort_session(path, device, unfused)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 

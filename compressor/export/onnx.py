@@ -221,8 +221,9 @@ def _initializers(graph: Any) -> Any:
                 yield from _initializers(sub)
 
 
-def ort_session(path: Path, device: str = "cpu") -> Any:
-    """An ONNX Runtime session; CUDA is requested only when CUDA is really there (no error spam elsewhere)."""
+def ort_session(path: Path, device: str = "cpu", unfused: bool = False) -> Any:
+    """An ONNX Runtime session; CUDA is requested only when CUDA is really there (no error spam elsewhere).
+    ``unfused``: no graph optimizations (QDQ pairs stay DequantizeLinear + float ops: exact integer arithmetic)."""
     import onnxruntime as ort
 
     providers = ["CPUExecutionProvider"]
@@ -234,6 +235,8 @@ def ort_session(path: Path, device: str = "cpu") -> Any:
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only
+    if unfused:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(path), sess_options=options, providers=providers)
 
 

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..cpu import ARITHMETIC
 from ..errors import CompressorError, Problem, RecipeError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -96,7 +97,9 @@ def quantize_onnx(src: Path, work: Path, config: Any, calib: Calibration, *, whe
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own exception types
         raise CompressorError(f"{where}: the float ONNX model fails on the calibration data ({calib.name}): "
                               f"{type(exc).__name__}: {_first_line(str(exc))}") from exc
-    alphas = _smooth(model, config, stats, candidates["matmul"])
+    targets = list(config.targets)
+    saturating = any(ARITHMETIC[t] == "saturating-pairs" for t in targets)
+    alphas = _smooth(model, config, stats, candidates["matmul"], pair_safe=saturating)
     smoothed = sum(1 for a in alphas.values() if a > 0)
     if smoothed:
         say(f"smoothing {smoothed} of {len(alphas)} matrix-product inputs (strength "
@@ -107,24 +110,42 @@ def quantize_onnx(src: Path, work: Path, config: Any, calib: Calibration, *, whe
     relative_error = {n: e for g in stats.values() for n, e in g.get("relative", {}).items()}
     plan.dynamic = candidates["matmul"] + candidates["conv"]
     plan.embeddings = candidates["gather"]
+    floats = _float_products(model, stats)  # output name -> (node, smoothed float weight, importance)
 
     out_path = work / "quantized.onnx"
-    build = _builder(smooth_path, out_path, config, calib, work, reference)
+    build = _builder(smooth_path, out_path, config, calib, work, reference, floats if saturating else None)
     fidelity = build(plan)
     say(f"int8 {config.mode}: {len(plan.dynamic)} nodes quantized; min cosine to float {fidelity['min']:.5f} on "
-        f"{calib.name}")
+        f"{calib.name}" + _per_target(fidelity))
     moved: list[str] = []
     if config.target_fidelity is not None and fidelity["min"] < config.target_fidelity:
-        fidelity = _fallback(plan, build, fidelity, (local_error, relative_error), _weight_sizes(model),
-                             config, moved, say)
-        _ = build(plan)  # leave the chosen plan's model in out_path
+        budget = int(config.max_float * (len(plan.dynamic) + len(plan.weight_only)))
+        if config.mode == "dynamic":
+            moved = _search(out_path, plan, floats, fidelity, config, calib, reference, work, budget, say)
+        else:
+            _fallback(plan, build, fidelity, (local_error, relative_error), _weight_sizes(model), config, moved, say)
+        fidelity = build(plan)  # the chosen plan's model in out_path, measured on every target
+    reached = config.target_fidelity is None or fidelity["min"] >= config.target_fidelity
+    if not reached:
+        say(f"target_fidelity {config.target_fidelity} not reached with {len(moved)} matrix products in float "
+            f"(max_float {config.max_float}); min cosine {fidelity['min']:.5f} on the worst target"
+            + _per_target(fidelity))
+        if config.strict:
+            raise CompressorError(
+                f"{where}.target_fidelity: {config.target_fidelity} not reached on {calib.name}: min cosine "
+                f"{fidelity['min']:.5f} on the worst target ({_worst(fidelity)}) with {len(moved)} matrix products "
+                f"in float (max_float {config.max_float}); strict is set, so nothing was written. Raise max_float, "
+                "lower target_fidelity, or drop strict to ship the closest model")
     result = onnx.load(str(out_path), load_external_data=True)
     report = {
         "mode": config.mode,
         "per_channel": config.per_channel,
-        "weights": "int8 symmetric" + (" per channel" if config.per_channel else " per tensor"),
+        "weights": "int8 symmetric" + (" per channel" if config.per_channel else " per tensor")
+        + (", pair-safe (no adjacent pair of products can saturate 16 bits)" if saturating else ""),
         "activations": ("uint8 per tensor, range measured at run time" if config.mode == "dynamic"
                         else f"uint8 per tensor, range from calibration ({config.method})"),
+        "targets": targets,
+        "arithmetic": _arithmetic_note(targets, saturating),
         "calibration": {"data": calib.name, "batches": len(calib.feeds)},
         "nodes_quantized": sorted(plan.dynamic),
         "embeddings_int8_per_row": sorted(plan.embeddings),
@@ -133,7 +154,9 @@ def quantize_onnx(src: Path, work: Path, config: Any, calib: Calibration, *, whe
         "gemm_rewritten": gemms,
         "smoothing": {k: v for k, v in sorted(alphas.items()) if v > 0},
         "fidelity_on_calibration": {"min_cosine": round(fidelity["min"], 6), "mean_cosine": round(fidelity["mean"], 6),
-                                    "target": config.target_fidelity, "moved_to_float": moved},
+                                    "target": config.target_fidelity, "reached": reached, "moved_to_float": moved,
+                                    "by_target": {t: {k: round(v, 6) for k, v in f.items()}
+                                                  for t, f in fidelity["targets"].items()}},
     }
     return result, report
 
@@ -334,11 +357,13 @@ def _summary(reasons: dict[str, str]) -> str:
 # ------------------------------------------------------------------------------------------------ calibration
 
 
-def _session(path: Path, threads: int | None = None) -> Any:
+def _session(path: Path, threads: int | None = None, unfused: bool = False) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if unfused:  # QDQ pairs stay DequantizeLinear + float ops: exact integer products, whatever the CPU
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
@@ -375,10 +400,13 @@ def _calibrate(path: Path, calib: Calibration, groups: dict[str, list[str]]) -> 
     return reference, stats
 
 
-def _fit(session: Any, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The feed restricted to the session's inputs, in their integer/float types."""
+def _fit(session: Any, feed: dict[str, np.ndarray], extra: bool = False) -> dict[str, np.ndarray]:
+    """The feed restricted to the session's inputs, in their integer/float types (``extra``: boolean inputs the
+    feed does not name are left out for the caller to add)."""
     out = {}
     for spec in session.get_inputs():
+        if extra and spec.name not in feed and spec.type == "tensor(bool)":
+            continue
         if spec.name not in feed:
             raise CompressorError(f"the calibration data has no input {spec.name!r} (it has {', '.join(feed)})")
         value = feed[spec.name]
@@ -426,14 +454,31 @@ def _int8(x: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.round(x / scale), -127, 127).astype(np.int8), scale
 
 
-def _fake_weight(w: np.ndarray, per_channel: bool) -> np.ndarray:
-    """int8 symmetric quantize-dequantize of a (in, out) MatMul weight: per output column or per tensor."""
+def _fake_weight(w: np.ndarray, per_channel: bool, importance: np.ndarray | None = None) -> np.ndarray:
+    """int8 symmetric quantize-dequantize of a (in, out) MatMul weight: per output column or per tensor. With
+    ``importance`` (mean squared activation per input row), the pair-safe weights the x86-avx2 target needs."""
+    if importance is not None:
+        q, scale = _safe_int8(w, per_channel, importance)
+        return q * scale
     q, scale = _int8(w, 0 if per_channel else None)
     return q * scale
 
 
-def _smooth(model: onnx.ModelProto, config: Any, stats: dict[str, Any], names: list[str]) -> dict[str, float]:
-    """Choose and apply a smoothing strength per MatMul input; record each node's local output error."""
+def _safe_int8(w: np.ndarray, per_channel: bool, importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """int8 values and scales of a (in, out) MatMul weight in which no adjacent pair can saturate (int8_arith)."""
+    from .int8_arith import pair_safe, safe_any_order
+
+    if per_channel:
+        return pair_safe(w, importance)
+    q, scale = _int8(w, None)
+    return safe_any_order(q, scale, axis=1)
+
+
+def _smooth(model: onnx.ModelProto, config: Any, stats: dict[str, Any], names: list[str],
+            pair_safe: bool = False) -> dict[str, float]:
+    """Choose and apply a smoothing strength per MatMul input; record each node's local output error and each
+    input's mean squared activation per channel (``importance``, after smoothing). ``pair_safe``: score every
+    strength with the pair-safe weights the x86-avx2 target gets, so the choice holds there too."""
     from onnx import helper, numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
@@ -459,7 +504,8 @@ def _smooth(model: onnx.ModelProto, config: Any, stats: dict[str, Any], names: l
             errs: dict[str, float] = {}
             rel: dict[str, float] = {}
             total_err = total_ref = 0.0
-            qws = [_fake_weight(w * s[:, None], config.per_channel) for w in weights]
+            energy = _energy(st["batches"], s) if pair_safe and config.mode == "dynamic" else None
+            qws = [_fake_weight(w * s[:, None], config.per_channel, energy) for w in weights]
             # static: one range for all batches, as calibration would set it; dynamic: each batch its own.
             fixed = (min(min(float((b / s).min()) for b in st["batches"]), 0.0),
                      max(max(float((b / s).max()) for b in st["batches"]), 0.0)) if config.mode == "static" else (None, None)
@@ -484,6 +530,7 @@ def _smooth(model: onnx.ModelProto, config: Any, stats: dict[str, Any], names: l
         assert best is not None
         _, alpha, st["error"], st["relative"] = best
         chosen[x_name] = alpha
+        st["importance"] = _energy(st["batches"], _scales(amax, wmax, alpha))
         if alpha == 0.0:
             continue
         s = _scales(amax, wmax, alpha)
@@ -505,6 +552,12 @@ def _smooth(model: onnx.ModelProto, config: Any, stats: dict[str, Any], names: l
     return chosen
 
 
+def _energy(batches: list[np.ndarray], s: np.ndarray) -> np.ndarray:
+    """Mean squared activation per input channel after dividing by the smoothing scales ``s``: how much a weight
+    row's rounding error reaches the output."""
+    return np.mean([((b / s) ** 2).mean(axis=0) for b in batches], axis=0)
+
+
 def _scales(amax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
     if alpha == 0.0:
         return np.ones_like(amax, dtype=np.float32)
@@ -518,12 +571,14 @@ def _scales(amax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ building
 
 
-def _builder(src: Path, out: Path, config: Any, calib: Calibration, work: Path, reference: list[np.ndarray]) -> Any:
+def _builder(src: Path, out: Path, config: Any, calib: Calibration, work: Path, reference: list[np.ndarray],
+             safe: dict[str, tuple[str, np.ndarray, np.ndarray]] | None) -> Any:
     """A function plan -> fidelity: quantize ``src`` as the plan says into ``out``, make sure ONNX Runtime loads
-    and runs it (moving nodes it rejects to float), and measure cosine similarity to the float model's outputs
-    (``reference``)."""
+    and runs it (moving nodes it rejects to float), give it pair-safe weights when ``safe`` (output -> smoothed
+    float weight and importance, see _float_products) is given, and measure cosine similarity to the float
+    model's outputs (``reference``) under every target's arithmetic (``_fidelity``)."""
 
-    def build(plan: _Plan) -> dict[str, float]:
+    def build(plan: _Plan) -> dict[str, Any]:
         import onnx
 
         for _attempt in range(len(plan.dynamic) + len(plan.embeddings) + 2):
@@ -536,10 +591,12 @@ def _builder(src: Path, out: Path, config: Any, calib: Calibration, work: Path, 
             model = onnx.load(str(out), load_external_data=True)
             _embeddings_per_row(model, plan.embeddings)
             _weight_only(model, plan.weight_only)
+            if safe is not None:
+                _guard_weights(model, safe, config.per_channel)
             _save(model, out)
-            try:
+            try:  # the real model must load and run here
                 session = _session(out)
-                got = [_pool(session.run(None, _fit(session, feed))[0], feed, calib.pooled) for feed in calib.feeds]
+                local = [_pool(session.run(None, _fit(session, feed))[0], feed, calib.pooled) for feed in calib.feeds]
             except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own exception types
                 culprit = _culprit(str(exc), plan)
                 if culprit is None:
@@ -552,13 +609,201 @@ def _builder(src: Path, out: Path, config: Any, calib: Calibration, work: Path, 
                 plan.left_in_float[culprit] = f"ONNX Runtime cannot run it quantized: {_first_line(str(exc))}"
                 continue
             del session
-            cos = _cosines(reference, got)
-            if not np.isfinite(cos).all():
-                raise CompressorError("the int8 model produces non-finite outputs on the calibration data")
-            return {"min": float(cos.min()), "mean": float(cos.mean())}
+            return _fidelity(model, config, calib, reference, work, local)
         raise CompressorError("ONNX Runtime keeps rejecting the int8 model")
 
     return build
+
+
+def _fidelity(model: onnx.ModelProto, config: Any, calib: Calibration, reference: list[np.ndarray],
+              work: Path, local: list[np.ndarray]) -> dict[str, Any]:
+    """Min and mean cosine to the float model on the calibration data under each target's arithmetic, and the
+    worst of them. ``local``: the outputs of the real model on this machine.
+
+    An arithmetic equal to this CPU's is what ``local`` measured. Any other runs the model with its MatMulInteger
+    nodes emulating it (int8_emulate). Saturating pairs that cannot occur (pair-safe weights: no risky pair) make
+    the saturating arithmetic the exact one, so a pair-safe model is measured once for all targets. Static QDQ
+    models run unfused (DequantizeLinear, then float products: exact integer arithmetic, rounded once more),
+    which is every target's when their weights are safe in any pairing."""
+    from .int8_arith import risky_pairs
+    from .int8_emulate import emulate, products
+
+    risky = 0
+    if config.mode == "dynamic":
+        from onnx import numpy_helper
+
+        inits = {i.name: i for i in model.graph.initializer}
+        for prod in products(model):
+            weight = numpy_helper.to_array(inits[prod.weight])
+            if weight.dtype == np.int8:
+                risky += len(risky_pairs(weight)[0])
+    here = local_arithmetic()
+    outputs: dict[str, list[np.ndarray]] = {}
+    if here is not None and (config.mode == "dynamic" or here == "exact"):
+        outputs[here] = local
+        if risky == 0 and config.mode == "dynamic":
+            outputs["exact" if here != "exact" else "saturating-pairs"] = local
+    scored: dict[str, dict[str, float]] = {}
+    by_target: dict[str, dict[str, float]] = {}
+    for target in config.targets:
+        arithmetic = ARITHMETIC[target]
+        if config.mode != "dynamic":
+            arithmetic = "exact"  # QDQ weights are made safe in any pairing for saturating targets
+        if arithmetic not in outputs:
+            path = work / f"fidelity-{arithmetic}.onnx"
+            if config.mode == "dynamic":
+                _save(emulate(model, arithmetic), path)
+                session = _session(path)
+            else:
+                _save(model, path)
+                session = _session(path, unfused=True)
+            outputs[arithmetic] = [_pool(session.run(None, _fit(session, feed))[0], feed, calib.pooled)
+                                   for feed in calib.feeds]
+            del session
+        if arithmetic not in scored:
+            cos = _cosines(reference, outputs[arithmetic])
+            if not np.isfinite(cos).all():
+                raise CompressorError("the int8 model produces non-finite outputs on the calibration data")
+            scored[arithmetic] = {"min": float(cos.min()), "mean": float(cos.mean())}
+        by_target[target] = scored[arithmetic]
+    worst = min(by_target.values(), key=lambda f: f["min"])
+    return {"min": worst["min"], "mean": min(f["mean"] for f in by_target.values()), "targets": by_target,
+            "risky_pairs": risky}
+
+
+def local_arithmetic() -> str | None:
+    """How this CPU's ONNX Runtime int8 kernels sum (compressor.cpu); None on a CPU no target family covers."""
+    from ..cpu import local_target
+
+    target = local_target()
+    return ARITHMETIC.get(target) if target else None
+
+
+def _per_target(fidelity: dict[str, Any]) -> str:
+    values = {round(f["min"], 5) for f in fidelity["targets"].values()}
+    if len(values) == 1:
+        return f" (the same on {', '.join(fidelity['targets'])})"
+    return " (" + ", ".join(f"{t} {f['min']:.5f}" for t, f in fidelity["targets"].items()) + ")"
+
+
+def _worst(fidelity: dict[str, Any]) -> str:
+    return min(fidelity["targets"], key=lambda t: fidelity["targets"][t]["min"])
+
+
+def _arithmetic_note(targets: list[str], saturating: bool) -> str:
+    if saturating:
+        return ("identical on every target: no pair of int8 weights can carry a 16-bit sum past its limit, so "
+                "x86 without VNNI computes the same integers as VNNI and ARM64")
+    return "exact 32-bit integer sums on every target (" + ", ".join(targets) + ")"
+
+
+def _float_products(model: onnx.ModelProto, stats: dict[str, Any]) -> dict[str, tuple[str, np.ndarray, np.ndarray]]:
+    """Output name -> (node, smoothed float weight, importance per input row) of every quantizable MatMul."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    out = {}
+    for st in stats.values():
+        for name in st["nodes"]:
+            node = nodes[name]
+            out[node.output[0]] = (name, numpy_helper.to_array(inits[node.input[1]]).astype(np.float32),
+                                   st.get("importance"))
+    return out
+
+
+def _guard_weights(model: onnx.ModelProto, safe: dict[str, tuple[str, np.ndarray, np.ndarray]],
+                   per_channel: bool) -> None:
+    """Give every int8 product weight values no kernel can saturate: MatMulInteger weights pair-safe from their
+    float weights (int8_arith.pair_safe), ConvInteger and QDQ weights safe in any pairing (their kernels pack K
+    in their own order)."""
+    from onnx import helper, numpy_helper
+
+    from .int8_arith import safe_any_order
+    from .int8_emulate import products
+
+    inits = {i.name: i for i in model.graph.initializer}
+    done = set()
+    for prod in products(model):
+        if prod.output not in safe or prod.weight_scale is None:
+            continue
+        _, w, importance = safe[prod.output]
+        q, scale = _safe_int8(w, per_channel, importance)
+        inits[prod.weight].CopyFrom(numpy_helper.from_array(q, prod.weight))
+        old = numpy_helper.to_array(inits[prod.weight_scale])
+        inits[prod.weight_scale].CopyFrom(numpy_helper.from_array(scale.reshape(old.shape).astype(np.float32),
+                                                                  prod.weight_scale))
+        done.add(prod.weight)
+    for node in model.graph.node:
+        if node.op_type == "ConvInteger" and len(node.input) > 1 and node.input[1] in inits:
+            weight = numpy_helper.to_array(inits[node.input[1]])
+            if weight.dtype == np.int8 and node.input[1] not in done:
+                # ConvInteger's weight has no scale of its own here: its scale is folded into a later Mul, so only
+                # a tensor already safe can stay; a clipped one would change the model.
+                _require_safe_conv(node, weight)
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits and node.input[0] not in done:
+            q = numpy_helper.to_array(inits[node.input[0]])
+            if q.dtype != np.int8 or len(node.input) < 2 or node.input[1] not in inits or q.ndim < 2:
+                continue
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            scale = numpy_helper.to_array(inits[node.input[1]])
+            axis = int(attrs.get("axis", 1)) % q.ndim
+            consumer_is_matmul = q.ndim == 2 and scale.size in (1, q.shape[1])
+            # A (K, N) MatMul weight's output channels are its columns; a Conv weight's are its first axis.
+            channel_axis = (1 if consumer_is_matmul else 0) if scale.size == 1 else axis
+            new_q, new_scale = safe_any_order(q, scale, channel_axis)
+            inits[node.input[0]].CopyFrom(numpy_helper.from_array(new_q, node.input[0]))
+            inits[node.input[1]].CopyFrom(numpy_helper.from_array(new_scale, node.input[1]))
+            done.add(node.input[0])
+
+
+def _require_safe_conv(node: Any, weight: np.ndarray) -> None:
+    from .int8_arith import safe_any_order
+
+    safe, _ = safe_any_order(weight, np.ones(weight.shape[0], np.float32), 0)
+    if not np.array_equal(safe, weight):
+        raise CompressorError(f"{node.name}: ONNX Runtime's ConvInteger weights can saturate on x86 without VNNI; "
+                              "quantize Conv with mode static, or leave x86-avx2 out of quantize.targets")
+
+
+def _search(out_path: Path, plan: _Plan, floats: dict[str, tuple[str, np.ndarray, np.ndarray]],
+            fidelity: dict[str, Any], config: Any, calib: Calibration, reference: list[np.ndarray], work: Path,
+            budget: int, say: Any) -> list[str]:
+    """Move matrix products to float compute until ``config.target_fidelity`` holds on the worst target
+    (int8_search). Returns the products moved, in order; ``plan`` records them."""
+    import onnx
+
+    from .int8_search import Scorer, search
+
+    model = onnx.load(str(out_path), load_external_data=True)
+    worst = ARITHMETIC[_worst(fidelity)]
+    quantized = set(plan.dynamic)
+    weights = {}
+    for node, w, _ in floats.values():
+        if node in quantized:
+            q, scale = _int8(w, 0)  # what float compute will use: plain int8 per column (_weight_only)
+            weights[node] = (q * scale).astype(np.float32)
+    # The scorer's product names are the quantized nodes'; float compute is keyed by the original node.
+    by_quant = {}
+    from .int8_emulate import products
+
+    for prod in products(model):
+        if prod.output in floats and floats[prod.output][0] in weights:
+            by_quant[prod.node] = floats[prod.output][0]
+    # The real kernels score the worst target when they compute its arithmetic: always for pair-safe weights.
+    native = fidelity.get("risky_pairs", 1) == 0 or local_arithmetic() == worst
+    scorer = Scorer(model, {q: weights[o] for q, o in by_quant.items()}, None if native else worst, calib.feeds,
+                    reference,
+                    lambda session, feed: _pool(session.run(None, _fit(session, feed, extra=True))[0], feed,
+                                                calib.pooled), work)
+    cost = {q: int(weights[o].size) for q, o in by_quant.items()}
+    chosen, reached = search(scorer, list(by_quant), cost, config.target_fidelity, budget, say)
+    del scorer
+    moved = [by_quant[q] for q in chosen]
+    for name in moved:
+        plan.dynamic.remove(name)
+        plan.weight_only[name] = "target_fidelity: moving it to float raised the worst target's fidelity most"
+    return moved
 
 
 def _first_line(text: str) -> str:

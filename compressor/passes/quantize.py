@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from ..cpu import TARGETS, Target
 from ..encodings import Int8
 from ..errors import Problem, RecipeError
 from ..recipe import CalibrationSpec
@@ -82,6 +83,20 @@ class QuantizeConfig(PassConfig):
         0.25, ge=0, le=1, description="dynamic/static: at most this fraction of the quantizable matrix products "
         "may move to float compute for `target_fidelity`."
     )
+    targets: list[Target] = Field(
+        default_factory=lambda: list(TARGETS), min_length=1,
+        description="dynamic/static: the CPU families the int8 model must be accurate on. x86-avx2: x86 without "
+        "VNNI (AVX2 or AVX-512BW), whose int8 kernel adds adjacent products in saturating 16-bit integers; "
+        "x86-vnni: AVX-512 VNNI, AVX-VNNI or AMX (exact 32-bit sums); arm64 (exact). With x86-avx2 among them "
+        "the int8 weights are chosen so that no adjacent pair can saturate, and the model then computes the same "
+        "integers on every family. Every fidelity-driven choice is scored by the worst target, the evaluator "
+        "reports each target's emulated arithmetic, and `compress pack` builds bundles only for these. Default: "
+        "all of them, since an artifact travels.",
+    )
+    strict: bool = Field(
+        False, description="dynamic/static: when `target_fidelity` cannot be reached, fail the run (exit 1) "
+        "instead of shipping the closest model (which the report and the result line then flag)."
+    )
 
     @field_validator("smooth", mode="before")
     @classmethod
@@ -93,7 +108,8 @@ class QuantizeConfig(PassConfig):
 
     @model_validator(mode="after")
     def _mode_fields(self) -> QuantizeConfig:
-        onnx_only = {"smooth", "calibration", "method", "percentile", "target_fidelity", "max_float"}
+        onnx_only = {"smooth", "calibration", "method", "percentile", "target_fidelity", "max_float", "targets",
+                     "strict"}
         if self.mode == "weight-only":
             wrong = sorted(onnx_only & self.model_fields_set)
             if wrong:
@@ -102,6 +118,10 @@ class QuantizeConfig(PassConfig):
         elif self.mode == "dynamic" and self.model_fields_set & {"method", "percentile"}:
             raise ValueError("method/percentile set activation ranges from calibration, which only mode static "
                              "has; dynamic measures them at run time")
+        if "strict" in self.model_fields_set and self.strict and self.target_fidelity is None:
+            raise ValueError("strict fails the run when target_fidelity is not reached; set target_fidelity too")
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"targets {self.targets} name a family twice")
         if "percentile" in self.model_fields_set and self.method != "percentile":
             raise ValueError(f"percentile applies to method percentile; method is {self.method}")
         if isinstance(self.smooth, float) and not 0 < self.smooth <= 1:

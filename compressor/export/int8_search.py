@@ -1,0 +1,96 @@
+"""Which int8 matrix products to compute in float so that the model meets ``target_fidelity`` on every target.
+
+One ONNX Runtime session scores every choice: the quantized model, its MatMulInteger nodes rewritten to compute
+the targets' arithmetic exactly (``int8_emulate.emulate``), with a boolean input per product that swaps its int8
+result for float compute on the same int8 weights (``int8_emulate.switchable``). No choice rebuilds or reloads a
+model.
+
+The search: each product's harm is scored once, as the gain in minimum cosine when that product alone moves to
+float (on half of the calibration examples, taken from every batch). Products are then taken in
+order of gain per multiply moved (an attention projection costs a quarter of an FFN one), each kept only if the
+whole calibration set confirms that it raised the minimum, until the target or ``max_float`` is reached. Gains do
+not add up exactly, which is why each step is confirmed.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from .int8_emulate import emulate, switchable
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx
+
+__all__ = ["Scorer", "search", "RANK_EXAMPLES"]
+
+RANK_EXAMPLES = 64  # calibration examples that rank the products (all of them confirm each step)
+
+
+class Scorer:
+    """Fidelity of the quantized model to the float model on the calibration data, for any set of products moved
+    to float, under ``arithmetic`` ("exact" or "saturating-pairs"; None: this CPU's own kernels, for when they
+    compute the arithmetic being scored)."""
+
+    def __init__(self, model: onnx.ModelProto, float_weights: dict[str, np.ndarray], arithmetic: str | None,
+                 feeds: list[dict[str, np.ndarray]], reference: list[np.ndarray],
+                 outputs: Callable[[Any, dict[str, np.ndarray]], np.ndarray], work: Path) -> None:
+        from .onnx_quant import _save, _session
+
+        graph, self.switches = switchable(model, float_weights)
+        if arithmetic is not None:
+            graph = emulate(graph, arithmetic)
+        path = work / "search.onnx"
+        _save(graph, path)
+        self.session = _session(path)
+        self.feeds, self.reference, self.outputs = feeds, reference, outputs
+        self.runs = 0
+
+    def score(self, in_float: set[str] | list[str], examples: int | None = None) -> dict[str, float]:
+        """{"min", "mean"} cosine over ``examples`` calibration examples taken evenly from every batch (all when
+        None: a slice of each batch varies like the whole set; the first batch alone would not)."""
+        from .onnx_quant import _cosines
+
+        flags = {s: np.array(name in in_float) for name, s in self.switches.items()}
+        got, ref = [], []
+        each = None if examples is None else max(1, -(-examples // len(self.feeds)))
+        for feed, expected in zip(self.feeds, self.reference):
+            part = feed if each is None else {k: v[:each] for k, v in feed.items()}
+            got.append(self.outputs(self.session, {**part, **flags}))
+            ref.append(expected if each is None else expected[:each])
+        self.runs += 1
+        cos = _cosines(ref, got)
+        return {"min": float(cos.min()), "mean": float(cos.mean())}
+
+
+def search(scorer: Scorer, candidates: list[str], cost: dict[str, int], target: float, budget: int,
+           say: Callable[[str], None]) -> tuple[list[str], dict[str, float]]:
+    """Products to move to float (in the order chosen) and the fidelity reached on the whole calibration set."""
+    start = time.perf_counter()
+    current = scorer.score(set())
+    moved: list[str] = []
+    if current["min"] >= target or budget <= 0:
+        return moved, current
+    base = scorer.score(set(), RANK_EXAMPLES)
+    gain = {}
+    for name in candidates:
+        gain[name] = scorer.score({name}, RANK_EXAMPLES)["min"] - base["min"]
+    order = sorted(candidates, key=lambda n: -gain[n] / max(cost.get(n, 1), 1))
+    say(f"  ranked {len(candidates)} matrix products by the fidelity each regains in float "
+        f"({time.perf_counter() - start:.1f}s)")
+    for name in order:
+        if len(moved) >= budget or current["min"] >= target:
+            break
+        if gain[name] <= 0:
+            break  # the rest regain nothing on their own
+        tried = scorer.score(set(moved) | {name})
+        if tried["min"] <= current["min"]:
+            continue
+        moved.append(name)
+        current = tried
+        say(f"  {name}: float compute (int8 weights) -> min cosine {current['min']:.5f}")
+    say(f"  search: {scorer.runs} scoring runs in {time.perf_counter() - start:.1f}s")
+    return moved, current
