@@ -53,6 +53,7 @@ def machine_cpu(cpuinfo: str | None = None) -> dict[str, Any]:
             cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
         except OSError:
             cpuinfo = ""
+    known = False  # whether the flags were read at all: without them, an x86 CPU's family cannot be told
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         key = key.strip().lower()
@@ -60,8 +61,9 @@ def machine_cpu(cpuinfo: str | None = None) -> dict[str, Any]:
             name = value.strip() or name
         elif key in ("flags", "features"):
             flags.update(value.split())
-    return {"model": name, "arch": arch, "flags": sorted(f for f in KERNEL_FLAGS if f in flags),
-            "target": target_of(arch, flags)}
+            known = True
+    target = target_of(arch, flags) if known or arch in ("aarch64", "arm64") else None
+    return {"model": name, "arch": arch, "flags": sorted(f for f in KERNEL_FLAGS if f in flags), "target": target}
 
 
 def target_of(arch: str, flags: set[str] | list[str]) -> str | None:

@@ -99,7 +99,7 @@ def inspect_artifact(root: Path) -> dict[str, Any]:
         "files": files,
         "bytes_by_role": _sum_roles(files),
         "onnx": None if not onnx else {k: onnx.get(k) for k in ("model", "exporter", "opset", "inputs", "outputs",
-                                                                  "quantize", "cast") if onnx.get(k) is not None},
+                                                                  "quantization", "cast") if onnx.get(k) is not None},
         "tensor_parallel": manifest.get("tensor_parallel"),
         "gates": recipe.get("gates"),
         "last_report": last,
@@ -138,7 +138,11 @@ def render_text(summary: dict[str, Any]) -> str:
             lines.append(f"    {rel:<44} {f['bytes']:>14,}")
     if summary.get("onnx"):
         o = summary["onnx"]
-        extra = ", int8" if o.get("quantize") else f", {o['cast'].get('dtype')}" if o.get("cast") else ""
+        quant = o.get("quantization") if isinstance(o.get("quantization"), dict) else None
+        targets = quant.get("targets") if quant else None
+        extra = (f", int8 {quant.get('mode')}" + (f" for {', '.join(map(str, targets))}" if isinstance(targets, list)
+                                                  else ", no CPU targets recorded") if quant
+                 else f", {o['cast'].get('dtype')}" if isinstance(o.get("cast"), dict) else "")
         lines += ["", f"onnx: {o.get('model')} ({o.get('exporter')}, opset {o.get('opset')}{extra}); inputs "
                       f"{', '.join(o.get('inputs') or [])}; outputs {', '.join(o.get('outputs') or [])}"]
     tp = summary.get("tensor_parallel")
@@ -164,7 +168,8 @@ def render_text(summary: dict[str, Any]) -> str:
         for g in last["gates"]:
             measured = g["measured"]
             shown = f"{measured:.4g}" if isinstance(measured, (int, float)) else "–"
-            lines.append(f"    {g['status']:<8} {g['gate']} on {g['device']}/{g['format']}: {shown} "
+            target = f" [{g['target']}]" if g.get("target") else ""
+            lines.append(f"    {g['status']:<8} {g['gate']} on {g['device']}/{g['format']}{target}: {shown} "
                          f"(threshold {g['threshold']})")
     elif last:
         lines.append(f"  last evaluation: {last.get('error')}")

@@ -235,6 +235,7 @@ def pack_artifact(artifact: Path, output: Path, target: str = "cpu-x86_64", dtyp
     if output.exists() and not output.is_file():
         raise UsageError(f"{output} exists and is not a file")
     output.parent.mkdir(parents=True, exist_ok=True)
+    families = _cpu_families(artifact, manifest, target)
     source_model = artifact / onnx_info["model"]
     stored = _graph_float_type(source_model)
     wanted = spec.dtype if dtype == "auto" else dtype
@@ -298,12 +299,53 @@ def pack_artifact(artifact: Path, output: Path, target: str = "cpu-x86_64", dtyp
             "requires": ["numpy", "onnxruntime"] + (["tokenizers"] if tokenizer else []),
             "reproducible": reproducible,
         }
+        if families is not None:
+            body["int8_cpu_families"] = families
         body["files"] = {p.relative_to(stage).as_posix(): _sha256(p) for p in sorted(stage.rglob("*")) if p.is_file()}
         (stage / "bundle.json").write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
         _say(log, f"writing {output}")
         _zip(stage, output, name)
     return {**body, "bundle": str(output), "bytes": output.stat().st_size, "sha256": _sha256(output),
             "model_files": files}
+
+
+# Which int8 CPU families (compressor.cpu) a bundle can land on: an x86-64 bundle on x86 with or without VNNI.
+_FAMILIES_OF = {"cpu-x86_64": ("x86-avx2", "x86-vnni"), "cpu-x86_64-minimal": ("x86-avx2", "x86-vnni"),
+                "cpu-arm64": ("arm64",)}
+
+
+def _cpu_families(artifact: Path, manifest: dict[str, Any], target: str) -> dict[str, Any] | None:
+    """For an int8 ONNX artifact: the CPU families this bundle can run on, each verified by the artifact's
+    quantization (and its numbers from the last evaluation, measured or emulated). Refuses a bundle target whose
+    families the artifact was not quantized for. None for other artifacts and for GPU bundles."""
+    quant = (manifest.get("onnx") or {}).get("quantization") or {}
+    if quant.get("mode") not in ("dynamic", "static") or target not in _FAMILIES_OF:
+        return None
+    declared = quant.get("targets")
+    if not isinstance(declared, list):
+        raise UsageError(f"{artifact} is int8 but records no quantize.targets (it predates them): nobody checked "
+                         "which CPUs its numbers hold on. Run its recipe again with this compressor")
+    needed = _FAMILIES_OF[target]
+    missing = [f for f in needed if f not in declared]
+    if missing:
+        raise UsageError(f"a {target} bundle can run on {' and '.join(needed)} CPUs, but {artifact.name} was "
+                         f"quantized for {', '.join(declared)} only; add {', '.join(missing)} to the quantize pass's "
+                         f"`targets` in its recipe (e.g. `targets: [{', '.join(dict.fromkeys([*declared, *missing]))}]`) "
+                         "and run it again")
+    numbers: dict[str, Any] = {}
+    try:
+        report = json.loads((artifact / "report.json").read_text())
+    except (OSError, ValueError):
+        report = {}
+    for row in report.get("results", []) if isinstance(report, dict) else []:
+        if isinstance(row, dict) and row.get("device") == "cpu" and row.get("target") in needed and row.get("fidelity"):
+            numbers[row["target"]] = {"cos_min": row["fidelity"].get("cos_min"),
+                                      "accuracy": (row.get("accuracy") or {}).get("value"),
+                                      "emulated": bool(row.get("emulated")),
+                                      "measured_on": None if row.get("emulated") else
+                                      (report.get("machine") or {}).get("cpu")}
+    return {"families": list(needed), "quantized_for": declared, "arithmetic": quant.get("arithmetic"),
+            "evaluation": numbers}
 
 
 def _say(log: Any, message: str) -> None:

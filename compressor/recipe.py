@@ -354,6 +354,13 @@ class Threshold(Strict):
         "(x86-avx2, x86-vnni, arm64). Unset: accuracy, fidelity and size gates apply to every target the artifact "
         "was quantized for, and to the row measured on this machine.")
 
+    @model_validator(mode="after")
+    def _target_fits(self) -> Threshold:
+        if self.target is not None and (self.device == "cuda" or self.format == "safetensors"):
+            raise ValueError(f"target {self.target} names a CPU family of an int8 ONNX artifact; it cannot go with "
+                             f"{'device cuda' if self.device == 'cuda' else 'format safetensors'} (drop one of them)")
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _bare_number(cls, data: Any) -> Any:

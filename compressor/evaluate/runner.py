@@ -236,7 +236,7 @@ def evaluate_artifact(
                     base_row = row
                 else:
                     row["ratios"] = _ratios(base_row, row)
-                if subject is onnx_candidate and targets:
+                if subject is onnx_candidate and targets and device == "cpu":  # CPU families: not GPU rows
                     row["target"] = here if here in targets else None
                     row["cpu_target"] = here
                 results.append(row)

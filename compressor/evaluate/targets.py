@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cpu import ARITHMETIC, TARGETS, machine_cpu
+from ..errors import CompressorError
 
 __all__ = ["int8_targets", "target_outputs"]
 
@@ -57,8 +58,13 @@ def target_outputs(onnx_path: Path, mode: str, targets: list[str], data: Any, ta
                 graph = emulate(model, arithmetic) if mode == "dynamic" else model
                 save_aligned(graph, Path(tmp))
                 with log.step(f"cpu: {target} arithmetic ({arithmetic}), emulated on {data.name}"):
-                    module = OrtModule(Path(tmp) / "model.onnx", "cpu", unfused=mode != "dynamic")
-                    runs[key] = run_outputs(module, data, "cpu", task)
+                    try:
+                        module = OrtModule(Path(tmp) / "model.onnx", "cpu", unfused=mode != "dynamic")
+                        runs[key] = run_outputs(module, data, "cpu", task)
+                    except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own exception types
+                        raise CompressorError(f"the artifact's int8 ONNX model cannot be run under {target}'s "
+                                              f"arithmetic (emulated): {type(exc).__name__}: "
+                                              f"{str(exc).strip()[:300]}") from exc
                     del module
         out[target] = {"outputs": runs[key], "emulated": True, "arithmetic": arithmetic}
     return out

@@ -44,16 +44,17 @@ EXACT_CHUNK = 512
 class Product:
     """One dynamic int8 matrix product: DynamicQuantizeLinear(x) -> MatMulInteger -> Cast -> Mul(scales)."""
 
-    node: str  # the MatMulInteger node
+    node: str  # the MatMulInteger / ConvInteger node (its name, or its output where it has none)
     x: str  # the float activation DynamicQuantizeLinear reads
     weight: str  # the int8 weight initializer
     weight_scale: str | None  # its scales initializer (per column or one)
     output: str  # the float result (the scale Mul's output)
+    op: str = "MatMulInteger"
 
 
 def products(model: onnx.ModelProto) -> list[Product]:
-    """Every MatMulInteger of ``model`` with a constant weight, traced back to its float input and forward to its
-    float result (the graph ONNX Runtime's quantize_dynamic writes)."""
+    """Every MatMulInteger and ConvInteger of ``model`` with a constant weight, traced back to its float input and
+    forward to its float result (the graph ONNX Runtime's quantize_dynamic writes)."""
     inits = {i.name for i in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
     consumers: dict[str, list] = {}
@@ -62,7 +63,7 @@ def products(model: onnx.ModelProto) -> list[Product]:
             consumers.setdefault(i, []).append(n)
     found = []
     for node in model.graph.node:
-        if node.op_type != "MatMulInteger" or node.input[1] not in inits:
+        if node.op_type not in ("MatMulInteger", "ConvInteger") or node.input[1] not in inits:
             continue
         dql = producer.get(node.input[0])
         if dql is None or dql.op_type != "DynamicQuantizeLinear":
@@ -75,8 +76,8 @@ def products(model: onnx.ModelProto) -> list[Product]:
         weight_scale = None
         if scales is not None and scales.op_type == "Mul":
             weight_scale = next((i for i in scales.input if i in inits), None)
-        found.append(Product(node=node.name, x=dql.input[0], weight=node.input[1], weight_scale=weight_scale,
-                             output=mul.output[0]))
+        found.append(Product(node=node.name or node.output[0], x=dql.input[0], weight=node.input[1],
+                             weight_scale=weight_scale, output=mul.output[0], op=node.op_type))
     return found
 
 
@@ -85,7 +86,11 @@ def _only(nodes: list, op: str):  # noqa: ANN202 - an onnx NodeProto or None
 
 
 def emulate(model: onnx.ModelProto, arithmetic: str) -> onnx.ModelProto:
-    """A copy of ``model`` whose MatMulInteger nodes compute ``arithmetic`` exactly on any CPU."""
+    """A copy of ``model`` whose MatMulInteger nodes compute ``arithmetic`` exactly on any CPU.
+
+    ConvInteger nodes become a float Conv of the same integers (exact sums) when the arithmetic is exact, or when
+    their weights cannot saturate in any pairing (what the quantizer gives every x86-avx2 artifact); a saturating
+    ConvInteger with unsafe weights keeps this CPU's kernel, since its K order is the kernel's own."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -97,10 +102,13 @@ def emulate(model: onnx.ModelProto, arithmetic: str) -> onnx.ModelProto:
     new_inits: list = []
     nodes = []
     for node in out.graph.node:
+        if node.op_type == "ConvInteger" and node.input[1] in inits:
+            nodes += _conv_nodes(node, numpy_helper.to_array(inits[node.input[1]]), arithmetic)
+            continue
         if node.op_type != "MatMulInteger" or node.input[1] not in inits:
             nodes.append(node)
             continue
-        p = node.name or node.output[0]
+        p = node.output[0]  # outputs are unique in a graph; names need not be
         a, b = node.input[0], node.input[1]
         a_zero = node.input[2] if len(node.input) > 2 and node.input[2] else None
         b_zero = node.input[3] if len(node.input) > 3 and node.input[3] else None
@@ -120,12 +128,14 @@ def emulate(model: onnx.ModelProto, arithmetic: str) -> onnx.ModelProto:
         left, right = shifted(a, a_zero, "a"), shifted(b, b_zero, "b")
         weight = numpy_helper.to_array(inits[b])
         parts = []
-        # float32 sums integers exactly while every partial sum stays under 2**24: 512 * 255 * 255 < 2**24, so K
-        # is cut into chunks of 512, each summed by the float32 GEMM and the chunks added in int32.
-        for c, start in enumerate(range(0, weight.shape[0], EXACT_CHUNK)):
-            stop = min(start + EXACT_CHUNK, weight.shape[0])
+        # float32 sums integers exactly while every partial sum stays under 2**24: |a - a_zero| <= 255 and, for
+        # symmetric int8 weights, |b| <= 128, so 512 * 255 * 128 < 2**24; other weights take chunks of 256. K is
+        # cut into such chunks, each summed by the float32 GEMM, and the chunks added in int32.
+        chunk = EXACT_CHUNK if weight.dtype == np.int8 and not b_zero else EXACT_CHUNK // 2
+        for c, start in enumerate(range(0, weight.shape[0], chunk)):
+            stop = min(start + chunk, weight.shape[0])
             lhs, rhs = left, right
-            if weight.shape[0] > EXACT_CHUNK:
+            if weight.shape[0] > chunk:
                 bounds = [numpy_helper.from_array(np.array([v], np.int64), f"{p}/emu/k{c}_{t}")
                           for t, v in (("start", start), ("stop", stop))]
                 axis_last = numpy_helper.from_array(np.array([-1], np.int64), f"{p}/emu/k{c}_axis_last")
@@ -153,6 +163,52 @@ def emulate(model: onnx.ModelProto, arithmetic: str) -> onnx.ModelProto:
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     out.graph.initializer.extend(new_inits)
+    return out
+
+
+def _conv_nodes(node: onnx.NodeProto, weight: np.ndarray, arithmetic: str) -> list:
+    """ConvInteger(x, w, x_zero, w_zero) as Cast -> Sub -> float Conv -> Cast int32, or the node itself where the
+    arithmetic is saturating and the weights could saturate (see ``emulate``)."""
+    from onnx import TensorProto, helper
+
+    from .int8_arith import PAIR_LIMIT
+
+    if arithmetic == "saturating-pairs" and weight.dtype == np.int8:
+        flat = np.abs(weight.reshape(weight.shape[0], -1).astype(np.int32))
+        signed = weight.reshape(weight.shape[0], -1).astype(np.int32)
+        top = [np.sort(np.where(sign * signed > 0, flat, 0), axis=1)[:, -2:].sum(axis=1) for sign in (1, -1)]
+        if max(int(t.max()) for t in top) > PAIR_LIMIT:
+            return [node]
+    p = node.output[0]
+    out = []
+
+    def shifted(src: str, zero: str, tag: str) -> str:
+        out.append(helper.make_node("Cast", [src], [f"{p}/emu/{tag}"], name=f"{p}/emu/{tag}", to=TensorProto.FLOAT))
+        if not zero:
+            return f"{p}/emu/{tag}"
+        out.append(helper.make_node("Cast", [zero], [f"{p}/emu/{tag}_zero"], name=f"{p}/emu/{tag}_zero",
+                                    to=TensorProto.FLOAT))
+        if tag == "w":  # a per-channel zero point applies along the output-channel axis
+            out.append(helper.make_node("Reshape", [f"{p}/emu/{tag}_zero", f"{p}/emu/w_zero_shape"],
+                                        [f"{p}/emu/{tag}_zero_r"], name=f"{p}/emu/{tag}_zero_r"))
+            zero_name = f"{p}/emu/{tag}_zero_r"
+        else:
+            zero_name = f"{p}/emu/{tag}_zero"
+        out.append(helper.make_node("Sub", [f"{p}/emu/{tag}", zero_name], [f"{p}/emu/{tag}0"], name=f"{p}/emu/{tag}0"))
+        return f"{p}/emu/{tag}0"
+
+    x = shifted(node.input[0], node.input[2] if len(node.input) > 2 else "", "x")
+    w_zero = node.input[3] if len(node.input) > 3 else ""
+    if w_zero:
+        shape = np.array([-1] + [1] * (weight.ndim - 1), np.int64)
+        out.append(helper.make_node("Constant", [], [f"{p}/emu/w_zero_shape"], name=f"{p}/emu/w_zero_shape",
+                                    value=helper.make_tensor(f"{p}/emu/w_zero_shape_value", TensorProto.INT64,
+                                                             [len(shape)], shape.tolist())))
+    w = shifted(node.input[1], w_zero, "w")
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    out.append(helper.make_node("Conv", [x, w], [f"{p}/emu/conv"], name=f"{p}/emu/conv", **attrs))
+    out.append(helper.make_node("Cast", [f"{p}/emu/conv"], [node.output[0]], name=f"{p}/emu/int32",
+                                to=TensorProto.INT32))
     return out
 
 
@@ -219,7 +275,7 @@ def switchable(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> tuple[
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    by_node = {p.node: p for p in products(out)}
+    by_node = {p.node: p for p in products(out) if p.op == "MatMulInteger"}
     renamed: dict[str, str] = {}
     switches: dict[str, str] = {}
     extra = []

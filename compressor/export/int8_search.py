@@ -6,10 +6,10 @@ result for float compute on the same int8 weights (``int8_emulate.switchable``).
 model.
 
 The search: each product's harm is scored once, as the gain in minimum cosine when that product alone moves to
-float (on half of the calibration examples, taken from every batch). Products are then taken in
-order of gain per multiply moved (an attention projection costs a quarter of an FFN one), each kept only if the
-whole calibration set confirms that it raised the minimum, until the target or ``max_float`` is reached. Gains do
-not add up exactly, which is why each step is confirmed.
+float (on half of the calibration examples, taken from every batch). Products are then taken in order of that
+gain (the cheaper first on ties), each kept only if the whole calibration set confirms that it raised the minimum,
+until the target or ``max_float`` is reached; last, each product taken before the final one goes back to int8 if
+the target holds without it. Gains do not add up exactly, which is why every step is confirmed.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["Scorer", "search", "RANK_EXAMPLES"]
 
-RANK_EXAMPLES = 64  # calibration examples that rank the products (all of them confirm each step)
+RANK_EXAMPLES = 48  # calibration examples that rank the products (all of them confirm each step)
 
 
 class Scorer:
@@ -45,7 +45,13 @@ class Scorer:
             graph = emulate(graph, arithmetic)
         path = work / "search.onnx"
         _save(graph, path)
-        self.session = _session(path)
+        try:
+            self.session = _session(path)
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own exception types
+            from ..errors import CompressorError
+
+            raise CompressorError(f"the int8 fallback search cannot load its scoring model: {type(exc).__name__}: "
+                                  f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}") from exc
         self.feeds, self.reference, self.outputs = feeds, reference, outputs
         self.runs = 0
 
@@ -75,10 +81,11 @@ def search(scorer: Scorer, candidates: list[str], cost: dict[str, int], target: 
     if current["min"] >= target or budget <= 0:
         return moved, current
     base = scorer.score(set(), RANK_EXAMPLES)
-    gain = {}
-    for name in candidates:
-        gain[name] = scorer.score({name}, RANK_EXAMPLES)["min"] - base["min"]
-    order = sorted(candidates, key=lambda n: -gain[n] / max(cost.get(n, 1), 1))
+    gain = {name: scorer.score({name}, RANK_EXAMPLES)["min"] - base["min"] for name in candidates}
+    # Largest regained fidelity first, the cheaper product on (near) ties: the minimum cosine is one example's,
+    # so many small gains do not add up to one large one, and taking small cheap ones first (gain per multiply)
+    # moved five products where one would do.
+    order = sorted(candidates, key=lambda n: (-round(gain[n], 5), cost.get(n, 1)))
     say(f"  ranked {len(candidates)} matrix products by the fidelity each regains in float "
         f"({time.perf_counter() - start:.1f}s)")
     for name in order:
@@ -92,5 +99,13 @@ def search(scorer: Scorer, candidates: list[str], cost: dict[str, int], target: 
         moved.append(name)
         current = tried
         say(f"  {name}: float compute (int8 weights) -> min cosine {current['min']:.5f}")
+    if current["min"] >= target and len(moved) > 1:
+        # Prune: a product taken early may be unnecessary once later ones are in float; most expensive first.
+        for name in sorted(moved[:-1], key=lambda n: -cost.get(n, 1)):
+            rest = [n for n in moved if n != name]
+            tried = scorer.score(rest)
+            if tried["min"] >= target:
+                moved, current = rest, tried
+                say(f"  {name}: back to int8 (the target holds without it) -> min cosine {current['min']:.5f}")
     say(f"  search: {scorer.runs} scoring runs in {time.perf_counter() - start:.1f}s")
     return moved, current

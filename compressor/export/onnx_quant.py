@@ -106,6 +106,8 @@ def quantize_onnx(src: Path, work: Path, config: Any, calib: Calibration, *, whe
             f"{min(a for a in alphas.values() if a > 0):g}-{max(alphas.values()):g})")
     smooth_path = work / "smoothed.onnx"
     _save(model, smooth_path)
+    if smoothed:
+        _check_rewrite(smooth_path, calib, reference)
     local_error = {n: e for g in stats.values() for n, e in g.get("error", {}).items()}
     relative_error = {n: e for g in stats.values() for n, e in g.get("relative", {}).items()}
     plan.dynamic = candidates["matmul"] + candidates["conv"]
@@ -483,6 +485,7 @@ def _smooth(model: onnx.ModelProto, config: Any, stats: dict[str, Any], names: l
 
     inits = {i.name: i for i in model.graph.initializer}
     nodes = {n.name: n for n in model.graph.node}
+    producers = {o: n for n in model.graph.node for o in n.output}
     chosen: dict[str, float] = {}
     new_nodes: dict[str, Any] = {}
     for x_name, st in stats.items():
@@ -535,11 +538,13 @@ def _smooth(model: onnx.ModelProto, config: Any, stats: dict[str, Any], names: l
             continue
         s = _scales(amax, wmax, alpha)
         inv = numpy_helper.from_array((1.0 / s).astype(np.float32), name=f"{x_name}/smooth_inv")
-        model.graph.initializer.append(inv)
         y_name = f"{x_name}/smoothed"
-        new_nodes[st["nodes"][0]] = helper.make_node("Mul", [x_name, inv.name], [y_name], name=f"{x_name}/smooth")
         for node, w in zip(members, weights):
             inits[node.input[1]].CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32), node.input[1]))
+        if _fold_into_values(x_name, s, producers, inits):
+            continue  # x / s computed by the value projection itself: no node, the products read x as they are
+        new_nodes[st["nodes"][0]] = _divider(x_name, inv, y_name, producers.get(x_name), inits, model)
+        for node in members:
             node.input[0] = y_name
     if new_nodes:
         order = []
@@ -550,6 +555,85 @@ def _smooth(model: onnx.ModelProto, config: Any, stats: dict[str, Any], names: l
         del model.graph.node[:]
         model.graph.node.extend(order)
     return chosen
+
+
+_SHAPE_OPS = ("Reshape", "Transpose")
+
+
+def _fold_into_values(x_name: str, s: np.ndarray, producers: dict[str, Any], inits: dict[str, Any]) -> bool:
+    """Divide ``x`` by ``s`` inside the attention that produces it, when ``x`` is an attention context
+    (Reshape/Transpose of probabilities @ V, V = x' @ Wv + bv reshaped into heads): each context channel is a
+    mix over tokens of one V channel, so dividing Wv's columns and bv by ``s`` divides the context exactly, and
+    the smoothing costs no node at all. Returns whether it was folded."""
+    from onnx import numpy_helper
+
+    def back(name: str) -> Any:
+        node = producers.get(name)
+        while node is not None and node.op_type in _SHAPE_OPS:
+            node = producers.get(node.input[0])
+        return node
+
+    mix = back(x_name)
+    if mix is None or mix.op_type != "MatMul" or any(i in inits for i in mix.input):
+        return False
+    v = back(mix.input[1])
+    bias = None
+    if v is not None and v.op_type == "Add":
+        const = [i for i in v.input if i in inits]
+        other = [i for i in v.input if i not in inits]
+        if len(const) != 1 or len(other) != 1:
+            return False
+        bias, v = const[0], producers.get(other[0])
+    if v is None or v.op_type != "MatMul" or v.input[1] not in inits:
+        return False
+    weight = numpy_helper.to_array(inits[v.input[1]])
+    if weight.ndim != 2 or weight.shape[1] != s.shape[0] or \
+            (bias is not None and numpy_helper.to_array(inits[bias]).shape != s.shape):
+        return False
+    inits[v.input[1]].CopyFrom(numpy_helper.from_array((weight / s[None, :]).astype(np.float32), v.input[1]))
+    if bias is not None:
+        inits[bias].CopyFrom(numpy_helper.from_array((numpy_helper.to_array(inits[bias]) / s).astype(np.float32),
+                                                     bias))
+    return True
+
+
+def _check_rewrite(path: Path, calib: Calibration, reference: list[np.ndarray]) -> None:
+    """Smoothing is an exact rewrite of the float model (up to float rounding); make sure this one was, on the
+    first calibration batch, before anything is built on it."""
+    session = _session(path)
+    feed = calib.feeds[0]
+    got = _pool(session.run(None, _fit(session, feed))[0], feed, calib.pooled)
+    cos = _cosines([reference[0]], [got])
+    if not np.isfinite(cos).all() or float(cos.min()) < 0.9999:
+        raise CompressorError(f"smoothing changed what the float model computes (min cosine {float(cos.min()):.6f} "
+                              "on the first calibration batch); this is a bug in compressor: set `smooth: off` to "
+                              "quantize without it, and please report it")
+
+
+def _divider(x_name: str, inv: Any, y_name: str, producer: Any, inits: dict[str, Any],
+             model: onnx.ModelProto) -> Any:
+    """The node computing ``x / s``: a second LayerNormalization with its scale and bias divided by ``s`` when
+    ``x`` is a LayerNormalization's output (the first stays for the residual path), else a Mul. ONNX Runtime runs
+    a per-channel Mul through its broadcasting path, and on MiniLM the twelve Muls after LayerNorms cost more time
+    than the twelve extra LayerNorms (about 3% of the model's latency on 2 AVX2 cores)."""
+    from onnx import helper, numpy_helper
+
+    if producer is not None and producer.op_type == "LayerNormalization" and len(producer.input) >= 2 \
+            and all(i in inits for i in producer.input[1:3] if i) and producer.output[0] == x_name:
+        scale = numpy_helper.to_array(inv)
+        inputs = [producer.input[0]]
+        for i, tag in zip(producer.input[1:3], ("scale", "bias")):
+            if not i:
+                continue
+            folded = numpy_helper.from_array((numpy_helper.to_array(inits[i]) * scale).astype(np.float32),
+                                             f"{x_name}/smooth_{tag}")
+            model.graph.initializer.append(folded)
+            inits[folded.name] = folded
+            inputs.append(folded.name)
+        attrs = {a.name: helper.get_attribute_value(a) for a in producer.attribute}
+        return helper.make_node("LayerNormalization", inputs, [y_name], name=f"{x_name}/smooth", **attrs)
+    model.graph.initializer.append(inv)
+    return helper.make_node("Mul", [x_name, inv.name], [y_name], name=f"{x_name}/smooth")
 
 
 def _energy(batches: list[np.ndarray], s: np.ndarray) -> np.ndarray:
@@ -638,10 +722,13 @@ def _fidelity(model: onnx.ModelProto, config: Any, calib: Calibration, reference
             if weight.dtype == np.int8:
                 risky += len(risky_pairs(weight)[0])
     here = local_arithmetic()
+    saturating = any(ARITHMETIC[t] == "saturating-pairs" for t in config.targets)
     outputs: dict[str, list[np.ndarray]] = {}
-    if here is not None and (config.mode == "dynamic" or here == "exact"):
+    if here is not None:
         outputs[here] = local
-        if risky == 0 and config.mode == "dynamic":
+        # No pair can saturate: the saturating arithmetic is the exact one. Dynamic: counted above. QDQ: weights are
+        # made safe in any pairing whenever a saturating target is declared.
+        if (config.mode == "dynamic" and risky == 0) or (config.mode != "dynamic" and saturating):
             outputs["exact" if here != "exact" else "saturating-pairs"] = local
     scored: dict[str, dict[str, float]] = {}
     by_target: dict[str, dict[str, float]] = {}
@@ -651,14 +738,20 @@ def _fidelity(model: onnx.ModelProto, config: Any, calib: Calibration, reference
             arithmetic = "exact"  # QDQ weights are made safe in any pairing for saturating targets
         if arithmetic not in outputs:
             path = work / f"fidelity-{arithmetic}.onnx"
-            if config.mode == "dynamic":
-                _save(emulate(model, arithmetic), path)
-                session = _session(path)
-            else:
-                _save(model, path)
-                session = _session(path, unfused=True)
-            outputs[arithmetic] = [_pool(session.run(None, _fit(session, feed))[0], feed, calib.pooled)
-                                   for feed in calib.feeds]
+            try:
+                if config.mode == "dynamic":
+                    _save(emulate(model, arithmetic), path)
+                    session = _session(path)
+                else:
+                    _save(model, path)
+                    session = _session(path, unfused=True)
+                outputs[arithmetic] = [_pool(session.run(None, _fit(session, feed))[0], feed, calib.pooled)
+                                       for feed in calib.feeds]
+            except CompressorError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own exception types
+                raise CompressorError(f"the int8 model cannot be run under {target}'s arithmetic (emulated): "
+                                      f"{type(exc).__name__}: {_first_line(str(exc))}") from exc
             del session
         if arithmetic not in scored:
             cos = _cosines(reference, outputs[arithmetic])
@@ -716,54 +809,72 @@ def _guard_weights(model: onnx.ModelProto, safe: dict[str, tuple[str, np.ndarray
                    per_channel: bool) -> None:
     """Give every int8 product weight values no kernel can saturate: MatMulInteger weights pair-safe from their
     float weights (int8_arith.pair_safe), ConvInteger and QDQ weights safe in any pairing (their kernels pack K
-    in their own order)."""
+    in their own order), with their scales (and a QDQ bias's, which must stay input scale x weight scale)
+    following."""
     from onnx import helper, numpy_helper
 
-    from .int8_arith import safe_any_order
     from .int8_emulate import products
 
     inits = {i.name: i for i in model.graph.initializer}
-    done = set()
+
+    def put(name: str, value: np.ndarray) -> None:
+        inits[name].CopyFrom(numpy_helper.from_array(value, name))
+
     for prod in products(model):
-        if prod.output not in safe or prod.weight_scale is None:
+        if prod.weight_scale is None:
+            continue
+        old = numpy_helper.to_array(inits[prod.weight_scale])
+        if prod.op == "ConvInteger":
+            q = numpy_helper.to_array(inits[prod.weight])
+            if q.dtype == np.int8:
+                new_q, scale = _safe_channels(q, old)
+                put(prod.weight, new_q)
+                put(prod.weight_scale, scale)
+            continue
+        if prod.output not in safe:
             continue
         _, w, importance = safe[prod.output]
         q, scale = _safe_int8(w, per_channel, importance)
-        inits[prod.weight].CopyFrom(numpy_helper.from_array(q, prod.weight))
-        old = numpy_helper.to_array(inits[prod.weight_scale])
-        inits[prod.weight_scale].CopyFrom(numpy_helper.from_array(scale.reshape(old.shape).astype(np.float32),
-                                                                  prod.weight_scale))
-        done.add(prod.weight)
-    for node in model.graph.node:
-        if node.op_type == "ConvInteger" and len(node.input) > 1 and node.input[1] in inits:
-            weight = numpy_helper.to_array(inits[node.input[1]])
-            if weight.dtype == np.int8 and node.input[1] not in done:
-                # ConvInteger's weight has no scale of its own here: its scale is folded into a later Mul, so only
-                # a tensor already safe can stay; a clipped one would change the model.
-                _require_safe_conv(node, weight)
-        if node.op_type == "DequantizeLinear" and node.input[0] in inits and node.input[0] not in done:
-            q = numpy_helper.to_array(inits[node.input[0]])
-            if q.dtype != np.int8 or len(node.input) < 2 or node.input[1] not in inits or q.ndim < 2:
-                continue
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            scale = numpy_helper.to_array(inits[node.input[1]])
-            axis = int(attrs.get("axis", 1)) % q.ndim
-            consumer_is_matmul = q.ndim == 2 and scale.size in (1, q.shape[1])
-            # A (K, N) MatMul weight's output channels are its columns; a Conv weight's are its first axis.
-            channel_axis = (1 if consumer_is_matmul else 0) if scale.size == 1 else axis
-            new_q, new_scale = safe_any_order(q, scale, channel_axis)
-            inits[node.input[0]].CopyFrom(numpy_helper.from_array(new_q, node.input[0]))
-            inits[node.input[1]].CopyFrom(numpy_helper.from_array(new_scale, node.input[1]))
-            done.add(node.input[0])
+        put(prod.weight, q)
+        put(prod.weight_scale, scale.reshape(old.shape).astype(np.float32))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for node in list(model.graph.node):
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits or len(node.input) < 2 \
+                or node.input[1] not in inits:
+            continue
+        q = numpy_helper.to_array(inits[node.input[0]])
+        consumer = next((n for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")
+                         and len(n.input) > 1 and n.input[1] == node.output[0]), None)
+        if q.dtype != np.int8 or q.ndim < 2 or consumer is None:
+            continue
+        scale = numpy_helper.to_array(inits[node.input[1]])
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        # Output channels: a Conv weight's first axis, a (K, N) MatMul weight's columns.
+        axis = (0 if consumer.op_type == "Conv" else q.ndim - 1) if scale.size == 1 else int(attrs.get("axis", 1)) % q.ndim
+        new_q, new_scale = _safe_channels(q, scale, axis)
+        if np.array_equal(new_q, q):
+            continue
+        put(node.input[0], new_q)
+        put(node.input[1], new_scale)
+        bias = producer.get(consumer.input[2]) if len(consumer.input) > 2 and consumer.input[2] else None
+        if bias is not None and bias.op_type == "DequantizeLinear" and bias.input[0] in inits \
+                and len(bias.input) > 1 and bias.input[1] in inits:
+            # ONNX Runtime's fused QLinearConv reads the int32 bias at input scale x weight scale.
+            factor = (np.asarray(new_scale, np.float64) / np.maximum(np.asarray(scale, np.float64), 1e-30))
+            b_q = numpy_helper.to_array(inits[bias.input[0]]).astype(np.float64)
+            b_scale = numpy_helper.to_array(inits[bias.input[1]])
+            put(bias.input[0], np.rint(b_q / factor.reshape(-1)).astype(np.int32))
+            put(bias.input[1], (b_scale.astype(np.float64) * factor.reshape(b_scale.shape)).astype(np.float32)
+                if b_scale.size == factor.size else (b_scale * factor.max()).astype(np.float32))
 
 
-def _require_safe_conv(node: Any, weight: np.ndarray) -> None:
+def _safe_channels(q: np.ndarray, scale: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """safe_any_order for a weight whose scale is stored in any shape (one, or one per channel along ``axis``)."""
     from .int8_arith import safe_any_order
 
-    safe, _ = safe_any_order(weight, np.ones(weight.shape[0], np.float32), 0)
-    if not np.array_equal(safe, weight):
-        raise CompressorError(f"{node.name}: ONNX Runtime's ConvInteger weights can saturate on x86 without VNNI; "
-                              "quantize Conv with mode static, or leave x86-avx2 out of quantize.targets")
+    flat = scale.reshape(-1) if scale.size > 1 else scale.reshape(())
+    new_q, new_scale = safe_any_order(q, flat, axis)
+    return new_q, np.asarray(new_scale, np.float32).reshape(scale.shape)
 
 
 def _search(out_path: Path, plan: _Plan, floats: dict[str, tuple[str, np.ndarray, np.ndarray]],

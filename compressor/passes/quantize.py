@@ -74,9 +74,10 @@ class QuantizeConfig(PassConfig):
     target_fidelity: float | None = Field(
         None, gt=0, le=1,
         description="dynamic/static: minimum cosine similarity to the float ONNX model, per calibration example "
-        "(mean-pooled embeddings for text encoders). Below it, matrix products move to float compute (weights "
-        "stay int8 on disk) one at a time, each step taking, among the few with the largest local output error, "
-        "the one that raises the minimum cosine most per multiply, until it is met or `max_float` is reached. "
+        "(mean-pooled embeddings for text encoders), on the worst of `targets`. Below it, matrix products move to "
+        "float compute (weights stay int8 on disk): each product's harm is scored once, then products are taken by "
+        "regained fidelity per multiply, each confirmed on the whole calibration set, until it is met or "
+        "`max_float` is reached. Not reached: the report and the result line say so (`strict` fails the run). "
         "Unset: no fallback.",
     )
     max_float: float = Field(
