@@ -253,7 +253,7 @@ def test_minilm_int8_bundle_reproduces_the_artifact_embeddings_with_only_onnxrun
     # MiniLM with dynamic int8 ONNX, as recipes/minilm-int8-onnx.yaml without its smoothing search and evaluation
     # (the bundle carries whatever int8 graph the artifact has; the search only costs minutes here).
     (tmp_path / "r.yaml").write_text("name: minilm-int8-onnx\nmodel: {source: zoo, name: minilm}\npasses:\n"
-                                     "  - quantize: {mode: dynamic, per_channel: true}\nexport: {onnx: {}}\n")
+                                     "  - quantize: {mode: dynamic, per_channel: true, smooth: off}\nexport: {onnx: {}}\n")
     artifact = tmp_path / "minilm-int8-onnx"
     run_recipe(load_recipe(tmp_path / "r.yaml"), artifact, Reporter(quiet=True))
     bundle = tmp_path / "minilm.zip"

@@ -133,8 +133,8 @@ def _target_label(row: dict[str, Any]) -> str:
 
 def _entry(gate: str, device: str, fmt: str | None, threshold: float, measured: float | None, status: str,
            message: str) -> dict[str, Any]:
-    return {"gate": gate, "device": device, "format": fmt, "threshold": threshold, "measured": measured,
-            "comparison": GATE_TEXT[gate][1], "status": status, "message": message}
+    return {"gate": gate, "device": device, "format": fmt, "target": None, "threshold": threshold,
+            "measured": measured, "comparison": GATE_TEXT[gate][1], "status": status, "message": message}
 
 
 def _fmt(value: float, digits: int = 4) -> str:
