@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import signal
 import sys
 from collections.abc import Callable
@@ -33,6 +35,13 @@ def _fail(exc: BaseException, debug: bool) -> NoReturn:
         err=True,
     )
     sys.exit(EXIT_RUNTIME)
+
+
+def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """Refuse NaN and infinity in a float option (click's FloatRange lets NaN through: it compares false)."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number", ctx=ctx, param=param)
+    return value
 
 
 def _guarded(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -178,7 +187,7 @@ def _finish_evaluation(report: dict[str, Any], where: Path, quiet: bool = False,
               help="Run a tensor-parallel artifact (the `shard` pass) on N processes (gloo on CPU, NCCL on CUDA) and "
                    "compare it with the same artifact loaded whole; writes tp-report.json. Exit 3 when the minimum "
                    "cosine is below --min-cosine.")
-@click.option("--min-cosine", type=click.FloatRange(-1, 1), default=None,
+@click.option("--min-cosine", type=click.FloatRange(-1, 1), default=None, callback=_finite,
               help="With --tp: the lowest acceptable cosine similarity to the whole model (default 0.9999).")
 @click.option("--limit", type=click.IntRange(1), default=None, metavar="N",
               help="Use only the first N examples (pairs, for retrieval) of the evaluation data: a quick check.")

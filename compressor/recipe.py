@@ -63,7 +63,8 @@ _BYTES: TypeAdapter[ByteSize] = TypeAdapter(ByteSize)
 class Strict(BaseModel):
     """Base for recipe sections: unknown keys are errors, values are immutable after parsing."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `.nan` and `.inf` are YAML floats, and a NaN threshold compares false with everything.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _resolve(path: str, info: ValidationInfo) -> Path:
@@ -396,6 +397,20 @@ class GatesSpec(Strict):
         None, description="Longest cold load (open to ready to run, files evicted from the page cache; median of "
         "`evaluate.speed.load_runs` fresh processes), in ms."
     )
+
+    @model_validator(mode="after")
+    def _sensible_values(self) -> GatesSpec:
+        for name in ("min_speedup", "max_size_bytes", "min_compression", "max_load_ms"):
+            threshold = getattr(self, name)
+            if threshold is not None and threshold.value <= 0:
+                raise ValueError(f"{name}: {threshold.value:g} can never be measured; use a positive number")
+        if self.max_accuracy_drop is not None and self.max_accuracy_drop.value < 0:
+            raise ValueError(f"max_accuracy_drop: {self.max_accuracy_drop.value:g} points would demand a better model "
+                             "than the baseline; use 0 for no drop at all")
+        if self.min_fidelity is not None and not -1 <= self.min_fidelity.value <= 1:
+            raise ValueError(f"min_fidelity: {self.min_fidelity.value:g} is not a cosine similarity; use a number "
+                             "in [-1, 1], such as 0.995")
+        return self
 
     @model_validator(mode="before")
     @classmethod

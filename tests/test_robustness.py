@@ -101,3 +101,54 @@ def test_load_turns_a_malformed_manifest_into_an_artifact_error(tmp_path):
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="dtype_bridges"):
         compressor.load(out)
+
+
+# ----------------------------------------------------------------------------- numbers (issue #15, case 7)
+
+
+@pytest.mark.parametrize("gate, value, needle", [
+    ("min_compression", ".nan", "finite number"),
+    ("min_fidelity", ".inf", "finite number"),
+    ("max_accuracy_drop", "-.inf", "finite number"),
+    ("min_compression", "-1", "can never be measured"),
+    ("max_size_bytes", "0", "can never be measured"),
+    ("max_accuracy_drop", "-0.5", "better model than the baseline"),
+    ("min_fidelity", "1.5", "not a cosine similarity"),
+])
+def test_gate_thresholds_must_be_finite_and_sensible(tmp_path, gate, value, needle):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"name: r\nmodel: {{source: zoo, name: digits-mlp}}\ngates:\n  {gate}: {value}\n")
+    proc = run_cli("validate", str(path))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert needle in proc.stderr and f"{path}:4:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_pass_numbers_must_be_finite(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: r\nmodel: {source: zoo, name: digits-mlp}\npasses:\n"
+                    "  - quantize: {mode: dynamic, target_fidelity: .nan}\nexport: {onnx: {}}\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert "finite number" in str(err.value) and "target_fidelity" in str(err.value)
+
+
+def test_min_cosine_on_the_command_line_must_be_finite(tmp_path):
+    proc = run_cli("eval", str(tmp_path), "--tp", "2", "--min-cosine", "nan")
+    assert proc.returncode == 2 and "not a finite number" in proc.stderr
+
+
+# ---------------------------------------------------------------- user code that exits (issue #15, case 8)
+
+
+@pytest.mark.parametrize("where", ["factory", "import"])
+def test_a_factory_that_calls_sys_exit_fails_the_run(tmp_path, where):
+    body = "import sys\nimport torch\n"
+    body += "sys.exit(0)\n" if where == "import" else ""
+    body += "def build():\n    " + ("sys.exit(0)\n" if where == "factory" else "return torch.nn.Linear(4, 2)\n")
+    (tmp_path / "exits_here.py").write_text(body)
+    (tmp_path / "r.yaml").write_text("name: r\nmodel:\n  source: python\n  factory: exits_here:build\n"
+                                     "  inputs: {x: {shape: [2, 4]}}\n")
+    proc = run_cli("run", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out"))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "SystemExit" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -46,7 +46,7 @@ _BUILTIN_MODULES = ("compressor.passes.cast", "compressor.passes.quantize", "com
 class PassConfig(BaseModel):
     """Base for pass configs: inert, frozen, unknown keys rejected when the recipe is parsed."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # every number finite
 
 
 class PassReport(BaseModel):

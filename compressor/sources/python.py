@@ -36,7 +36,7 @@ def import_factory(spec: str, search: Path | None = None, key: str = "model.fact
                     hint=f"the module is looked up in {where}sys.path (for `compress run`, the recipe's "
                          "directory; for `compress eval`, the working directory); install it or set PYTHONPATH")
         ) from exc
-    except Exception as exc:  # the user's module itself is broken: say so, with its own message
+    except (Exception, SystemExit) as exc:  # the user's module itself is broken (or exits): say so, with its message
         raise CompressorError(f"importing {module_name!r} for {key} failed: {type(exc).__name__}: {exc}") from exc
     finally:
         if added:
@@ -75,7 +75,7 @@ def build_python(factory: str, kwargs: dict[str, Any], search: Path | None) -> n
     except TypeError as exc:
         raise RecipeError(Problem(f"{factory}(**kwargs) failed: {exc}", path="model.kwargs",
                                   hint="check the factory's parameters against `kwargs`")) from exc
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit() in user code is its failure, not the run's success
         raise CompressorError(f"the model factory {factory} raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(module, nn.Module):
         raise RecipeError(Problem(f"{factory} returned {type(module).__name__}, not a torch.nn.Module",
