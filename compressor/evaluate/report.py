@@ -165,6 +165,14 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {_n(fid.get('top1_agreement'), '.2f')} |")
     if report["data"].get("metric"):
         lines += ["", f"Accuracy: {report['data']['label']} on {report['data']['name']}."]
+    int8 = report.get("int8") or {}
+    if int8.get("targets"):
+        goal = int8.get("target_fidelity")
+        reached = {True: "reached", False: "**NOT reached**", None: "not set"}[int8.get("reached") if goal else None]
+        lines += ["", f"int8 quantized for {', '.join(int8['targets'])}"
+                  + (f"; {int8['arithmetic']}" if int8.get("arithmetic") else "")
+                  + (f". target_fidelity {goal} on the calibration data: {reached} (min cosine "
+                     f"{_n(int8.get('calibration_min_cosine'), '.5f')})." if goal else ".")]
     if any(r.get("emulated") for r in results):
         lines += ["", "int8 ONNX on each CPU family it was quantized for: *this CPU* rows are measured here; "
                   "*emulated* rows run the same model with its integer matrix products computing that family's "
