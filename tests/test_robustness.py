@@ -152,3 +152,24 @@ def test_a_factory_that_calls_sys_exit_fails_the_run(tmp_path, where):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "SystemExit" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------- eval checks every hash first (issue #15, case 12)
+
+
+def test_eval_refuses_an_artifact_with_a_same_size_flipped_byte(tmp_path):
+    (tmp_path / "r.yaml").write_text("name: mlp\nmodel: {source: zoo, name: digits-mlp}\nexport: {onnx: {}}\n"
+                                     "evaluate: {data: digits, speed: {load_runs: 0, rounds: 1, calls: 1}}\n")
+    out = tmp_path / "mlp"
+    proc = run_cli("run", str(tmp_path / "r.yaml"), "-o", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    for name in ("model.safetensors", "model.onnx"):
+        path = out / name
+        original = path.read_bytes()
+        data = bytearray(original)
+        data[-3] ^= 0x01  # same size, one bit: only the hash can tell
+        path.write_bytes(bytes(data))
+        proc = run_cli("eval", str(out), "--no-speed", "--quiet")
+        path.write_bytes(original)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert f"{name}: sha256 differs" in proc.stderr and "Traceback" not in proc.stderr

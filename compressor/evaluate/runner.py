@@ -118,7 +118,7 @@ def evaluate_artifact(
     log = log or Reporter()
     artifact = artifact.resolve()
     manifest = read_manifest(artifact)
-    check_files(artifact, manifest)
+    check_files(artifact, manifest, hashes=True)  # a gate must never pass on a model the manifest does not describe
     candidate = artifact_subject(artifact, manifest=manifest)
     base_dir = base_dir or Path.cwd()
     threads = spec.speed.threads or torch.get_num_threads()

@@ -97,7 +97,7 @@ def evaluate_tp(artifact: Path, world: int, *, device: str = "cpu", spec: Any = 
     log = log or Reporter()
     artifact = artifact.resolve()
     manifest = read_manifest(artifact)
-    check_files(artifact, manifest)
+    check_files(artifact, manifest, hashes=True)  # every byte is read anyway: check it is the recorded one
     entry = manifest.get("tensor_parallel")
     if not entry:
         raise UsageError(f"{artifact} is not a tensor-parallel artifact; --tp needs one written by a recipe with a "
