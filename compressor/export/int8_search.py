@@ -6,7 +6,7 @@ result for float compute on the same int8 weights (``int8_emulate.switchable``).
 model.
 
 The search: each product's harm is scored once, as the gain in minimum cosine when that product alone moves to
-float (on half of the calibration examples, taken from every batch). Products are then taken in order of that
+float (on RANK_EXAMPLES calibration examples, taken from every batch). Products are then taken in order of that
 gain (the cheaper first on ties), each kept only if the whole calibration set confirms that it raised the minimum,
 until the target or ``max_float`` is reached; last, each product taken before the final one goes back to int8 if
 the target holds without it. Gains do not add up exactly, which is why every step is confirmed.
