@@ -76,9 +76,10 @@ class QuantizeConfig(PassConfig):
         description="dynamic/static: minimum cosine similarity to the float ONNX model, per calibration example "
         "(mean-pooled embeddings for text encoders), on the worst of `targets`. Below it, matrix products move to "
         "float compute (weights stay int8 on disk): each product's harm is scored once, then products are taken by "
-        "regained fidelity per multiply, each confirmed on the whole calibration set, until it is met or "
-        "`max_float` is reached. Not reached: the report and the result line say so (`strict` fails the run). "
-        "Unset: no fallback.",
+        "regained fidelity (the cheaper first on ties), each confirmed on the whole calibration set, until it is met "
+        "or `max_float` is reached, and any product the target holds without goes back to int8 (static models "
+        "instead rebuild with the few worst products tried per step). Not reached: the report and the result line "
+        "say so (`strict` fails the run). Unset: no fallback.",
     )
     max_float: float = Field(
         0.25, ge=0, le=1, description="dynamic/static: at most this fraction of the quantizable matrix products "
