@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import stat
 import types
 import typing
 from pathlib import Path
@@ -532,9 +533,15 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
         raise RecipeError(Problem(f"no such recipe file: {p}", file=shown, hint="check the path; recipes/ has examples"))
     if p.is_dir():
         raise RecipeError(Problem(f"{p} is a directory; give a recipe .yaml file", file=shown))
-    data = p.read_bytes()
+    if not stat.S_ISREG(p.stat().st_mode):
+        # A device (/dev/zero) never ends and a FIFO blocks until someone writes: neither is opened.
+        raise RecipeError(Problem(f"{p} is not a regular file (a device, pipe or socket); give a recipe .yaml file",
+                                  file=shown))
+    with p.open("rb") as f:
+        data = f.read(MAX_RECIPE_BYTES + 1)  # bounded, whatever the file claims its size is
     if len(data) > MAX_RECIPE_BYTES:
-        raise RecipeError(Problem(f"{len(data)} bytes is too large for a recipe (limit 1 MiB); is this the right file?", file=shown))
+        raise RecipeError(Problem(f"more than {MAX_RECIPE_BYTES:,} bytes is too large for a recipe (limit 1 MiB); is "
+                                  "this the right file?", file=shown))
     return parse_recipe(data, file=shown, base_dir=p.resolve().parent)
 
 

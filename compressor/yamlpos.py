@@ -73,8 +73,16 @@ def load_yaml(text: str, file: str) -> Located:
     return located
 
 
+MAX_VALUES = 100_000  # values a recipe may expand to: aliases of aliases can multiply a few lines into billions
+
+
 def _convert(node: yaml.Node, path: Path_, loader: yaml.SafeLoader, out: Located) -> Any:
     out.values[path] = _mark(node)
+    if len(out.values) > MAX_VALUES:  # every value has its own path, so aliases count once per use
+        line, col = _mark(node)
+        raise RecipeError(Problem(f"the recipe expands to more than {MAX_VALUES:,} values (YAML aliases of aliases?)",
+                                  file=out.file, line=line, col=col,
+                                  hint="recipes are small: write the values out, or use fewer nested aliases"))
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)  # resolves '<<' merge keys into plain pairs
         result: dict[Any, Any] = {}

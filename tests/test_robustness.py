@@ -173,3 +173,34 @@ def test_eval_refuses_an_artifact_with_a_same_size_flipped_byte(tmp_path):
         path.write_bytes(original)
         assert proc.returncode == 1, proc.stdout + proc.stderr
         assert f"{name}: sha256 differs" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------ bounded recipe reading (issue #15, cases 4 and 5)
+
+
+def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path):
+    import time
+
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")  # 9**9 values once expanded, in under 400 bytes
+    start = time.perf_counter()
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert time.perf_counter() - start < 2
+    assert "expands to more than" in str(err.value) and f"{path}:" in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo"])
+def test_recipe_files_must_be_regular_files(tmp_path, kind):
+    import os
+
+    if kind == "fifo":
+        path = tmp_path / "pipe.yaml"
+        os.mkfifo(path)  # nobody writes: opening it for reading would block forever
+    else:
+        path = Path("/dev/zero")  # never ends: reading it whole would fill memory
+    proc = run_cli("validate", str(path), timeout=30)
+    assert proc.returncode == 2 and "not a regular file" in proc.stderr
