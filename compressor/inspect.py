@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .manifest import read_manifest
+from .manifest import confined, read_manifest
 
 __all__ = ["inspect_artifact", "render_text"]
 
@@ -52,9 +52,12 @@ def inspect_artifact(root: Path) -> dict[str, Any]:
     encodings = info.get("encodings", {})
     parts: dict[str, dict[str, tuple[str, int]]] = {}  # tensor name -> {suffix: (dtype, bytes)}
     for rel in info.get("weights", []):
-        if not rel.endswith(".safetensors") or not (root / rel).is_file():
+        if not rel.endswith(".safetensors"):
             continue
-        header, _ = read_header(root / rel)
+        path = confined(root, rel)  # never a file outside the artifact, whatever the manifest or a link says
+        if not path.is_file():
+            continue
+        header, _ = read_header(path)
         for stored, entry in header.items():
             if stored == "__metadata__":
                 continue

@@ -12,7 +12,7 @@ from typing import Any
 from .errors import ArtifactError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "sha256_file", "library_versions", "write_manifest",
-           "read_manifest", "check_files", "is_artifact"]
+           "read_manifest", "check_files", "is_artifact", "confined"]
 
 FORMAT = "compressor-artifact"
 FORMAT_VERSION = 1
@@ -67,6 +67,9 @@ def read_manifest(artifact_dir: Path) -> dict[str, Any]:
     path = artifact_dir / MANIFEST
     if not artifact_dir.is_dir():
         raise ArtifactError(f"{artifact_dir} is not a directory; give an artifact directory written by `compress run`")
+    if path.is_symlink():
+        raise ArtifactError(f"{path} is a symbolic link; an artifact holds regular files only, and nothing outside "
+                            "it is read")
     if not path.is_file():
         raise ArtifactError(f"{artifact_dir} has no {MANIFEST}; it is not a compressor artifact (or is incomplete)")
     try:
@@ -82,14 +85,47 @@ def read_manifest(artifact_dir: Path) -> dict[str, Any]:
         )
     if not isinstance(data.get("files"), dict):
         raise ArtifactError(f"{path} has no \"files\" table; the artifact is damaged")
+    for rel, info in data["files"].items():
+        _check_name(rel, path)
+        if not isinstance(info, dict) or not isinstance(info.get("bytes"), int) or isinstance(info.get("bytes"), bool) \
+                or info["bytes"] < 0 or not isinstance(info.get("sha256"), str):
+            raise ArtifactError(f"{path}: the entry of {rel!r} needs \"bytes\" (a whole number) and \"sha256\" (a "
+                                f"string); it has {json.dumps(info)[:200]}. The artifact is damaged")
     return data
+
+
+def _check_name(rel: Any, manifest: Path) -> None:
+    """A file an artifact names is a relative path inside it: no absolute path, no `..`, no empty part."""
+    parts = rel.replace("\\", "/").split("/") if isinstance(rel, str) else []
+    if not parts or rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":") or "\x00" in rel \
+            or any(p in ("", ".", "..") for p in parts):
+        raise ArtifactError(f"{manifest} names the file {rel!r}, which is not a relative path inside the artifact; "
+                            "the manifest is damaged or was written to read files elsewhere")
+
+
+def confined(artifact_dir: Path, rel: str) -> Path:
+    """``artifact_dir / rel`` when it is reached without symbolic links and stays inside the directory (the one
+    confinement check every reader calls); ArtifactError otherwise."""
+    root = artifact_dir.resolve()
+    path = root / rel
+    current = root
+    for part in Path(rel).parts:
+        current = current / part
+        if current.is_symlink():
+            raise ArtifactError(f"{artifact_dir}: {rel} is (or lies under) a symbolic link; an artifact holds regular "
+                                "files only, and nothing outside it is read")
+    if root not in path.resolve().parents:
+        raise ArtifactError(f"{artifact_dir}: {rel} lies outside the artifact")
+    return path
 
 
 def check_files(artifact_dir: Path, manifest: dict[str, Any], *, hashes: bool = False) -> None:
     """Every file in the manifest exists with its recorded size (and sha256 when ``hashes``)."""
     problems = []
+    if (artifact_dir / MANIFEST).is_symlink():
+        raise ArtifactError(f"{artifact_dir}: {MANIFEST} is a symbolic link; an artifact holds regular files only")
     for rel, info in manifest["files"].items():
-        path = artifact_dir / rel
+        path = confined(artifact_dir, rel)
         if not path.is_file():
             problems.append(f"{rel}: missing")
             continue

@@ -204,3 +204,71 @@ def test_recipe_files_must_be_regular_files(tmp_path, kind):
         path = Path("/dev/zero")  # never ends: reading it whole would fill memory
     proc = run_cli("validate", str(path), timeout=30)
     assert proc.returncode == 2 and "not a regular file" in proc.stderr
+
+
+# ------------------------------------------------- one confinement rule for every reader (issue #15, cases 1-3)
+
+
+@pytest.fixture(scope="module")
+def small_artifact(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("confine")
+    (tmp / "r.yaml").write_text("name: mlp\nmodel: {source: zoo, name: digits-mlp}\nexport: {onnx: {}}\n")
+    out = tmp / "mlp"
+    proc = run_cli("run", str(tmp / "r.yaml"), "-o", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def _outside_reference(artifact: Path, tmp_path: Path, kind: str) -> tuple[Path, Path]:
+    """A copy of ``artifact`` that names a file outside itself in one of four ways; returns it and the outside
+    file."""
+    import hashlib
+    import json
+
+    copy = tmp_path / "art"
+    shutil.copytree(artifact, copy)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.bin"
+    manifest = json.loads((copy / "manifest.json").read_text())
+    if kind == "symlinked-file":
+        shutil.copyfile(copy / "model.safetensors", secret)  # identical bytes: only the link is wrong
+        (copy / "model.safetensors").unlink()
+        (copy / "model.safetensors").symlink_to(secret)
+    elif kind == "symlinked-manifest":
+        (outside / "manifest.json").write_text(json.dumps(manifest))
+        (copy / "manifest.json").unlink()
+        (copy / "manifest.json").symlink_to(outside / "manifest.json")
+        secret = outside / "manifest.json"
+    else:
+        secret.write_bytes(b"not yours\n")
+        name = str(secret) if kind == "absolute" else "../outside/secret.bin"
+        manifest["files"][name] = {"bytes": 10, "sha256": hashlib.sha256(b"not yours\n").hexdigest()}
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy, secret
+
+
+@pytest.mark.parametrize("kind", ["symlinked-file", "symlinked-manifest", "absolute", "dotdot"])
+def test_no_reader_follows_a_reference_outside_the_artifact(small_artifact, tmp_path, kind):
+    import sys
+
+    import compressor
+    from compressor.errors import ArtifactError
+
+    copy, secret = _outside_reference(small_artifact, tmp_path, kind)
+    for command in (["verify", str(copy)], ["inspect", str(copy)], ["eval", str(copy), "--no-speed"],
+                    ["pack", str(copy), "-o", str(tmp_path / "b.zip")]):
+        proc = run_cli(*command)
+        assert proc.returncode == 1, (command, proc.stdout, proc.stderr)
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "b.zip").exists()
+    opened: list[str] = []
+
+    def audit(event: str, args: tuple) -> None:
+        if event == "open" and isinstance(args[0], (str, Path)) and str(secret.parent) in str(args[0]):
+            opened.append(str(args[0]))
+
+    sys.addaudithook(audit)  # stays installed, but only records opens under this test's own directory
+    with pytest.raises(ArtifactError):
+        compressor.load(copy, verify_hashes=True)
+    assert opened == [], opened
