@@ -402,13 +402,10 @@ def _calibrate(path: Path, calib: Calibration, groups: dict[str, list[str]]) -> 
     return reference, stats
 
 
-def _fit(session: Any, feed: dict[str, np.ndarray], extra: bool = False) -> dict[str, np.ndarray]:
-    """The feed restricted to the session's inputs, in their integer/float types (``extra``: boolean inputs the
-    feed does not name are left out for the caller to add)."""
+def _fit(session: Any, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The feed restricted to the session's inputs, in their integer/float types."""
     out = {}
     for spec in session.get_inputs():
-        if extra and spec.name not in feed and spec.type == "tensor(bool)":
-            continue
         if spec.name not in feed:
             raise CompressorError(f"the calibration data has no input {spec.name!r} (it has {', '.join(feed)})")
         value = feed[spec.name]
@@ -905,7 +902,7 @@ def _search(out_path: Path, plan: _Plan, floats: dict[str, tuple[str, np.ndarray
     native = fidelity.get("risky_pairs", 1) == 0 or local_arithmetic() == worst
     scorer = Scorer(model, {q: weights[o] for q, o in by_quant.items()}, None if native else worst, calib.feeds,
                     reference,
-                    lambda session, feed: _pool(session.run(None, _fit(session, feed, extra=True))[0], feed,
+                    lambda session, feed: _pool(session.run(None, _fit(session, feed))[0], feed,
                                                 calib.pooled), work)
     cost = {q: int(weights[o].size) for q, o in by_quant.items()}
     chosen, reached = search(scorer, list(by_quant), cost, config.target_fidelity, budget, say)
