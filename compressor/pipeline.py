@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 from dataclasses import dataclass
@@ -34,10 +35,10 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, reporter: Reporter |
     """Run a validated recipe end to end and return where the artifact went."""
     import torch
 
-    from .passes import Context, get_pass
     from .errors import CompressorError
+    from .passes import Context, get_pass
     from .sources import load_source
-    from .staging import prepare_target
+    from .staging import prepare_target, staged_dir
 
     log = reporter or Reporter()
     out = out_dir or default_output(recipe)
@@ -82,88 +83,101 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, reporter: Reporter |
         chain = " -> ".join(s.name for s in recipe.steps)
         _smoke(model, f"the model no longer runs after the passes ({chain}); this is a bug in a pass, please report it")
 
-    try:
-        manifest = _write(recipe, model, reports, out, log)
-    except OSError as exc:  # disk full, permissions changed mid-run: the previous artifact is untouched
-        raise CompressorError(f"writing the artifact to {out} failed: {exc}; the previous artifact (if any) is "
-                              "untouched") from exc
     report = None
     spec = recipe.evaluation
-    if spec is not None:
-        # The source model may still map the original weight files; cold-load timing must be able to evict them.
-        del model
-        import gc
-
-        gc.collect()
-        from .evaluate import evaluate_artifact
-        from .evaluate.subjects import source_subject
-
-        baseline = source_subject(recipe.model.model_dump(mode="json"), recipe.base_dir)
-        # Gate failures are the caller's to report (exit 3) after it has said what was written.
-        report = evaluate_artifact(out, baseline=baseline, spec=spec, gates=recipe.gates, base_dir=recipe.base_dir,
-                                   log=log, raise_on_gate=False)
+    phase = "writing"
+    try:
+        # Export, evaluation and reports all happen in the staging directory; only a run that got that far
+        # replaces the previous artifact, so a failure or an interrupt before then leaves it byte-identical.
+        with staged_dir(out) as tmp:
+            with log.step(f"writing artifact to {out}"):
+                manifest = _write(recipe, model, reports, tmp, log)
+            if spec is not None:
+                # The source model may still map the original weight files; cold-load timing must be able to
+                # evict them.
+                del model
+                gc.collect()
+                phase = "evaluating"
+                report = _evaluate(recipe, tmp, out, log)
+                phase = "writing"
+    except OSError as exc:  # disk full, permissions changed mid-run: the previous artifact is untouched
+        if phase != "writing":
+            raise
+        raise CompressorError(f"writing the artifact to {out} failed: {exc}; the previous artifact (if any) is "
+                              "untouched") from exc
     return RunResult(out_dir=out, manifest=manifest, report=report)
 
 
-def _write(recipe: Recipe, model: Any, reports: list[dict[str, Any]], out: Path, log: Reporter) -> dict[str, Any]:
+def _evaluate(recipe: Recipe, staged: Path, out: Path, log: Reporter) -> dict[str, Any]:
+    """Evaluate the staged artifact against the recipe's source model; the report names ``out``."""
+    from .evaluate import evaluate_artifact
+    from .evaluate.subjects import source_subject
+
+    baseline = source_subject(recipe.model.model_dump(mode="json"), recipe.base_dir)
+    # Gate failures are the caller's to report (exit 3) after it has said what was written.
+    return evaluate_artifact(staged, baseline=baseline, spec=recipe.evaluation, gates=recipe.gates,
+                             base_dir=recipe.base_dir, log=log, raise_on_gate=False, final_path=out,
+                             data_file=_eval_data_file(recipe))
+
+
+def _write(recipe: Recipe, model: Any, reports: list[dict[str, Any]], tmp: Path, log: Reporter) -> dict[str, Any]:
+    """Write the artifact's files and manifest into the staging directory ``tmp``."""
     from .export.safetensors import export_safetensors, write_safetensors
     from .manifest import library_versions, write_manifest
     from .sources.hf import is_copied_file
-    from .staging import staged_dir
 
-    with log.step(f"writing artifact to {out}"), staged_dir(out) as tmp:
-        stored = model.stored()
-        tp_entry = None
-        if "tensor_parallel" in model.metadata:
-            from .tp import write_rank_files
+    stored = model.stored()
+    tp_entry = None
+    if "tensor_parallel" in model.metadata:
+        from .tp import write_rank_files
 
-            with log.step(f"writing {model.metadata['tensor_parallel'].world} tensor-parallel rank files"):
-                files, tp_entry = write_rank_files(
-                    stored, tmp, model.metadata["tensor_parallel"],
-                    {n: e.to_json() for n, e in model.encodings.items()}, model.aliases)
-        else:
-            files = export_safetensors(stored, tmp, int(recipe.export.safetensors.max_shard_size))
-        write_safetensors(tmp / INPUTS_FILE, model.example_inputs, {"format": "pt", "role": "example-inputs"})
-        copied = _copy_source_files(model.files_dir, tmp, is_copied_file)
-        evaluation = _copy_eval_data(recipe, tmp)
-        onnx_info = None
-        if recipe.export.onnx is not None:
-            from .export.onnx import export_onnx
+        with log.step(f"writing {model.metadata['tensor_parallel'].world} tensor-parallel rank files"):
+            files, tp_entry = write_rank_files(
+                stored, tmp, model.metadata["tensor_parallel"],
+                {n: e.to_json() for n, e in model.encodings.items()}, model.aliases)
+    else:
+        files = export_safetensors(stored, tmp, int(recipe.export.safetensors.max_shard_size))
+    write_safetensors(tmp / INPUTS_FILE, model.example_inputs, {"format": "pt", "role": "example-inputs"})
+    copied = _copy_source_files(model.files_dir, tmp, is_copied_file)
+    evaluation = _copy_eval_data(recipe, tmp)
+    onnx_info = None
+    if recipe.export.onnx is not None:
+        from .export.onnx import export_onnx
 
-            with log.step("exporting ONNX and checking it in ONNX Runtime against torch"):
-                onnx_info = export_onnx(model, tmp, recipe.export.onnx, quantize=model.metadata.get("onnx_quantize"),
-                                        base_dir=recipe.base_dir, log=log)
-            worst = max(onnx_info["check"]["max_abs_err"].values(), default=0.0)
-            log.info(f"ONNX ({onnx_info['exporter']}, opset {onnx_info['opset']}): max abs error {worst:.3g} vs torch")
-        body = {
-            "name": recipe.name,
-            "description": recipe.description,
-            "recipe": recipe.model_dump(mode="json"),
-            "source": model.source,
-            "task": model.task,
-            "versions": library_versions(),
-            "passes": reports,
-            "model": {
-                "weights": files,
-                "tensors": len(model.tensors()),
-                "parameters": model.numel(),
-                "stored_bytes": sum(t.numel() * t.element_size() for t in stored.values()),
-                "encodings": {n: e.to_json() for n, e in sorted(model.encodings.items()) if e.kind != "dense"},
-                "aliases": dict(sorted(model.aliases.items())),
-                "dtype_bridges": dict(sorted(model.dtype_bridges.items())),
-                "resized": dict(sorted(model.resized.items())),
-                "pruned_heads": dict(sorted(model.pruned_heads.items())),
-                "example_inputs": INPUTS_FILE,
-                "copied_files": copied,
-            },
-        }
-        if evaluation:
-            body["evaluation"] = evaluation
-        if onnx_info:
-            body["onnx"] = onnx_info
-        if tp_entry:
-            body["tensor_parallel"] = tp_entry
-        manifest = write_manifest(tmp, body)
+        with log.step("exporting ONNX and checking it in ONNX Runtime against torch"):
+            onnx_info = export_onnx(model, tmp, recipe.export.onnx, quantize=model.metadata.get("onnx_quantize"),
+                                    base_dir=recipe.base_dir, log=log)
+        worst = max(onnx_info["check"]["max_abs_err"].values(), default=0.0)
+        log.info(f"ONNX ({onnx_info['exporter']}, opset {onnx_info['opset']}): max abs error {worst:.3g} vs torch")
+    body = {
+        "name": recipe.name,
+        "description": recipe.description,
+        "recipe": recipe.model_dump(mode="json"),
+        "source": model.source,
+        "task": model.task,
+        "versions": library_versions(),
+        "passes": reports,
+        "model": {
+            "weights": files,
+            "tensors": len(model.tensors()),
+            "parameters": model.numel(),
+            "stored_bytes": sum(t.numel() * t.element_size() for t in stored.values()),
+            "encodings": {n: e.to_json() for n, e in sorted(model.encodings.items()) if e.kind != "dense"},
+            "aliases": dict(sorted(model.aliases.items())),
+            "dtype_bridges": dict(sorted(model.dtype_bridges.items())),
+            "resized": dict(sorted(model.resized.items())),
+            "pruned_heads": dict(sorted(model.pruned_heads.items())),
+            "example_inputs": INPUTS_FILE,
+            "copied_files": copied,
+        },
+    }
+    if evaluation:
+        body["evaluation"] = evaluation
+    if onnx_info:
+        body["onnx"] = onnx_info
+    if tp_entry:
+        body["tensor_parallel"] = tp_entry
+    manifest = write_manifest(tmp, body)
     return manifest
 
 

@@ -272,3 +272,86 @@ def test_no_reader_follows_a_reference_outside_the_artifact(small_artifact, tmp_
     with pytest.raises(ArtifactError):
         compressor.load(copy, verify_hashes=True)
     assert opened == [], opened
+
+
+# ---------------------------------------- evaluation happens before the exchange (issue #15, case 6)
+
+
+EVAL_DIGITS = ("name: d\nmodel: {source: zoo, name: digits-mlp}\npasses:\n  - cast: {dtype: float16}\n"
+               "evaluate: {data: %s, speed: {load_runs: 0, rounds: 1, calls: 1}}\n")
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def previous_artifact(tmp_path):
+    """An earlier artifact (with its reports) in tmp_path/out, and its bytes."""
+    (tmp_path / "r.yaml").write_text(EVAL_DIGITS % "digits")
+    proc = run_cli("run", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out"), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    return tmp_path / "out", _snapshot(tmp_path / "out")
+
+
+def test_a_data_file_error_during_evaluation_leaves_the_previous_artifact_and_names_the_users_file(
+        tmp_path, previous_artifact):
+    out, before = previous_artifact
+    # Well-formed rows (they pass the check before any work), but three values where the model takes 64.
+    (tmp_path / "rows.jsonl").write_text('{"x": [1, 2, 3], "label": 1}\n')
+    (tmp_path / "r.yaml").write_text(EVAL_DIGITS % "rows.jsonl")
+    proc = run_cli("run", str(tmp_path / "r.yaml"), "-o", str(out), "--quiet")
+    assert proc.returncode == 2, proc.stderr
+    assert f"{tmp_path / 'rows.jsonl'}:1: input 'x' has 3 values" in proc.stderr, proc.stderr
+    assert "compress-tmp" not in proc.stderr and "Traceback" not in proc.stderr
+    assert _snapshot(out) == before
+    assert [p.name for p in tmp_path.iterdir() if "compress-tmp" in p.name] == []
+
+
+def test_an_evaluator_failure_leaves_the_previous_artifact_byte_identical(tmp_path, previous_artifact):
+    out, before = previous_artifact
+    (tmp_path / "failing_data.py").write_text("def batches():\n    raise RuntimeError('data server down')\n")
+    (tmp_path / "r.yaml").write_text(EVAL_DIGITS % "{function: 'failing_data:batches'}")
+    proc = run_cli("run", str(tmp_path / "r.yaml"), "-o", str(out), "--quiet")
+    assert proc.returncode == 2, proc.stderr
+    assert "data server down" in proc.stderr
+    assert _snapshot(out) == before
+
+
+def test_an_interrupt_during_evaluation_leaves_the_previous_artifact_byte_identical(tmp_path, previous_artifact):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    out, before = previous_artifact
+    marker = tmp_path / "evaluating"
+    (tmp_path / "slow_data.py").write_text(
+        "import time\nfrom pathlib import Path\n"
+        f"def batches():\n    Path({str(marker)!r}).write_text('now')\n    time.sleep(120)\n    return []\n")
+    (tmp_path / "r.yaml").write_text(EVAL_DIGITS % "{function: 'slow_data:batches'}")
+    proc = subprocess.Popen([sys.executable, "-m", "compressor", "run", str(tmp_path / "r.yaml"), "-o", str(out),
+                             "--quiet"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert marker.exists(), "the evaluation never started"
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert _snapshot(out) == before
+    assert [p.name for p in tmp_path.iterdir() if "compress-tmp" in p.name] == []
+
+
+def test_a_gate_miss_still_replaces_the_artifact_and_writes_its_reports(tmp_path, previous_artifact):
+    import json
+
+    out, _ = previous_artifact
+    (tmp_path / "r.yaml").write_text(EVAL_DIGITS % "digits" + "gates: {min_compression: 50}\n")
+    proc = run_cli("run", str(tmp_path / "r.yaml"), "-o", str(out), "--quiet")
+    assert proc.returncode == 3, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] is False and report["artifact"]["path"] == str(out.resolve())
+    assert json.loads((out / "manifest.json").read_text())["recipe"]["gates"]["min_compression"]["value"] == 50

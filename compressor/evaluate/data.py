@@ -72,8 +72,11 @@ def build_data(
     manifest: dict[str, Any],
     example_inputs: dict[str, torch.Tensor],
     base_dir: Path,
+    data_file: Path | None = None,
 ) -> EvalData:
-    """The evaluation data an ``evaluate.data`` section asks for (see DataSpec), or the model's built-in set."""
+    """The evaluation data an ``evaluate.data`` section asks for (see DataSpec), or the model's built-in set.
+    ``data_file`` is read instead of the artifact's copy of ``evaluate.data.path``: `compress run` passes the
+    user's own file (the same bytes), so an error names the file the user can fix."""
     task = manifest.get("task")
     source = manifest.get("source") or {}
     builtin = spec.builtin
@@ -93,7 +96,8 @@ def build_data(
     elif builtin == "text-pairs":
         data = _pairs_data("text-pairs (built in)", builtin_text_pairs(), artifact, example_inputs, spec)
     elif spec.path is not None:
-        data = _file_data(_data_file(spec.path, artifact, manifest), artifact, example_inputs, spec)
+        path = data_file or _data_file(spec.path, artifact, manifest)
+        data = _file_data(path, artifact, example_inputs, spec)
     elif spec.function is not None:
         data = _function_data(spec.function, base_dir, spec.limit, set(example_inputs))
     else:

@@ -99,10 +99,16 @@ def evaluate_artifact(
     log: Reporter | None = None,
     raise_on_gate: bool = True,
     measure_speed: bool = True,
+    final_path: Path | None = None,
+    data_file: Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate an artifact directory against ``baseline`` and write report.json/.md, junit.xml and report.png
     into it. Returns the report. Raises GateFailure (exit code 3) after writing when a gate is missed.
-    ``measure_speed=False`` measures accuracy, fidelity and size only (speed gates then cannot be checked)."""
+    ``measure_speed=False`` measures accuracy, fidelity and size only (speed gates then cannot be checked).
+
+    `compress run` evaluates its staging directory before it replaces the previous artifact; ``final_path`` is
+    where the artifact will then be (what the report and messages name) and ``data_file`` the recipe's own
+    evaluation data file (read instead of the artifact's byte-identical copy, so errors name the user's file)."""
     import torch
 
     from ..loading import load_example_inputs
@@ -117,6 +123,7 @@ def evaluate_artifact(
 
     log = log or Reporter()
     artifact = artifact.resolve()
+    shown = final_path.resolve() if final_path is not None else artifact
     manifest = read_manifest(artifact)
     check_files(artifact, manifest, hashes=True)  # a gate must never pass on a model the manifest does not describe
     candidate = artifact_subject(artifact, manifest=manifest)
@@ -146,7 +153,7 @@ def evaluate_artifact(
         task = manifest.get("task")
         example_inputs = {k: v.clone() for k, v in load_example_inputs(artifact).items()}
         data = build_data(spec.data, artifact=artifact, manifest=manifest, example_inputs=example_inputs,
-                          base_dir=base_dir)
+                          base_dir=base_dir, data_file=data_file)
         log.info(f"evaluation data: {data.name}")
         tokenizer = tokenizer_for(artifact) if "input_ids" in example_inputs else None
         seq_lens: list[int | None] = list(spec.speed.sequence_lengths) if "input_ids" in example_inputs else [None]
@@ -263,7 +270,7 @@ def evaluate_artifact(
         "format_version": REPORT_VERSION,
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "compressor": _version(),
-        "artifact": {"name": manifest.get("name"), "path": str(artifact), "manifest_sha256": _sha(artifact)},
+        "artifact": {"name": manifest.get("name"), "path": str(shown), "manifest_sha256": _sha(artifact)},
         "baseline": baseline.describe(),
         "machine": _machine(threads),
         "settings": {**spec.model_dump(mode="json"), "measure_speed": measure_speed},
@@ -282,12 +289,12 @@ def evaluate_artifact(
                           "target_fidelity": goal.get("target"), "reached": goal.get("reached"),
                           "calibration_min_cosine": goal.get("min_cosine")}
     paths = write_reports(artifact, report)
-    log.info(f"reports: {', '.join(p.name for p in paths)} in {artifact}")
+    log.info(f"reports: {', '.join(p.name for p in paths)} in {shown}")
     for g in gate_results:
         log.info(f"gate {g['status']}: {g['message']}")
     if passed is False and raise_on_gate:
         failed = [g["message"] for g in gate_results if g["status"] in ("failed", "error")]
-        raise GateFailure(f"{len(failed)} release gate(s) missed; artifacts and reports are kept in {artifact}:\n  "
+        raise GateFailure(f"{len(failed)} release gate(s) missed; artifacts and reports are kept in {shown}:\n  "
                           + "\n  ".join(failed))
     return report
 
