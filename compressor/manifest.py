@@ -12,7 +12,7 @@ from typing import Any
 from .errors import ArtifactError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "sha256_file", "library_versions", "write_manifest",
-           "read_manifest", "check_files", "is_artifact", "confined"]
+           "read_manifest", "check_files", "is_artifact", "confined", "check_onnx_external_data"]
 
 FORMAT = "compressor-artifact"
 FORMAT_VERSION = 1
@@ -134,6 +134,81 @@ def check_files(artifact_dir: Path, manifest: dict[str, Any], *, hashes: bool = 
             problems.append(f"{rel}: {size} bytes, manifest says {info.get('bytes')} (truncated or modified)")
         elif hashes and sha256_file(path) != info.get("sha256"):
             problems.append(f"{rel}: sha256 differs from the manifest (modified or corrupt)")
+    if hashes and not problems:
+        # Hashes prove the bytes are the ones the manifest describes, not that a hand-edited manifest describes a
+        # model ONNX Runtime can open safely: check every ONNX file's structure before anything hands it over.
+        for rel in manifest["files"]:
+            if rel.endswith(".onnx"):
+                try:
+                    check_onnx_external_data(artifact_dir / rel, artifact_dir, set(manifest["files"]))
+                except ArtifactError as exc:
+                    problems.append(str(exc) if str(exc).startswith(rel) else f"{rel}: {exc}")
     if problems:
         raise ArtifactError(f"{artifact_dir} does not match its manifest:\n  " + "\n  ".join(problems))
 
+
+def _tensors(graph: Any) -> Any:
+    """Every TensorProto of a graph: initializers, tensor attributes, and those of subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _tensors(sub)
+
+
+def check_onnx_external_data(path: Path, root: Path, listed: set[str] | None = None) -> int:
+    """ArtifactError unless the ONNX model at ``path`` parses and every external-data reference in it points inside
+    ``root`` (by the confinement rule of :func:`confined`) at an existing file, within its size, with exactly the
+    bytes the tensor's shape and type need; with ``listed`` (the manifest's file names), only at a listed file, so
+    a hash covers every byte ONNX Runtime will read. Returns how many references were checked."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError and others for a damaged file
+        raise ArtifactError(f"{path.name}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    checked = 0
+    for tensor in _tensors(model.graph):
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        rel = (path.parent / location).relative_to(root).as_posix() if location and not Path(location).is_absolute() \
+            else None
+        if rel is None or ".." in Path(rel).parts:
+            raise ArtifactError(f"{path.name}: tensor {tensor.name} points outside the artifact ({location!r})")
+        target = confined(root, rel)
+        if listed is not None and rel not in listed:
+            raise ArtifactError(f"{path.name}: tensor {tensor.name} points at {location}, which the manifest does not "
+                                "list (no hash covers it)")
+        if not target.is_file():
+            raise ArtifactError(f"{path.name}: tensor {tensor.name} points at {location}, which is missing")
+        size = target.stat().st_size
+        try:
+            # Both are optional in ONNX: no offset is 0, no length is "to the end of the file".
+            offset = int(info.get("offset", 0))
+            length = int(info["length"]) if "length" in info else size - offset
+        except ValueError:
+            raise ArtifactError(f"{path.name}: tensor {tensor.name} has a malformed offset or length") from None
+        if offset < 0 or length < 0 or offset + length > size:
+            raise ArtifactError(f"{path.name}: tensor {tensor.name} spans bytes {offset}..{offset + length} of "
+                                f"{location}, which has {size}")
+        try:
+            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        except (KeyError, TypeError, ValueError):
+            itemsize = None  # sub-byte or exotic types: the bounds check above is what can be said
+        packed = {getattr(TensorProto, n, -1) for n in ("STRING", "INT4", "UINT4", "FLOAT4E2M1")}
+        if itemsize is not None and tensor.data_type not in packed:
+            expected = int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+            if expected != length:
+                raise ArtifactError(f"{path.name}: tensor {tensor.name} needs {expected} bytes but references "
+                                    f"{length} in {location}")
+        checked += 1
+    return checked

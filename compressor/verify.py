@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ArtifactError
-from .manifest import MANIFEST, read_manifest, sha256_file
+from .manifest import MANIFEST, check_onnx_external_data, read_manifest, sha256_file
 
-__all__ = ["verify_artifact", "REPORT_FILES", "check_onnx_external_data"]
+__all__ = ["verify_artifact", "REPORT_FILES"]
 
 # Written by `compress eval` after the manifest (so not in it), and rewritten by every evaluation.
 REPORT_FILES = ("report.json", "report.md", "junit.xml", "report.png", "tp-report.json")
@@ -63,7 +63,7 @@ def verify_artifact(root: Path, *, hashes: bool = True) -> dict[str, Any]:
             if rel.endswith(".safetensors"):
                 read_header(path)
             elif rel.endswith(".onnx"):
-                check_onnx_external_data(path, root)
+                check_onnx_external_data(path, root, set(manifest["files"]))
         except ArtifactError as exc:
             files[rel] = {"status": "invalid", "detail": str(exc)}
     problems = [f"{rel}: {e['status']}: {e['detail']}" for rel, e in files.items() if e["status"] != "ok"]
@@ -77,64 +77,3 @@ def _inside(root: Path, path: Path) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _tensors(graph: Any) -> Any:
-    """Every TensorProto of a graph: initializers, tensor attributes, and those of subgraphs."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _tensors(attr.g)
-            for sub in attr.graphs:
-                yield from _tensors(sub)
-
-
-def check_onnx_external_data(path: Path, root: Path) -> int:
-    """ArtifactError unless every external-data reference of the ONNX model at ``path`` points inside ``root`` at
-    an existing file, within its size, with exactly the bytes the tensor's shape and type need. Returns how many
-    references were checked."""
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError and others for a damaged file
-        raise ArtifactError(f"{path.name}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
-    checked = 0
-    for tensor in _tensors(model.graph):
-        if tensor.data_location != TensorProto.EXTERNAL:
-            continue
-        info = {e.key: e.value for e in tensor.external_data}
-        location = info.get("location", "")
-        target = path.parent / location
-        if not location or Path(location).is_absolute() or not _inside(root, target):
-            raise ArtifactError(f"{path.name}: tensor {tensor.name} points outside the artifact ({location!r})")
-        if not target.is_file():
-            raise ArtifactError(f"{path.name}: tensor {tensor.name} points at {location}, which is missing")
-        size = target.stat().st_size
-        try:
-            # Both are optional in ONNX: no offset is 0, no length is "to the end of the file".
-            offset = int(info.get("offset", 0))
-            length = int(info["length"]) if "length" in info else size - offset
-        except ValueError:
-            raise ArtifactError(f"{path.name}: tensor {tensor.name} has a malformed offset or length") from None
-        if offset < 0 or length < 0 or offset + length > size:
-            raise ArtifactError(f"{path.name}: tensor {tensor.name} spans bytes {offset}..{offset + length} of "
-                                f"{location}, which has {size}")
-        try:
-            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-        except (KeyError, TypeError, ValueError):
-            itemsize = None  # sub-byte or exotic types: the bounds check above is what can be said
-        packed = {getattr(TensorProto, n, -1) for n in ("STRING", "INT4", "UINT4", "FLOAT4E2M1")}
-        if itemsize is not None and tensor.data_type not in packed:
-            expected = int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
-            if expected != length:
-                raise ArtifactError(f"{path.name}: tensor {tensor.name} needs {expected} bytes but references "
-                                    f"{length} in {location}")
-        checked += 1
-    return checked

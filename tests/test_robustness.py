@@ -355,3 +355,62 @@ def test_a_gate_miss_still_replaces_the_artifact_and_writes_its_reports(tmp_path
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] is False and report["artifact"]["path"] == str(out.resolve())
     assert json.loads((out / "manifest.json").read_text())["recipe"]["gates"]["min_compression"]["value"] == 50
+
+
+# ------------------------------------------- a damaged ONNX model with its hash updated (issue #15, case 9)
+
+
+def _damage_onnx(artifact: Path, copy: Path, kind: str) -> None:
+    """Copy ``artifact`` and damage its ONNX model one way, then rewrite the manifest's sizes and hashes so that
+    only a structural check (or ONNX Runtime) can tell."""
+    import hashlib
+    import json
+
+    import onnx
+
+    shutil.copytree(artifact, copy)
+    model = copy / "model.onnx"
+    if kind == "garbage":
+        model.write_bytes(b"\xff\xfe\x00garbage\x9c" * 50)
+    elif kind == "truncated-data":
+        data = copy / "model.onnx.data"
+        data.write_bytes(data.read_bytes()[:1000])
+    else:
+        proto = onnx.load(str(model), load_external_data=False)
+        if kind == "unknown-op":
+            proto.graph.node[0].op_type = "NoSuchOperator"  # parses; only ONNX Runtime refuses it
+        else:
+            entries = {e.key: e for e in proto.graph.initializer[0].external_data}
+            if kind == "offset-past-end":
+                entries["offset"].value = "999999999"
+            elif kind == "traversal":
+                entries["location"].value = "../../../../etc/passwd"
+            elif kind == "unlisted-file":
+                entries["location"].value = "report.json"  # inside, but no hash covers it
+        model.write_bytes(proto.SerializeToString())
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for rel in manifest["files"]:
+        body = (copy / rel).read_bytes()
+        manifest["files"][rel] = {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    (copy / "report.json").write_text("{}")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("kind, needle", [
+    ("garbage", "not a readable ONNX model"),
+    ("offset-past-end", "spans bytes 999999999"),
+    ("traversal", "points outside the artifact"),
+    ("unlisted-file", "which the manifest does not list"),
+    ("truncated-data", "of model.onnx.data, which has 1000"),
+    ("unknown-op", "ONNX Runtime cannot load"),
+])
+def test_eval_names_a_damaged_onnx_model_cleanly(small_artifact, tmp_path, kind, needle):
+    copy = tmp_path / "art"
+    _damage_onnx(small_artifact, copy, kind)
+    proc = run_cli("eval", str(copy), "--no-speed", "--quiet")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert needle in proc.stderr and "model.onnx" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "unexpected" not in proc.stderr and "EP Error" not in proc.stdout
+    if kind != "unknown-op":  # verify checks structure, not whether ONNX Runtime knows every operator
+        proc = run_cli("verify", str(copy))
+        assert proc.returncode == 1 and needle in proc.stdout + proc.stderr

@@ -12,7 +12,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CompressorError
+from ..errors import ArtifactError, CompressorError
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -237,7 +237,15 @@ def ort_session(path: Path, device: str = "cpu", unfused: bool = False) -> Any:
     options.log_severity_level = 3  # errors only
     if unfused:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own classes (and decode errors) for a damaged model
+        try:
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        except Exception:  # noqa: BLE001 - a message that cannot even be turned into text
+            detail = type(exc).__name__
+        raise ArtifactError(f"ONNX Runtime cannot load {path}: {detail}; run `compress verify` on the artifact, "
+                            "or export it again") from None
 
 
 _NUMPY_FLOAT = {"tensor(float16)": "float16", "tensor(float)": "float32", "tensor(double)": "float64"}
