@@ -32,7 +32,18 @@ def default_output(recipe: Recipe) -> Path:
 
 
 def run_recipe(recipe: Recipe, out_dir: Path | None = None, reporter: Reporter | None = None) -> RunResult:
-    """Run a validated recipe end to end and return where the artifact went."""
+    """Run a validated recipe end to end and return where the artifact went. A recipe problem found only at run
+    time (a factory that returns no module, a pattern that matches nothing in this model) is a RecipeError
+    carrying the recipe's file:line:col of the key that caused it."""
+    from .errors import RecipeError
+
+    try:
+        return _run(recipe, out_dir, reporter)
+    except RecipeError as exc:
+        raise recipe.locate(exc) from exc
+
+
+def _run(recipe: Recipe, out_dir: Path | None, reporter: Reporter | None) -> RunResult:
     import torch
 
     from .errors import CompressorError
@@ -58,15 +69,8 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, reporter: Reporter |
 
     ctx = Context(seed=recipe.seed, log=log, base_dir=recipe.base_dir)
     passes = [get_pass(step.name)(step.config, step.index) for step in recipe.steps]
-    from .errors import RecipeError
-
     for pass_ in passes:  # every pass's model-dependent check before the first one works
-        try:
-            pass_.check(model)
-        except RecipeError as exc:
-            for problem in exc.problems:
-                problem.file = problem.file or recipe.file
-            raise RecipeError(exc.problems) from None
+        pass_.check(model)
     if any(p.needs_original for p in passes):
         import copy
 

@@ -500,6 +500,7 @@ class Recipe(Strict):
     _steps: list[PassStep] = PrivateAttr(default_factory=list)
     _file: str = PrivateAttr("<recipe>")
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _located: Located | None = PrivateAttr(None)
 
     @property
     def steps(self) -> list[PassStep]:
@@ -520,6 +521,20 @@ class Recipe(Strict):
         """A recipe path, resolved against the recipe's directory."""
         p = Path(os.path.expanduser(path))
         return p if p.is_absolute() else self._base_dir / p
+
+    def locate(self, error: RecipeError) -> RecipeError:
+        """``error`` with this recipe's file and the line:col of each problem's key path (``model.factory``,
+        ``passes[0].cast.keep``) filled in where a check after validation (a pass's model-dependent check, a
+        factory that returns no module) raised it without them; the nearest key given, for keys the recipe left
+        to their defaults."""
+        for problem in error.problems:
+            if problem.file is None:
+                problem.file = self._file
+            if problem.line is None and self._located is not None and problem.path:
+                keys = tuple(int(t[1:-1]) if t.startswith("[") else t
+                             for t in re.findall(r"\[\d+\]|[^.\[\]]+", problem.path))
+                problem.line, problem.col = self._located.where(keys)
+        return RecipeError(error.problems)
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -581,7 +596,7 @@ def parse_recipe(data: bytes | str, *, file: str = "<recipe>", base_dir: Path | 
     if problems:
         raise RecipeError(problems)
     assert recipe is not None
-    recipe._steps, recipe._file, recipe._base_dir = steps, file, base
+    recipe._steps, recipe._file, recipe._base_dir, recipe._located = steps, file, base, located
     return recipe
 
 

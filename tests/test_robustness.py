@@ -414,3 +414,39 @@ def test_eval_names_a_damaged_onnx_model_cleanly(small_artifact, tmp_path, kind,
     if kind != "unknown-op":  # verify checks structure, not whether ONNX Runtime knows every operator
         proc = run_cli("verify", str(copy))
         assert proc.returncode == 1 and needle in proc.stdout + proc.stderr
+
+
+# ------------------------------------------ runtime recipe errors carry file:line:col (issue #15, case 11)
+
+
+@pytest.mark.parametrize("factory, needle", [
+    ("mods:as_dict", "returned dict, not a torch.nn.Module"),
+    ("mods:nothing", "returned NoneType, not a torch.nn.Module"),
+    ("no_such_module:build", "cannot import 'no_such_module'"),
+    ("mods:no_such_function", "'mods' has no function 'no_such_function'"),
+])
+def test_a_factory_problem_found_at_run_time_names_the_recipe_line(tmp_path, factory, needle):
+    (tmp_path / "mods.py").write_text("def as_dict():\n    return {'a': 1}\n\ndef nothing():\n    return None\n")
+    recipe = _recipe(tmp_path, f"name: r\nmodel:\n  source: python\n  factory: {factory}\n"
+                               "  inputs: {x: {shape: [2, 4]}}\n")
+    proc = run_cli("run", str(recipe), "-o", str(tmp_path / "out"))
+    assert proc.returncode == 2, proc.stderr
+    assert f"{recipe}:4:12: model.factory: " in proc.stderr and needle in proc.stderr, proc.stderr
+
+
+def test_a_pass_problem_found_against_the_model_names_the_recipe_line(tmp_path):
+    recipe = _recipe(tmp_path, "name: d\nmodel: {source: zoo, name: digits-mlp}\npasses:\n"
+                               "  - prune: {sparsity: 0.5}\n  - quantize:\n      exclude: [no_such_layer]\n")
+    with pytest.raises(RecipeError) as err:
+        run_recipe(load_recipe(recipe), tmp_path / "out")
+    assert str(err.value).count(f"{recipe}:6:") == 1, str(err.value)
+    assert "passes[1].quantize.exclude" in str(err.value)
+
+
+def test_an_evaluation_function_that_does_not_exist_names_the_recipe_line(tmp_path):
+    (tmp_path / "mydata.py").write_text("def batches():\n    return []\n")
+    recipe = _recipe(tmp_path, "name: d\nmodel: {source: zoo, name: digits-mlp}\n"
+                               "evaluate:\n  data: {function: 'mydata:no_such_function'}\n")
+    proc = run_cli("run", str(recipe), "-o", str(tmp_path / "out"))
+    assert proc.returncode == 2, proc.stderr
+    assert f"{recipe}:4:" in proc.stderr and "no function 'no_such_function'" in proc.stderr, proc.stderr
