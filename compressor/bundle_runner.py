@@ -4,21 +4,30 @@
 transformers: the bundle runs where only the inference runtime is installed.
 
     python run.py "a sentence" "another one"      text models: prints the outputs (embeddings: mean-pooled)
-    python run.py --input x.npy                    other models: the array is the model's (first) input
+    python run.py --input x.npy                    a model with one input: the array is that input
+    python run.py --input inputs.npz               any model: one array per input, by the input's name
     python run.py --save out.npz ...               also write every output to an .npz file
+
+It follows the `compress` command's contract: exit 0 with one JSON document on stdout; on a problem, one
+paragraph on stderr saying what was wrong and what would work, and exit 2 when the input or the command line is
+at fault, 1 when the bundle or ONNX Runtime is (130 when interrupted). The JSON is always valid: non-finite
+output values are written as null and counted in `non_finite`. Inputs are checked against the model's graph
+first (names, rank, fixed sizes, number types, no NaN or infinity, at least one example); pickled arrays are
+never loaded.
 
 From Python:
 
     from run import Bundle
     bundle = Bundle("path/to/bundle")
     vectors = bundle.embed(["a sentence"])         # text-embedding models: mean-pooled over real tokens
-    outputs = bundle.run({"x": array})             # any model: {output name: array}
+    outputs = bundle.run({"x": array})             # any model: {output name: array}; InputError on bad input
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,10 +36,32 @@ import numpy as np
 import onnxruntime as ort
 
 HERE = Path(__file__).resolve().parent
+EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
            "all": "ORT_ENABLE_ALL"}
 _FLOATS = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(double)": np.float64}
-_INTS = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
+_INTS = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}
+_MAX_INPUT_BYTES = 1 << 31  # an input file larger than this is not an input someone meant to give
+
+
+class BundleError(Exception):
+    """The bundle (or ONNX Runtime) cannot do the work: exit code 1."""
+
+    exit_code = EXIT_RUNTIME
+
+
+class InputError(BundleError, ValueError):
+    """What was given to the model is not what it takes: exit code 2."""
+
+    exit_code = EXIT_USAGE
+
+
+def _first_line(exc: BaseException) -> str:
+    try:
+        text = str(exc).strip().splitlines()
+    except Exception:  # noqa: BLE001 - a message that cannot even be turned into text
+        text = []
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 class Bundle:
@@ -38,50 +69,121 @@ class Bundle:
 
     def __init__(self, path: str | Path = HERE, providers: list[str] | None = None) -> None:
         self.path = Path(path)
-        self.info: dict[str, Any] = json.loads((self.path / "bundle.json").read_text())
+        try:
+            info = json.loads((self.path / "bundle.json").read_text(encoding="utf-8"))
+            if not isinstance(info, dict) or not isinstance(info.get("model"), str):
+                raise ValueError("not a bundle description (no `model`)")
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"{self.path / 'bundle.json'} cannot be read ({_first_line(exc)}); unpack the bundle "
+                              "again, or pack it again with `compress pack`") from None
+        self.info: dict[str, Any] = info
         available = ort.get_available_providers()
         # Only providers this onnxruntime build has: asking for CUDA where it is absent only prints errors.
-        wanted = providers or self.info["providers"]
+        wanted = providers or self.info.get("providers") or ["CPUExecutionProvider"]
         self.providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
         options = ort.SessionOptions()
         options.log_severity_level = 3
         level = self.info.get("graph_optimization", "all")
-        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[level])
-        self.session = ort.InferenceSession(str(self.path / self.info["model"]), sess_options=options,
-                                            providers=self.providers)
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS.get(level, "ORT_ENABLE_ALL"))
+        model = self.path / self.info["model"]
+        try:
+            self.session = ort.InferenceSession(str(model), sess_options=options, providers=self.providers)
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own classes for a missing or damaged model
+            raise BundleError(f"ONNX Runtime cannot load {model} ({_first_line(exc)}); unpack the bundle again, or "
+                              "pack it again with `compress pack`") from None
         self.tokenizer = None
         spec = self.info.get("tokenizer")
         if spec:
-            from tokenizers import Tokenizer
+            try:
+                from tokenizers import Tokenizer
 
-            tok = Tokenizer.from_file(str(self.path / spec["file"]))
-            tok.enable_truncation(max_length=int(spec["max_length"]))
-            tok.enable_padding(pad_id=int(spec["pad_id"]), pad_token=spec["pad_token"])
+                tok = Tokenizer.from_file(str(self.path / spec["file"]))
+                tok.enable_truncation(max_length=int(spec["max_length"]))
+                tok.enable_padding(pad_id=int(spec["pad_id"]), pad_token=spec["pad_token"])
+            except ImportError:
+                raise BundleError("this is a text model and needs the `tokenizers` package: "
+                                  "pip install tokenizers") from None
+            except Exception as exc:  # noqa: BLE001 - tokenizers raises its own Exception for a damaged file
+                raise BundleError(f"the tokenizer {spec.get('file')} cannot be loaded ({_first_line(exc)})") from None
             self.tokenizer = tok
+
+    def describe_inputs(self) -> str:
+        """The model's inputs as ``name: type [dims]``, for messages."""
+        return "; ".join(f"{a.name}: {a.type} {list(a.shape)}" for a in self.session.get_inputs())
 
     def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
         """Token inputs for ``texts``, padded to the longest, as the model's graph inputs ask."""
         if self.tokenizer is None:
-            raise ValueError("this bundle's model takes no text; give arrays to run()")
+            raise InputError(f"this bundle's model takes no text (its inputs: {self.describe_inputs()}); give "
+                             "arrays: --input x.npy (one input) or --input inputs.npz (one array per input name)")
+        if not texts:
+            raise InputError("no texts given; give at least one")
         batch = self.tokenizer.encode_batch(list(texts))
         columns = {"input_ids": [e.ids for e in batch], "attention_mask": [e.attention_mask for e in batch],
                    "token_type_ids": [e.type_ids for e in batch]}
         feed = {}
         for arg in self.session.get_inputs():
             if arg.name not in columns:
-                raise ValueError(f"the model's input {arg.name!r} cannot be made from text")
+                raise BundleError(f"the model's input {arg.name!r} cannot be made from text")
             feed[arg.name] = np.asarray(columns[arg.name], dtype=_INTS.get(arg.type, np.int64))
         return feed
 
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The model's outputs by name; float inputs are given the float type the graph declares."""
+    def check(self, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+        """``inputs`` checked against the graph and converted to the types it declares; InputError naming the
+        first problem otherwise."""
+        if not isinstance(inputs, dict):
+            raise InputError(f"inputs are a dict of arrays by input name, not {type(inputs).__name__}")
+        args = self.session.get_inputs()
+        missing = [a.name for a in args if a.name not in inputs]
+        unknown = sorted(set(inputs) - {a.name for a in args})
+        if missing or unknown:
+            raise InputError(f"the model takes the inputs {self.describe_inputs()}; "
+                             + (f"missing: {', '.join(missing)}" if missing else f"unknown: {', '.join(unknown)}"))
         feed = {}
-        for arg in self.session.get_inputs():
-            value = np.asarray(inputs[arg.name])
-            kind = _FLOATS.get(arg.type)
-            feed[arg.name] = value.astype(kind) if kind is not None and value.dtype.kind == "f" else value
+        for arg in args:
+            value = inputs[arg.name]
+            try:
+                value = np.asarray(value)
+            except (TypeError, ValueError) as exc:
+                raise InputError(f"input {arg.name!r} is not an array ({_first_line(exc)})") from None
+            where = f"input {arg.name!r} (shape {list(value.shape)}, {value.dtype})"
+            dims = list(arg.shape)
+            if value.ndim != len(dims):
+                raise InputError(f"{where}: the model takes rank {len(dims)}, {arg.type} {dims}")
+            for i, (want, got) in enumerate(zip(dims, value.shape)):
+                if isinstance(want, int) and want > 0 and want != got:
+                    raise InputError(f"{where}: dimension {i} must be {want} ({arg.type} {dims})")
+            if value.size == 0:
+                raise InputError(f"{where} is empty; give at least one example")
+            if arg.type in _FLOATS:
+                if value.dtype.kind not in "biuf":
+                    raise InputError(f"{where}: the model takes numbers ({arg.type})")
+                value = value.astype(_FLOATS[arg.type])
+                if not np.isfinite(value).all():
+                    bad = tuple(int(i) for i in np.argwhere(~np.isfinite(value))[0])
+                    raise InputError(f"{where} holds NaN or infinity (first at {list(bad)}, possibly after "
+                                     f"conversion to {value.dtype}); give finite values")
+            elif arg.type in _INTS:
+                if value.dtype.kind not in "biu":
+                    raise InputError(f"{where}: the model takes integers ({arg.type}); token ids and class "
+                                     "indices are never fractional")
+                value = value.astype(_INTS[arg.type])
+            elif arg.type == "tensor(bool)":
+                if value.dtype.kind != "b":
+                    raise InputError(f"{where}: the model takes booleans ({arg.type})")
+            feed[arg.name] = value
+        return feed
+
+    def run(self, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The model's outputs by name. Inputs are checked first (see :meth:`check`); float inputs are given the
+        float type the graph declares."""
+        feed = self.check(inputs)
         names = [o.name for o in self.session.get_outputs()]
-        return dict(zip(names, self.session.run(names, feed)))
+        try:
+            return dict(zip(names, self.session.run(names, feed)))
+        except Exception as exc:  # noqa: BLE001 - e.g. a token id past the vocabulary: ORT's own error classes
+            raise BundleError(f"ONNX Runtime failed on these inputs ({_first_line(exc)}); the model takes "
+                              f"{self.describe_inputs()}") from None
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Sentence embeddings: the first output mean-pooled over real tokens (float32, not normalized)."""
@@ -91,35 +193,112 @@ class Bundle:
         return (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run this compressor bundle with ONNX Runtime.")
-    parser.add_argument("texts", nargs="*", help="input texts (text models)")
-    parser.add_argument("--input", help=".npy file: the model's input array (models without a tokenizer)")
-    parser.add_argument("--provider", action="append", help="execution provider to use (repeatable); default: "
-                        "the bundle's target providers that this onnxruntime has")
-    parser.add_argument("--save", help="write every output to this .npz file")
-    args = parser.parse_args(argv)
+def read_inputs(path: str, bundle: Bundle) -> dict[str, np.ndarray]:
+    """The arrays in a .npy (the model's single input) or .npz (arrays by input name) file; never a pickle."""
+    p = Path(path)
+    names = [a.name for a in bundle.session.get_inputs()]
+    if not p.is_file():
+        raise InputError(f"--input {path}: {'not a regular file' if p.exists() else 'no such file'}")
+    if p.stat().st_size > _MAX_INPUT_BYTES:
+        raise InputError(f"--input {path}: larger than {_MAX_INPUT_BYTES >> 30} GiB; give a smaller batch")
+    suffix = p.suffix.lower()
+    if suffix not in (".npy", ".npz"):
+        raise InputError(f"--input {path}: give a .npy file (a model with one input) or an .npz file (one array "
+                         f"per input: {', '.join(names)}), as numpy.save / numpy.savez write them")
+    try:
+        loaded = np.load(p, allow_pickle=False)  # pickles run code when loaded: refused, whatever the file says
+        if suffix == ".npz":
+            with loaded:
+                return {k: loaded[k] for k in loaded.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise InputError(f"--input {path} is not a numpy {suffix} array file ({_first_line(exc)}); write it with "
+                         f"numpy.{'save' if suffix == '.npy' else 'savez'} (object arrays and pickles are refused)"
+                         ) from None
+    if len(names) != 1:
+        raise InputError(f"--input {path}: the model takes {len(names)} inputs ({', '.join(names)}); give an .npz "
+                         "file holding one array per input name")
+    return {names[0]: loaded}
+
+
+def _finite_list(values: np.ndarray) -> list[float | None]:
+    """Values for JSON: non-finite ones as null (JSON has no NaN or infinity)."""
+    return [float(v) if np.isfinite(v) else None for v in values.tolist()]
+
+
+def summarize(bundle: Bundle, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
+    """What run.py prints: each output's shape, dtype, first values and how many values are not finite."""
+    described = {}
+    for name, value in outputs.items():
+        flat = np.asarray(value, dtype=np.float64).reshape(-1)
+        described[name] = {"shape": list(value.shape), "dtype": str(value.dtype),
+                           "head": _finite_list(flat[:8].round(6)), "non_finite": int((~np.isfinite(flat)).sum())}
+    return {"bundle": bundle.info.get("name"), "target": bundle.info.get("target"), "providers": bundle.providers,
+            "outputs": described}
+
+
+def _save(path: str, outputs: dict[str, np.ndarray]) -> None:
+    target = Path(path)
+    if target.suffix.lower() != ".npz":
+        raise InputError(f"--save {path}: outputs are saved as an .npz file; name it *.npz")
+    if target.exists() and not target.is_file():
+        raise InputError(f"--save {path} exists and is not a file")
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}.npz")
+    try:
+        np.savez(tmp, **outputs)
+        os.replace(tmp, target)  # whole or not at all
+    except OSError as exc:
+        raise BundleError(f"--save {path}: cannot write it ({exc.strerror or exc})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.texts and args.input:
+        parser.error("give texts or --input, not both")
+    if not args.texts and not args.input:
+        parser.error("give texts (text models) or --input FILE.npy / FILE.npz")
     bundle = Bundle(HERE, providers=args.provider)
-    if args.texts:
-        feed = bundle.encode(args.texts)
-    elif args.input:
-        feed = {bundle.session.get_inputs()[0].name: np.load(args.input)}
-    else:
-        parser.error("give texts (text models) or --input FILE.npy")
+    feed = bundle.encode(args.texts) if args.texts else read_inputs(args.input, bundle)
     outputs = bundle.run(feed)
     if bundle.info.get("pooling") == "mean" and "attention_mask" in feed:
         first = next(iter(outputs.values())).astype(np.float32)
-        mask = feed["attention_mask"].astype(np.float32)[..., None]
+        mask = np.asarray(feed["attention_mask"]).astype(np.float32)[..., None]
         outputs["embedding"] = (first * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)
-    summary = {"bundle": bundle.info["name"], "target": bundle.info["target"], "providers": bundle.providers,
-               "outputs": {n: {"shape": list(v.shape), "dtype": str(v.dtype),
-                               "head": np.asarray(v, dtype=np.float64).reshape(-1)[:8].round(6).tolist()}
-                           for n, v in outputs.items()}}
+    summary = summarize(bundle, outputs)
     if args.save:
-        np.savez(args.save, **outputs)
+        _save(args.save, outputs)
         summary["saved"] = args.save
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2, allow_nan=False))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit code (see the module docstring)."""
+    parser = argparse.ArgumentParser(description="Run this compressor bundle with ONNX Runtime. Exit codes: 0 ok, "
+                                     "1 the bundle or ONNX Runtime failed, 2 bad input or usage.")
+    parser.add_argument("texts", nargs="*", help="input texts (text models)")
+    parser.add_argument("--input", help=".npy file (a model with one input) or .npz file (one array per input name)")
+    parser.add_argument("--provider", action="append", help="execution provider to use (repeatable); default: "
+                        "the bundle's target providers that this onnxruntime has")
+    parser.add_argument("--save", help="write every output to this .npz file")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+    args = parser.parse_args(argv)
+    try:
+        return _main(args, parser)
+    except BundleError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - one paragraph, never a traceback, unless --debug
+        if args.debug:
+            raise
+        print(f"error: {_first_line(exc)}\n(an unexpected failure; run again with --debug for the traceback, and "
+              "please report it)", file=sys.stderr)
+        return EXIT_RUNTIME
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from typing import Any
 from .errors import ArtifactError, CompressorError, UsageError
 from .manifest import sha256_file as _sha256
 
-__all__ = ["TARGETS", "Target", "pack_artifact", "targets_text", "BUNDLE_FORMAT"]
+__all__ = ["TARGETS", "Target", "pack_artifact", "targets_text", "BUNDLE_FORMAT", "is_bundle"]
 
 BUNDLE_FORMAT = "compressor-bundle"
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # zip's earliest date: the same for every entry of every bundle
@@ -185,6 +185,23 @@ def _tokenizer(artifact: Path, manifest: dict[str, Any], dst: Path) -> dict[str,
             "pad_token": tok.pad_token, "pad_id": int(tok.pad_token_id)}
 
 
+def is_bundle(path: Path) -> bool:
+    """Whether ``path`` is a zip that `compress pack` wrote: one top folder holding a bundle.json of our format
+    (only such a file may be replaced by a new bundle)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            tops = {name.split("/", 1)[0] for name in zf.namelist()}
+            if len(tops) != 1:
+                return False
+            info = zf.getinfo(f"{tops.pop()}/bundle.json")
+            if info.file_size > 1 << 20:
+                return False
+            body = json.loads(zf.read(info))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile, RuntimeError, NotImplementedError):
+        return False
+    return isinstance(body, dict) and body.get("format") == BUNDLE_FORMAT
+
+
 def _zip(src: Path, output: Path, top: str) -> None:
     """Deterministic zip of ``src`` under the folder ``top``: sorted entries, fixed times and modes."""
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
@@ -232,8 +249,12 @@ def pack_artifact(artifact: Path, output: Path, target: str = "cpu-x86_64", dtyp
                          "to its recipe and run it again")
     if output.suffix != ".zip":
         raise UsageError(f"{output}: bundles are zip files; name it *.zip")
-    if output.exists() and not output.is_file():
-        raise UsageError(f"{output} exists and is not a file")
+    if output.is_symlink() or (output.exists() and not output.is_file()):
+        raise UsageError(f"{output} exists and is not a regular file; choose another -o")
+    if output.exists() and not is_bundle(output):
+        raise UsageError(f"refusing to overwrite {output}: it is not a compressor bundle (no <name>/bundle.json of "
+                         f"format {BUNDLE_FORMAT!r} in it), so it may be someone's data; choose another -o or remove "
+                         "it yourself")
     output.parent.mkdir(parents=True, exist_ok=True)
     families = _cpu_families(artifact, manifest, target)
     source_model = artifact / onnx_info["model"]

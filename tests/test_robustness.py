@@ -450,3 +450,133 @@ def test_an_evaluation_function_that_does_not_exist_names_the_recipe_line(tmp_pa
     proc = run_cli("run", str(recipe), "-o", str(tmp_path / "out"))
     assert proc.returncode == 2, proc.stderr
     assert f"{recipe}:4:" in proc.stderr and "no function 'no_such_function'" in proc.stderr, proc.stderr
+
+
+# ------------------------------------------------------------------ the bundle runner (issue #15, case 13)
+
+
+@pytest.fixture(scope="module")
+def unpacked_bundle(small_artifact, tmp_path_factory):
+    """The digits MLP packed and unpacked: returns its run.py."""
+    import zipfile
+
+    tmp = tmp_path_factory.mktemp("bundle")
+    proc = run_cli("pack", str(small_artifact), "-o", str(tmp / "b.zip"), "-q")
+    assert proc.returncode == 0, proc.stderr
+    with zipfile.ZipFile(tmp / "b.zip") as zf:
+        zf.extractall(tmp / "x")
+    return tmp / "x" / "mlp" / "run.py"
+
+
+def _run_bundle(run_py: Path, *args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, str(run_py), *args], capture_output=True, text=True, timeout=120)
+
+
+def _bad_input(tmp_path: Path, kind: str) -> list[str]:
+    """Command-line arguments that give the digits MLP (input x: float32 [batch, 64]) one kind of bad input."""
+    import numpy as np
+
+    path = tmp_path / "in.npy"
+    arrays = {
+        "wrong-size": np.zeros((2, 63), np.float32), "wrong-rank": np.zeros((64,), np.float32),
+        "rank-3": np.zeros((1, 2, 64), np.float32), "strings": np.array([["a"] * 64]),
+        "complex": np.zeros((1, 64), np.complex64), "nan": np.full((1, 64), np.nan, np.float32),
+        "inf": np.full((1, 64), np.inf, np.float32), "empty": np.zeros((0, 64), np.float32),
+    }
+    if kind in arrays:
+        np.save(path, arrays[kind])
+    elif kind == "missing-file":
+        return ["--input", str(tmp_path / "nope.npy")]
+    elif kind == "text-file":
+        path.write_text("1, 2, 3\n")
+    elif kind == "pickle":
+        np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "npz-wrong-name":
+        path = tmp_path / "in.npz"
+        np.savez(path, y=np.zeros((1, 64), np.float32))
+    elif kind == "text":
+        return ["a sentence"]
+    elif kind == "nothing":
+        return []
+    return ["--input", str(path)]
+
+
+BAD_INPUTS = ["wrong-size", "wrong-rank", "rank-3", "strings", "complex", "nan", "inf", "empty", "missing-file",
+              "text-file", "pickle", "directory", "npz-wrong-name", "text", "nothing"]
+
+
+@pytest.mark.parametrize("kind", BAD_INPUTS)
+def test_the_bundle_runner_refuses_bad_input_in_one_paragraph(unpacked_bundle, tmp_path, kind):
+    proc = _run_bundle(unpacked_bundle, *_bad_input(tmp_path, kind))
+    assert proc.returncode == 2, (kind, proc.stdout, proc.stderr)
+    assert proc.stdout == "" and "Traceback" not in proc.stderr and "unexpected" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith(("error: ", "usage: ")), proc.stderr
+
+
+def test_the_bundle_runner_prints_valid_json_and_saves_whole_files(unpacked_bundle, tmp_path):
+    import json
+
+    import numpy as np
+
+    from compressor.zoo import digits_split
+
+    _, x_test, _, _ = digits_split("digits-mlp")
+    np.save(tmp_path / "x.npy", x_test[:3])
+    np.savez(tmp_path / "x.npz", x=x_test[:3])
+    for given in ("x.npy", "x.npz"):
+        proc = _run_bundle(unpacked_bundle, "--input", str(tmp_path / given), "--save", str(tmp_path / "o.npz"))
+        assert proc.returncode == 0, proc.stderr
+        summary = json.loads(proc.stdout)
+        assert summary["outputs"]["logits"]["shape"] == [3, 10] and summary["outputs"]["logits"]["non_finite"] == 0
+        assert np.load(tmp_path / "o.npz")["logits"].shape == (3, 10)
+    proc = _run_bundle(unpacked_bundle, "--input", str(tmp_path / "x.npy"), "--save", str(tmp_path / "o.txt"))
+    assert proc.returncode == 2 and "*.npz" in proc.stderr
+
+
+def test_the_bundle_runner_writes_non_finite_outputs_as_null(unpacked_bundle):
+    import importlib.util
+    import json
+    import math
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("bundle_run", unpacked_bundle)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    bundle = module.Bundle(unpacked_bundle.parent)
+    summary = module.summarize(bundle, {"logits": np.array([[1.0, np.nan, np.inf, -np.inf]], np.float32)})
+    text = json.dumps(summary, allow_nan=False)  # would raise on NaN
+    assert json.loads(text)["outputs"]["logits"] == {"shape": [1, 4], "dtype": "float32",
+                                                     "head": [1.0, None, None, None], "non_finite": 3}
+    assert not any(isinstance(v, float) and math.isnan(v) for v in json.loads(text)["outputs"]["logits"]["head"])
+    with pytest.raises(module.InputError, match="empty"):
+        bundle.run({"x": np.zeros((0, 64), np.float32)})
+
+
+def test_the_bundle_runner_names_a_broken_bundle_with_exit_1(unpacked_bundle, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(unpacked_bundle.parent, copy)
+    (copy / "model.onnx").write_bytes(b"not a model")
+    proc = _run_bundle(copy / "run.py", "--input", "x.npy")
+    assert proc.returncode == 1 and "ONNX Runtime cannot load" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_pack_never_overwrites_a_file_that_is_not_a_bundle(small_artifact, tmp_path):
+    import zipfile
+
+    mine = tmp_path / "photos.zip"
+    with zipfile.ZipFile(mine, "w") as zf:
+        zf.writestr("holiday/1.jpg", b"jpeg bytes")
+    before = mine.read_bytes()
+    proc = run_cli("pack", str(small_artifact), "-o", str(mine))
+    assert proc.returncode == 2 and "not a compressor bundle" in proc.stderr
+    assert mine.read_bytes() == before
+    bundle = tmp_path / "b.zip"
+    for _ in range(2):  # an earlier bundle is replaced
+        proc = run_cli("pack", str(small_artifact), "-o", str(bundle), "-q")
+        assert proc.returncode == 0, proc.stderr
