@@ -43,7 +43,9 @@ class Problem:
         hint: str = "",
     ) -> None:
         self.file, self.line, self.col = file, line, col
-        self.path, self.message, self.hint = path, message, hint
+        # Messages quote the user's values; a value can be a 10,000-element list or a megabyte string, and one
+        # problem must still read as one paragraph.
+        self.path, self.message, self.hint = _clip(path, 200), _clip(message, 400), _clip(hint, 1200)
 
     def __str__(self) -> str:
         where = self.file or "<recipe>"
@@ -61,6 +63,14 @@ class Problem:
 
     def sort_key(self) -> tuple[int, int]:
         return (self.line or 0, self.col or 0)
+
+
+def _clip(text: str, limit: int) -> str:
+    """``text`` shortened in the middle to at most ``limit`` characters."""
+    if len(text) <= limit:
+        return text
+    keep = (limit - 5) // 2
+    return f"{text[:keep]} ... {text[-keep:]}"
 
 
 class RecipeError(CompressorError):
