@@ -248,30 +248,91 @@ def _outside_reference(artifact: Path, tmp_path: Path, kind: str) -> tuple[Path,
     return copy, secret
 
 
+class _OpenWatch:
+    """Every open of a file in ``directory`` by any process, native code included (Linux inotify): ONNX Runtime
+    and safetensors open files from C++ and Rust, where Python's audit hooks do not see them."""
+
+    IN_OPEN, IN_NONBLOCK = 0x20, 0o4000
+
+    def __init__(self, directory: Path) -> None:
+        import ctypes
+        import os
+
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self.libc.inotify_init1(self.IN_NONBLOCK)
+        assert self.fd >= 0, os.strerror(ctypes.get_errno())
+        assert self.libc.inotify_add_watch(self.fd, os.fsencode(directory), self.IN_OPEN) >= 0
+
+    def events(self) -> int:
+        import os
+
+        count = 0
+        while True:
+            try:
+                count += len(os.read(self.fd, 65536))
+            except BlockingIOError:
+                return count
+
+    def close(self) -> None:
+        import os
+
+        os.close(self.fd)
+
+
+_AUDITED = """
+import atexit, sys
+opened = []
+def hook(event, args):
+    if event == "open" and isinstance(args[0], str) and args[0].startswith({outside!r}):
+        opened.append(args[0])
+sys.addaudithook(hook)
+atexit.register(lambda: opened and print("OPENED OUTSIDE: " + " ".join(opened), file=sys.stderr))
+sys.argv = ["compress"] + {args!r}
+from compressor.cli import main
+main()
+"""
+
+
 @pytest.mark.parametrize("kind", ["symlinked-file", "symlinked-manifest", "absolute", "dotdot"])
-def test_no_reader_follows_a_reference_outside_the_artifact(small_artifact, tmp_path, kind):
+def test_no_reader_opens_a_file_outside_the_artifact(small_artifact, tmp_path, kind):
+    """verify, inspect, eval, pack (each in a process with an audit hook on `open`) and compressor.load (here) on
+    an artifact that names a file outside itself: each refuses it with exit 1, and no process opens that file."""
+    import subprocess
     import sys
 
     import compressor
     from compressor.errors import ArtifactError
 
+    from conftest import ROOT
+
     copy, secret = _outside_reference(small_artifact, tmp_path, kind)
-    for command in (["verify", str(copy)], ["inspect", str(copy)], ["eval", str(copy), "--no-speed"],
-                    ["pack", str(copy), "-o", str(tmp_path / "b.zip")]):
-        proc = run_cli(*command)
-        assert proc.returncode == 1, (command, proc.stdout, proc.stderr)
-        assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "b.zip").exists()
-    opened: list[str] = []
+    outside = str(secret.parent.resolve())
+    watch = _OpenWatch(secret.parent)
+    try:
+        for command in (["verify", str(copy)], ["inspect", str(copy)], ["eval", str(copy), "--no-speed"],
+                        ["pack", str(copy), "-o", str(tmp_path / "b.zip")]):
+            code = _AUDITED.format(outside=outside, args=command)
+            proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 1, (command, proc.stdout, proc.stderr)
+            assert "Traceback" not in proc.stderr and "OPENED OUTSIDE" not in proc.stderr, (command, proc.stderr)
+            assert watch.events() == 0, f"{command[0]} opened a file in {outside}"
+        assert not (tmp_path / "b.zip").exists()
+        opened: list[str] = []
 
-    def audit(event: str, args: tuple) -> None:
-        if event == "open" and isinstance(args[0], (str, Path)) and str(secret.parent) in str(args[0]):
-            opened.append(str(args[0]))
+        def audit(event: str, args: tuple) -> None:
+            if event == "open" and isinstance(args[0], (str, Path)) and str(args[0]).startswith(outside):
+                opened.append(str(args[0]))
 
-    sys.addaudithook(audit)  # stays installed, but only records opens under this test's own directory
-    with pytest.raises(ArtifactError):
-        compressor.load(copy, verify_hashes=True)
-    assert opened == [], opened
+        sys.addaudithook(audit)  # stays installed, but only records opens under this test's own directory
+        with pytest.raises(ArtifactError):
+            compressor.load(copy, verify_hashes=True)
+        with pytest.raises(ArtifactError):
+            compressor.load(copy)
+        assert opened == [] and watch.events() == 0, opened
+        secret.read_bytes()  # the control: an open there is seen
+        assert watch.events() > 0 and opened
+    finally:
+        watch.close()
 
 
 # ---------------------------------------- evaluation happens before the exchange (issue #15, case 6)
