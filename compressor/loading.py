@@ -32,7 +32,8 @@ def load(artifact_dir: str | Path, *, device: str | torch.device = "cpu", verify
     On CPU its tensors are views on the memory-mapped files (nothing is read until used). On CUDA the shards are
     read by parallel threads, each staging tensors through pinned memory and copying them to the GPU without
     blocking, so disk reads overlap with host-to-device transfers. ``verify_hashes`` also recomputes every file's
-    sha256 (reads everything; off by default so that loading stays lazy). ``int8`` says what happens to weights
+    sha256 and checks the structure of an ONNX model beside the weights (reads everything; off by default so that
+    loading stays lazy: sizes, safetensors headers and the confinement rule are always checked). ``int8`` says what happens to weights
     stored as int8 (the `quantize` pass): ``"dequantize"`` turns them into float32 on load; ``"keep"`` keeps the
     int8 tensor as the parameter and dequantizes it on the fly at every use (a parametrization), so the model
     holds a quarter of the memory.

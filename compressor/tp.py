@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ArtifactError, Problem, RecipeError, UsageError
+from .manifest import confined
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -331,7 +332,7 @@ def read_plan(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     try:
         if entry.get("plan", PLAN_FILE) != PLAN_FILE:
             raise ValueError(f"the manifest names the plan {entry.get('plan')!r}, not {PLAN_FILE}")
-        plan = json.loads((root / PLAN_FILE).read_text())
+        plan = json.loads(confined(root, PLAN_FILE).read_text())
         world = int(plan["world"])
         if len(plan["ranks"]) != world or not isinstance(plan["tensors"], dict):
             raise ValueError("ranks and world disagree")
@@ -340,10 +341,10 @@ def read_plan(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     listed = manifest.get("files", {})
     for name in [*plan["ranks"], plan.get("replicated")]:
         # Only files of this artifact, listed (and so hashed) in its manifest: never a path that leads elsewhere.
-        if not isinstance(name, str) or name not in listed or not (root / name).resolve().is_relative_to(
-                root.resolve()):
+        if not isinstance(name, str) or name not in listed:
             raise ArtifactError(f"{root}: the tensor-parallel plan names {name!r}, which is not a file of this "
                                 "artifact's manifest")
+        confined(root, name)
     return plan
 
 

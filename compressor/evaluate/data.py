@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..errors import UsageError
+from ..errors import CompressorError, UsageError
 
 __all__ = ["EvalData", "build_data", "build_calibration", "check_data_file", "builtin_text_pairs", "TEXT_PAIRS",
            "CALIBRATION_TEXTS", "tokenizer_for"]
@@ -396,8 +396,8 @@ def _function_data(spec: str, base_dir: Path, limit: int | None, accepted: set[s
                 break
     except UsageError:
         raise
-    except Exception as exc:
-        raise UsageError(f"the evaluation data function {spec} failed: {type(exc).__name__}: {exc}") from exc
+    except (Exception, SystemExit) as exc:  # the user's code failed (sys.exit() included): a runtime failure, named
+        raise CompressorError(f"the evaluation data function {spec} raised {type(exc).__name__}: {exc}") from exc
     label_tensor = torch.cat(labels) if labels else None
     return EvalData(name=f"{spec} ({len(batches)} batches)", metric="top1_accuracy" if labels else None,
                     batches=batches, labels=label_tensor)
