@@ -12,7 +12,15 @@ from typing import Any
 from .errors import ArtifactError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "sha256_file", "library_versions", "write_manifest",
-           "read_manifest", "check_files", "is_artifact", "confined", "check_onnx_external_data"]
+           "read_manifest", "check_files", "is_artifact", "confined", "check_onnx_external_data", "REPORT_FILES",
+           "REPORT_JSON", "EVALUATION_REPORTS", "TP_REPORT"]
+
+# Reports are written beside the manifest, not listed in it (they hold timings and are rewritten by every
+# evaluation): the one list that verify, staging and the evaluator agree on.
+REPORT_JSON = "report.json"
+EVALUATION_REPORTS = (REPORT_JSON, "report.md", "junit.xml", "report.png")  # written by every evaluation
+TP_REPORT = "tp-report.json"  # written by `compress eval --tp`
+REPORT_FILES = (*EVALUATION_REPORTS, TP_REPORT)
 
 FORMAT = "compressor-artifact"
 FORMAT_VERSION = 1

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import CompressorError, EXIT_USAGE
-from .manifest import MANIFEST, is_artifact
+from .manifest import MANIFEST, REPORT_FILES, is_artifact
 
 __all__ = ["staged_dir", "check_target", "prepare_target", "clean_stale", "TargetError"]
 
@@ -49,8 +49,6 @@ def check_target(target: Path) -> None:
             f"refusing to replace {target}: it is not empty and holds no compressor manifest.json, so it is not an "
             "earlier artifact; choose another output directory (-o) or remove it yourself"
         )
-    from .evaluate.report import REPORT_FILES
-
     # Reports are written beside the manifest by the evaluator (they hold timings, so they are not hashed in it).
     known = set(json.loads((target / MANIFEST).read_text()).get("files", {})) | {MANIFEST, *REPORT_FILES}
     extra = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())

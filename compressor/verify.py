@@ -14,12 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ArtifactError
-from .manifest import MANIFEST, check_onnx_external_data, read_manifest, sha256_file
+from .manifest import MANIFEST, REPORT_FILES, check_onnx_external_data, read_manifest, sha256_file
 
-__all__ = ["verify_artifact", "REPORT_FILES"]
-
-# Written by `compress eval` after the manifest (so not in it), and rewritten by every evaluation.
-REPORT_FILES = ("report.json", "report.md", "junit.xml", "report.png", "tp-report.json")
+__all__ = ["verify_artifact"]
 
 
 def verify_artifact(root: Path, *, hashes: bool = True) -> dict[str, Any]:

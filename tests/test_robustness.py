@@ -641,3 +641,13 @@ def test_pack_never_overwrites_a_file_that_is_not_a_bundle(small_artifact, tmp_p
     for _ in range(2):  # an earlier bundle is replaced
         proc = run_cli("pack", str(small_artifact), "-o", str(bundle), "-q")
         assert proc.returncode == 0, proc.stderr
+
+
+def test_a_rerun_into_an_artifact_with_a_tp_report_is_not_refused(tmp_path):
+    """One list of report files: a tp-report.json beside the manifest is a report, not a user's file."""
+    recipe = _recipe(tmp_path, DIGITS)
+    out = tmp_path / "out"
+    run_recipe(load_recipe(recipe), out)
+    (out / "tp-report.json").write_text("{}")
+    run_recipe(load_recipe(recipe), out)
+    assert (out / "manifest.json").is_file()

@@ -9,11 +9,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["summary_lines", "REPORT_JSON", "REPORT_FILES", "REPORT_FORMAT", "write_reports", "render_markdown", "render_junit",
-           "render_plot", "clean_json"]
+from ..manifest import EVALUATION_REPORTS
 
-REPORT_JSON = "report.json"
-REPORT_FILES = (REPORT_JSON, "report.md", "junit.xml", "report.png")
+__all__ = ["summary_lines", "REPORT_FORMAT", "write_reports", "render_markdown", "render_junit", "render_plot",
+           "clean_json"]
+
 REPORT_FORMAT = "compressor-report"
 
 
@@ -48,7 +48,7 @@ def write_reports(artifact: Path, report: dict[str, Any]) -> list[Path]:
     # Render everything first: a failure in any renderer leaves the previous reports as they were.
     contents = [(json.dumps(report, indent=2, allow_nan=False) + "\n").encode(), render_markdown(report).encode(),
                 render_junit(report), render_plot(report)]
-    paths = [artifact / name for name in REPORT_FILES]
+    paths = [artifact / name for name in EVALUATION_REPORTS]
     for path, data in zip(paths, contents):
         _atomic_write(path, data)
     return paths

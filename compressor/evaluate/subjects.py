@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ArtifactError, CompressorError, UsageError
-from .report import REPORT_FILES, REPORT_JSON
+from ..manifest import REPORT_FILES, REPORT_JSON
 
 __all__ = ["Subject", "artifact_subject", "source_subject", "baseline_from_manifest", "baseline_from_argument",
            "load_module", "preimport", "onnx_subject", "OrtModule"]

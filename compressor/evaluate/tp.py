@@ -19,10 +19,10 @@ from typing import Any
 
 from ..errors import CompressorError, UsageError
 from ..log import Reporter
+from ..manifest import TP_REPORT
 
-__all__ = ["evaluate_tp", "summary_lines", "TP_REPORT", "DEFAULT_MIN_COSINE"]
+__all__ = ["evaluate_tp", "summary_lines", "DEFAULT_MIN_COSINE"]
 
-TP_REPORT = "tp-report.json"
 DEFAULT_MIN_COSINE = 0.9999
 
 
