@@ -98,7 +98,7 @@ def _compare(reference_model: Path, candidate_model: Path, artifact: Path, what:
     ``reference_model``'s, on the artifact's example inputs."""
     import numpy as np
 
-    from .export.onnx import run_onnx
+    from .ort import run_onnx
     from .loading import load_example_inputs
 
     inputs = load_example_inputs(artifact)

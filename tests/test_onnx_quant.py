@@ -234,9 +234,9 @@ def test_shipped_int8_onnx_recipe_validates_and_calibrates_apart_from_evaluation
 
 
 def test_a_zero_output_is_not_a_perfect_match():
-    from compressor.export.onnx_quant import _cosines
+    from compressor.export.int8_search import row_cosines
 
-    got = _cosines([np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])], [np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])])
+    got = row_cosines([np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])], [np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])])
     assert got.tolist() == [0.0, 1.0]
 
 

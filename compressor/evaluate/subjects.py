@@ -216,7 +216,7 @@ def preimport(spec: dict[str, Any]) -> None:
     if spec["kind"] == "onnx":
         import onnxruntime  # noqa: F401
 
-        from ..export import onnx  # noqa: F401
+        from .. import ort  # noqa: F401
         return
     if spec["kind"] == "artifact":
         root = Path(spec["path"])
@@ -321,7 +321,7 @@ class OrtModule:
     """An ONNX Runtime session called like the torch module: keyword tensors in, named tensors out."""
 
     def __init__(self, path: Path, device: str = "cpu", unfused: bool = False) -> None:
-        from ..export.onnx import ort_session
+        from ..ort import ort_session
 
         self.session = ort_session(path, device, unfused)
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -330,7 +330,7 @@ class OrtModule:
     def __call__(self, **inputs: Any) -> OrtOutputs:
         import torch
 
-        from ..export.onnx import ort_feed
+        from ..ort import ort_feed
 
         missing = [n for n in self.input_names if n not in inputs]
         if missing:

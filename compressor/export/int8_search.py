@@ -38,15 +38,15 @@ class Scorer:
     def __init__(self, model: onnx.ModelProto, float_weights: dict[str, np.ndarray], arithmetic: str | None,
                  feeds: list[dict[str, np.ndarray]], reference: list[np.ndarray],
                  outputs: Callable[[Any, dict[str, np.ndarray]], np.ndarray], work: Path) -> None:
-        from .onnx_quant import _save, _session
+        from ..ort import ort_session, save_with_external_data
 
         graph, self.switches = switchable(model, float_weights)
         if arithmetic is not None:
             graph = emulate(graph, arithmetic)
         path = work / "search.onnx"
-        _save(graph, path)
+        save_with_external_data(graph, path)
         try:
-            self.session = _session(path)
+            self.session = ort_session(path)
         except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own exception types
             from ..errors import CompressorError
 
@@ -58,8 +58,6 @@ class Scorer:
     def score(self, in_float: set[str] | list[str], examples: int | None = None) -> dict[str, float]:
         """{"min", "mean"} cosine over ``examples`` calibration examples taken evenly from every batch (all when
         None: a slice of each batch varies like the whole set; the first batch alone would not)."""
-        from .onnx_quant import _cosines
-
         flags = {s: np.array(name in in_float) for name, s in self.switches.items()}
         got, ref = [], []
         each = None if examples is None else max(1, -(-examples // len(self.feeds)))
@@ -68,7 +66,7 @@ class Scorer:
             got.append(self.outputs(self.session, {**part, **flags}))
             ref.append(expected if each is None else expected[:each])
         self.runs += 1
-        cos = _cosines(ref, got)
+        cos = row_cosines(ref, got)
         return {"min": float(cos.min()), "mean": float(cos.mean())}
 
 
@@ -109,3 +107,12 @@ def search(scorer: Scorer, candidates: list[str], cost: dict[str, int], target: 
                 say(f"  {name}: back to int8 (the target holds without it) -> min cosine {current['min']:.5f}")
     say(f"  search: {scorer.runs} scoring runs in {time.perf_counter() - start:.1f}s")
     return moved, current
+
+
+def row_cosines(reference: list[np.ndarray], got: list[np.ndarray]) -> np.ndarray:
+    """Cosine of each row of the concatenated outputs (1 where both rows are zero, 0 where one is)."""
+    a, b = np.concatenate(reference), np.concatenate(got)
+    num = (a * b).sum(axis=1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    both_zero = (np.linalg.norm(a, axis=1) == 0) & (np.linalg.norm(b, axis=1) == 0)
+    return np.where(den > 0, num / np.maximum(den, 1e-30), np.where(both_zero, 1.0, 0.0))

@@ -12,15 +12,16 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ArtifactError, CompressorError
+from ..errors import CompressorError
+from ..ort import ort_session, run_onnx
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
 
     from ..model import Model
 
-__all__ = ["ONNX_FILE", "ONNX_DATA", "export_onnx", "calibration", "save_aligned", "check_against_torch", "ort_session",
-           "ort_feed", "run_onnx", "BIG_TENSOR", "BIG_ALIGN", "SMALL_ALIGN"]
+__all__ = ["ONNX_FILE", "ONNX_DATA", "export_onnx", "calibration", "save_aligned", "check_against_torch", "BIG_TENSOR",
+           "BIG_ALIGN", "SMALL_ALIGN"]
 
 ONNX_FILE = "model.onnx"
 ONNX_DATA = "model.onnx.data"
@@ -219,56 +220,6 @@ def _initializers(graph: Any) -> Any:
                 yield from _initializers(attr.g)
             for sub in attr.graphs:
                 yield from _initializers(sub)
-
-
-def ort_session(path: Path, device: str = "cpu", unfused: bool = False) -> Any:
-    """An ONNX Runtime session; CUDA is requested only when CUDA is really there (no error spam elsewhere).
-    ``unfused``: no graph optimizations (QDQ pairs stay DequantizeLinear + float ops: exact integer arithmetic)."""
-    import onnxruntime as ort
-
-    providers = ["CPUExecutionProvider"]
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available() or "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise CompressorError("ONNX Runtime's CUDA provider is not available on this machine")
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only
-    if unfused:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
-    except Exception as exc:  # noqa: BLE001 - ORT raises its own classes (and decode errors) for a damaged model
-        try:
-            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        except Exception:  # noqa: BLE001 - a message that cannot even be turned into text
-            detail = type(exc).__name__
-        raise ArtifactError(f"ONNX Runtime cannot load {path}: {detail}; run `compress verify` on the artifact, "
-                            "or export it again") from None
-
-
-_NUMPY_FLOAT = {"tensor(float16)": "float16", "tensor(float)": "float32", "tensor(double)": "float64"}
-
-
-def ort_feed(session: Any, inputs: dict[str, Any]) -> dict[str, Any]:
-    """Numpy feeds for ``session`` from torch tensors by name. Float inputs are given in the float dtype the graph
-    declares: a float16-IO graph (cast with float32_io false) takes the float32 tensors the torch model takes."""
-    feed = {}
-    for arg in session.get_inputs():
-        value = inputs[arg.name].detach().cpu().numpy()
-        wanted = _NUMPY_FLOAT.get(arg.type)
-        feed[arg.name] = value.astype(wanted) if wanted and value.dtype.kind == "f" and value.dtype != wanted else value
-    return feed
-
-
-def run_onnx(path: Path, inputs: dict[str, Any]) -> dict[str, Any]:
-    """Outputs of the ONNX model at ``path`` on ``inputs`` (torch tensors by name) as float32 numpy arrays by name."""
-    import numpy as np
-
-    session = ort_session(path)
-    names = [o.name for o in session.get_outputs()]
-    return {n: np.asarray(v, dtype=np.float32) for n, v in zip(names, session.run(None, ort_feed(session, inputs)))}
 
 
 def _torch_output(out: Any, flat: list[Any], name: str, index: int) -> Any:

@@ -40,6 +40,8 @@ import numpy as np
 
 from ..cpu import ARITHMETIC
 from ..errors import CompressorError, Problem, RecipeError
+from ..ort import ort_session, save_with_external_data
+from .int8_search import row_cosines
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -89,7 +91,7 @@ def quantize_onnx(src: Path, work: Path, config: Any, calib: Calibration, *, whe
         raise CompressorError(f"{where}: no node of the ONNX model can be quantized (no MatMul/Gemm/Conv with a "
                               "constant weight and no embedding table); " + _summary(plan.left_in_float))
     float_path = work / "float.onnx"
-    _save(model, float_path)
+    save_with_external_data(model, float_path)
     try:
         reference, stats = _calibrate(float_path, calib, _matmul_groups(model, candidates["matmul"]))
     except CompressorError:
@@ -105,7 +107,7 @@ def quantize_onnx(src: Path, work: Path, config: Any, calib: Calibration, *, whe
         say(f"smoothing {smoothed} of {len(alphas)} matrix-product inputs (strength "
             f"{min(a for a in alphas.values() if a > 0):g}-{max(alphas.values()):g})")
     smooth_path = work / "smoothed.onnx"
-    _save(model, smooth_path)
+    save_with_external_data(model, smooth_path)
     if smoothed:
         _check_rewrite(smooth_path, calib, reference)
     local_error = {n: e for g in stats.values() for n, e in g.get("error", {}).items()}
@@ -359,18 +361,6 @@ def _summary(reasons: dict[str, str]) -> str:
 # ------------------------------------------------------------------------------------------------ calibration
 
 
-def _session(path: Path, threads: int | None = None, unfused: bool = False) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if unfused:  # QDQ pairs stay DequantizeLinear + float ops: exact integer products, whatever the CPU
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-
-
 def _calibrate(path: Path, calib: Calibration, groups: dict[str, list[str]]) -> tuple[list[np.ndarray], dict[str, Any]]:
     """Reference outputs of the float model, and for each MatMul input: per-channel max |x| and sample batches."""
     import onnx
@@ -383,7 +373,7 @@ def _calibrate(path: Path, calib: Calibration, groups: dict[str, list[str]]) -> 
             model.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     probe = path.with_name("probe.onnx")
     onnx.save(model, str(probe))  # same directory: the external data file is shared, not copied
-    session = _session(probe)
+    session = ort_session(probe)
     names = [o.name for o in session.get_outputs()]
     first = names[0]
     reference: list[np.ndarray] = []
@@ -423,14 +413,6 @@ def _pool(out: np.ndarray, feed: dict[str, np.ndarray], pooled: bool) -> np.ndar
         mask = feed["attention_mask"].astype(np.float32)[..., None]
         return (out * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9)
     return out.reshape(out.shape[0], -1)
-
-
-def _cosines(reference: list[np.ndarray], got: list[np.ndarray]) -> np.ndarray:
-    a, b = np.concatenate(reference), np.concatenate(got)
-    num = (a * b).sum(axis=1)
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    both_zero = (np.linalg.norm(a, axis=1) == 0) & (np.linalg.norm(b, axis=1) == 0)
-    return np.where(den > 0, num / np.maximum(den, 1e-30), np.where(both_zero, 1.0, 0.0))
 
 
 # ------------------------------------------------------------------------------------------------ smoothing
@@ -597,10 +579,10 @@ def _fold_into_values(x_name: str, s: np.ndarray, producers: dict[str, Any], ini
 def _check_rewrite(path: Path, calib: Calibration, reference: list[np.ndarray]) -> None:
     """Smoothing is an exact rewrite of the float model (up to float rounding); make sure this one was, on the
     first calibration batch, before anything is built on it."""
-    session = _session(path)
+    session = ort_session(path)
     feed = calib.feeds[0]
     got = _pool(session.run(None, _fit(session, feed))[0], feed, calib.pooled)
-    cos = _cosines([reference[0]], [got])
+    cos = row_cosines([reference[0]], [got])
     if not np.isfinite(cos).all() or float(cos.min()) < 0.9999:
         raise CompressorError(f"smoothing changed what the float model computes (min cosine {float(cos.min()):.6f} "
                               "on the first calibration batch); this is a bug in compressor: set `smooth: off` to "
@@ -674,9 +656,9 @@ def _builder(src: Path, out: Path, config: Any, calib: Calibration, work: Path, 
             _weight_only(model, plan.weight_only)
             if safe is not None:
                 _guard_weights(model, safe, config.per_channel)
-            _save(model, out)
+            save_with_external_data(model, out)
             try:  # the real model must load and run here
-                session = _session(out)
+                session = ort_session(out)
                 local = [_pool(session.run(None, _fit(session, feed))[0], feed, calib.pooled) for feed in calib.feeds]
             except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own exception types
                 culprit = _culprit(str(exc), plan)
@@ -737,11 +719,11 @@ def _fidelity(model: onnx.ModelProto, config: Any, calib: Calibration, reference
             path = work / f"fidelity-{arithmetic}.onnx"
             try:
                 if config.mode == "dynamic":
-                    _save(emulate(model, arithmetic), path)
-                    session = _session(path)
+                    save_with_external_data(emulate(model, arithmetic), path)
+                    session = ort_session(path)
                 else:
-                    _save(model, path)
-                    session = _session(path, unfused=True)
+                    save_with_external_data(model, path)
+                    session = ort_session(path, unfused=True)
                 outputs[arithmetic] = [_pool(session.run(None, _fit(session, feed))[0], feed, calib.pooled)
                                        for feed in calib.feeds]
             except CompressorError:
@@ -751,7 +733,7 @@ def _fidelity(model: onnx.ModelProto, config: Any, calib: Calibration, reference
                                       f"{type(exc).__name__}: {_first_line(str(exc))}") from exc
             del session
         if arithmetic not in scored:
-            cos = _cosines(reference, outputs[arithmetic])
+            cos = row_cosines(reference, outputs[arithmetic])
             if not np.isfinite(cos).all():
                 raise CompressorError("the int8 model produces non-finite outputs on the calibration data")
             scored[arithmetic] = {"min": float(cos.min()), "mean": float(cos.mean())}
@@ -1045,15 +1027,3 @@ def _weight_only(model: onnx.ModelProto, names: dict[str, str]) -> None:
         order.append(node)
     del model.graph.node[:]
     model.graph.node.extend(order)
-
-
-def _save(model: onnx.ModelProto, path: Path) -> None:
-    """Save with all weights in one external file beside it (ONNX Runtime's quantizer and sessions read files)."""
-    import onnx
-
-    data = path.with_name(path.name + ".data")
-    data.unlink(missing_ok=True)
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)  # saving as external data strips the tensors from the proto it is given
-    onnx.save(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
-              size_threshold=1024)
