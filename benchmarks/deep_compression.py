@@ -111,7 +111,7 @@ def retrieval(emb: np.ndarray, pairs: int) -> float:
 
 
 def texts() -> tuple[list[str], int]:
-    from compressor.evaluate.data import builtin_text_pairs
+    from compressor.data.datasets import builtin_text_pairs
 
     rows = builtin_text_pairs()
     return [r["query"] for r in rows] + [r["passage"] for r in rows], len(rows)

@@ -141,7 +141,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from compressor.cpu import TARGETS, machine_cpu
-    from compressor.evaluate.data import builtin_text_pairs
+    from compressor.data.datasets import builtin_text_pairs
 
     rows = builtin_text_pairs()
     texts = [r["query"] for r in rows] + [r["passage"] for r in rows]

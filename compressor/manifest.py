@@ -13,7 +13,7 @@ from .errors import ArtifactError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "sha256_file", "library_versions", "write_manifest",
            "read_manifest", "check_files", "is_artifact", "confined", "check_onnx_external_data", "REPORT_FILES",
-           "REPORT_JSON", "EVALUATION_REPORTS", "TP_REPORT"]
+           "REPORT_JSON", "EVALUATION_REPORTS", "TP_REPORT", "PLAN_FILE", "REPLICATED_FILE", "rank_file"]
 
 # Reports are written beside the manifest, not listed in it (they hold timings and are rewritten by every
 # evaluation): the one list that verify, staging and the evaluator agree on.
@@ -21,6 +21,16 @@ REPORT_JSON = "report.json"
 EVALUATION_REPORTS = (REPORT_JSON, "report.md", "junit.xml", "report.png")  # written by every evaluation
 TP_REPORT = "tp-report.json"  # written by `compress eval --tp`
 REPORT_FILES = (*EVALUATION_REPORTS, TP_REPORT)
+
+# A tensor-parallel artifact's files (written by export/tp.py, read by loading/tp.py).
+PLAN_FILE = "tensor_parallel.json"
+REPLICATED_FILE = "model-tp-replicated.safetensors"
+
+
+def rank_file(rank: int, world: int) -> str:
+    """The safetensors file holding rank ``rank``'s slices."""
+    return f"model-tp-rank{rank:02d}-of-{world:02d}.safetensors"
+
 
 FORMAT = "compressor-artifact"
 FORMAT_VERSION = 1

@@ -163,7 +163,7 @@ def _to_ort(src_dir: Path, model: str, dst_dir: Path, platform: str) -> tuple[li
 
 def _tokenizer(artifact: Path, manifest: dict[str, Any], dst: Path) -> dict[str, Any] | None:
     """Copy the tokenizer files (making tokenizer.json from a slow tokenizer when needed); the runner's settings."""
-    from .evaluate.data import tokenizer_for
+    from .data.datasets import tokenizer_for
 
     copied = set(manifest.get("model", {}).get("copied_files", []))
     if not {"tokenizer.json", "tokenizer_config.json"} & copied:

@@ -133,7 +133,7 @@ def _write(recipe: Recipe, model: Any, reports: list[dict[str, Any]], tmp: Path,
     stored = model.stored()
     tp_entry = None
     if "tensor_parallel" in model.metadata:
-        from .tp import write_rank_files
+        from .export.tp import write_rank_files
 
         with log.step(f"writing {model.metadata['tensor_parallel'].world} tensor-parallel rank files"):
             files, tp_entry = write_rank_files(
@@ -196,7 +196,7 @@ def _eval_data_file(recipe: Recipe) -> Path | None:
     if not src.is_file():
         raise RecipeError(Problem(f"the evaluation data file {src} does not exist", path="evaluate.data.path",
                                   hint="paths are relative to the recipe file's directory"))
-    from .evaluate.data import check_data_file
+    from .data.datasets import check_data_file
 
     check_data_file(src)  # a malformed file fails now, naming the user's file, not after the passes
     return src

@@ -883,7 +883,7 @@ def test_task_metric_top1_and_retrieval():
     import torch
 
     from compressor.evaluate.accuracy import task_metric
-    from compressor.evaluate.data import EvalData
+    from compressor.data.datasets import EvalData
 
     labels = torch.tensor([0, 1, 2, 1])
     data = EvalData(name="hand", metric="top1_accuracy", batches=[], labels=labels)

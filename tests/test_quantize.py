@@ -80,7 +80,7 @@ def test_minilm_weight_only_int8_is_3_5x_smaller_at_cosine_0_999(tmp_path):
     run_recipe(recipe, out, Reporter(quiet=True))
     from transformers import AutoModel, AutoTokenizer
 
-    from compressor.evaluate.data import builtin_text_pairs
+    from compressor.data.datasets import builtin_text_pairs
     from compressor.zoo import minilm_path
 
     size = (out / "model.safetensors").stat().st_size

@@ -274,7 +274,7 @@ def test_minilm_int8_bundle_reproduces_the_artifact_embeddings_with_only_onnxrun
     assert proc.stdout.strip() == "[]"
     # compressor's own ONNX session on the artifact, with compressor's tokenization, mean-pooled the same way, on
     # the same single batch: dynamic int8 measures activation ranges per batch, so batching must match.
-    from compressor.evaluate.data import tokenizer_for
+    from compressor.data.datasets import tokenizer_for
     from compressor.ort import ort_session
 
     tok = tokenizer_for(artifact)

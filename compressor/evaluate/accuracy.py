@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UsageError
-from .data import EvalData
+from ..data.datasets import EvalData
 
 __all__ = ["primary_output", "run_outputs", "task_metric", "fidelity", "METRIC_LABELS"]
 

@@ -114,7 +114,7 @@ def evaluate_artifact(
     from ..loading import load_example_inputs
     from ..manifest import check_files, read_manifest
     from .accuracy import fidelity, run_outputs, task_metric
-    from .data import build_data, tokenizer_for
+    from ..data.datasets import build_data, tokenizer_for
     from .gates import check_gates
     from .report import REPORT_FORMAT, write_reports
     from .speed import latency_inputs, load_timings, measure_latency, percentile
@@ -333,7 +333,7 @@ def _metric_label(metric: str) -> str:
 
 
 def _version() -> str:
-    from .. import __version__
+    from ..version import __version__
 
     return __version__
 

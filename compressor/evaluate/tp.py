@@ -43,7 +43,7 @@ def _worker(rank: int, world: int, artifact: str, backend: str, rendezvous: str,
     import torch
     import torch.distributed as dist
 
-    import compressor
+    from ..loading import load
 
     from .accuracy import primary_output
 
@@ -55,7 +55,7 @@ def _worker(rank: int, world: int, artifact: str, backend: str, rendezvous: str,
     dist.init_process_group(backend, init_method=rendezvous, rank=rank, world_size=world)
     try:
         start = time.perf_counter()
-        model = compressor.load(artifact, tp_rank=rank, tp_world=world, device=device)
+        model = load(artifact, tp_rank=rank, tp_world=world, device=device)
         loaded = time.perf_counter()
         mapped = _mapped_files(Path(artifact))
         batches = torch.load(Path(work) / "batches.pt", weights_only=True)
@@ -84,14 +84,12 @@ def evaluate_tp(artifact: Path, world: int, *, device: str = "cpu", spec: Any = 
     import torch
     import torch.multiprocessing as mp
 
-    import compressor
-
-    from ..loading import load_example_inputs
+    from ..loading import load, load_example_inputs
     from ..manifest import check_files, read_manifest
     from ..recipe import EvaluateSpec
-    from ..tp import read_plan
+    from ..loading.tp import read_plan
     from .accuracy import fidelity, run_outputs, task_metric
-    from .data import build_data
+    from ..data.datasets import build_data
     from .report import _atomic_write, clean_json
 
     log = log or Reporter()
@@ -135,7 +133,7 @@ def evaluate_tp(artifact: Path, world: int, *, device: str = "cpu", spec: Any = 
         ranks = [json.loads((Path(work) / f"rank{r}.json").read_text()) for r in range(world)]
     with log.step("running the same artifact loaded whole"):
         whole_device = "cuda" if device == "cuda" else "cpu"
-        whole = compressor.load(artifact, device=whole_device)
+        whole = load(artifact, device=whole_device)
         reference = run_outputs(whole, data, whole_device, task)
     classifier = data.metric == "top1_accuracy" or str(task or "").endswith("classification")
     fid = fidelity(reference, sharded, classifier)

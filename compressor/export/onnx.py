@@ -91,10 +91,10 @@ def export_onnx(model: Model, out_dir: Path, spec: Any, *, quantize: dict[str, A
 
 def calibration(model: Model, artifact: Path, spec: Any, base_dir: Path) -> Any:
     """Calibration batches for ONNX quantization, as numpy feeds (see CalibrationSpec)."""
-    from ..evaluate.data import build_calibration
+    from ..data.datasets import build_fitting_data
     from .onnx_quant import Calibration
 
-    data = build_calibration(spec, artifact=artifact, task=model.task, source=model.source,
+    data = build_fitting_data(spec, artifact=artifact, task=model.task, source=model.source,
                              example_inputs=model.example_inputs, base_dir=base_dir)
     feeds = [{k: v.detach().cpu().numpy() for k, v in batch.items() if k != "labels"} for batch in data.batches]
     return Calibration(feeds=feeds, name=data.name, pooled=model.task == "text-embedding")

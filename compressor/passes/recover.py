@@ -254,10 +254,10 @@ def training_batches(model: Model, spec: Any, ctx: Context) -> tuple[list[dict],
     (or None), and the data's name."""
     from pathlib import Path
 
-    from ..evaluate.data import build_calibration
+    from ..data.datasets import build_fitting_data
 
     base = Path(ctx.base_dir) if ctx.base_dir is not None else Path.cwd()
-    data = build_calibration(spec, artifact=model.files_dir or base, task=model.task, source=model.source,
+    data = build_fitting_data(spec, artifact=model.files_dir or base, task=model.task, source=model.source,
                              example_inputs=model.example_inputs, base_dir=base)
     batches, labels, at = [], [], 0
     for batch in data.batches:

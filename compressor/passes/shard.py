@@ -17,7 +17,7 @@ from .base import Context, Pass, PassConfig, PassResult, register_pass
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..model import Model
-    from ..tp import TPPlan
+    from .tp_plan import TPPlan
 
 
 class ShardConfig(PassConfig):
@@ -77,7 +77,7 @@ class ShardPass(Pass):
         dims = _config_dims(_model_config(recipe))
         bad = [(k, v) for k, v in dims.items() if v % config.tensor_parallel]
         if bad:
-            from ..tp import world_sizes
+            from .tp_plan import world_sizes
 
             said = " and ".join(f"{k} = {v}" for k, v in bad)
             verb = "is" if len(bad) == 1 else "are"
@@ -87,7 +87,7 @@ class ShardPass(Pass):
         return None
 
     def _plan(self, model: Model) -> TPPlan:
-        from ..tp import check_divisible, derive_plan, split_specs, user_plan
+        from .tp_plan import check_divisible, derive_plan, split_specs, user_plan
 
         config: ShardConfig = self.config  # type: ignore[assignment]
         where = f"passes[{self.index}].shard"

@@ -1,4 +1,6 @@
-"""Evaluation data: the built-in sets and user files, turned into batches of model inputs plus what to score.
+"""Data sets: the built-in sets and user files, turned into batches of model inputs plus what to score, and the
+calibration and training batches the passes and exporters use. Below passes, export and evaluate, which all
+read it; it imports nothing of compressor's above its foundations.
 
 Three shapes of data, each with its metric:
 
@@ -22,12 +24,12 @@ import torch
 
 from ..errors import CompressorError, UsageError
 
-__all__ = ["EvalData", "build_data", "build_calibration", "check_data_file", "builtin_text_pairs", "TEXT_PAIRS",
+__all__ = ["EvalData", "build_data", "build_fitting_data", "check_data_file", "builtin_text_pairs", "TEXT_PAIRS",
            "CALIBRATION_TEXTS", "tokenizer_for"]
 
-TEXT_PAIRS = Path(__file__).resolve().parent.parent / "data" / "text_pairs.jsonl"
+TEXT_PAIRS = Path(__file__).resolve().parent / "text_pairs.jsonl"
 # Unlabeled sentences on topics disjoint from TEXT_PAIRS: quantization calibrates on these and is scored on those.
-CALIBRATION_TEXTS = Path(__file__).resolve().parent.parent / "data" / "calibration_texts.jsonl"
+CALIBRATION_TEXTS = Path(__file__).resolve().parent / "calibration_texts.jsonl"
 MAX_ROWS = 1_000_000
 
 
@@ -115,7 +117,7 @@ def builtin_text_pairs() -> list[dict[str, str]]:
     return _read_jsonl(TEXT_PAIRS)
 
 
-def build_calibration(
+def build_fitting_data(
     spec: Any,
     *,
     artifact: Path,
@@ -124,9 +126,10 @@ def build_calibration(
     example_inputs: dict[str, torch.Tensor],
     base_dir: Path,
 ) -> EvalData:
-    """Calibration batches for quantization (see CalibrationSpec). Unset: the digits training split for digits
-    models, the shipped calibration sentences for text encoders, else the example inputs. Never the built-in
-    evaluation sets, so that a quantizer is not tuned on what it is scored on."""
+    """Data a model is fitted on, not scored on: calibration batches for quantization (see CalibrationSpec) and
+    training batches for `recover` and `prune`'s activation importance. Unset: the digits training split for
+    digits models, the shipped calibration sentences for text encoders, else the example inputs. Never the
+    built-in evaluation sets, so that nothing is tuned on what it is scored on."""
     if spec.builtin is None and spec.path is None and spec.function is None:
         builtin = None
         if source.get("kind") == "zoo" and str(source.get("name", "")).startswith("digits"):
@@ -358,7 +361,7 @@ def _floats(raw: Any) -> Any:
 
 
 def _function_data(spec: str, base_dir: Path, limit: int | None, accepted: set[str]) -> EvalData:
-    from ..sources.python import import_factory
+    from ..usercode import import_factory
 
     func = import_factory(spec, base_dir, key="evaluate.data.function")
     try:

@@ -1,5 +1,5 @@
-"""Tensor parallelism: the plan (which module is split how), the per-rank files, and loading one rank into
-torch.distributed's own tensor parallelism (``parallelize_module`` with column-, row-wise styles on a DeviceMesh).
+"""The tensor-parallel plan the `shard` pass makes: which module is split how over the ranks, and how each stored
+tensor follows (the rank files are written by export/tp.py and loaded by loading/tp.py).
 
 Styles, in the Megatron sense:
 - ``colwise``: the output features are split; each rank computes its slice of the output (no communication);
@@ -16,28 +16,15 @@ outputs of each rank hold only its heads.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ArtifactError, Problem, RecipeError, UsageError
-from .manifest import confined
+from ..errors import Problem, RecipeError
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
     from torch import nn
 
-__all__ = ["TPPlan", "derive_plan", "user_plan", "split_specs", "write_rank_files", "assemble", "load_rank",
-           "PLAN_FILE", "rank_file", "REPLICATED_FILE", "check_divisible", "read_plan", "world_sizes"]
-
-PLAN_FILE = "tensor_parallel.json"
-REPLICATED_FILE = "model-tp-replicated.safetensors"
-
-
-def rank_file(rank: int, world: int) -> str:
-    """The safetensors file holding rank ``rank``'s slices."""
-    return f"model-tp-rank{rank:02d}-of-{world:02d}.safetensors"
+__all__ = ["TPPlan", "derive_plan", "user_plan", "split_specs", "check_divisible", "world_sizes"]
 
 
 @dataclass
@@ -169,7 +156,7 @@ def derive_plan(module: nn.Module, world: int, where: str = "shard") -> TPPlan:
 def user_plan(module: nn.Module, world: int, mapping: dict[str, str], where: str) -> TPPlan:
     """A plan from ``{module pattern: style}`` (class names or globs, first match wins) over the Linear,
     Embedding and Conv1D modules; each pattern must match something."""
-    from .passes.select import matches
+    from .select import matches
 
     named = dict(module.named_modules())
     plan = TPPlan(world=world, family="user plan")
@@ -267,205 +254,3 @@ def split_specs(plan: TPPlan, stored_names: list[str], encodings: dict[str, dict
                 raise RecipeError(Problem(f"{name} is stored as {spec.get('kind')}, which cannot be split over ranks",
                                           path=where, hint="shard dense, cast or int8 (`quantize`) weights"))
     return out
-
-
-def _pieces(t: torch.Tensor, dim: int, parts: int, world: int, uneven: bool) -> list[torch.Tensor]:
-    """Rank r's slice: for each fused part, its r-th chunk along ``dim``, concatenated (torch.chunk sizes; empty
-    chunks for ranks past the end, as DTensor's Shard)."""
-    import torch
-
-    fused = torch.chunk(t, parts, dim=dim) if parts > 1 else (t,)
-    per_rank: list[list[torch.Tensor]] = [[] for _ in range(world)]
-    for part in fused:
-        chunks = list(torch.chunk(part, world, dim=dim))
-        if not uneven and (len(chunks) != world or any(c.shape[dim] != chunks[0].shape[dim] for c in chunks)):
-            raise ValueError(f"cannot split {part.shape[dim]} evenly {world} ways")
-        while len(chunks) < world:
-            shape = list(part.shape)
-            shape[dim] = 0
-            chunks.append(part.new_empty(shape))
-        for r in range(world):
-            per_rank[r].append(chunks[r])
-    return [torch.cat(p, dim=dim).contiguous() if len(p) > 1 else p[0].contiguous() for p in per_rank]
-
-
-def write_rank_files(stored: dict[str, torch.Tensor], out_dir: Path, plan: TPPlan,
-                     encodings: dict[str, dict[str, Any]], aliases: dict[str, str]) -> tuple[list[str], dict[str, Any]]:
-    """Write one safetensors file per rank (its slices) and one of replicated tensors (stored once), plus the
-    plan file. Returns (the safetensors file names, the manifest's `tensor_parallel` entry)."""
-    from .export.safetensors import write_safetensors
-
-    specs = split_specs(plan, list(stored), encodings, aliases=aliases)
-    world = plan.world
-    ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(world)]
-    replicated: dict[str, torch.Tensor] = {}
-    for name, tensor in stored.items():
-        spec = specs.get(name)
-        if spec is None:
-            replicated[name] = tensor
-            continue
-        for r, piece in enumerate(_pieces(tensor, spec["dim"], spec["parts"], world, spec["uneven"])):
-            ranks[r][name] = piece
-    files = []
-    for r in range(world):
-        write_safetensors(out_dir / rank_file(r, world), ranks[r], {"format": "pt", "tp_rank": str(r),
-                                                                    "tp_world": str(world)})
-        files.append(rank_file(r, world))
-    write_safetensors(out_dir / REPLICATED_FILE, replicated, {"format": "pt", "tp_world": str(world)})
-    files.append(REPLICATED_FILE)
-    body = {**plan.to_json(), "tensors": dict(sorted(specs.items())), "aliases": dict(sorted(aliases.items())),
-            "ranks": [rank_file(r, world) for r in range(world)], "replicated": REPLICATED_FILE}
-    (out_dir / PLAN_FILE).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
-
-    def nbytes(ts: dict[str, torch.Tensor]) -> int:
-        return sum(t.numel() * t.element_size() for t in ts.values())
-
-    entry = {"world": world, "plan": PLAN_FILE, "family": plan.family, "ranks": body["ranks"],
-             "replicated": REPLICATED_FILE, "sharded_bytes": sum(nbytes(r) for r in ranks),
-             "replicated_bytes": nbytes(replicated), "bytes_per_rank": [nbytes(r) for r in ranks]}
-    return files, entry
-
-
-def read_plan(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """The artifact's plan file, checked for the keys the loader needs."""
-    entry = manifest.get("tensor_parallel") or {}
-    try:
-        if entry.get("plan", PLAN_FILE) != PLAN_FILE:
-            raise ValueError(f"the manifest names the plan {entry.get('plan')!r}, not {PLAN_FILE}")
-        plan = json.loads(confined(root, PLAN_FILE).read_text())
-        world = int(plan["world"])
-        if len(plan["ranks"]) != world or not isinstance(plan["tensors"], dict):
-            raise ValueError("ranks and world disagree")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ArtifactError(f"{root}: the tensor-parallel plan {PLAN_FILE} is missing or malformed ({exc})") from None
-    listed = manifest.get("files", {})
-    for name in [*plan["ranks"], plan.get("replicated")]:
-        # Only files of this artifact, listed (and so hashed) in its manifest: never a path that leads elsewhere.
-        if not isinstance(name, str) or name not in listed:
-            raise ArtifactError(f"{root}: the tensor-parallel plan names {name!r}, which is not a file of this "
-                                "artifact's manifest")
-        confined(root, name)
-    return plan
-
-
-def assemble(root: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Every stored tensor whole again (the unsharded model), from all ranks' files and the replicated file."""
-    import torch
-
-    from .loading import load_tensors
-
-    plan = read_plan(root, manifest)
-    out = load_tensors(root, [plan["replicated"]])
-    per_rank = [load_tensors(root, [f]) for f in plan["ranks"]]
-    for name, spec in plan["tensors"].items():
-        try:
-            pieces = [r[name] for r in per_rank]
-        except KeyError:
-            raise ArtifactError(f"{root}: a rank file lacks its slice of {name}") from None
-        dim, parts = int(spec["dim"]), int(spec["parts"])
-        if parts == 1:
-            out[name] = torch.cat(pieces, dim=dim)
-        else:  # each rank holds its chunk of every fused part: regroup part by part
-            split = [torch.chunk(p, parts, dim=dim) for p in pieces]
-            out[name] = torch.cat([torch.cat([s[j] for s in split], dim=dim) for j in range(parts)], dim=dim)
-    return out
-
-
-def load_rank(root: Path, manifest: dict[str, Any], rank: int, world: int, device: torch.device) -> nn.Module:
-    """Rank ``rank``'s tensor-parallel module: only its file and the replicated file are mapped; the modules of
-    the plan are parallelized by torch.distributed.tensor.parallel on a 1-D DeviceMesh of the default process
-    group, and their parameters are DTensors built from the local slices (no rank ever holds a whole split
-    tensor). The module is for running: a fused parameter (GPT-2's c_attn, each rank holding its q, k and v
-    slices) is a correct local shard but not a Shard(0) of the stored tensor, so gather state with
-    ``compressor.load(dir)``, not ``full_tensor()``."""
-    import torch.distributed as dist
-    from torch import nn
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-    from .loading import _decode, _parameters_on_meta, build_architecture, load_tensors
-
-    plan = read_plan(root, manifest)
-    if int(plan["world"]) != world:
-        raise UsageError(f"{root} is sharded for tensor_parallel = {plan['world']}, not {world}")
-    if not dist.is_available() or not dist.is_initialized():
-        raise UsageError("compressor.load(..., tp_rank=..., tp_world=...) runs inside an initialised process group: "
-                         "call torch.distributed.init_process_group first (gloo on CPU, nccl on CUDA), or use "
-                         "`compress eval ARTIFACT --tp N`, which starts one")
-    if dist.get_world_size() != world or dist.get_rank() != rank:
-        raise UsageError(f"tp_rank={rank}, tp_world={world} do not match the process group (rank "
-                         f"{dist.get_rank()} of {dist.get_world_size()})")
-    if not 0 <= rank < world:
-        raise UsageError(f"tp_rank={rank} is outside 0..{world - 1}")
-    info = manifest.get("model", {})
-    stored = load_tensors(root, [plan["ranks"][rank], plan["replicated"]])
-    state = _decode(stored, dict(info.get("encodings", {})))
-    aliases = plan.get("aliases", {})
-    for alias, target in aliases.items():
-        state[alias] = state[target]
-    module = build_architecture(root, manifest)
-    named = dict(module.named_modules())
-    styles: dict[str, Any] = {}
-    with _parameters_on_meta():
-        for name, entry in plan["modules"].items():
-            style, kind = entry["style"], entry["kind"]
-            if name not in named:
-                raise ArtifactError(f"{root}: the plan splits {name!r}, which this model does not have")
-            if kind == "conv1d":
-                # parallelize_module's styles take nn.Linear: a Conv1D computes x @ W + b with W (in, out), which
-                # is a Linear with the transposed weight.
-                conv = named[name]
-                linear = nn.Linear(conv.weight.shape[0], conv.weight.shape[1], bias=conv.bias is not None)
-                parent, _, leaf = name.rpartition(".")
-                setattr(module.get_submodule(parent) if parent else module, leaf, linear)
-                state[f"{name}.weight"] = state[f"{name}.weight"].t()
-            if style == "colwise":
-                styles[name] = ColwiseParallel()
-            elif style == "rowwise":
-                styles[name] = RowwiseParallel()
-            elif style == "vocab":
-                styles[name] = RowwiseParallel(input_layouts=Replicate()) if kind == "embedding" \
-                    else ColwiseParallel(output_layouts=Replicate())
-    mesh = init_device_mesh(device.type, (world,))
-    parallelize_module(module, mesh, styles)
-    shared: dict[str, nn.Parameter] = {}
-    params = list(module.named_parameters(remove_duplicate=False))
-    # Split parameters first: a tensor tied to a split one (an LM head's bias held by its parent too) takes the
-    # same DTensor, not a whole copy.
-    params.sort(key=lambda item: not isinstance(item[1], DTensor))
-    for full_name, param in params:
-        owner_name, _, leaf = full_name.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
-        key = aliases.get(full_name, full_name)
-        if key in shared:  # tied (e.g. LM head and embedding): the same Parameter, as before export
-            owner.register_parameter(leaf, shared[key])
-            continue
-        local = state.get(full_name)
-        if local is None:
-            raise ArtifactError(f"{root}: no stored values for {full_name} in rank {rank}'s files")
-        local = local.to(device)
-        if isinstance(param, DTensor):
-            value = DTensor.from_local(local, mesh, param.placements, run_check=False, shape=param.shape,
-                                       stride=param.stride())
-        else:
-            value = local
-        shared[key] = nn.Parameter(value, requires_grad=False)
-        owner.register_parameter(leaf, shared[key])
-    for full_name, buf in list(module.named_buffers()):
-        owner_name, _, leaf = full_name.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
-        if full_name in state:
-            owner._buffers[leaf] = state[full_name].to(device)
-        elif buf is not None:
-            owner._buffers[leaf] = buf.to(device)
-    for name, attrs in plan.get("attributes", {}).items():
-        target = module.get_submodule(name)
-        for attr, value in attrs.items():
-            if not isinstance(getattr(target, attr, None), int):
-                raise ArtifactError(f"{root}: the plan sets {name}.{attr}, which this model does not have")
-            setattr(target, attr, int(value))
-    from .model import install_bridges
-
-    install_bridges(module, info.get("dtype_bridges", {}))
-    return module.eval()

@@ -1,0 +1,165 @@
+"""Load an artifact directory back into an nn.Module: memory-mapped, zero-copy, never unpickling.
+
+The architecture is rebuilt from the manifest (transformers config, zoo name or python factory) with parameters
+on the meta device, so nothing is allocated twice; then every parameter is *assigned* a view on the memory-mapped
+safetensors file. Files are checked against the manifest sizes and their headers parsed strictly first, so a
+truncated or corrupt artifact is refused with a clear error instead of crashing later.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ArtifactError
+from ..manifest import check_files, read_manifest
+from .rebuild import build_architecture, decode, dequantize_on_the_fly, restructure, retie
+from .tensors import load_example_inputs, load_tensors, load_tensors_cuda
+
+__all__ = ["load", "load_tensors", "load_tensors_cuda", "load_example_inputs", "build_architecture"]
+
+
+def load(artifact_dir: str | Path, *, device: str | torch.device = "cpu", verify_hashes: bool = False,
+         int8: str = "dequantize", tp_rank: int | None = None, tp_world: int | None = None) -> nn.Module:
+    """Return the artifact's model in eval mode.
+
+    On CPU its tensors are views on the memory-mapped files (nothing is read until used). On CUDA the shards are
+    read by parallel threads, each staging tensors through pinned memory and copying them to the GPU without
+    blocking, so disk reads overlap with host-to-device transfers. ``verify_hashes`` also recomputes every file's
+    sha256 and checks the structure of an ONNX model beside the weights (reads everything; off by default so that
+    loading stays lazy: sizes, safetensors headers and the confinement rule are always checked).
+    ``int8`` says what happens to weights stored as int8 (the `quantize` pass): ``"dequantize"`` turns them into float32 on load; ``"keep"`` keeps the
+    int8 tensor as the parameter and dequantizes it on the fly at every use (a parametrization), so the model
+    holds a quarter of the memory.
+
+    A tensor-parallel artifact (the `shard` pass) loads whole by default, its rank files joined again. With
+    ``tp_rank`` and ``tp_world``, inside an initialised torch.distributed process group of that size (gloo on CPU,
+    nccl on CUDA, ``device`` this rank's device), only that rank's file and the replicated tensors are mapped and the
+    module runs tensor-parallel (torch.distributed.tensor.parallel). Raises ArtifactError for missing, truncated,
+    corrupt or foreign files.
+    """
+    if int8 not in ("dequantize", "keep"):
+        raise ValueError(f"int8={int8!r}: use 'dequantize' or 'keep'")
+    if (tp_rank is None) != (tp_world is None):
+        raise ValueError("give both tp_rank and tp_world, or neither")
+    root = Path(artifact_dir)
+    dev = _device(device)
+    manifest = read_manifest(root)
+    check_files(root, manifest, hashes=verify_hashes)
+    info = _model_entry(root, manifest)
+    if tp_rank is not None:
+        if not manifest.get("tensor_parallel"):
+            raise ArtifactError(f"{root} is not a tensor-parallel artifact (its recipe has no `shard` pass)")
+        if int8 != "dequantize":
+            raise ValueError("int8='keep' is not supported with tensor parallelism")
+        from .tp import load_rank
+
+        return load_rank(root, manifest, int(tp_rank), int(tp_world), dev)  # type: ignore[arg-type]
+    module, stored = _architecture_and_tensors(root, manifest, info, dev)
+    encodings = dict(info.get("encodings", {}))
+    kept = _keep_int8(stored, encodings, info) if int8 == "keep" else {}
+    state = decode(stored, encodings)
+    restructure(module, info, state, root)
+    _assign(module, state, info, kept, root, dev)
+    if kept:
+        dequantize_on_the_fly(module, kept)
+    from ..model import install_bridges
+
+    try:
+        install_bridges(module, info.get("dtype_bridges", {}))
+    except (KeyError, AttributeError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{root}: manifest.json has a malformed model.dtype_bridges entry ({exc!r})") from None
+    return module.eval()
+
+
+def _device(device: str | torch.device) -> torch.device:
+    dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise ArtifactError(f"cannot load onto {dev}: compressor.load supports cpu and cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ArtifactError(f"cannot load onto {dev}: CUDA is not available on this machine")
+    return dev
+
+
+def _model_entry(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's `model` entry, its weight files checked to be files the manifest lists (and so checked)."""
+    info = manifest.get("model", {})
+    if not isinstance(info.get("weights"), list) or not all(isinstance(w, str) for w in info["weights"]):
+        raise ArtifactError(f"{root}: manifest.json has no list of weight files (model.weights)")
+    strangers = [w for w in info["weights"] if w not in manifest["files"]]
+    if strangers:
+        raise ArtifactError(f"{root}: manifest.json names weight files it does not list (and so never checked): "
+                            f"{', '.join(map(repr, strangers[:3]))}")
+    return info
+
+
+def _architecture_and_tensors(root: Path, manifest: dict[str, Any], info: dict[str, Any], dev: torch.device
+                              ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The empty architecture and the stored tensors on ``dev``."""
+    if manifest.get("tensor_parallel"):
+        from .tp import assemble
+
+        stored = assemble(root, manifest)
+        if dev.type != "cpu":
+            stored = {k: v.to(dev) for k, v in stored.items()}
+        return build_architecture(root, manifest), stored
+    if dev.type == "cpu":
+        return build_architecture(root, manifest), load_tensors(root, info["weights"])
+    # The shards stream to the GPU while this thread builds the (empty) architecture.
+    from concurrent.futures import ThreadPoolExecutor
+
+    stop = threading.Event()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # The stream is per thread: capture the caller's here, not in the pool thread.
+        pending = pool.submit(load_tensors_cuda, root, info["weights"], dev, stop, torch.cuda.current_stream(dev))
+        try:
+            module = build_architecture(root, manifest)
+        except BaseException:
+            stop.set()  # do not finish reading a model that cannot be built
+            raise
+        return module, pending.result()
+
+
+def _keep_int8(stored: dict[str, torch.Tensor], encodings: dict[str, Any], info: dict[str, Any]
+               ) -> dict[str, tuple[torch.Tensor, bool]]:
+    """int8="keep": each int8 tensor (not tied) becomes the parameter itself; returns {name: (scale, per_channel)}
+    and takes those tensors out of ``encodings``."""
+    kept: dict[str, tuple[torch.Tensor, bool]] = {}
+    tied = set(info.get("aliases", {})) | set(info.get("aliases", {}).values())
+    for name, spec in list(encodings.items()):
+        if isinstance(spec, dict) and spec.get("kind") == "int8" and name not in tied \
+                and f"{name}.__q" in stored and f"{name}.__scale" in stored:
+            kept[name] = (stored.pop(f"{name}.__scale"), bool(spec.get("per_channel", True)))
+            stored[name] = stored.pop(f"{name}.__q")  # the int8 tensor becomes the parameter itself
+            del encodings[name]
+    return kept
+
+
+def _assign(module: nn.Module, state: dict[str, torch.Tensor], info: dict[str, Any],
+            kept: dict[str, tuple[torch.Tensor, bool]], root: Path, dev: torch.device) -> None:
+    """Assign every parameter its stored tensor (no copy), then tie what was tied."""
+    for alias, target in info.get("aliases", {}).items():
+        state[alias] = state[target]
+    if dev.type != "cpu":
+        # Parameters are on meta and get CUDA tensors assigned below; buffers built by constructors must follow.
+        for sub in module.modules():
+            for name, buf in list(sub._buffers.items()):
+                if buf is not None and not buf.is_meta:
+                    sub._buffers[name] = buf.to(dev)
+    for name in kept:  # int8 tensors cannot require grad; assign=True copies this flag from the meta parameter
+        try:
+            module.get_parameter(name).requires_grad_(False)
+        except AttributeError:
+            pass
+    try:
+        module.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{root}: the stored tensors do not fit the model's architecture: {exc}") from None
+    retie(module, info.get("aliases", {}))
+    leftover = [n for n, p in module.named_parameters() if p.is_meta]
+    if leftover:
+        raise ArtifactError(f"{root}: no stored values for {', '.join(leftover[:5])}")

@@ -1,0 +1,160 @@
+"""Rebuilding the module an artifact describes: the empty architecture (parameters on the meta device, nothing
+allocated twice), structured-pruning shapes, decoding of encoded tensors, ties, and int8 kept as int8."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..encodings import encoding_from_json
+from ..errors import ArtifactError
+
+__all__ = ["decode", "dequantize_on_the_fly", "parameters_on_meta", "build_architecture", "restructure", "retie"]
+
+
+def decode(stored: dict[str, torch.Tensor], encodings: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The model's state from the stored tensors: each encoded tensor decoded from its parts, dense ones as is."""
+    state: dict[str, torch.Tensor] = {}
+    claimed: set[str] = set()
+    for name, spec in encodings.items():
+        try:
+            enc = encoding_from_json(spec)
+        except (ValueError, TypeError) as exc:
+            raise ArtifactError(f"tensor {name}: {exc}") from None
+        parts = {k[len(name):]: v for k, v in stored.items() if k == name or k.startswith(name + ".__")}
+        if "" not in parts and not parts:
+            raise ArtifactError(f"tensor {name} is listed in the manifest but missing from the weight files")
+        try:
+            state[name] = enc.decode(parts)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise ArtifactError(f"tensor {name} ({spec.get('kind')}) cannot be decoded: {exc}") from None
+        claimed.update(name + suffix for suffix in parts)
+    for name, tensor in stored.items():
+        if name not in claimed:
+            state[name] = tensor  # dense: stored as is
+    return state
+
+
+class _Int8Weight(nn.Module):
+    """Parametrization: the stored int8 tensor times its scales, computed at every use."""
+
+    def __init__(self, scale: torch.Tensor, per_channel: bool) -> None:
+        super().__init__()
+        self.per_channel = per_channel
+        self.register_buffer("scale", scale)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        if self.per_channel and q.dim() >= 1:
+            return (q.reshape(q.shape[0], -1).float() * self.scale.float().reshape(-1, 1)).reshape(q.shape)
+        return q.float() * self.scale.float()
+
+
+def dequantize_on_the_fly(module: nn.Module, kept: dict[str, tuple[torch.Tensor, bool]]) -> None:
+    """Give each kept int8 parameter a parametrization that dequantizes it at every use."""
+    from torch.nn.utils import parametrize
+
+    for name, (scale, per_channel) in kept.items():
+        *path, leaf = name.split(".")
+        owner = module.get_submodule(".".join(path))
+        param = owner._parameters[leaf]
+        # unsafe: the parametrization changes the dtype (int8 -> float32), which is the point.
+        parametrize.register_parametrization(owner, leaf, _Int8Weight(scale.to(param.device), per_channel),
+                                             unsafe=True)
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Build modules whose parameters live on the meta device (no memory, no init cost).
+
+    Buffers stay real: non-persistent ones (e.g. BERT's position_ids) are not in the file and must be computed
+    by the module's own constructor.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def build_architecture(root: Path, manifest: dict[str, Any]) -> nn.Module:
+    """An empty module of the artifact's architecture (parameters on meta), from its manifest."""
+    source = manifest.get("source", {})
+    kind = source.get("kind")
+    with parameters_on_meta():
+        if kind == "hf" or (kind == "zoo" and source.get("name") == "minilm"):
+            import transformers
+
+            auto = getattr(transformers, source.get("auto_class", "AutoModel"), None)
+            if auto is None:
+                raise ArtifactError(f"transformers has no {source.get('auto_class')!r}; upgrade transformers")
+            config = transformers.AutoConfig.from_pretrained(str(root), local_files_only=True)
+            return auto.from_config(config)
+        if kind == "zoo":
+            from ..zoo import build_digits
+
+            return build_digits(source["name"])
+        if kind == "python":
+            from ..sources.python import build_python
+
+            return build_python(source["factory"], source.get("kwargs", {}), None)
+    raise ArtifactError(f"{root}: unknown model source {kind!r} in the manifest")
+
+
+def restructure(module: nn.Module, info: dict[str, Any], state: dict[str, torch.Tensor], root: Path) -> None:
+    """Give the modules structured pruning changed their pruned shapes (parameters on meta, filled by
+    load_state_dict like every other): attention heads are removed with the module's own ``prune_heads``; resized
+    Linear, Conv and BatchNorm modules get their recorded size attributes and tensors of the stored shapes."""
+    heads, resized = info.get("pruned_heads", {}), info.get("resized", {})
+    if not isinstance(heads, dict) or not isinstance(resized, dict):
+        raise ArtifactError(f"{root}: manifest.json has a malformed model.pruned_heads or model.resized")
+    named = dict(module.named_modules())
+    with parameters_on_meta():
+        for name, removed in heads.items():
+            attention = named.get(name)
+            if not callable(getattr(attention, "prune_heads", None)) or not isinstance(removed, list) \
+                    or not all(isinstance(h, int) for h in removed):
+                raise ArtifactError(f"{root}: manifest.json prunes heads of {name!r}, which is not an attention "
+                                    "module with prune_heads, or lists no head indices")
+            attention.prune_heads(set(removed))
+    named = dict(module.named_modules())  # prune_heads replaced the projections
+    for name, sizes in resized.items():
+        layer = named.get(name)
+        if layer is None or not isinstance(sizes, dict) or not all(
+                isinstance(getattr(layer, a, None), int) and isinstance(v, int) for a, v in sizes.items()):
+            raise ArtifactError(f"{root}: manifest.json resizes {name!r} with {sizes!r}, which does not fit that "
+                                "module of this model")
+        for attr, value in sizes.items():
+            setattr(layer, attr, value)
+        for slot in (layer._parameters, layer._buffers):
+            for key, tensor in list(slot.items()):
+                target = state.get(f"{name}.{key}")
+                if tensor is None or target is None or tensor.shape == target.shape:
+                    continue
+                empty = torch.empty(target.shape, dtype=tensor.dtype, device="meta")
+                slot[key] = nn.Parameter(empty, requires_grad=tensor.requires_grad) if slot is layer._parameters \
+                    else empty
+
+
+def retie(module: nn.Module, aliases: dict[str, str]) -> None:
+    """Make tied tensors the same Parameter object again, as they were before export."""
+    for alias, target in aliases.items():
+        *path, leaf = alias.split(".")
+        owner = module.get_submodule(".".join(path))
+        *tpath, tleaf = target.split(".")
+        value = getattr(module.get_submodule(".".join(tpath)), tleaf)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = value
+        elif leaf in owner._buffers:
+            owner._buffers[leaf] = value
