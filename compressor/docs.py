@@ -80,13 +80,13 @@ def recipe_reference() -> str:
     """Markdown reference of every recipe key, generated from the pydantic schema."""
     from . import recipe as r
     from .passes import available_passes
+    from .sources import KINDS, kind
 
-    sections: list[tuple[str, type[BaseModel]]] = [
-        ("Top level", r.Recipe),
-        ("`model` with `source: hf`", r.HFModel),
-        ("`model` with `source: python`", r.PythonModel),
-        ("`model.inputs.<name>` (python source)", r.InputSpec),
-        ("`model` with `source: zoo`", r.ZooModel),
+    sections: list[tuple[str, type[BaseModel]]] = [("Top level", r.Recipe)]
+    for tag in KINDS:  # each source kind documents its own schema (and any nested sections it has)
+        module = kind(tag)
+        sections += [(f"`model` with `source: {tag}`", module.SPEC), *getattr(module, "DOC_SECTIONS", [])]
+    sections += [
         ("`export`", r.ExportSpec),
         ("`export.safetensors`", r.SafetensorsExport),
         ("`export.onnx`", r.OnnxExport),

@@ -57,7 +57,7 @@ def _run(recipe: Recipe, out_dir: Path | None, reporter: Reporter | None) -> Run
     _eval_data_file(recipe)
     torch.manual_seed(recipe.seed)
     with log.step(f"loading model ({_describe_source(recipe)})"):
-        model = load_source(recipe)
+        model = load_source(recipe.model, recipe.base_dir, recipe.seed)
     log.info(f"{len(model.tensors())} tensors, {model.numel():,} parameters, {model.stored_nbytes():,} bytes")
     if recipe.evaluation is not None and "input_ids" in model.example_inputs:
         from .evaluate.runner import check_sequence_lengths

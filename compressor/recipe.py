@@ -25,13 +25,17 @@ from pydantic import (
     PositiveInt,
     PrivateAttr,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from .cpu import Target
 from .errors import Problem, RecipeError
+from .schema import Strict, resolve_path
+from .sources import model_specs
+from .sources.hf import HFModel
+from .sources.python import InputSpec, PythonModel
+from .sources.zoo import ZOO_MODELS, ZooModel
 from .yamlpos import Located, load_yaml
 
 __all__ = [
@@ -50,142 +54,21 @@ __all__ = [
     "Threshold",
     "PassStep",
     "ZOO_MODELS",
+    "Strict",
     "load_recipe",
     "parse_recipe",
 ]
 
-ZOO_MODELS = ("minilm", "digits-mlp", "digits-cnn")
 MAX_RECIPE_BYTES = 1 << 20
 # A recipe name becomes a directory name (artifacts/<name>/, a bundle's top folder): portable, never a path.
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
 _BYTES: TypeAdapter[ByteSize] = TypeAdapter(ByteSize)
 
 
-class Strict(BaseModel):
-    """Base for recipe sections: unknown keys are errors, values are immutable after parsing."""
-
-    # allow_inf_nan=False: `.nan` and `.inf` are YAML floats, and a NaN threshold compares false with everything.
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-def _resolve(path: str, info: ValidationInfo) -> Path:
-    base = (info.context or {}).get("base_dir")
-    p = Path(os.path.expanduser(path))
-    return p if p.is_absolute() or base is None else Path(base) / p
-
-
 # --------------------------------------------------------------------------------------------- model sources
 
-
-class InputSpec(Strict):
-    """One example input of a ``python`` model: random values of this shape and dtype."""
-
-    shape: list[PositiveInt] = Field(min_length=1, description="Tensor shape, batch first, e.g. [2, 64].")
-    dtype: Literal["float32", "float16", "bfloat16", "int64", "int32", "bool"] = Field(
-        "float32", description="Tensor dtype."
-    )
-    low: float = Field(0.0, description="Smallest value (integers: inclusive).")
-    high: float = Field(1.0, description="Largest value (integers: exclusive).")
-
-    @model_validator(mode="after")
-    def _range(self) -> InputSpec:
-        if not self.high > self.low:
-            raise ValueError(f"high ({self.high}) must be greater than low ({self.low})")
-        return self
-
-
-class HFModel(Strict):
-    """A local Hugging Face model directory: config.json, safetensors weights and tokenizer files."""
-
-    source: Literal["hf"] = Field(description="`hf`: a local Hugging Face model directory.")
-    path: str = Field(
-        description="The model directory (config.json + *.safetensors); relative paths are resolved against "
-        "the recipe file's directory. Config and tokenizer files are copied into the artifact."
-    )
-    auto_class: Literal[
-        "AutoModel",
-        "AutoModelForSequenceClassification",
-        "AutoModelForTokenClassification",
-        "AutoModelForCausalLM",
-        "AutoModelForMaskedLM",
-        "AutoModelForQuestionAnswering",
-    ] = Field("AutoModel", description="transformers auto class that builds the model from its config.")
-    max_length: PositiveInt = Field(
-        128, le=8192, description="Sequence length of the example inputs made with the model's tokenizer."
-    )
-
-    @field_validator("path")
-    @classmethod
-    def _exists(cls, value: str, info: ValidationInfo) -> str:
-        p = _resolve(value, info)
-        if not p.exists():
-            raise ValueError(f"no such directory: {p}; give the path of a local Hugging Face model directory")
-        if not p.is_dir():
-            raise ValueError(f"{p} is a file; give the directory that holds config.json and the weights")
-        if not (p / "config.json").is_file():
-            raise ValueError(f"{p} has no config.json; is it a Hugging Face model directory?")
-        if not any(p.glob("*.safetensors")):
-            pickled = [f.name for f in p.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt")]
-            extra = (
-                f" It has {', '.join(pickled)}, a pickle format this tool never loads; convert it with "
-                "transformers' save_pretrained(..., safe_serialization=True)."
-                if pickled
-                else ""
-            )
-            raise ValueError(f"{p} has no *.safetensors weights.{extra}")
-        return value
-
-
-class PythonModel(Strict):
-    """A Python function that returns an ``nn.Module``, optionally with weights from a safetensors file."""
-
-    source: Literal["python"] = Field(description="`python`: a function that builds the model.")
-    factory: str = Field(
-        description="`package.module:function` returning an nn.Module; the recipe's directory is on the "
-        "import path while it is imported.",
-    )
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the factory.")
-    weights: str | None = Field(
-        None,
-        description="Optional safetensors file loaded into the module (strict: names and shapes must match); "
-        "relative to the recipe's directory.",
-    )
-    inputs: dict[str, InputSpec] = Field(
-        min_length=1,
-        description="Example inputs by forward() argument name, used for export, calibration and speed runs.",
-    )
-
-    @field_validator("factory")
-    @classmethod
-    def _factory_form(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*", value):
-            raise ValueError(f"expected `package.module:function` (e.g. `mymodels.nets:build`), got {value!r}")
-        return value
-
-    @field_validator("weights")
-    @classmethod
-    def _weights_exist(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is None:
-            return value
-        p = _resolve(value, info)
-        if not p.is_file():
-            raise ValueError(f"no such file: {p}; give a .safetensors file or leave `weights` out")
-        if p.suffix != ".safetensors":
-            raise ValueError(f"{p.name} is not a .safetensors file; pickled checkpoints are never loaded")
-        return value
-
-
-class ZooModel(Strict):
-    """A reference model bundled with compressor."""
-
-    source: Literal["zoo"] = Field(description="`zoo`: a reference model bundled with compressor.")
-    name: Literal["minilm", "digits-mlp", "digits-cnn"] = Field(
-        description="`minilm` (all-MiniLM-L6-v2 text encoder), `digits-mlp` (64-300-100-10 MLP) or "
-        "`digits-cnn` (small CNN); the digits models are trained on scikit-learn's digits at first use."
-    )
-
-
-ModelSpec = Annotated[Union[HFModel, PythonModel, ZooModel], Field(discriminator="source")]
+# Every source kind's schema (compressor/sources/<kind>.py), told apart by `source:`.
+ModelSpec = Annotated[Union[model_specs()], Field(discriminator="source")]  # type: ignore[valid-type]
 
 # ------------------------------------------------------------------------------------ export, evaluate, gates
 
@@ -519,8 +402,7 @@ class Recipe(Strict):
 
     def resolve(self, path: str) -> Path:
         """A recipe path, resolved against the recipe's directory."""
-        p = Path(os.path.expanduser(path))
-        return p if p.is_absolute() else self._base_dir / p
+        return resolve_path(path, self._base_dir)
 
     def locate(self, error: RecipeError) -> RecipeError:
         """``error`` with this recipe's file and the line:col of each problem's key path (``model.factory``,

@@ -13,10 +13,11 @@ PACKAGE = Path(__file__).resolve().parent.parent / "compressor"
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundations", ["compressor.errors", "compressor.log", "compressor.cpu", "compressor.yamlpos",
                      "compressor.encodings", "compressor.model", "compressor.zoo", "compressor.usercode",
-                     "compressor.ort", "compressor.manifest", "compressor.version", "compressor.bundle_runner"]),
+                     "compressor.ort", "compressor.manifest", "compressor.version", "compressor.schema",
+                     "compressor.bundle_runner"]),
     ("data", ["compressor.data"]),
-    ("recipe", ["compressor.recipe", "compressor.passes.base"]),
     ("sources", ["compressor.sources"]),
+    ("recipe", ["compressor.recipe", "compressor.passes.base"]),
     ("passes", ["compressor.passes"]),
     ("export", ["compressor.export"]),
     ("artifact", ["compressor.loading", "compressor.verify", "compressor.inspect", "compressor.staging"]),

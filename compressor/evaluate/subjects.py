@@ -12,12 +12,11 @@ exactly what the parent measures:
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ArtifactError, CompressorError, UsageError
+from ..errors import CompressorError, UsageError
 from ..manifest import REPORT_FILES, REPORT_JSON
 
 __all__ = ["Subject", "artifact_subject", "source_subject", "baseline_from_manifest", "baseline_from_argument",
@@ -93,62 +92,11 @@ def onnx_subject(path: Path, manifest: dict[str, Any] | None = None) -> Subject 
 
 def source_subject(model: dict[str, Any], base_dir: Path) -> Subject:
     """The uncompressed model named by a recipe's ``model`` section (paths relative to ``base_dir``)."""
+    from ..sources import baseline
+
     spec = {"kind": "source", "model": model, "base_dir": str(base_dir.resolve())}
-    source = model.get("source")
-    if source == "hf":
-        path = _resolve(model["path"], base_dir)
-        files, weights = _hf_files(path)
-        label = f"hf: {model['path']}"
-    elif source == "zoo" and model.get("name") == "minilm":
-        from ..zoo import minilm_path
-
-        files, weights = _hf_files(minilm_path())
-        label = "zoo: minilm"
-    elif source == "zoo":
-        from ..zoo import digits_model, digits_cache_path
-
-        digits_model(model["name"])  # trains and caches on first use, so timed loads only read the cache
-        weights = [digits_cache_path(model["name"])]
-        files = list(weights)
-        label = f"zoo: {model['name']}"
-    elif source == "python":
-        weights = [_resolve(model["weights"], base_dir)] if model.get("weights") else []
-        missing = [w for w in weights if not w.is_file()]
-        if missing:
-            raise UsageError(f"the baseline's weights file {missing[0]} does not exist; give the original model "
-                             "with --baseline RECIPE.yaml (its recipe file), or run from the recipe's directory")
-        files = list(weights)
-        label = f"python: {model['factory']}"
-    else:
-        raise ArtifactError(f"unknown model source {source!r}; expected hf, python or zoo")
+    label, files, weights = baseline(model, base_dir)
     return Subject(role="baseline", label=label, format="source", spec=spec, files=files, model_files=weights)
-
-
-def _resolve(path: str, base: Path) -> Path:
-    p = Path(os.path.expanduser(path))
-    return p if p.is_absolute() else base / p
-
-
-def _hf_files(path: Path) -> tuple[list[Path], list[Path]]:
-    from ..sources.hf import is_copied_file
-
-    if not path.is_dir():
-        raise UsageError(f"the baseline model directory {path} does not exist")
-    # What from_pretrained reads: the top-level weights (the shards an index names, or model.safetensors) and
-    # top-level config/tokenizer files; never checkpoint-*/ or other subdirectories.
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise UsageError(f"{index} is not a valid safetensors index ({exc})") from None
-        weights = [path / n for n in names] + [index]
-    else:
-        weights = [path / "model.safetensors"] if (path / "model.safetensors").is_file() else sorted(
-            path.glob("*.safetensors"))
-    extra = sorted(p for p in path.iterdir() if p.is_file() and p not in weights
-                   and is_copied_file(p.relative_to(path)))
-    return weights + extra, weights
 
 
 def baseline_from_manifest(artifact: Path, manifest: dict[str, Any]) -> Subject:
@@ -182,7 +130,7 @@ def baseline_from_manifest(artifact: Path, manifest: dict[str, Any]) -> Subject:
 def baseline_from_argument(value: str, manifest: dict[str, Any]) -> Subject:
     """``--baseline``: an artifact directory, a Hugging Face model directory, a recipe file, or ``zoo:NAME``."""
     from ..manifest import is_artifact
-    from ..recipe import ZOO_MODELS
+    from ..sources.zoo import ZOO_MODELS
 
     if value.startswith("zoo:"):
         name = value[4:]
@@ -211,7 +159,7 @@ def preimport(spec: dict[str, Any]) -> None:
     """Import the code a subject's loader needs (transformers and the model's own modeling module, which
     transformers imports lazily at first use and which takes seconds), so that load timing measures the model."""
     from .. import loading, recipe, zoo  # noqa: F401
-    from ..sources import hf, python  # noqa: F401
+    from ..sources import preimport as source_preimport
 
     if spec["kind"] == "onnx":
         import onnxruntime  # noqa: F401
@@ -224,52 +172,9 @@ def preimport(spec: dict[str, Any]) -> None:
             source = json.loads((root / "manifest.json").read_text()).get("source") or {}
         except (OSError, ValueError):
             return
-        config = root / "config.json"
-        if source.get("kind") == "python":
-            _import_factory_module(source.get("factory", ""), None)
+        source_preimport(root=root, source=source)
     else:
-        model = spec["model"]
-        source = {"kind": model.get("source"), "name": model.get("name")}
-        if model.get("source") == "python":
-            _import_factory_module(model.get("factory", ""), Path(spec["base_dir"]))
-        if model.get("source") == "hf":
-            config = _resolve(model["path"], Path(spec["base_dir"])) / "config.json"
-        else:
-            from ..zoo import minilm_path
-
-            config = minilm_path() / "config.json"
-    if not (source.get("kind") == "hf" or source.get("name") == "minilm"):
-        return
-    import importlib
-
-    import transformers  # noqa: F401
-    from transformers import AutoConfig, AutoModel, PreTrainedModel  # noqa: F401 - lazy submodules
-
-    try:
-        model_type = json.loads(config.read_text()).get("model_type", "")
-        importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-    except (OSError, ValueError, ImportError):
-        pass  # the loader will import (and time) it, or fail with its own clear error
-
-
-def _import_factory_module(factory: str, search: Path | None) -> None:
-    """Import a python source's module (the user's code and whatever it imports) before timing starts."""
-    import importlib
-    import sys
-
-    module = factory.partition(":")[0]
-    if not module:
-        return
-    added = search is not None and str(search) not in sys.path
-    if added:
-        sys.path.insert(0, str(search))
-    try:
-        importlib.import_module(module)
-    except Exception:  # noqa: BLE001 - the timed load will fail with its own clear error
-        pass
-    finally:
-        if added:
-            sys.path.remove(str(search))
+        source_preimport(spec["model"], Path(spec["base_dir"]))
 
 
 def load_module(spec: dict[str, Any], device: str = "cpu") -> Any:
@@ -282,26 +187,9 @@ def load_module(spec: dict[str, Any], device: str = "cpu") -> Any:
         return load(spec["path"], device=device)
     if spec["kind"] == "onnx":
         return OrtModule(Path(spec["path"]), device)
-    model = spec["model"]
-    base = Path(spec["base_dir"])
-    source = model.get("source")
-    if source == "hf" or (source == "zoo" and model.get("name") == "minilm"):
-        from ..sources.hf import load_hf_module
-        from ..zoo import minilm_path
+    from ..sources import baseline_module
 
-        path = minilm_path() if source == "zoo" else _resolve(model["path"], base)
-        module = load_hf_module(path, model.get("auto_class", "AutoModel"))
-    elif source == "zoo":
-        from ..zoo import digits_model
-
-        module = digits_model(model["name"])
-    elif source == "python":
-        from ..recipe import PythonModel
-        from ..sources.python import load_python_module
-
-        module = load_python_module(PythonModel.model_validate(model, context={"base_dir": base}), base)
-    else:
-        raise CompressorError(f"unknown model source {source!r}")
+    module = baseline_module(spec["model"], Path(spec["base_dir"]))
     if device != "cpu":
         module = module.to(torch.device(device))
     return module.eval()

@@ -89,27 +89,15 @@ def parameters_on_meta() -> Iterator[None]:
 
 
 def build_architecture(root: Path, manifest: dict[str, Any]) -> nn.Module:
-    """An empty module of the artifact's architecture (parameters on meta), from its manifest."""
-    source = manifest.get("source", {})
-    kind = source.get("kind")
+    """An empty module of the artifact's architecture (parameters on meta), built by the source kind its manifest
+    records (compressor.sources)."""
+    from ..sources import architecture
+
+    source = manifest.get("source")
+    if not isinstance(source, dict):
+        raise ArtifactError(f"{root}: manifest.json records no model source")
     with parameters_on_meta():
-        if kind == "hf" or (kind == "zoo" and source.get("name") == "minilm"):
-            import transformers
-
-            auto = getattr(transformers, source.get("auto_class", "AutoModel"), None)
-            if auto is None:
-                raise ArtifactError(f"transformers has no {source.get('auto_class')!r}; upgrade transformers")
-            config = transformers.AutoConfig.from_pretrained(str(root), local_files_only=True)
-            return auto.from_config(config)
-        if kind == "zoo":
-            from ..zoo import build_digits
-
-            return build_digits(source["name"])
-        if kind == "python":
-            from ..sources.python import build_python
-
-            return build_python(source["factory"], source.get("kwargs", {}), None)
-    raise ArtifactError(f"{root}: unknown model source {kind!r} in the manifest")
+        return architecture(root, source)
 
 
 def restructure(module: nn.Module, info: dict[str, Any], state: dict[str, torch.Tensor], root: Path) -> None:

@@ -1,31 +1,87 @@
-"""Model sources: how a recipe's ``model:`` section becomes a ``Model`` (module + example inputs + metadata)."""
+"""Model sources: where a recipe's model comes from, one module per kind (the recipe's ``model: {source: ...}``).
+
+Each kind module (``sources/<kind>.py``) owns its kind end to end and provides:
+
+- ``SPEC``: its recipe schema, a pydantic model whose ``source`` field is ``Literal["<kind>"]``;
+- ``load(spec, base_dir, seed) -> Model``: the model for `compress run`;
+- ``architecture(root, source) -> nn.Module``: an artifact's empty module, from its manifest's ``source`` entry
+  (called with parameters on the meta device);
+- ``baseline(model, base_dir) -> (label, files, weight files)`` and ``baseline_module(model, base_dir)``: the
+  uncompressed model for evaluation, from the recipe's ``model`` section as a dict;
+- ``preimport_source(model, base_dir)`` and ``preimport_artifact(root, source)``: imports done before load
+  timing starts.
+
+Adding a kind is that module plus its line in ``KINDS``. Kind modules import torch only when used: the recipe
+schema is built from their ``SPEC`` classes without loading any model.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import importlib
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ArtifactError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
     from ..model import Model
-    from ..recipe import Recipe
 
-__all__ = ["load_source"]
+__all__ = ["KINDS", "kind", "model_specs", "load_source", "architecture", "baseline", "baseline_module",
+           "preimport"]
+
+# The registration: recipe tag (and manifest `source.kind`) -> the module that owns the kind.
+KINDS = {
+    "hf": "compressor.sources.hf",
+    "python": "compressor.sources.python",
+    "zoo": "compressor.sources.zoo",
+}
 
 
-def load_source(recipe: Recipe) -> Model:
-    """Load the model a recipe names. Heavy imports happen here, not at module import."""
-    from ..recipe import HFModel, PythonModel, ZooModel
+def kind(tag: Any) -> ModuleType:
+    """The module that owns the source kind ``tag``."""
+    if tag not in KINDS:
+        raise ArtifactError(f"unknown model source {tag!r}; expected {', '.join(KINDS)}")
+    return importlib.import_module(KINDS[tag])
 
-    spec = recipe.model
-    if isinstance(spec, HFModel):
-        from .hf import load_hf
 
-        return load_hf(recipe.resolve(spec.path), spec.auto_class, spec.max_length, source={"kind": "hf", "path": spec.path})
-    if isinstance(spec, PythonModel):
-        from .python import load_python
+def model_specs() -> tuple[type, ...]:
+    """The recipe schema of every kind, in registration order."""
+    return tuple(kind(tag).SPEC for tag in KINDS)
 
-        return load_python(spec, recipe)
-    if isinstance(spec, ZooModel):
-        from .zoo import load_zoo
 
-        return load_zoo(spec.name)
-    raise TypeError(f"unhandled model source {type(spec).__name__}")  # pragma: no cover - schema forbids it
+def load_source(spec: Any, base_dir: Path, seed: int) -> Model:
+    """Load the model a recipe's validated ``model`` section names. Heavy imports happen here."""
+    return kind(spec.source).load(spec, base_dir, seed)
+
+
+def architecture(root: Path, source: dict[str, Any]) -> nn.Module:
+    """The empty module of an artifact whose manifest records ``source`` (``{"kind": ..., ...}``)."""
+    try:
+        owner = kind(source.get("kind"))
+    except ArtifactError as exc:
+        raise ArtifactError(f"{root}: {exc} in the manifest") from None
+    return owner.architecture(root, source)
+
+
+def baseline(model: dict[str, Any], base_dir: Path) -> tuple[str, list[Path], list[Path]]:
+    """(label, files, weight files) of the uncompressed model a recipe's ``model`` section names."""
+    return kind(model.get("source")).baseline(model, base_dir)
+
+
+def baseline_module(model: dict[str, Any], base_dir: Path) -> nn.Module:
+    """The uncompressed model a recipe's ``model`` section names, loaded for evaluation."""
+    return kind(model.get("source")).baseline_module(model, base_dir)
+
+
+def preimport(model: dict[str, Any] | None = None, base_dir: Path | None = None, *, root: Path | None = None,
+              source: dict[str, Any] | None = None) -> None:
+    """Import what loading a baseline (``model``, ``base_dir``) or rebuilding an artifact (``root``, its
+    manifest's ``source``) will import, so that load timing measures the model, not imports."""
+    if model is not None:
+        owner = kind(model.get("source"))
+        owner.preimport_source(model, base_dir or Path.cwd())
+    elif source is not None and source.get("kind") in KINDS:
+        kind(source["kind"]).preimport_artifact(root, source)

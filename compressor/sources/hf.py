@@ -1,17 +1,152 @@
-"""`hf` source: a local Hugging Face model directory, loaded with transformers (never from a hub)."""
+"""`hf` source: a local Hugging Face model directory, loaded with transformers (never from a hub), end to end:
+its recipe schema, loading it for a run, rebuilding an artifact's empty architecture from its config, and the
+baseline's model and files for evaluation. Torch and transformers are imported only when used."""
 
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
+from pydantic import Field, PositiveInt, ValidationInfo, field_validator
 
-from ..errors import CompressorError, Problem, RecipeError
-from ..model import Model
+from ..errors import ArtifactError, CompressorError, Problem, RecipeError, UsageError
+from ..schema import Strict, context_path, resolve_path
 
-__all__ = ["load_hf", "load_hf_module", "example_text_inputs", "EXAMPLE_SENTENCES", "is_copied_file"]
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+    from ..model import Model
+
+__all__ = ["HFModel", "load", "architecture", "baseline", "baseline_module", "preimport_source",
+           "preimport_artifact", "load_hf", "load_hf_module", "example_text_inputs", "EXAMPLE_SENTENCES",
+           "is_copied_file", "model_files", "hf_architecture", "preimport_transformers"]
+
+
+class HFModel(Strict):
+    """A local Hugging Face model directory: config.json, safetensors weights and tokenizer files."""
+
+    source: Literal["hf"] = Field(description="`hf`: a local Hugging Face model directory.")
+    path: str = Field(
+        description="The model directory (config.json + *.safetensors); relative paths are resolved against "
+        "the recipe file's directory. Config and tokenizer files are copied into the artifact."
+    )
+    auto_class: Literal[
+        "AutoModel",
+        "AutoModelForSequenceClassification",
+        "AutoModelForTokenClassification",
+        "AutoModelForCausalLM",
+        "AutoModelForMaskedLM",
+        "AutoModelForQuestionAnswering",
+    ] = Field("AutoModel", description="transformers auto class that builds the model from its config.")
+    max_length: PositiveInt = Field(
+        128, le=8192, description="Sequence length of the example inputs made with the model's tokenizer."
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, value: str, info: ValidationInfo) -> str:
+        p = context_path(value, info)
+        if not p.exists():
+            raise ValueError(f"no such directory: {p}; give the path of a local Hugging Face model directory")
+        if not p.is_dir():
+            raise ValueError(f"{p} is a file; give the directory that holds config.json and the weights")
+        if not (p / "config.json").is_file():
+            raise ValueError(f"{p} has no config.json; is it a Hugging Face model directory?")
+        if not any(p.glob("*.safetensors")):
+            pickled = [f.name for f in p.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+            extra = (
+                f" It has {', '.join(pickled)}, a pickle format this tool never loads; convert it with "
+                "transformers' save_pretrained(..., safe_serialization=True)."
+                if pickled
+                else ""
+            )
+            raise ValueError(f"{p} has no *.safetensors weights.{extra}")
+        return value
+
+
+SPEC = HFModel
+
+
+def load(spec: HFModel, base_dir: Path, seed: int) -> Model:
+    """The model a recipe's `hf` section names (``seed`` is unused: example inputs are fixed sentences)."""
+    return load_hf(resolve_path(spec.path, base_dir), spec.auto_class, spec.max_length,
+                   source={"kind": "hf", "path": spec.path})
+
+
+def architecture(root: Path, source: dict[str, Any]) -> nn.Module:
+    """An artifact's empty module, from the config.json copied into it (parameters on meta: the caller's)."""
+    return hf_architecture(root, source.get("auto_class", "AutoModel"))
+
+
+def hf_architecture(config_dir: Path, auto_class: str) -> nn.Module:
+    """The module ``auto_class`` builds from the config.json in ``config_dir``, without weights."""
+    import transformers
+
+    auto = getattr(transformers, auto_class, None)
+    if auto is None:
+        raise ArtifactError(f"transformers has no {auto_class!r}; upgrade transformers")
+    config = transformers.AutoConfig.from_pretrained(str(config_dir), local_files_only=True)
+    return auto.from_config(config)
+
+
+def baseline(model: dict[str, Any], base_dir: Path) -> tuple[str, list[Path], list[Path]]:
+    """(label, files, weight files) of the uncompressed model a recipe's `hf` section names."""
+    files, weights = model_files(resolve_path(model["path"], base_dir))
+    return f"hf: {model['path']}", files, weights
+
+
+def baseline_module(model: dict[str, Any], base_dir: Path) -> nn.Module:
+    """The uncompressed model, loaded for evaluation."""
+    return load_hf_module(resolve_path(model["path"], base_dir), model.get("auto_class", "AutoModel"))
+
+
+def preimport_source(model: dict[str, Any], base_dir: Path) -> None:
+    """Import what loading the baseline will import, so that load timing measures the model."""
+    preimport_transformers(resolve_path(model["path"], base_dir) / "config.json")
+
+
+def preimport_artifact(root: Path, source: dict[str, Any]) -> None:
+    """Import what rebuilding the artifact will import, so that load timing measures the model."""
+    preimport_transformers(root / "config.json")
+
+
+def preimport_transformers(config: Path) -> None:
+    """transformers and the model's own modeling module (imported lazily at first use, which takes seconds)."""
+    import importlib
+
+    import transformers  # noqa: F401
+    from transformers import AutoConfig, AutoModel, PreTrainedModel  # noqa: F401 - lazy submodules
+
+    try:
+        model_type = json.loads(config.read_text()).get("model_type", "")
+        importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    except (OSError, ValueError, ImportError):
+        pass  # the loader will import (and time) it, or fail with its own clear error
+
+
+def model_files(path: Path) -> tuple[list[Path], list[Path]]:
+    """(every file from_pretrained reads, the weight files) of a Hugging Face model directory."""
+    if not path.is_dir():
+        raise UsageError(f"the baseline model directory {path} does not exist")
+    # What from_pretrained reads: the top-level weights (the shards an index names, or model.safetensors) and
+    # top-level config/tokenizer files; never checkpoint-*/ or other subdirectories.
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"{index} is not a valid safetensors index ({exc})") from None
+        weights = [path / n for n in names] + [index]
+    else:
+        weights = [path / "model.safetensors"] if (path / "model.safetensors").is_file() else sorted(
+            path.glob("*.safetensors"))
+    extra = sorted(p for p in path.iterdir() if p.is_file() and p not in weights
+                   and is_copied_file(p.relative_to(path)))
+    return weights + extra, weights
+
 
 # Fixed sentences for example inputs: deterministic, varied length, no data files needed.
 EXAMPLE_SENTENCES = (
@@ -30,7 +165,7 @@ def is_copied_file(rel: Path) -> bool:
     return not (name.endswith(_WEIGHT_SUFFIXES) or name.endswith((".safetensors.index.json", ".bin.index.json")))
 
 
-def load_hf_module(path: Path, auto_class: str) -> torch.nn.Module:
+def load_hf_module(path: Path, auto_class: str) -> nn.Module:
     """The model of a Hugging Face directory, loaded strictly (offline, safetensors only), in eval mode."""
     import transformers
 
@@ -57,6 +192,8 @@ def load_hf_module(path: Path, auto_class: str) -> torch.nn.Module:
 
 def load_hf(path: Path, auto_class: str, max_length: int, *, source: dict[str, Any], task: str | None = None) -> Model:
     """Load a Hugging Face model directory with transformers, offline, safetensors only."""
+    from ..model import Model
+
     module = load_hf_module(path, auto_class)
     config = module.config
     inputs = example_text_inputs(path, module, max_length)
@@ -67,8 +204,10 @@ def load_hf(path: Path, auto_class: str, max_length: int, *, source: dict[str, A
     return Model(module=module, source=source, example_inputs=inputs, task=task, files_dir=path)
 
 
-def example_text_inputs(path: Path, module: torch.nn.Module, max_length: int) -> dict[str, torch.Tensor]:
+def example_text_inputs(path: Path, module: nn.Module, max_length: int) -> dict[str, torch.Tensor]:
     """Tokenized example sentences, padded to ``max_length``; random token ids if there is no tokenizer."""
+    import torch
+
     accepted = set(inspect.signature(module.forward).parameters)
     try:
         from transformers import AutoTokenizer

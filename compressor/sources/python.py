@@ -1,25 +1,93 @@
-"""`python` source: ``package.module:function`` returning an nn.Module, with optional safetensors weights."""
+"""`python` source: ``package.module:function`` returning an nn.Module, with optional safetensors weights, end to
+end: its recipe schema, building it for a run, rebuilding an artifact's module, and the baseline for evaluation.
+Torch is imported only when used."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-from torch import nn
+from pydantic import Field, PositiveInt, ValidationInfo, field_validator, model_validator
 
-from ..errors import CompressorError, Problem, RecipeError
-from ..model import Model, find_aliases
+from ..errors import CompressorError, Problem, RecipeError, UsageError
+from ..schema import Strict, context_path, resolve_path
 from ..usercode import import_factory
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..recipe import PythonModel, Recipe
+    import torch
+    from torch import nn
 
-__all__ = ["load_python", "load_python_module", "make_inputs", "build_python"]
+    from ..model import Model
+
+__all__ = ["InputSpec", "PythonModel", "load", "architecture", "baseline", "baseline_module", "preimport_source",
+           "preimport_artifact", "load_python_module", "make_inputs", "build_python"]
+
+
+class InputSpec(Strict):
+    """One example input of a ``python`` model: random values of this shape and dtype."""
+
+    shape: list[PositiveInt] = Field(min_length=1, description="Tensor shape, batch first, e.g. [2, 64].")
+    dtype: Literal["float32", "float16", "bfloat16", "int64", "int32", "bool"] = Field(
+        "float32", description="Tensor dtype."
+    )
+    low: float = Field(0.0, description="Smallest value (integers: inclusive).")
+    high: float = Field(1.0, description="Largest value (integers: exclusive).")
+
+    @model_validator(mode="after")
+    def _range(self) -> InputSpec:
+        if not self.high > self.low:
+            raise ValueError(f"high ({self.high}) must be greater than low ({self.low})")
+        return self
+
+
+class PythonModel(Strict):
+    """A Python function that returns an ``nn.Module``, optionally with weights from a safetensors file."""
+
+    source: Literal["python"] = Field(description="`python`: a function that builds the model.")
+    factory: str = Field(
+        description="`package.module:function` returning an nn.Module; the recipe's directory is on the "
+        "import path while it is imported.",
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the factory.")
+    weights: str | None = Field(
+        None,
+        description="Optional safetensors file loaded into the module (strict: names and shapes must match); "
+        "relative to the recipe's directory.",
+    )
+    inputs: dict[str, InputSpec] = Field(
+        min_length=1,
+        description="Example inputs by forward() argument name, used for export, calibration and speed runs.",
+    )
+
+    @field_validator("factory")
+    @classmethod
+    def _factory_form(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*", value):
+            raise ValueError(f"expected `package.module:function` (e.g. `mymodels.nets:build`), got {value!r}")
+        return value
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_exist(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return value
+        p = context_path(value, info)
+        if not p.is_file():
+            raise ValueError(f"no such file: {p}; give a .safetensors file or leave `weights` out")
+        if p.suffix != ".safetensors":
+            raise ValueError(f"{p.name} is not a .safetensors file; pickled checkpoints are never loaded")
+        return value
+
+
+SPEC = PythonModel
+DOC_SECTIONS = [("`model.inputs.<name>` (python source)", InputSpec)]  # for the recipe reference
 
 
 def make_inputs(specs: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
     """Deterministic random example inputs from ``InputSpec``s."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
     for name, spec in specs.items():
@@ -36,6 +104,8 @@ def make_inputs(specs: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
 
 def build_python(factory: str, kwargs: dict[str, Any], search: Path | None) -> nn.Module:
     """Call the factory and check that it returned an nn.Module."""
+    from torch import nn
+
     func = import_factory(factory, search)
     try:
         module = func(**kwargs)
@@ -56,8 +126,7 @@ def load_python_module(spec: PythonModel, base_dir: Path) -> nn.Module:
     if spec.weights:
         from safetensors.torch import load_file
 
-        p = Path(spec.weights).expanduser()
-        path = p if p.is_absolute() else base_dir / p
+        path = resolve_path(spec.weights, base_dir)
         try:
             state = load_file(str(path))
         except Exception as exc:
@@ -67,6 +136,8 @@ def load_python_module(spec: PythonModel, base_dir: Path) -> nn.Module:
         except RuntimeError as exc:  # shape mismatches
             raise RecipeError(Problem(f"{path.name} does not fit the module built by {spec.factory}: {exc}",
                                       path="model.weights")) from None
+        from ..model import find_aliases
+
         # A tied tensor is stored once (safetensors' save_model, our own artifacts): its alias is not missing.
         tied = find_aliases(module)
         missing = [k for k in result.missing_keys if not (k in tied and tied[k] in state)]
@@ -82,9 +153,60 @@ def load_python_module(spec: PythonModel, base_dir: Path) -> nn.Module:
     return module.eval()
 
 
-def load_python(spec: PythonModel, recipe: Recipe) -> Model:
-    """Build the module, load its weights if given, make example inputs."""
-    module = load_python_module(spec, recipe.base_dir)
-    inputs = make_inputs(spec.inputs, recipe.seed)
+def load(spec: PythonModel, base_dir: Path, seed: int) -> Model:
+    """Build the module, load its weights if given, make example inputs (random, from ``seed``)."""
+    from ..model import Model
+
+    module = load_python_module(spec, base_dir)
+    inputs = make_inputs(spec.inputs, seed)
     source = {"kind": "python", "factory": spec.factory, "kwargs": spec.kwargs}
     return Model(module=module, source=source, example_inputs=inputs)
+
+
+def architecture(root: Path, source: dict[str, Any]) -> nn.Module:
+    """An artifact's module, built again by its factory (importable from the working directory or PYTHONPATH)."""
+    return build_python(source["factory"], source.get("kwargs", {}), None)
+
+
+def baseline(model: dict[str, Any], base_dir: Path) -> tuple[str, list[Path], list[Path]]:
+    """(label, files, weight files) of the uncompressed model a recipe's `python` section names."""
+    weights = [resolve_path(model["weights"], base_dir)] if model.get("weights") else []
+    missing = [w for w in weights if not w.is_file()]
+    if missing:
+        raise UsageError(f"the baseline's weights file {missing[0]} does not exist; give the original model "
+                         "with --baseline RECIPE.yaml (its recipe file), or run from the recipe's directory")
+    return f"python: {model['factory']}", list(weights), weights
+
+
+def baseline_module(model: dict[str, Any], base_dir: Path) -> nn.Module:
+    """The uncompressed model, built and loaded for evaluation."""
+    return load_python_module(PythonModel.model_validate(model, context={"base_dir": base_dir}), base_dir)
+
+
+def preimport_source(model: dict[str, Any], base_dir: Path) -> None:
+    """Import the factory's module (the user's code and what it imports) before timing starts."""
+    _import_module_of(model.get("factory", ""), base_dir)
+
+
+def preimport_artifact(root: Path, source: dict[str, Any]) -> None:
+    """Import the factory's module before timing starts."""
+    _import_module_of(source.get("factory", ""), None)
+
+
+def _import_module_of(factory: str, search: Path | None) -> None:
+    import importlib
+    import sys
+
+    module = factory.partition(":")[0]
+    if not module:
+        return
+    added = search is not None and str(search) not in sys.path
+    if added:
+        sys.path.insert(0, str(search))
+    try:
+        importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - the timed load will fail with its own clear error
+        pass
+    finally:
+        if added:
+            sys.path.remove(str(search))
