@@ -14,8 +14,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from compressor.errors import RecipeError
-from compressor.export import onnx_quant
-from compressor.export.onnx_quant import _embeddings_per_row, _gemm_to_matmul, _Plan, _culprit, _weight_only
+from compressor.export.int8_select import Plan, gemm_to_matmul, module_name
+from compressor.export.int8_smooth import embeddings_per_row, weight_only
+from compressor.export.onnx_quant import _culprit
 from compressor.recipe import load_recipe
 from compressor.zoo import digits_split
 
@@ -66,7 +67,7 @@ def test_gemm_becomes_matmul_plus_add_with_the_same_outputs():
                    [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
     x = rng.standard_normal((3, 7)).astype(np.float32)
     before = _session(model).run(None, {"x": x})[0]
-    assert _gemm_to_matmul(model) == ["fc"]
+    assert gemm_to_matmul(model) == ["fc"]
     assert [n.op_type for n in model.graph.node] == ["MatMul", "Add"]
     np.testing.assert_allclose(_session(model).run(None, {"x": x})[0], before, rtol=1e-5, atol=1e-5)
 
@@ -79,7 +80,7 @@ def test_embedding_table_is_int8_per_row_and_decodes_to_its_grid():
                    [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 4])],
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                    [numpy_helper.from_array(table, "table")])
-    _embeddings_per_row(model, ["emb"])
+    embeddings_per_row(model, ["emb"])
     stored = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     assert stored["table_int8"].dtype == np.int8 and stored["table_row_scale"].shape == (50,)
     ids = np.array([[0, 3, 49, 7], [12, 0, 25, 49]], dtype=np.int64)
@@ -97,7 +98,7 @@ def test_weight_only_node_keeps_int8_on_disk_and_computes_in_float():
                    [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                    [numpy_helper.from_array(w, "w")])
-    _weight_only(model, {"mm": "test"})
+    weight_only(model, {"mm": "test"})
     stored = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     assert set(stored) == {"w_int8", "w_col_scale"} and stored["w_int8"].dtype == np.int8
     x = rng.standard_normal((4, 8)).astype(np.float32)
@@ -107,7 +108,7 @@ def test_weight_only_node_keeps_int8_on_disk_and_computes_in_float():
 
 
 def test_an_onnxruntime_error_is_traced_to_the_node_it_names():
-    plan = _Plan(dynamic=["/layer.1/fc/MatMul", "/layer.10/fc/MatMul"], embeddings=["/emb/Gather"])
+    plan = Plan(dynamic=["/layer.1/fc/MatMul", "/layer.10/fc/MatMul"], embeddings=["/emb/Gather"])
     msg = "[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for " \
           "MatMulInteger(10) node with name '/layer.10/fc/MatMul_quant'"
     assert _culprit(msg, plan) == "/layer.10/fc/MatMul"
@@ -115,8 +116,8 @@ def test_an_onnxruntime_error_is_traced_to_the_node_it_names():
 
 
 def test_module_names_of_nodes():
-    assert onnx_quant.module_name("/encoder/layer.0/output/dense/MatMul") == "encoder.layer.0.output.dense"
-    assert onnx_quant.module_name("fc1") == "fc1"
+    assert module_name("/encoder/layer.0/output/dense/MatMul") == "encoder.layer.0.output.dense"
+    assert module_name("fc1") == "fc1"
 
 
 # ------------------------------------------------------------------------------------------- real models
@@ -250,5 +251,5 @@ def test_tied_weights_are_left_alone():
                    [numpy_helper.from_array(w, "w")])
     x = rng.standard_normal((2, 6)).astype(np.float32)
     before = _session(model).run(None, {"x": x})[0]
-    assert _gemm_to_matmul(model) == []  # transposing a shared weight would change the other reader
+    assert gemm_to_matmul(model) == []  # transposing a shared weight would change the other reader
     np.testing.assert_array_equal(_session(model).run(None, {"x": x})[0], before)

@@ -20,7 +20,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CompressorError
-from .onnx_quant import module_name, quiet
+from .int8_select import module_name
+from .onnx_quant import quiet
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
