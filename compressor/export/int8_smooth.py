@@ -354,7 +354,7 @@ def _to_int8(init: Any, axis: int) -> np.ndarray:
     from onnx import numpy_helper
 
     q, scale = quantize_int8(numpy_helper.to_array(init).astype(np.float32), axis)
-    init.CopyFrom(numpy_helper.from_array(q, init.name + "quantize_int8"))
+    init.CopyFrom(numpy_helper.from_array(q, init.name + "_int8"))
     return scale
 
 
@@ -383,7 +383,7 @@ def embeddings_per_row(model: onnx.ModelProto, names: list[str]) -> None:
         model.graph.initializer.append(axes)
         n = node.name
         order += [
-            helper.make_node("Gather", [base + "quantize_int8", node.input[1]], [n + "/q"], name=n + "/q", axis=0),
+            helper.make_node("Gather", [base + "_int8", node.input[1]], [n + "/q"], name=n + "/q", axis=0),
             helper.make_node("Cast", [n + "/q"], [n + "/qf"], name=n + "/cast", to=TensorProto.FLOAT),
             helper.make_node("Gather", [scale_init.name, node.input[1]], [n + "/s"], name=n + "/scale", axis=0),
             helper.make_node("Unsqueeze", [n + "/s", axes.name], [n + "/s1"], name=n + "/unsqueeze"),
@@ -415,7 +415,7 @@ def weight_only(model: onnx.ModelProto, names: dict[str, str]) -> None:
         model.graph.initializer.append(numpy_helper.from_array(scale, base + "_col_scale"))
         n = node.name
         order += [
-            helper.make_node("Cast", [base + "quantize_int8"], [n + "/wf"], name=n + "/cast", to=TensorProto.FLOAT),
+            helper.make_node("Cast", [base + "_int8"], [n + "/wf"], name=n + "/cast", to=TensorProto.FLOAT),
             helper.make_node("Mul", [n + "/wf", base + "_col_scale"], [n + "/w"], name=n + "/dequantize"),
         ]
         node.input[1] = n + "/w"
