@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..encodings import Codebook, Int8, Sparse
 from ..errors import Problem, RecipeError
-from ..recipe import CalibrationSpec
+from ..data.spec import CalibrationSpec
 from .base import Context, Pass, PassConfig, PassResult, register_pass
 from .select import matches, per_module, select_tensors
 from .structured import (InputStats, NeuronGroup, consumer_input_stats, head_groups, module_sizes, neuron_groups,

@@ -18,7 +18,7 @@ from pydantic import Field, field_validator, model_validator
 from ..cpu import TARGETS, Target
 from ..encodings import Int8
 from ..errors import Problem, RecipeError
-from ..recipe import CalibrationSpec
+from ..data.spec import CalibrationSpec
 from .base import Context, Pass, PassConfig, PassResult, register_pass
 
 if TYPE_CHECKING:  # pragma: no cover

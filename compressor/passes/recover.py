@@ -19,7 +19,7 @@ from pydantic import Field
 
 from ..encodings import Cast, Codebook, Int8, Sparse
 from ..errors import CompressorError, UsageError
-from ..recipe import TrainingDataSpec
+from ..data.spec import TrainingDataSpec
 from .base import Context, Pass, PassConfig, PassResult, register_pass
 from .select import matches
 
