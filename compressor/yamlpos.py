@@ -26,6 +26,10 @@ class Located:
     file: str
     values: dict[Path_, tuple[int, int]] = field(default_factory=dict)
     keys: dict[Path_, tuple[int, int]] = field(default_factory=dict)
+    # Conversion state: values counted so far (an alias counts its whole subtree at every use), and each node
+    # already converted with its subtree's count, so an alias is converted once, not once per use.
+    count: int = field(default=0, repr=False)
+    _done: dict[int, tuple[Any, int]] = field(default_factory=dict, repr=False)
 
     def where(self, path: Path_, *, key: bool = False) -> tuple[int | None, int | None]:
         """Best position for ``path``: the exact node, else the nearest ancestor that exists."""
@@ -77,18 +81,37 @@ MAX_VALUES = 100_000  # values a recipe may expand to: aliases of aliases can mu
 
 
 def _convert(node: yaml.Node, path: Path_, loader: yaml.SafeLoader, out: Located) -> Any:
+    """The Python value of ``node``, recording positions by key path. A node met again (a YAML alias) is not
+    converted again: its value is reused and its size counted, so an alias bomb is refused in time proportional to
+    the text, not to what it would expand to (its paths get the position of the nearest recorded ancestor)."""
+    done = out._done.get(id(node))
+    if done is not None:
+        out.count += done[1]
+        _check_count(node, out)
+        return done[0]
     out.values[path] = _mark(node)
-    if len(out.values) > MAX_VALUES:  # every value has its own path, so aliases count once per use
+    before = out.count
+    out.count += 1
+    _check_count(node, out)
+    value = _convert_new(node, path, loader, out)
+    out._done[id(node)] = (value, out.count - before)
+    return value
+
+
+def _check_count(node: yaml.Node, out: Located) -> None:
+    if out.count > MAX_VALUES:
         line, col = _mark(node)
         raise RecipeError(Problem(f"the recipe expands to more than {MAX_VALUES:,} values (YAML aliases of aliases?)",
                                   file=out.file, line=line, col=col,
                                   hint="recipes are small: write the values out, or use fewer nested aliases"))
+
+
+def _convert_new(node: yaml.Node, path: Path_, loader: yaml.SafeLoader, out: Located) -> Any:
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)  # resolves '<<' merge keys into plain pairs
         result: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = _convert(key_node, path + ("<key>",), loader, out) if isinstance(key_node, yaml.ScalarNode) else None
-            out.values.pop(path + ("<key>",), None)
+            key = _scalar(key_node, loader, out) if isinstance(key_node, yaml.ScalarNode) else None
             if not isinstance(key, (str, int, float, bool)) or key is None:
                 raise RecipeError(
                     Problem(
@@ -114,6 +137,10 @@ def _convert(node: yaml.Node, path: Path_, loader: yaml.SafeLoader, out: Located
         return result
     if isinstance(node, yaml.SequenceNode):
         return [_convert(item, path + (i,), loader, out) for i, item in enumerate(node.value)]
+    return _scalar(node, loader, out)
+
+
+def _scalar(node: yaml.Node, loader: yaml.SafeLoader, out: Located) -> Any:
     try:
         return loader.construct_object(node, deep=True)
     except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:
