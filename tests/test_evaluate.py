@@ -127,21 +127,6 @@ def copied_artifact(failed_gate_run, tmp_path: Path) -> Path:
 # ------------------------------------------------------------------------------------------------ imports
 
 
-def test_every_evaluate_module_imports():
-    # `compress run` imports these lazily, after the artifact is written: a module that does not even compile
-    # would only show up then, as an "unexpected failure".
-    import importlib
-    import pkgutil
-
-    import compressor.evaluate as package
-
-    names = sorted(m.name for m in pkgutil.iter_modules(package.__path__))
-    assert {"accuracy", "data", "gates", "pagecache", "probe", "report", "runner", "speed", "subjects"} <= set(names)
-    for name in names:
-        importlib.import_module(f"compressor.evaluate.{name}")
-    assert callable(package.evaluate_artifact)
-
-
 # ----------------------------------------------------------------------------------------- gates via the CLI
 
 

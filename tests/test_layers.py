@@ -109,3 +109,13 @@ def test_no_modules_import_each_other_in_a_circle():
         if node not in state:
             visit(node)
     assert cycles == [], "import cycles:\n  " + "\n  ".join(cycles)
+
+
+def test_every_module_imports():
+    # Most modules are imported lazily (`compress run` imports the evaluator after the artifact is written): a
+    # module that does not import would otherwise show up only then, as an "unexpected failure".
+    import importlib
+
+    for name in sorted(_modules()):
+        if name != "compressor.__main__":  # runs the CLI
+            importlib.import_module(name)
