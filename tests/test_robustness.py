@@ -346,12 +346,20 @@ def _snapshot(directory: Path) -> dict[str, bytes]:
     return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture
-def previous_artifact(tmp_path):
-    """An earlier artifact (with its reports) in tmp_path/out, and its bytes."""
-    (tmp_path / "r.yaml").write_text(EVAL_DIGITS % "digits")
-    proc = run_cli("run", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out"), "--quiet")
+@pytest.fixture(scope="module")
+def evaluated_artifact(tmp_path_factory):
+    """An artifact with its reports, written once for these tests."""
+    tmp = tmp_path_factory.mktemp("evaluated")
+    (tmp / "r.yaml").write_text(EVAL_DIGITS % "digits")
+    proc = run_cli("run", str(tmp / "r.yaml"), "-o", str(tmp / "out"), "--quiet")
     assert proc.returncode == 0, proc.stderr
+    return tmp / "out"
+
+
+@pytest.fixture
+def previous_artifact(tmp_path, evaluated_artifact):
+    """An earlier artifact (with its reports) in tmp_path/out, and its bytes."""
+    shutil.copytree(evaluated_artifact, tmp_path / "out")
     return tmp_path / "out", _snapshot(tmp_path / "out")
 
 
