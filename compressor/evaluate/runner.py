@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cpu import machine_cpu
-from ..errors import CompressorError, GateFailure, UsageError
+from ..errors import CompressorError, UsageError
 from ..log import Reporter
 from .subjects import Subject, artifact_subject, onnx_subject
 
@@ -116,7 +116,7 @@ def evaluate_artifact(
     from .accuracy import fidelity, run_outputs, task_metric
     from ..data.datasets import build_data, tokenizer_for
     from .gates import check_gates
-    from .report import REPORT_FORMAT, write_reports
+    from .report import REPORT_FORMAT, gate_failure, write_reports
     from .speed import latency_inputs, load_timings, measure_latency, percentile
     from .subjects import load_module
     from .targets import int8_targets, target_outputs
@@ -293,9 +293,7 @@ def evaluate_artifact(
     for g in gate_results:
         log.info(f"gate {g['status']}: {g['message']}")
     if passed is False and raise_on_gate:
-        failed = [g["message"] for g in gate_results if g["status"] in ("failed", "error")]
-        raise GateFailure(f"{len(failed)} release gate(s) missed; artifacts and reports are kept in {shown}:\n  "
-                          + "\n  ".join(failed))
+        raise gate_failure(report, shown)
     return report
 
 

@@ -46,7 +46,7 @@ from .int8_smooth import ALPHAS, calibrate, check_rewrite, embeddings_per_row, f
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
 
-__all__ = ["Calibration", "quantize_onnx", "ALPHAS"]
+__all__ = ["quantize_onnx", "quiet"]
 
 
 def quantize_onnx(src: Path, work: Path, config: Any, calib: Calibration, *, where: str = "quantize",
