@@ -41,7 +41,7 @@ from ..ort import ort_session, save_with_external_data
 from .int8_fidelity import (arithmetic_note, first_line, float_products, guard_weights, per_target, search_float,
                             target_fidelity, worst_target)
 from .int8_select import Calibration, Plan, gemm_to_matmul, matmul_groups, name_nodes, reasons_summary, select_nodes
-from .int8_smooth import ALPHAS, calibrate, check_rewrite, embeddings_per_row, fit_feed, pool_rows, smooth, weight_only
+from .int8_smooth import calibrate, check_rewrite, embeddings_per_row, fit_feed, pool_rows, smooth, weight_only
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
