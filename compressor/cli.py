@@ -116,60 +116,20 @@ def run(recipe: Path, output: Path | None, quiet: bool) -> None:
         click.echo(wrote)
 
 
-def _result_line(report: dict[str, Any], where: Path, name: str | None) -> str:
-    """One line for logs and CI: gates, the headline numbers of the last artifact row (ONNX when measured), where
-    the report is."""
-    gates = report.get("gates") or []
-    failed = [g for g in gates if g["status"] in ("failed", "error")]
-    passed = sum(1 for g in gates if g["status"] == "passed")
-    if not gates:
-        verdict = "no gates"
-    elif failed:
-        verdict = f"FAILED {len(failed)} of {len(gates)} gates (" + ", ".join(
-            f"{g['gate']} on {g['device']}/{g.get('format') or 'torch'}" for g in failed[:3]) + ")"
-    else:
-        verdict = f"passed {passed} of {len(gates)} gates"
-    rows = [r for r in report.get("results", []) if r.get("role") != "baseline" and not r.get("emulated")]
-    figures = ""
-    if rows:
-        row = rows[-1]
-        bits = []
-        ratio = (row.get("ratios") or {}).get("compression")
-        if ratio:
-            bits.append(f"{ratio:.2f}x smaller")
-        fid = row.get("fidelity") or {}
-        if fid.get("cos_min") is not None:
-            bits.append(f"cos min {fid['cos_min']:.4f}")
-        if row.get("accuracy"):
-            bits.append(f"{row['accuracy']['label'].split(' (')[0]} {row['accuracy']['value']:.2f}")
-        targets = [r for r in report.get("results", []) if r.get("target") and r.get("fidelity")]
-        if len(targets) > 1:
-            worst = min(targets, key=lambda r: r["fidelity"]["cos_min"])
-            bits.append(f"worst of {len(targets)} targets {worst['target']} cos min {worst['fidelity']['cos_min']:.4f}")
-        figures = f" ({row['device']}/{row['format']}: {', '.join(bits)})" if bits else ""
-    int8 = report.get("int8") or {}
-    if int8.get("reached") is False:
-        figures += (f"; target_fidelity {int8['target_fidelity']} NOT reached (calibration min cos "
-                    f"{int8['calibration_min_cosine']:.4f})")
-    return f"{name or where.name}: {verdict}{figures}; report: {where / 'report.md'}"
-
-
 def _finish_evaluation(report: dict[str, Any], where: Path, quiet: bool = False, name: str | None = None) -> None:
     """Print the summary (quiet: the result line only); a missed gate exits 3 (everything has been written by
     now)."""
-    from .errors import EXIT_GATE, GateFailure
-    from .evaluate.report import summary_lines
+    from .errors import EXIT_GATE
+    from .evaluate.report import gate_failure, result_line, summary_lines
 
     if not quiet:
         for line in summary_lines(report):
             click.echo(line)
-    click.echo(_result_line(report, where, name))
+    click.echo(result_line(report, where, name))
     if report.get("passed") is False:
         if quiet:
             sys.exit(EXIT_GATE)  # the result line said which gates failed
-        failed = [g["message"] for g in report["gates"] if g["status"] in ("failed", "error")]
-        raise GateFailure(f"{len(failed)} release gate(s) missed (artifacts and reports kept):\n  " +
-                          "\n  ".join(failed))
+        raise gate_failure(report, where)
 
 
 @cli.command(name="eval")
@@ -198,21 +158,13 @@ def eval_(artifact: Path, baseline: str | None, device: str | None, no_gates: bo
     """Evaluate ARTIFACT (a directory written by `compress run`) against its baseline; writes report.json,
     report.md, junit.xml and report.png into it. Exit 3 when a gate of its recipe is missed."""
     from .errors import UsageError
+    from .evaluate.settings import recorded_settings
     from .manifest import read_manifest
-    from .recipe import EvaluateSpec, GatesSpec
 
     if min_cosine is not None and tp is None:
         raise UsageError("--min-cosine applies to --tp runs; gates of the recipe set thresholds otherwise")
     manifest = read_manifest(artifact)
-    recipe = manifest.get("recipe") or {}
-    try:
-        spec = EvaluateSpec.model_validate(recipe.get("evaluate") or {})
-        gates = None if no_gates or tp or not recipe.get("gates") else GatesSpec.model_validate(recipe["gates"])
-    except ValueError as exc:
-        raise UsageError(f"{artifact}/manifest.json: its recipe's evaluate/gates sections are not valid for this "
-                         f"compressor version: {exc}") from None
-    if limit is not None:
-        spec = spec.model_copy(update={"data": spec.data.model_copy(update={"limit": limit})})
+    spec, gates = recorded_settings(artifact, manifest, gates=not (no_gates or tp), limit=limit)
     if tp is not None:
         _eval_tp(artifact, tp, device, min_cosine, baseline, spec, quiet)
         return

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 from conftest import ROOT
 
 from compressor.docs import README_END, README_START, recipe_reference
@@ -21,13 +18,3 @@ def test_readme_documents_exit_codes_and_layout():
     text = (ROOT / "README.md").read_text()
     for needle in ("| 0 |", "| 1 |", "| 2 |", "| 3 |", "manifest.json", "model.safetensors.index.json", "make test"):
         assert needle in text
-
-
-def test_import_is_light_and_starts_no_gpu_context():
-    code = (
-        "import sys, compressor, compressor.cli, compressor.recipe\n"
-        "heavy = [m for m in ('torch', 'transformers', 'onnxruntime', 'rich') if m in sys.modules]\n"
-        "print(','.join(heavy))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert out == "", f"importing compressor pulled in {out}"

@@ -9,9 +9,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..errors import GateFailure
 from ..manifest import EVALUATION_REPORTS
 
-__all__ = ["summary_lines", "REPORT_FORMAT", "write_reports", "render_markdown", "render_junit", "render_plot",
+__all__ = ["summary_lines", "result_line", "gate_failure", "REPORT_FORMAT", "write_reports", "render_markdown", "render_junit", "render_plot",
            "clean_json"]
 
 REPORT_FORMAT = "compressor-report"
@@ -319,3 +320,49 @@ def render_plot(report: dict[str, Any]) -> bytes:
     fig.savefig(buf, format="png", metadata={"Software": None})
     plt.close(fig)
     return buf.getvalue()
+
+
+def result_line(report: dict[str, Any], where: Path, name: str | None) -> str:
+    """One line for logs and CI: gates, the headline numbers of the last artifact row (ONNX when measured), where
+    the report is."""
+    gates = report.get("gates") or []
+    failed = [g for g in gates if g["status"] in ("failed", "error")]
+    passed = sum(1 for g in gates if g["status"] == "passed")
+    if not gates:
+        verdict = "no gates"
+    elif failed:
+        verdict = f"FAILED {len(failed)} of {len(gates)} gates (" + ", ".join(
+            f"{g['gate']} on {g['device']}/{g.get('format') or 'torch'}" for g in failed[:3]) + ")"
+    else:
+        verdict = f"passed {passed} of {len(gates)} gates"
+    rows = [r for r in report.get("results", []) if r.get("role") != "baseline" and not r.get("emulated")]
+    figures = ""
+    if rows:
+        row = rows[-1]
+        bits = []
+        ratio = (row.get("ratios") or {}).get("compression")
+        if ratio:
+            bits.append(f"{ratio:.2f}x smaller")
+        fid = row.get("fidelity") or {}
+        if fid.get("cos_min") is not None:
+            bits.append(f"cos min {fid['cos_min']:.4f}")
+        if row.get("accuracy"):
+            bits.append(f"{row['accuracy']['label'].split(' (')[0]} {row['accuracy']['value']:.2f}")
+        targets = [r for r in report.get("results", []) if r.get("target") and r.get("fidelity")]
+        if len(targets) > 1:
+            worst = min(targets, key=lambda r: r["fidelity"]["cos_min"])
+            bits.append(f"worst of {len(targets)} targets {worst['target']} cos min {worst['fidelity']['cos_min']:.4f}")
+        figures = f" ({row['device']}/{row['format']}: {', '.join(bits)})" if bits else ""
+    int8 = report.get("int8") or {}
+    if int8.get("reached") is False:
+        figures += (f"; target_fidelity {int8['target_fidelity']} NOT reached (calibration min cos "
+                    f"{int8['calibration_min_cosine']:.4f})")
+    return f"{name or where.name}: {verdict}{figures}; report: {where / 'report.md'}"
+
+
+def gate_failure(report: dict[str, Any], where: Path) -> GateFailure:
+    """The error (exit code 3) for a report whose gates were missed: each missed gate, and where the kept
+    artifact and reports are."""
+    failed = [g["message"] for g in report.get("gates") or [] if g["status"] in ("failed", "error")]
+    return GateFailure(f"{len(failed)} release gate(s) missed; artifacts and reports are kept in {where}:\n  "
+                       + "\n  ".join(failed))

@@ -9,12 +9,13 @@ import os
 import platform
 import sys
 from contextlib import nullcontext
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from ..cpu import machine_cpu
-from ..errors import CompressorError, GateFailure, UsageError
+from ..errors import CompressorError, UsageError
 from ..log import Reporter
 from .subjects import Subject, artifact_subject, onnx_subject
 
@@ -88,6 +89,26 @@ def _machine(threads: int) -> dict[str, Any]:
     return info
 
 
+@dataclass
+class _Run:
+    """What every step of one evaluation shares."""
+
+    spec: Any
+    log: Reporter
+    data: Any
+    task: str | None
+    classifier: bool
+    example_inputs: dict[str, Any]
+    tokenizer: Any
+    seq_lens: list[int | None]
+    subjects: list[Subject]
+    candidates: list[Subject]
+    targets: list[str]
+    quant_mode: str | None
+    extra_path: list[str]
+    measure_speed: bool
+
+
 def evaluate_artifact(
     artifact: Path,
     *,
@@ -111,160 +132,234 @@ def evaluate_artifact(
     evaluation data file (read instead of the artifact's byte-identical copy, so errors name the user's file)."""
     import torch
 
-    from ..loading import load_example_inputs
     from ..manifest import check_files, read_manifest
-    from .accuracy import fidelity, run_outputs, task_metric
-    from ..data.datasets import build_data, tokenizer_for
     from .gates import check_gates
-    from .report import REPORT_FORMAT, write_reports
-    from .speed import latency_inputs, load_timings, measure_latency, percentile
-    from .subjects import load_module
-    from .targets import int8_targets, target_outputs
+    from .report import gate_failure, write_reports
 
     log = log or Reporter()
     artifact = artifact.resolve()
     shown = final_path.resolve() if final_path is not None else artifact
     manifest = read_manifest(artifact)
     check_files(artifact, manifest, hashes=True)  # a gate must never pass on a model the manifest does not describe
-    candidate = artifact_subject(artifact, manifest=manifest)
     base_dir = base_dir or Path.cwd()
     threads = spec.speed.threads or torch.get_num_threads()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     added: list[str] = []  # sys.path entries this evaluation added, removed at the end
     try:
-        devices = devices or env_devices()
-        devices_run, skipped = resolve_devices(devices or list(spec.devices), spec.require_cuda)
-        for device in spec.devices:  # the recipe's devices left out by --device: its gates there are skipped
-            if devices is not None and device not in devices:
-                skipped.setdefault(device, "not requested (--device)")
-        if not devices_run:
-            raise CompressorError(f"nothing to measure: {'; '.join(f'{d} skipped, {r}' for d, r in skipped.items())}"
-                                  "; measure on cpu instead (--device cpu)")
-        for device, reason in skipped.items():
-            log.warn(f"{device} skipped: {reason}; measuring {', '.join(devices_run)} only")
-        extra_path: list[str] = []
-        if (manifest.get("source") or {}).get("kind") == "python":
-            # The artifact is rebuilt by its factory: import it from the recipe's directory (the baseline's, when
-            # known) or this one, here and in the load-timing processes.
-            extra_path = list(dict.fromkeys([baseline.spec.get("base_dir") or str(base_dir), str(base_dir)]))
+        devices_run, skipped = _devices(spec, devices, log)
+        extra_path = _import_path(manifest, baseline, base_dir)
         added += [p for p in extra_path if p not in sys.path]
         sys.path[:0] = added
-        task = manifest.get("task")
-        example_inputs = {k: v.clone() for k, v in load_example_inputs(artifact).items()}
-        data = build_data(spec.data, artifact=artifact, manifest=manifest, example_inputs=example_inputs,
-                          base_dir=base_dir, data_file=data_file)
-        log.info(f"evaluation data: {data.name}")
-        tokenizer = tokenizer_for(artifact) if "input_ids" in example_inputs else None
-        seq_lens: list[int | None] = list(spec.speed.sequence_lengths) if "input_ids" in example_inputs else [None]
-        if measure_speed:
-            check_sequence_lengths(spec, _config(artifact))
-        classifier = data.metric == "top1_accuracy" or str(task or "").endswith("classification")
-
-        candidates = [candidate] + [s for s in (onnx_subject(artifact, manifest),) if s is not None]
-        targets = int8_targets(manifest)  # int8 ONNX: the CPU families its numbers must hold on
-        quant_mode = ((manifest.get("onnx") or {}).get("quantization") or {}).get("mode")
-        here = machine_cpu()["target"]
-        subjects = [baseline] + candidates
+        run = _prepare(artifact, manifest, baseline, spec, base_dir, data_file, extra_path, measure_speed, log)
         results: list[dict[str, Any]] = []
         for device in devices_run:
-            names = ", ".join(s.label for s in subjects)
-            with log.step(f"{device}: loading {names}"):
-                models = {s.key: load_module(s.spec, device) for s in subjects}
-            with log.step(f"{device}: accuracy and fidelity on {data.name}"):
-                outputs = {key: run_outputs(m, data, device, task) for key, m in models.items()}
-                metrics = {key: task_metric(data, outs) for key, outs in outputs.items()}
-                fids = {c.key: fidelity(outputs["baseline"], outputs[c.key], classifier) for c in candidates}
-            for s in subjects:
-                if metrics[s.key] is not None:
-                    log.info(f"{device}: {s.label}: {metrics[s.key]['label']} = {metrics[s.key]['value']:.2f}")
-            for c in candidates:
-                fid = fids[c.key]
-                log.info(f"{device}: {c.label}: fidelity cos min {fid['cos_min']:.5f}, mean {fid['cos_mean']:.5f}, "
-                         f"max abs err {fid['max_abs_err']:.3g}")
-            per_target: dict[str, dict[str, Any]] = {}
-            onnx_candidate = next((c for c in candidates if c.format == "onnx"), None)
-            if device == "cpu" and onnx_candidate is not None and targets:
-                per_target = target_outputs(Path(onnx_candidate.spec["path"]), quant_mode, targets, data, task,
-                                            outputs[onnx_candidate.key], log)
-                for target, entry in per_target.items():
-                    entry["accuracy"] = task_metric(data, entry["outputs"])
-                    entry["fidelity"] = fidelity(outputs["baseline"], entry["outputs"], classifier)
-                    fid = entry["fidelity"]
-                    log.info(f"{device}: onnx under {target} arithmetic ({'emulated' if entry['emulated'] else 'this CPU'}"
-                             f"): fidelity cos min {fid['cos_min']:.5f}"
-                             + (f", {entry['accuracy']['label']} = {entry['accuracy']['value']:.2f}"
-                                if entry["accuracy"] else ""))
-
-            latency: dict[str, list[dict[str, Any]]] = {s.key: [] for s in subjects}
-            configs = [(b, s) for b in spec.speed.batch_sizes for s in seq_lens] if measure_speed else []
-            title = f"{device}: latency, {len(configs)} configuration(s), {len(models)} models alternating"
-            with log.step(title) if configs else nullcontext():
-                for batch_size, seq_len in configs:
-                    inputs = latency_inputs(example_inputs, batch_size, seq_len, tokenizer, data.texts, 0)
-                    timed = measure_latency(models, inputs, device, warmup=spec.speed.warmup,
-                                            rounds=spec.speed.rounds, calls=spec.speed.calls)
-                    base = timed["baseline"]
-                    where = f"batch {batch_size}" + (f", length {seq_len}" if seq_len else "")
-                    for key, entry in timed.items():
-                        entry = {"batch_size": batch_size, "seq_len": seq_len, **entry}
-                        if key != "baseline":
-                            # Spread of the speedup: the ratio within each round, where all ran under one load.
-                            ratios = [b / a for b, a in zip(base["_rounds"], entry["_rounds"]) if a > 0]
-                            entry["speedup"] = base["p50_ms"] / entry["p50_ms"] if entry["p50_ms"] > 0 else None
-                            entry["speedup_q25"] = percentile(ratios, 25) if ratios else None
-                            entry["speedup_q75"] = percentile(ratios, 75) if ratios else None
-                            log.info(f"{device}: {where}: p50 {base['p50_ms']:.2f} ms -> {entry['p50_ms']:.2f} ms "
-                                     f"({entry['speedup']:.2f}x, {key})")
-                        latency[key].append(entry)
-            # Nothing of any model may stay mapped here: cold runs evict their files, and the kernel keeps
-            # pages that any process maps.
-            del models, outputs
-            gc.collect()
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
-
-            loads: dict[str, Any] = {}
-            if spec.speed.load_runs and measure_speed:
-                with log.step(f"{device}: load times, {spec.speed.load_runs} cold and warm run(s) each, fresh "
-                              "processes"):
-                    loads = load_timings(subjects, example_inputs, device=device, runs=spec.speed.load_runs,
-                                         threads=spec.speed.threads, extra_path=extra_path, log=log)
-
-            base_row: dict[str, Any] = {}
-            for subject in subjects:
-                row: dict[str, Any] = {
-                    "role": subject.role, "label": subject.label, "format": subject.format, "device": device,
-                    "size_bytes": subject.size_bytes, "files_bytes": subject.files_bytes,
-                    "accuracy": metrics[subject.key], "fidelity": fids.get(subject.key),
-                    "load": loads.get(subject.key), "latency": latency[subject.key],
-                }
-                if subject.role == "baseline":
-                    base_row = row
-                else:
-                    row["ratios"] = _ratios(base_row, row)
-                if subject is onnx_candidate and targets and device == "cpu":  # CPU families: not GPU rows
-                    row["target"] = here if here in targets else None
-                    row["cpu_target"] = here
-                results.append(row)
-                if subject is onnx_candidate:
-                    for target, entry in per_target.items():
-                        if not entry["emulated"]:
-                            continue
-                        emulated = {**row, "label": f"artifact (onnx, {target} arithmetic, emulated)", "target": target,
-                                    "emulated": True, "arithmetic": entry["arithmetic"], "accuracy": entry["accuracy"],
-                                    "fidelity": entry["fidelity"], "load": None, "latency": []}
-                        emulated.pop("cpu_target", None)
-                        emulated["ratios"] = _ratios(base_row, emulated)
-                        results.append(emulated)
+            results += _measure_device(run, device)
     finally:
         torch.set_num_threads(previous_threads)
         for p in added:
             if p in sys.path:
                 sys.path.remove(p)
-
     gate_results = check_gates(gates, results, devices_run, skipped)
-    passed = None if gates is None else all(g["status"] in ("passed", "skipped") for g in gate_results)
+    report = _report(artifact, shown, manifest, baseline, spec, run, threads, devices_run, skipped, results,
+                     gate_results, gates)
+    paths = write_reports(artifact, report)
+    log.info(f"reports: {', '.join(p.name for p in paths)} in {shown}")
+    for g in gate_results:
+        log.info(f"gate {g['status']}: {g['message']}")
+    if report["passed"] is False and raise_on_gate:
+        raise gate_failure(report, shown)
+    return report
+
+
+def _devices(spec: Any, devices: list[str] | None, log: Reporter) -> tuple[list[str], dict[str, str]]:
+    """The devices to measure (``--device``, else $COMPRESS_DEVICE, else the recipe's) and the skipped ones."""
+    devices = devices or env_devices()
+    devices_run, skipped = resolve_devices(devices or list(spec.devices), spec.require_cuda)
+    for device in spec.devices:  # the recipe's devices left out by --device: its gates there are skipped
+        if devices is not None and device not in devices:
+            skipped.setdefault(device, "not requested (--device)")
+    if not devices_run:
+        raise CompressorError(f"nothing to measure: {'; '.join(f'{d} skipped, {r}' for d, r in skipped.items())}"
+                              "; measure on cpu instead (--device cpu)")
+    for device, reason in skipped.items():
+        log.warn(f"{device} skipped: {reason}; measuring {', '.join(devices_run)} only")
+    return devices_run, skipped
+
+
+def _import_path(manifest: dict[str, Any], baseline: Subject, base_dir: Path) -> list[str]:
+    """Where a python-source artifact's factory is imported from: the recipe's directory (the baseline's, when
+    known) and this one, here and in the load-timing processes."""
+    if (manifest.get("source") or {}).get("kind") != "python":
+        return []
+    return list(dict.fromkeys([baseline.spec.get("base_dir") or str(base_dir), str(base_dir)]))
+
+
+def _prepare(artifact: Path, manifest: dict[str, Any], baseline: Subject, spec: Any, base_dir: Path,
+             data_file: Path | None, extra_path: list[str], measure_speed: bool, log: Reporter) -> _Run:
+    """The data, inputs and subjects of the evaluation."""
+    from ..data.datasets import build_data, tokenizer_for
+    from ..loading import load_example_inputs
+    from .targets import int8_targets
+
+    task = manifest.get("task")
+    example_inputs = {k: v.clone() for k, v in load_example_inputs(artifact).items()}
+    data = build_data(spec.data, artifact=artifact, manifest=manifest, example_inputs=example_inputs,
+                      base_dir=base_dir, data_file=data_file)
+    log.info(f"evaluation data: {data.name}")
+    text = "input_ids" in example_inputs
+    if measure_speed:
+        check_sequence_lengths(spec, _config(artifact))
+    candidates = [artifact_subject(artifact, manifest=manifest)]
+    candidates += [s for s in (onnx_subject(artifact, manifest),) if s is not None]
+    return _Run(spec=spec, log=log, data=data, task=task,
+                classifier=data.metric == "top1_accuracy" or str(task or "").endswith("classification"),
+                example_inputs=example_inputs, tokenizer=tokenizer_for(artifact) if text else None,
+                seq_lens=list(spec.speed.sequence_lengths) if text else [None], subjects=[baseline] + candidates,
+                candidates=candidates, targets=int8_targets(manifest),  # the CPU families int8 ONNX must hold on
+                quant_mode=((manifest.get("onnx") or {}).get("quantization") or {}).get("mode"),
+                extra_path=extra_path, measure_speed=measure_speed)
+
+
+def _measure_device(run: _Run, device: str) -> list[dict[str, Any]]:
+    """Every subject's rows on ``device``: accuracy, fidelity, per-target int8 fidelity, latency and loads."""
+    import torch
+
+    from .speed import load_timings
+    from .subjects import load_module
+
+    log = run.log
+    with log.step(f"{device}: loading {', '.join(s.label for s in run.subjects)}"):
+        models = {s.key: load_module(s.spec, device) for s in run.subjects}
+    outputs, metrics, fids = _accuracy(run, device, models)
+    onnx_candidate = next((c for c in run.candidates if c.format == "onnx"), None)
+    per_target = _per_target(run, device, onnx_candidate, outputs) if onnx_candidate is not None else {}
+    latency = _latency(run, device, models)
+    # Nothing of any model may stay mapped here: cold runs evict their files, and the kernel keeps pages that
+    # any process maps.
+    del models, outputs
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    loads: dict[str, Any] = {}
+    if run.spec.speed.load_runs and run.measure_speed:
+        with log.step(f"{device}: load times, {run.spec.speed.load_runs} cold and warm run(s) each, fresh "
+                      "processes"):
+            loads = load_timings(run.subjects, run.example_inputs, device=device, runs=run.spec.speed.load_runs,
+                                 threads=run.spec.speed.threads, extra_path=run.extra_path, log=log)
+    return _rows(run, device, metrics, fids, latency, loads, onnx_candidate, per_target)
+
+
+def _accuracy(run: _Run, device: str, models: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any],
+                                                                        dict[str, Any]]:
+    """Outputs, task metric and fidelity to the baseline of every subject on the evaluation data."""
+    from .accuracy import fidelity, run_outputs, task_metric
+
+    log = run.log
+    with log.step(f"{device}: accuracy and fidelity on {run.data.name}"):
+        outputs = {key: run_outputs(m, run.data, device, run.task) for key, m in models.items()}
+        metrics = {key: task_metric(run.data, outs) for key, outs in outputs.items()}
+        fids = {c.key: fidelity(outputs["baseline"], outputs[c.key], run.classifier) for c in run.candidates}
+    for s in run.subjects:
+        if metrics[s.key] is not None:
+            log.info(f"{device}: {s.label}: {metrics[s.key]['label']} = {metrics[s.key]['value']:.2f}")
+    for c in run.candidates:
+        fid = fids[c.key]
+        log.info(f"{device}: {c.label}: fidelity cos min {fid['cos_min']:.5f}, mean {fid['cos_mean']:.5f}, "
+                 f"max abs err {fid['max_abs_err']:.3g}")
+    return outputs, metrics, fids
+
+
+def _per_target(run: _Run, device: str, onnx_candidate: Subject, outputs: dict[str, Any]) -> dict[str, Any]:
+    """int8 ONNX on CPU: outputs, accuracy and fidelity under each CPU family's arithmetic (emulated where this
+    CPU computes otherwise)."""
+    from .accuracy import fidelity, task_metric
+    from .targets import target_outputs
+
+    if device != "cpu" or not run.targets:
+        return {}
+    per_target = target_outputs(Path(onnx_candidate.spec["path"]), run.quant_mode, run.targets, run.data, run.task,
+                                outputs[onnx_candidate.key], run.log)
+    for target, entry in per_target.items():
+        entry["accuracy"] = task_metric(run.data, entry["outputs"])
+        entry["fidelity"] = fidelity(outputs["baseline"], entry["outputs"], run.classifier)
+        fid = entry["fidelity"]
+        run.log.info(f"{device}: onnx under {target} arithmetic ({'emulated' if entry['emulated'] else 'this CPU'}"
+                     f"): fidelity cos min {fid['cos_min']:.5f}"
+                     + (f", {entry['accuracy']['label']} = {entry['accuracy']['value']:.2f}"
+                        if entry["accuracy"] else ""))
+    return per_target
+
+
+def _latency(run: _Run, device: str, models: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Latency of every subject at each batch size and sequence length, the models alternating in rounds."""
+    from .speed import latency_inputs, measure_latency, percentile
+
+    latency: dict[str, list[dict[str, Any]]] = {s.key: [] for s in run.subjects}
+    speed = run.spec.speed
+    configs = [(b, s) for b in speed.batch_sizes for s in run.seq_lens] if run.measure_speed else []
+    title = f"{device}: latency, {len(configs)} configuration(s), {len(models)} models alternating"
+    with run.log.step(title) if configs else nullcontext():
+        for batch_size, seq_len in configs:
+            inputs = latency_inputs(run.example_inputs, batch_size, seq_len, run.tokenizer, run.data.texts, 0)
+            timed = measure_latency(models, inputs, device, warmup=speed.warmup, rounds=speed.rounds,
+                                    calls=speed.calls)
+            base = timed["baseline"]
+            where = f"batch {batch_size}" + (f", length {seq_len}" if seq_len else "")
+            for key, entry in timed.items():
+                entry = {"batch_size": batch_size, "seq_len": seq_len, **entry}
+                if key != "baseline":
+                    # Spread of the speedup: the ratio within each round, where all ran under one load.
+                    ratios = [b / a for b, a in zip(base["_rounds"], entry["_rounds"]) if a > 0]
+                    entry["speedup"] = base["p50_ms"] / entry["p50_ms"] if entry["p50_ms"] > 0 else None
+                    entry["speedup_q25"] = percentile(ratios, 25) if ratios else None
+                    entry["speedup_q75"] = percentile(ratios, 75) if ratios else None
+                    run.log.info(f"{device}: {where}: p50 {base['p50_ms']:.2f} ms -> {entry['p50_ms']:.2f} ms "
+                                 f"({entry['speedup']:.2f}x, {key})")
+                latency[key].append(entry)
+    return latency
+
+
+def _rows(run: _Run, device: str, metrics: dict[str, Any], fids: dict[str, Any], latency: dict[str, Any],
+          loads: dict[str, Any], onnx_candidate: Subject | None, per_target: dict[str, Any]) -> list[dict[str, Any]]:
+    """The report rows of one device: one per subject, and one per emulated CPU family of int8 ONNX."""
+    here = machine_cpu()["target"]
+    rows: list[dict[str, Any]] = []
+    base_row: dict[str, Any] = {}
+    for subject in run.subjects:
+        row: dict[str, Any] = {
+            "role": subject.role, "label": subject.label, "format": subject.format, "device": device,
+            "size_bytes": subject.size_bytes, "files_bytes": subject.files_bytes,
+            "accuracy": metrics[subject.key], "fidelity": fids.get(subject.key),
+            "load": loads.get(subject.key), "latency": latency[subject.key],
+        }
+        if subject.role == "baseline":
+            base_row = row
+        else:
+            row["ratios"] = _ratios(base_row, row)
+        if subject is onnx_candidate and run.targets and device == "cpu":  # CPU families: not GPU rows
+            row["target"] = here if here in run.targets else None
+            row["cpu_target"] = here
+        rows.append(row)
+        if subject is onnx_candidate:
+            for target, entry in per_target.items():
+                if not entry["emulated"]:
+                    continue
+                emulated = {**row, "label": f"artifact (onnx, {target} arithmetic, emulated)", "target": target,
+                            "emulated": True, "arithmetic": entry["arithmetic"], "accuracy": entry["accuracy"],
+                            "fidelity": entry["fidelity"], "load": None, "latency": []}
+                emulated.pop("cpu_target", None)
+                emulated["ratios"] = _ratios(base_row, emulated)
+                rows.append(emulated)
+    return rows
+
+
+def _report(artifact: Path, shown: Path, manifest: dict[str, Any], baseline: Subject, spec: Any, run: _Run,
+            threads: int, devices_run: list[str], skipped: dict[str, str], results: list[dict[str, Any]],
+            gate_results: list[dict[str, Any]], gates: Any) -> dict[str, Any]:
+    """The report (report.json's content)."""
+    from .report import REPORT_FORMAT
+
     report = {
         "format": REPORT_FORMAT,
         "format_version": REPORT_VERSION,
@@ -273,29 +368,22 @@ def evaluate_artifact(
         "artifact": {"name": manifest.get("name"), "path": str(shown), "manifest_sha256": _sha(artifact)},
         "baseline": baseline.describe(),
         "machine": _machine(threads),
-        "settings": {**spec.model_dump(mode="json"), "measure_speed": measure_speed},
-        "data": {"name": data.name, "metric": data.metric,
-                 "label": None if data.metric is None else _metric_label(data.metric), "examples": data.examples},
+        "settings": {**spec.model_dump(mode="json"), "measure_speed": run.measure_speed},
+        "data": {"name": run.data.name, "metric": run.data.metric,
+                 "label": None if run.data.metric is None else _metric_label(run.data.metric),
+                 "examples": run.data.examples},
         "devices": devices_run,
         "skipped": [{"device": d, "reason": r} for d, r in skipped.items()],
         "results": results,
         "gates": gate_results,
-        "passed": passed,
+        "passed": None if gates is None else all(g["status"] in ("passed", "skipped") for g in gate_results),
     }
     quant = (manifest.get("onnx") or {}).get("quantization") or {}
-    if targets:
+    if run.targets:
         goal = quant.get("fidelity_on_calibration") or {}
-        report["int8"] = {"targets": targets, "arithmetic": quant.get("arithmetic"),
+        report["int8"] = {"targets": run.targets, "arithmetic": quant.get("arithmetic"),
                           "target_fidelity": goal.get("target"), "reached": goal.get("reached"),
                           "calibration_min_cosine": goal.get("min_cosine")}
-    paths = write_reports(artifact, report)
-    log.info(f"reports: {', '.join(p.name for p in paths)} in {shown}")
-    for g in gate_results:
-        log.info(f"gate {g['status']}: {g['message']}")
-    if passed is False and raise_on_gate:
-        failed = [g["message"] for g in gate_results if g["status"] in ("failed", "error")]
-        raise GateFailure(f"{len(failed)} release gate(s) missed; artifacts and reports are kept in {shown}:\n  "
-                          + "\n  ".join(failed))
     return report
 
 

@@ -88,9 +88,6 @@ def target_fidelity(model: onnx.ModelProto, config: Any, calib: Calibration, ref
             "risky_pairs": risky}
 
 
-
-
-
 def local_arithmetic() -> str | None:
     """How this CPU's ONNX Runtime int8 kernels sum (compressor.cpu); None on a CPU no target family covers."""
     from ..cpu import local_target
@@ -99,34 +96,25 @@ def local_arithmetic() -> str | None:
     return ARITHMETIC.get(target) if target else None
 
 
-
-
-
 def per_target(fidelity: dict[str, Any]) -> str:
+    """The fidelity per target for a message: one figure when all targets agree."""
     values = {round(f["min"], 5) for f in fidelity["targets"].values()}
     if len(values) == 1:
         return f" (the same on {', '.join(fidelity['targets'])})"
     return " (" + ", ".join(f"{t} {f['min']:.5f}" for t, f in fidelity["targets"].items()) + ")"
 
 
-
-
-
 def worst_target(fidelity: dict[str, Any]) -> str:
+    """The target whose minimum cosine is lowest."""
     return min(fidelity["targets"], key=lambda t: fidelity["targets"][t]["min"])
 
 
-
-
-
 def arithmetic_note(targets: list[str], saturating: bool) -> str:
+    """What the report says about the integer arithmetic of ``targets``."""
     if saturating:
         return ("identical on every target: no pair of int8 weights can carry a 16-bit sum past its limit, so "
                 "x86 without VNNI computes the same integers as VNNI and ARM64")
     return "exact 32-bit integer sums on every target (" + ", ".join(targets) + ")"
-
-
-
 
 
 def float_products(model: onnx.ModelProto, stats: dict[str, Any]) -> dict[str, tuple[str, np.ndarray, np.ndarray]]:
@@ -142,9 +130,6 @@ def float_products(model: onnx.ModelProto, stats: dict[str, Any]) -> dict[str, t
             out[node.output[0]] = (name, numpy_helper.to_array(inits[node.input[1]]).astype(np.float32),
                                    st.get("importance"))
     return out
-
-
-
 
 
 def guard_weights(model: onnx.ModelProto, safe: dict[str, tuple[str, np.ndarray, np.ndarray]],
@@ -210,9 +195,6 @@ def guard_weights(model: onnx.ModelProto, safe: dict[str, tuple[str, np.ndarray,
                 if b_scale.size == factor.size else (b_scale * factor.max()).astype(np.float32))
 
 
-
-
-
 def _safe_channels(q: np.ndarray, scale: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """safe_any_order for a weight whose scale is stored in any shape (one, or one per channel along ``axis``)."""
     from .int8_arith import safe_any_order
@@ -220,9 +202,6 @@ def _safe_channels(q: np.ndarray, scale: np.ndarray, axis: int = 0) -> tuple[np.
     flat = scale.reshape(-1) if scale.size > 1 else scale.reshape(())
     new_q, new_scale = safe_any_order(q, flat, axis)
     return new_q, np.asarray(new_scale, np.float32).reshape(scale.shape)
-
-
-
 
 
 def search_float(out_path: Path, plan: Plan, floats: dict[str, tuple[str, np.ndarray, np.ndarray]],
@@ -265,9 +244,7 @@ def search_float(out_path: Path, plan: Plan, floats: dict[str, tuple[str, np.nda
     return moved
 
 
-
-
-
 def first_line(text: str) -> str:
+    """The first line of an error message, at most 300 characters."""
     line = text.strip().splitlines()[0] if text.strip() else text
     return line[:300]

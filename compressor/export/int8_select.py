@@ -23,9 +23,6 @@ __all__ = ["KIND_OF_OP", "Calibration", "Plan", "name_nodes", "gemm_to_matmul", 
 KIND_OF_OP = {"MatMul": "Linear", "Gemm": "Linear", "Gather": "Embedding", "Conv": "Conv"}
 
 
-
-
-
 @dataclass
 class Calibration:
     """Calibration batches (numpy feeds keyed by graph input name) and how outputs are compared."""
@@ -33,9 +30,6 @@ class Calibration:
     feeds: list[dict[str, np.ndarray]]
     name: str
     pooled: bool = False  # text encoder: compare attention-mask mean-pooled first outputs
-
-
-
 
 
 @dataclass
@@ -46,9 +40,6 @@ class Plan:
     embeddings: list[str] = field(default_factory=list)  # Gather nodes: per-row int8 table
     weight_only: dict[str, str] = field(default_factory=dict)  # MatMul nodes: int8 on disk, float compute
     left_in_float: dict[str, str] = field(default_factory=dict)  # node -> why
-
-
-
 
 
 def name_nodes(model: onnx.ModelProto) -> None:
@@ -63,16 +54,10 @@ def name_nodes(model: onnx.ModelProto) -> None:
             taken.add(name)
 
 
-
-
-
 def _users(model: onnx.ModelProto) -> Counter:
     """How many node inputs read each tensor: a weight read more than once is shared (tied embeddings, ALBERT
     layers) and must not be rewritten for one of its readers."""
     return Counter(i for n in model.graph.node for i in n.input)
-
-
-
 
 
 def gemm_to_matmul(model: onnx.ModelProto) -> list[str]:
@@ -106,19 +91,16 @@ def gemm_to_matmul(model: onnx.ModelProto) -> list[str]:
     return done
 
 
-
-
-
 def module_name(node_name: str) -> str:
     """The torch module a node came from: '/encoder/layer.0/output/dense/MatMul' -> 'encoder.layer.0.output.dense'."""
     parts = node_name.strip("/").split("/")
     return ".".join(parts[:-1]) if len(parts) > 1 else node_name
 
 
-
-
-
 def select_nodes(model: onnx.ModelProto, config: Any, where: str) -> tuple[dict[str, list[str]], Plan]:
+    """The plan: which nodes are quantized how (dynamic/static products, int8 embeddings, weight-only), the
+    reason for every node left in float, and the MatMul groups sharing an input; RecipeError for patterns that
+    match nothing."""
     from onnx import TensorProto
 
     inits = {i.name: i for i in model.graph.initializer}
@@ -173,9 +155,6 @@ def select_nodes(model: onnx.ModelProto, config: Any, where: str) -> tuple[dict[
     return found, plan
 
 
-
-
-
 def _gather_axis(node: Any) -> int:
     from onnx import helper
 
@@ -183,9 +162,6 @@ def _gather_axis(node: Any) -> int:
         if attr.name == "axis":
             return int(helper.get_attribute_value(attr))
     return 0
-
-
-
 
 
 def matmul_groups(model: onnx.ModelProto, names: list[str]) -> dict[str, list[str]]:
@@ -198,10 +174,8 @@ def matmul_groups(model: onnx.ModelProto, names: list[str]) -> dict[str, list[st
     return groups
 
 
-
-
-
 def reasons_summary(reasons: dict[str, str]) -> str:
+    """Why nodes were left in float, counted by reason, for a message."""
     if not reasons:
         return "the graph has no such node"
     items = list(reasons.items())

@@ -24,19 +24,10 @@ __all__ = ["ALPHAS", "SAMPLE_BATCHES", "SAMPLE_ROWS", "calibrate", "fit_feed", "
 ALPHAS = (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)  # 0: no smoothing
 
 
-
-
-
 SAMPLE_BATCHES = 4  # whole calibration batches kept per input for the smoothing search
 
 
-
-
-
 SAMPLE_ROWS = 512  # rows (tokens) of each whose output error is measured
-
-
-
 
 
 def calibrate(path: Path, calib: Calibration, groups: dict[str, list[str]]) -> tuple[list[np.ndarray], dict[str, Any]]:
@@ -70,9 +61,6 @@ def calibrate(path: Path, calib: Calibration, groups: dict[str, list[str]]) -> t
     return reference, stats
 
 
-
-
-
 def fit_feed(session: Any, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The feed restricted to the session's inputs, in their integer/float types."""
     out = {}
@@ -88,18 +76,14 @@ def fit_feed(session: Any, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]
     return out
 
 
-
-
-
 def pool_rows(out: np.ndarray, feed: dict[str, np.ndarray], pooled: bool) -> np.ndarray:
+    """Rows to compare outputs by: mean-pooled over real tokens for a text encoder (``pooled``), else flattened
+    per example."""
     out = np.asarray(out, dtype=np.float32)
     if pooled and out.ndim == 3 and "attention_mask" in feed:
         mask = feed["attention_mask"].astype(np.float32)[..., None]
         return (out * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9)
     return out.reshape(out.shape[0], -1)
-
-
-
 
 
 def _fake_act(x: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
@@ -112,17 +96,11 @@ def _fake_act(x: np.ndarray, lo: float | None = None, hi: float | None = None) -
     return (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
 
 
-
-
-
 def quantize_int8(x: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 values and float32 scales (kept dimensions), one scale per slice reduced over ``axis``
     (None: one for the whole tensor)."""
     scale = np.maximum(np.abs(x).max(axis=axis, keepdims=True) / 127.0, 1e-12).astype(np.float32)
     return np.clip(np.round(x / scale), -127, 127).astype(np.int8), scale
-
-
-
 
 
 def _fake_weight(w: np.ndarray, per_channel: bool, importance: np.ndarray | None = None) -> np.ndarray:
@@ -135,9 +113,6 @@ def _fake_weight(w: np.ndarray, per_channel: bool, importance: np.ndarray | None
     return q * scale
 
 
-
-
-
 def safe_int8(w: np.ndarray, per_channel: bool, importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """int8 values and scales of a (in, out) MatMul weight in which no adjacent pair can saturate (int8_arith)."""
     from .int8_arith import pair_safe, safe_any_order
@@ -146,9 +121,6 @@ def safe_int8(w: np.ndarray, per_channel: bool, importance: np.ndarray | None) -
         return pair_safe(w, importance)
     q, scale = quantize_int8(w, None)
     return safe_any_order(q, scale, axis=1)
-
-
-
 
 
 def smooth(model: onnx.ModelProto, config: Any, stats: dict[str, Any], names: list[str],
@@ -232,13 +204,7 @@ def smooth(model: onnx.ModelProto, config: Any, stats: dict[str, Any], names: li
     return chosen
 
 
-
-
-
 _SHAPE_OPS = ("Reshape", "Transpose")
-
-
-
 
 
 def _fold_into_values(x_name: str, s: np.ndarray, producers: dict[str, Any], inits: dict[str, Any]) -> bool:
@@ -278,9 +244,6 @@ def _fold_into_values(x_name: str, s: np.ndarray, producers: dict[str, Any], ini
     return True
 
 
-
-
-
 def check_rewrite(path: Path, calib: Calibration, reference: list[np.ndarray]) -> None:
     """Smoothing is an exact rewrite of the float model (up to float rounding); make sure this one was, on the
     first calibration batch, before anything is built on it."""
@@ -292,9 +255,6 @@ def check_rewrite(path: Path, calib: Calibration, reference: list[np.ndarray]) -
         raise CompressorError(f"smoothing changed what the float model computes (min cosine {float(cos.min()):.6f} "
                               "on the first calibration batch); this is a bug in compressor: set `smooth: off` to "
                               "quantize without it, and please report it")
-
-
-
 
 
 def _divider(x_name: str, inv: Any, y_name: str, producer: Any, inits: dict[str, Any],
@@ -323,16 +283,10 @@ def _divider(x_name: str, inv: Any, y_name: str, producer: Any, inits: dict[str,
     return helper.make_node("Mul", [x_name, inv.name], [y_name], name=f"{x_name}/smooth")
 
 
-
-
-
 def _energy(batches: list[np.ndarray], s: np.ndarray) -> np.ndarray:
     """Mean squared activation per input channel after dividing by the smoothing scales ``s``: how much a weight
     row's rounding error reaches the output."""
     return np.mean([((b / s) ** 2).mean(axis=0) for b in batches], axis=0)
-
-
-
 
 
 def _scales(amax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
@@ -345,9 +299,6 @@ def _scales(amax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
     return (a ** alpha / w ** (1 - alpha)).astype(np.float32)
 
 
-
-
-
 def _to_int8(init: Any, axis: int) -> np.ndarray:
     """Replace the float initializer ``init`` by its symmetric int8 form, renamed ``<name>quantize_int8``; returns the
     scales (reduced over ``axis``, dims kept)."""
@@ -356,9 +307,6 @@ def _to_int8(init: Any, axis: int) -> np.ndarray:
     q, scale = quantize_int8(numpy_helper.to_array(init).astype(np.float32), axis)
     init.CopyFrom(numpy_helper.from_array(q, init.name + "_int8"))
     return scale
-
-
-
 
 
 def embeddings_per_row(model: onnx.ModelProto, names: list[str]) -> None:
@@ -391,9 +339,6 @@ def embeddings_per_row(model: onnx.ModelProto, names: list[str]) -> None:
         ]
     del model.graph.node[:]
     model.graph.node.extend(order)
-
-
-
 
 
 def weight_only(model: onnx.ModelProto, names: dict[str, str]) -> None:

@@ -92,7 +92,7 @@ def export_onnx(model: Model, out_dir: Path, spec: Any, *, quantize: dict[str, A
 def calibration(model: Model, artifact: Path, spec: Any, base_dir: Path) -> Any:
     """Calibration batches for ONNX quantization, as numpy feeds (see CalibrationSpec)."""
     from ..data.datasets import build_fitting_data
-    from .onnx_quant import Calibration
+    from .int8_select import Calibration
 
     data = build_fitting_data(spec, artifact=artifact, task=model.task, source=model.source,
                              example_inputs=model.example_inputs, base_dir=base_dir)

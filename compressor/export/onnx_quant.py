@@ -41,12 +41,12 @@ from ..ort import ort_session, save_with_external_data
 from .int8_fidelity import (arithmetic_note, first_line, float_products, guard_weights, per_target, search_float,
                             target_fidelity, worst_target)
 from .int8_select import Calibration, Plan, gemm_to_matmul, matmul_groups, name_nodes, reasons_summary, select_nodes
-from .int8_smooth import ALPHAS, calibrate, check_rewrite, embeddings_per_row, fit_feed, pool_rows, smooth, weight_only
+from .int8_smooth import calibrate, check_rewrite, embeddings_per_row, fit_feed, pool_rows, smooth, weight_only
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
 
-__all__ = ["Calibration", "quantize_onnx", "ALPHAS"]
+__all__ = ["quantize_onnx", "quiet"]
 
 
 def quantize_onnx(src: Path, work: Path, config: Any, calib: Calibration, *, where: str = "quantize",
@@ -117,6 +117,13 @@ def quantize_onnx(src: Path, work: Path, config: Any, calib: Calibration, *, whe
                 f"in float (max_float {config.max_float}); strict is set, so nothing was written. Raise max_float, "
                 "lower target_fidelity, or drop strict to ship the closest model")
     result = onnx.load(str(out_path), load_external_data=True)
+    return result, _report(config, calib, plan, gemms, alphas, fidelity, reached, moved, saturating)
+
+
+def _report(config: Any, calib: Calibration, plan: Plan, gemms: list[str], alphas: dict[str, float],
+            fidelity: dict[str, Any], reached: bool, moved: list[str], saturating: bool) -> dict[str, Any]:
+    """What the manifest records of the quantization (`onnx.quantization`)."""
+    targets = list(config.targets)
     report = {
         "mode": config.mode,
         "per_channel": config.per_channel,
@@ -138,7 +145,7 @@ def quantize_onnx(src: Path, work: Path, config: Any, calib: Calibration, *, whe
                                     "by_target": {t: {k: round(v, 6) for k, v in f.items()}
                                                   for t, f in fidelity["targets"].items()}},
     }
-    return result, report
+    return report
 
 
 PROBE = 4  # fallback candidates tried per step from each of the two local-error rankings

@@ -87,12 +87,10 @@ class CastPass(Pass):
                     "returns the caller's dtype)")
         return None
 
-    def apply(self, model: Model, ctx: Context) -> PassResult:
-        import torch
-
+    def _kept_roots(self, modules: dict[str, nn.Module]) -> list[str]:
+        """The top-most modules that stay float32 (`keep`, `keep_norms`, and owners of a tensor tied to one);
+        RecipeError for a keep pattern that matches nothing."""
         config: CastConfig = self.config  # type: ignore[assignment]
-        dtype = getattr(torch, config.dtype)
-        modules = dict(model.module.named_modules())
         matched = {pattern: False for pattern in config.keep}
 
         def wants_fp32(name: str, module: nn.Module) -> bool:
@@ -124,6 +122,15 @@ class CastPass(Pass):
                     hint=f"module names look like: {sample}, ...; class names also match (e.g. 'Embedding')",
                 )
             )
+        return kept_roots
+
+    def apply(self, model: Model, ctx: Context) -> PassResult:
+        import torch
+
+        config: CastConfig = self.config  # type: ignore[assignment]
+        dtype = getattr(torch, config.dtype)
+        modules = dict(model.module.named_modules())
+        kept_roots = self._kept_roots(modules)
 
         names_by_tensor: dict[int, str] = {}
         for n, t in model.module.state_dict(keep_vars=True).items():

@@ -16,7 +16,10 @@ from ..yamlpos import Located
 __all__ = ["validation_problems", "kind_of"]
 
 
-def validation_problems(exc: ValidationError, located: Located, root: type[BaseModel], prefix: tuple[Any, ...]) -> list[Problem]:
+def validation_problems(exc: ValidationError, located: Located, root: type[BaseModel],
+                        prefix: tuple[Any, ...]) -> list[Problem]:
+    """One Problem per pydantic error of validating the YAML at ``prefix`` against ``root``: line:col, key path,
+    message and hint; one per key path."""
     base_data = _get(located.data, prefix)
     out: list[Problem] = []
     seen: set[tuple[Any, ...]] = set()

@@ -1,0 +1,30 @@
+"""`compress --help` and `import compressor` stay fast: no torch, transformers, onnxruntime or rich at import,
+and so no GPU context. Each module imports its heavy libraries inside the functions that need them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def _heavy_after(code: str) -> str:
+    probe = code + "\nheavy = [m for m in ('torch', 'transformers', 'onnxruntime', 'rich') if m in sys.modules]\n" \
+                   "print('HEAVY:' + ','.join(heavy))\n"
+    out = subprocess.run([sys.executable, "-c", "import sys\n" + probe], capture_output=True, text=True, check=True,
+                         cwd=ROOT).stdout
+    return out.rsplit("HEAVY:", 1)[1].strip()
+
+
+def test_import_is_light_and_starts_no_gpu_context():
+    heavy = _heavy_after("import compressor, compressor.cli, compressor.recipe, compressor.sources")
+    assert heavy == "", f"importing compressor pulled in {heavy}"
+
+
+def test_compress_help_and_validate_need_no_torch():
+    heavy = _heavy_after("from compressor.cli import cli\n"
+                         "try:\n    cli(['--help'])\nexcept SystemExit:\n    pass\n"
+                         "from compressor.recipe import load_recipe\n"
+                         f"load_recipe({str(ROOT / 'recipes' / 'minilm-int8-onnx.yaml')!r})")
+    assert heavy == "", f"`compress --help` and recipe validation pulled in {heavy}"
