@@ -29,6 +29,8 @@ import argparse
 import json
 import os
 import sys
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +95,8 @@ class Bundle:
                               "pack it again with `compress pack`") from None
         self.tokenizer = None
         spec = self.info.get("tokenizer")
+        if spec and not isinstance(spec, dict):
+            raise BundleError(f"{self.path / 'bundle.json'}: `tokenizer` is not a mapping; pack the bundle again")
         if spec:
             try:
                 from tokenizers import Tokenizer
@@ -207,10 +211,12 @@ def read_inputs(path: str, bundle: Bundle) -> dict[str, np.ndarray]:
                          f"per input: {', '.join(names)}), as numpy.save / numpy.savez write them")
     try:
         loaded = np.load(p, allow_pickle=False)  # pickles run code when loaded: refused, whatever the file says
+        if (suffix == ".npz") != isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError(f"the file holds {'one array' if suffix == '.npz' else 'an archive of arrays'}")
         if suffix == ".npz":
             with loaded:
                 return {k: loaded[k] for k in loaded.files}
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise InputError(f"--input {path} is not a numpy {suffix} array file ({_first_line(exc)}); write it with "
                          f"numpy.{'save' if suffix == '.npy' else 'savez'} (object arrays and pickles are refused)"
                          ) from None
@@ -244,7 +250,12 @@ def _save(path: str, outputs: dict[str, np.ndarray]) -> None:
         raise InputError(f"--save {path} exists and is not a file")
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}.npz")
     try:
-        np.savez(tmp, **outputs)
+        # What numpy.savez writes, one .npy member per output, without its `file` keyword clashing with an
+        # output of that name.
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name, value in outputs.items():
+                with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
         os.replace(tmp, target)  # whole or not at all
     except OSError as exc:
         raise BundleError(f"--save {path}: cannot write it ({exc.strerror or exc})") from None

@@ -127,12 +127,16 @@ def confined(artifact_dir: Path, rel: str) -> Path:
     root = artifact_dir.resolve()
     path = root / rel
     current = root
-    for part in Path(rel).parts:
-        current = current / part
-        if current.is_symlink():
-            raise ArtifactError(f"{artifact_dir}: {rel} is (or lies under) a symbolic link; an artifact holds regular "
-                                "files only, and nothing outside it is read")
-    if root not in path.resolve().parents:
+    try:
+        for part in Path(rel).parts:
+            current = current / part
+            if current.is_symlink():
+                raise ArtifactError(f"{artifact_dir}: {rel} is (or lies under) a symbolic link; an artifact holds "
+                                    "regular files only, and nothing outside it is read")
+        inside = root in path.resolve().parents
+    except (ValueError, OSError) as exc:  # a NUL byte, a name too long for the file system
+        raise ArtifactError(f"{artifact_dir}: {rel!r} is not a usable file name ({exc})") from None
+    if not inside:
         raise ArtifactError(f"{artifact_dir}: {rel} lies outside the artifact")
     return path
 

@@ -16,11 +16,13 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["ort_session", "ort_feed", "run_onnx", "save_with_external_data"]
 
 
-def ort_session(path: Path, device: str = "cpu", unfused: bool = False, threads: int | None = None) -> Any:
+def ort_session(path: Path, device: str = "cpu", unfused: bool = False, threads: int | None = None, *,
+                artifact: bool = False) -> Any:
     """An ONNX Runtime session; CUDA is requested only when CUDA is really there (no error spam elsewhere).
     ``unfused``: no graph optimizations (QDQ pairs stay DequantizeLinear + float ops: exact integer arithmetic);
-    ``threads``: intra-op threads (ONNX Runtime's default when None). ArtifactError naming the file when ONNX
-    Runtime cannot load it."""
+    ``threads``: intra-op threads (ONNX Runtime's default when None). ``artifact``: the model is an artifact's (not
+    one the exporter just wrote), so a model ONNX Runtime cannot load is an ArtifactError naming the file; the
+    exporters keep ONNX Runtime's own error, which their callers read and report."""
     import onnxruntime as ort
 
     providers = ["CPUExecutionProvider"]
@@ -36,6 +38,8 @@ def ort_session(path: Path, device: str = "cpu", unfused: bool = False, threads:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
+    if not artifact:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # noqa: BLE001 - ORT raises its own classes (and decode errors) for a damaged model
@@ -61,11 +65,11 @@ def ort_feed(session: Any, inputs: dict[str, Any]) -> dict[str, Any]:
     return feed
 
 
-def run_onnx(path: Path, inputs: dict[str, Any]) -> dict[str, Any]:
+def run_onnx(path: Path, inputs: dict[str, Any], *, artifact: bool = False) -> dict[str, Any]:
     """Outputs of the ONNX model at ``path`` on ``inputs`` (torch tensors by name) as float32 numpy arrays by name."""
     import numpy as np
 
-    session = ort_session(path)
+    session = ort_session(path, artifact=artifact)
     names = [o.name for o in session.get_outputs()]
     return {n: np.asarray(v, dtype=np.float32) for n, v in zip(names, session.run(None, ort_feed(session, inputs)))}
 

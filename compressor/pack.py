@@ -102,7 +102,7 @@ def _compare(reference_model: Path, candidate_model: Path, artifact: Path, what:
     from .loading import load_example_inputs
 
     inputs = load_example_inputs(artifact)
-    expected_all, got_all = run_onnx(reference_model, inputs), run_onnx(candidate_model, inputs)
+    expected_all, got_all = run_onnx(reference_model, inputs, artifact=True), run_onnx(candidate_model, inputs)
     for name, expected in expected_all.items():
         got = got_all[name]
         if not np.isfinite(got).all():

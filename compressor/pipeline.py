@@ -114,14 +114,27 @@ def _run(recipe: Recipe, out_dir: Path | None, reporter: Reporter | None) -> Run
 
 def _evaluate(recipe: Recipe, staged: Path, out: Path, log: Reporter) -> dict[str, Any]:
     """Evaluate the staged artifact against the recipe's source model; the report names ``out``."""
+    from .errors import CompressorError
     from .evaluate import evaluate_artifact
     from .evaluate.subjects import source_subject
+    from .manifest import sha256_file
 
     baseline = source_subject(recipe.model.model_dump(mode="json"), recipe.base_dir)
-    # Gate failures are the caller's to report (exit 3) after it has said what was written.
-    return evaluate_artifact(staged, baseline=baseline, spec=recipe.evaluation, gates=recipe.gates,
-                             base_dir=recipe.base_dir, log=log, raise_on_gate=False, final_path=out,
-                             data_file=_eval_data_file(recipe))
+    # The user's data file is read (so that errors name it) only while it still holds the bytes copied into the
+    # artifact: one edited during the run is not what the artifact will be evaluated on later.
+    data_file = _eval_data_file(recipe)
+    copy = staged / "eval" / data_file.name if data_file is not None else None
+    if data_file is not None and not (copy.is_file() and sha256_file(copy) == sha256_file(data_file)):
+        data_file = None
+    try:
+        # Gate failures are the caller's to report (exit 3) after it has said what was written.
+        return evaluate_artifact(staged, baseline=baseline, spec=recipe.evaluation, gates=recipe.gates,
+                                 base_dir=recipe.base_dir, log=log, raise_on_gate=False, final_path=out,
+                                 data_file=data_file)
+    except CompressorError as exc:  # name the artifact where it will be, never the hidden staging directory
+        for hidden in {str(staged.resolve()), str(staged)}:
+            exc.args = tuple(a.replace(hidden, str(out)) if isinstance(a, str) else a for a in exc.args)
+        raise
 
 
 def _write(recipe: Recipe, model: Any, reports: list[dict[str, Any]], tmp: Path, log: Reporter) -> dict[str, Any]:

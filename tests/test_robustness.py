@@ -377,6 +377,19 @@ def test_a_data_file_error_during_evaluation_leaves_the_previous_artifact_and_na
     assert [p.name for p in tmp_path.iterdir() if "compress-tmp" in p.name] == []
 
 
+def test_an_evaluation_error_names_the_artifact_where_it_will_be_not_the_staging_directory(
+        tmp_path, previous_artifact):
+    out, before = previous_artifact
+    # Text rows pass the check before any work, but the digits model has no tokenizer.
+    (tmp_path / "rows.jsonl").write_text('{"text": "a sentence", "label": 1}\n')
+    (tmp_path / "r.yaml").write_text(EVAL_DIGITS % "rows.jsonl")
+    proc = run_cli("run", str(tmp_path / "r.yaml"), "-o", str(out), "--quiet")
+    assert proc.returncode == 2, proc.stderr
+    assert "has no tokenizer files" in proc.stderr and str(out) in proc.stderr, proc.stderr
+    assert "compress-tmp" not in proc.stderr
+    assert _snapshot(out) == before
+
+
 def test_an_evaluator_failure_leaves_the_previous_artifact_byte_identical(tmp_path, previous_artifact):
     out, before = previous_artifact
     (tmp_path / "failing_data.py").write_text("def batches():\n    raise RuntimeError('data server down')\n")
@@ -456,6 +469,8 @@ def _damage_onnx(artifact: Path, copy: Path, kind: str) -> None:
                 entries["location"].value = "../../../../etc/passwd"
             elif kind == "unlisted-file":
                 entries["location"].value = "report.json"  # inside, but no hash covers it
+            elif kind == "nul-in-location":
+                entries["location"].value = "model.onnx.data\x00.txt"
         model.write_bytes(proto.SerializeToString())
     manifest = json.loads((copy / "manifest.json").read_text())
     for rel in manifest["files"]:
@@ -470,6 +485,7 @@ def _damage_onnx(artifact: Path, copy: Path, kind: str) -> None:
     ("offset-past-end", "spans bytes 999999999"),
     ("traversal", "points outside the artifact"),
     ("unlisted-file", "which the manifest does not list"),
+    ("nul-in-location", "is not a usable file name"),
     ("truncated-data", "of model.onnx.data, which has 1000"),
     ("unknown-op", "ONNX Runtime cannot load"),
 ])
@@ -568,6 +584,14 @@ def _bad_input(tmp_path: Path, kind: str) -> list[str]:
     elif kind == "npz-wrong-name":
         path = tmp_path / "in.npz"
         np.savez(path, y=np.zeros((1, 64), np.float32))
+    elif kind == "npz-truncated":
+        path = tmp_path / "in.npz"
+        np.savez(path, x=np.zeros((1, 64), np.float32))
+        path.write_bytes(path.read_bytes()[:100])
+    elif kind == "npy-named-npz":
+        path = tmp_path / "in.npz"
+        with open(path, "wb") as f:
+            np.save(f, np.zeros((1, 64), np.float32))
     elif kind == "text":
         return ["a sentence"]
     elif kind == "nothing":
@@ -576,7 +600,8 @@ def _bad_input(tmp_path: Path, kind: str) -> list[str]:
 
 
 BAD_INPUTS = ["wrong-size", "wrong-rank", "rank-3", "strings", "complex", "nan", "inf", "empty", "missing-file",
-              "text-file", "pickle", "directory", "npz-wrong-name", "text", "nothing"]
+              "text-file", "pickle", "directory", "npz-wrong-name", "npz-truncated", "npy-named-npz", "text",
+              "nothing"]
 
 
 @pytest.mark.parametrize("kind", BAD_INPUTS)
@@ -659,3 +684,13 @@ def test_a_rerun_into_an_artifact_with_a_tp_report_is_not_refused(tmp_path):
     (out / "tp-report.json").write_text("{}")
     run_recipe(load_recipe(recipe), out)
     assert (out / "manifest.json").is_file()
+
+
+def test_a_module_pattern_with_dots_is_located_as_one_key(tmp_path):
+    from compressor.errors import Problem
+
+    recipe = _recipe(tmp_path, "name: t\nmodel: {source: zoo, name: digits-mlp}\npasses:\n  - shard:\n"
+                               "      tensor_parallel: 2\n      plan:\n        layers.*.fc: colwise\n")
+    problem = Problem("no such module", path="passes[0].shard.plan.layers.*.fc")
+    located = load_recipe(recipe).locate(RecipeError(problem))
+    assert f"{recipe}:7:" in str(located), str(located)

@@ -158,7 +158,7 @@ def baseline_from_argument(value: str, manifest: dict[str, Any]) -> Subject:
 def preimport(spec: dict[str, Any]) -> None:
     """Import the code a subject's loader needs (transformers and the model's own modeling module, which
     transformers imports lazily at first use and which takes seconds), so that load timing measures the model."""
-    from .. import loading, recipe, zoo  # noqa: F401
+    from .. import loading, model, recipe, zoo  # noqa: F401
     from ..sources import preimport as source_preimport
 
     if spec["kind"] == "onnx":
@@ -211,7 +211,7 @@ class OrtModule:
     def __init__(self, path: Path, device: str = "cpu", unfused: bool = False) -> None:
         from ..ort import ort_session
 
-        self.session = ort_session(path, device, unfused)
+        self.session = ort_session(path, device, unfused, artifact=True)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 

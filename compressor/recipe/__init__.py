@@ -159,10 +159,28 @@ class Recipe(Strict):
             if problem.file is None:
                 problem.file = self._file
             if problem.line is None and self._located is not None and problem.path:
-                keys = tuple(int(t[1:-1]) if t.startswith("[") else t
-                             for t in re.findall(r"\[\d+\]|[^.\[\]]+", problem.path))
-                problem.line, problem.col = self._located.where(keys)
+                problem.line, problem.col = self._located.where(self._key_path(problem.path))
         return RecipeError(error.problems)
+
+    def _key_path(self, dotted: str) -> tuple[Any, ...]:
+        """``passes[0].shard.plan.transformer.h.*.attn`` as the recipe's keys: indices as ints, and the longest
+        run of dotted parts that is one key of the recipe (a module pattern) kept whole."""
+        assert self._located is not None
+        tokens: list[Any] = [int(t[1:-1]) if t.startswith("[") else t
+                             for t in re.findall(r"\[\d+\]|[^.\[\]]+", dotted)]
+        keys: tuple[Any, ...] = ()
+        i = 0
+        while i < len(tokens):
+            step = 1
+            if isinstance(tokens[i], str):
+                for j in range(len(tokens), i + 1, -1):
+                    run = tokens[i:j]
+                    if all(isinstance(t, str) for t in run) and keys + (".".join(run),) in self._located.values:
+                        step = j - i
+                        break
+            keys += (".".join(tokens[i:i + step]) if step > 1 else tokens[i],)
+            i += step
+        return keys
 
 
 # ---------------------------------------------------------------------------------------------------- loading
