@@ -13,7 +13,6 @@ JSON: {recipe: {file: sha256}}. Manifests hold library versions, so compare runs
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -24,15 +23,9 @@ from pathlib import Path
 
 import yaml
 
+from compressor.manifest import sha256_file as _sha
+
 HERE = Path(__file__).resolve().parent.parent
-
-
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def hashes(tree: Path, only: list[str] | None) -> dict[str, dict[str, str]]:
