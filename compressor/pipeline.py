@@ -122,7 +122,8 @@ def _evaluate(recipe: Recipe, staged: Path, out: Path, log: Reporter) -> dict[st
     baseline = source_subject(recipe.model.model_dump(mode="json"), recipe.base_dir)
     # The user's data file is read (so that errors name it) only while it still holds the bytes copied into the
     # artifact: one edited during the run is not what the artifact will be evaluated on later.
-    data_file = _eval_data_file(recipe)
+    path = recipe.evaluation.data.path if recipe.evaluation is not None else None
+    data_file = recipe.resolve(path) if path is not None else None  # checked before the passes ran
     copy = staged / "eval" / data_file.name if data_file is not None else None
     if data_file is not None and not (copy.is_file() and sha256_file(copy) == sha256_file(data_file)):
         data_file = None
