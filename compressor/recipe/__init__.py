@@ -313,6 +313,22 @@ def _validate_passes(raw: list[Any], located: Located, problems: list[Problem]) 
     return steps
 
 
+def _working_order(names: list[str], classes: dict[str, Any]) -> list[str] | None:
+    """The passes in an order where none comes after one it must not follow, as close to the given order as
+    possible (each place is filled by the first pass, in the given order, that may go there); None when there is
+    none."""
+    left, order = list(names), []
+    while left:
+        for k, name in enumerate(left):
+            # `name` may go next when no pass still to place is one it must not come before.
+            if not any(classes[other].must_not_follow.get(name) for other in left if other != name):
+                order.append(left.pop(k))
+                break
+        else:
+            return None
+    return order
+
+
 def _check_order(steps: list[PassStep], classes: list[Any], located: Located, problems: list[Problem]) -> None:
     names = [s.name for s in steps]
     for i, cls in enumerate(classes[:-1]):
@@ -327,9 +343,19 @@ def _check_order(steps: list[PassStep], classes: list[Any], located: Located, pr
             reason = cls.must_not_follow.get(names[j])
             if reason is None:
                 continue
-            order = names[:j] + [names[i]] + [n for k, n in enumerate(names[j:], j) if k != i]
-            fix = (f"keep a single {names[i]!r}" if names[i] == names[j]
-                   else f"an order that works: {' -> '.join(order)}")
+            by_name = dict(zip(names, classes))
+            # The offending pass moved before the one it must not follow, and the rest reordered only as needed.
+            order = _working_order(names[:j] + [names[i]] + [n for k, n in enumerate(names[j:], j) if k != i],
+                                   by_name)
+            if names[i] == names[j]:
+                fix = f"keep a single {names[i]!r}"
+            elif by_name[names[j]].must_not_follow.get(names[i]) is not None:
+                # Neither order of the pair works (cast and int8 quantize): never suggest a second error.
+                fix = f"{names[j]!r} and {names[i]!r} do not combine in either order: keep one of them"
+            elif order is not None:
+                fix = f"an order that works: {' -> '.join(order)}"
+            else:
+                fix = f"put {names[i]!r} before {names[j]!r}"
             where = located.where(("passes", i, names[i]), key=True)
             problems.append(
                 Problem(f"{names[i]!r} cannot come after {names[j]!r} (passes[{j}]): {reason}", file=located.file,
