@@ -8,12 +8,15 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from . import __version__
 from .errors import EXIT_RUNTIME, CompressorError
+
+if TYPE_CHECKING:  # pragma: no cover - `compress --help` imports neither pydantic models nor torch
+    from .report_format import Report
 
 __all__ = ["main", "cli"]
 
@@ -106,17 +109,17 @@ def run(recipe: Path, output: Path | None, quiet: bool) -> None:
         result = run_recipe(parsed, output, Reporter(quiet=quiet))
     finally:
         signal.signal(signal.SIGTERM, previous)
-    size = sum(f["bytes"] for f in result.manifest["files"].values())
-    wrote = f"wrote {result.out_dir} ({len(result.manifest['files']) + 1} files, {size:,} bytes)"
+    size = sum(f.bytes for f in result.manifest.files.values())
+    wrote = f"wrote {result.out_dir} ({len(result.manifest.files) + 1} files, {size:,} bytes)"
     if result.report is not None:
         if not quiet:
             click.echo(wrote)
-        _finish_evaluation(result.report, result.out_dir, quiet, result.manifest.get("name"))
+        _finish_evaluation(result.report, result.out_dir, quiet, result.manifest.name)
     else:
         click.echo(wrote)
 
 
-def _finish_evaluation(report: dict[str, Any], where: Path, quiet: bool = False, name: str | None = None) -> None:
+def _finish_evaluation(report: Report, where: Path, quiet: bool = False, name: str | None = None) -> None:
     """Print the summary (quiet: the result line only); a missed gate exits 3 (everything has been written by
     now)."""
     from .errors import EXIT_GATE
@@ -126,7 +129,7 @@ def _finish_evaluation(report: dict[str, Any], where: Path, quiet: bool = False,
         for line in summary_lines(report):
             click.echo(line)
     click.echo(result_line(report, where, name))
-    if report.get("passed") is False:
+    if report.passed is False:
         if quiet:
             sys.exit(EXIT_GATE)  # the result line said which gates failed
         raise gate_failure(report, where)
@@ -180,7 +183,7 @@ def eval_(artifact: Path, baseline: str | None, device: str | None, no_gates: bo
                                    raise_on_gate=False, measure_speed=not no_speed)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    _finish_evaluation(report, artifact, quiet, manifest.get("name"))
+    _finish_evaluation(report, artifact, quiet, manifest.name)
 
 
 def _eval_tp(artifact: Path, world: int, device: str | None, min_cosine: float | None, baseline: str | None,
@@ -188,7 +191,7 @@ def _eval_tp(artifact: Path, world: int, device: str | None, min_cosine: float |
     """`compress eval --tp`: run the artifact tensor-parallel, compare with it whole, exit 3 below min cosine."""
     from .errors import EXIT_GATE, GateFailure, UsageError
     from .evaluate.runner import env_devices
-    from .evaluate.tp import DEFAULT_MIN_COSINE, evaluate_tp, summary_lines
+    from .evaluate.tp import DEFAULT_MIN_COSINE, evaluate_tp, tp_summary_lines
     from .log import Reporter
 
     if baseline is not None:
@@ -209,7 +212,7 @@ def _eval_tp(artifact: Path, world: int, device: str | None, min_cosine: float |
     finally:
         signal.signal(signal.SIGTERM, previous)
     if not quiet:
-        for line in summary_lines(report):
+        for line in tp_summary_lines(report):
             click.echo(line)
     fid = report["fidelity"]
     click.echo(f"{artifact.name}: tp {world} {'passed' if report['passed'] else 'FAILED'} (cos min "

@@ -6,34 +6,35 @@ sizes by role, the ONNX export, the tensor-parallel split, and the gates with th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from .manifest import confined, read_manifest
+from .errors import ArtifactError
+from .manifest import PLAN_FILE, REPORT_JSON, Manifest, PassReport, confined, read_manifest
+from .report_format import read_report
 
 __all__ = ["inspect_artifact", "render_text"]
 
 _ROLES = (
-    ("weights", lambda rel, m: rel in m.get("model", {}).get("weights", [])),
-    ("onnx", lambda rel, m: rel in (m.get("onnx") or {}).get("files", [])),
-    ("plan", lambda rel, m: rel == "tensor_parallel.json"),
-    ("example inputs", lambda rel, m: rel == m.get("model", {}).get("example_inputs")),
+    ("weights", lambda rel, m: rel in m.model.weights),
+    ("onnx", lambda rel, m: m.onnx is not None and rel in m.onnx.files),
+    ("plan", lambda rel, m: rel == PLAN_FILE),
+    ("example inputs", lambda rel, m: rel == m.model.example_inputs),
     ("evaluation data", lambda rel, m: rel.startswith("eval/")),
-    ("model files (config, tokenizer)", lambda rel, m: rel in m.get("model", {}).get("copied_files", [])),
+    ("model files (config, tokenizer)", lambda rel, m: rel in m.model.copied_files),
 )
 
 
-def _role(rel: str, manifest: dict[str, Any]) -> str:
+def _role(rel: str, manifest: Manifest) -> str:
     for role, test in _ROLES:
         if test(rel, manifest):
             return role
     return "other"
 
 
-def _pass_effect(report: dict[str, Any]) -> str:
-    before, after = report.get("bytes_before", 0), report.get("bytes_after", 0)
-    details = report.get("details") or {}
+def _pass_effect(report: PassReport) -> str:
+    before, after = report.bytes_before, report.bytes_after
+    details = report.details
     bits = [f"{before:,} -> {after:,} bytes" + (f" ({before / after:.2f}x)" if after and after != before else "")]
     for key in ("sparsity_overall", "neurons_removed", "heads_removed", "parameters_after", "tensor_parallel",
                 "mode", "dtype", "bits", "steps", "final_loss"):
@@ -48,10 +49,10 @@ def inspect_artifact(root: Path) -> dict[str, Any]:
 
     root = Path(root)
     manifest = read_manifest(root)
-    info = manifest.get("model", {})
-    encodings = info.get("encodings", {})
+    info = manifest.model
+    encodings = info.encodings
     parts: dict[str, dict[str, tuple[str, int]]] = {}  # tensor name -> {suffix: (dtype, bytes)}
-    for rel in info.get("weights", []):
+    for rel in info.weights:
         if not rel.endswith(".safetensors"):
             continue
         path = confined(root, rel)  # never a file outside the artifact, whatever the manifest or a link says
@@ -74,37 +75,35 @@ def inspect_artifact(root: Path) -> dict[str, Any]:
         slot["tensors"] += 1
         slot["bytes"] += sum(size for _, size in found.values())
     files: dict[str, dict[str, Any]] = {}
-    for rel, entry in sorted(manifest["files"].items()):
-        files[rel] = {"bytes": entry.get("bytes"), "role": _role(rel, manifest)}
+    for rel, entry in sorted(manifest.files.items()):
+        files[rel] = {"bytes": entry.bytes, "role": _role(rel, manifest)}
     last = None
-    report_path = root / "report.json"
+    report_path = root / REPORT_JSON
     if report_path.is_file():
         try:
-            report = json.loads(report_path.read_text())
-            last = {"created": report.get("created"), "passed": report.get("passed"),
-                    "gates": [{k: g.get(k) for k in ("gate", "device", "format", "threshold", "measured", "status")}
-                              for g in report.get("gates", [])]}
-        except (OSError, ValueError, AttributeError):
-            last = {"error": "report.json is unreadable"}
-    recipe = manifest.get("recipe") or {}
-    onnx = manifest.get("onnx")
+            report = read_report(report_path)
+            last = {"created": report.created, "passed": report.passed,
+                    "gates": [g.model_dump(mode="json", include={"gate", "device", "format", "threshold", "measured",
+                                                                 "status"}) for g in report.gates]}
+        except ArtifactError as exc:
+            last = {"error": f"report.json is unreadable: {exc}"}
+    onnx = manifest.onnx.to_json() if manifest.onnx is not None else None
     return {
         "artifact": str(root),
-        "name": manifest.get("name"),
-        "description": manifest.get("description"),
-        "source": manifest.get("source"),
-        "task": manifest.get("task"),
-        "versions": manifest.get("versions"),
-        "passes": [{"name": p.get("name"), "effect": _pass_effect(p), "config": p.get("config")}
-                   for p in manifest.get("passes", [])],
-        "parameters": info.get("parameters"),
+        "name": manifest.name,
+        "description": manifest.description,
+        "source": manifest.source,
+        "task": manifest.task,
+        "versions": manifest.versions,
+        "passes": [{"name": p.name, "effect": _pass_effect(p), "config": p.config} for p in manifest.passes],
+        "parameters": info.parameters,
         "tensors": [{"encoding": k, "dtype": d, **v} for (k, d), v in sorted(tensors.items())],
         "files": files,
         "bytes_by_role": _sum_roles(files),
-        "onnx": None if not onnx else {k: onnx.get(k) for k in ("model", "exporter", "opset", "inputs", "outputs",
+        "onnx": None if onnx is None else {k: onnx.get(k) for k in ("model", "exporter", "opset", "inputs", "outputs",
                                                                   "quantization", "cast") if onnx.get(k) is not None},
-        "tensor_parallel": manifest.get("tensor_parallel"),
-        "gates": recipe.get("gates"),
+        "tensor_parallel": manifest.tensor_parallel.to_json() if manifest.tensor_parallel is not None else None,
+        "gates": manifest.recipe.get("gates"),
         "last_report": last,
     }
 

@@ -7,11 +7,14 @@ import json
 import platform
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from .errors import ArtifactError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "sha256_file", "library_versions", "write_manifest",
+__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "Manifest", "FileEntry", "PassReport", "ModelEntry", "OnnxEntry",
+           "TensorParallelEntry", "EvaluationEntry", "sha256_file", "library_versions", "write_manifest",
            "read_manifest", "check_files", "is_artifact", "confined", "check_onnx_external_data", "REPORT_FILES",
            "REPORT_JSON", "EVALUATION_REPORTS", "TP_REPORT", "PLAN_FILE", "REPLICATED_FILE", "rank_file"]
 
@@ -38,6 +41,113 @@ MANIFEST = "manifest.json"
 _LIBRARIES = ("compressor", "torch", "transformers", "safetensors", "numpy", "onnx", "onnxruntime-gpu", "pydantic")
 
 
+class _Entry(BaseModel):
+    # extra="allow": a key a newer compressor of the same format version adds is kept, not an error, so reading
+    # and writing a manifest back never loses it.
+    model_config = ConfigDict(extra="allow")
+
+    def to_json(self) -> dict[str, Any]:
+        """The entry as written: only the keys that were set, in declaration order (a NaN or infinity inside a
+        free-form figure is written as null: strict JSON has neither)."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+
+class FileEntry(_Entry):
+    """One file of the artifact: its size and sha256."""
+
+    sha256: StrictStr
+    bytes: StrictInt = Field(ge=0)
+
+
+class PassReport(_Entry):
+    """What one pass did, as stored in manifest.json (``seconds`` is left out there: two runs of one recipe write
+    identical manifests)."""
+
+    name: str = Field(description="Pass name (its recipe key).")
+    index: StrictInt = Field(description="Position of the pass in the recipe's `passes` list.")
+    config: dict[str, Any] = Field(description="The validated pass config, defaults filled in.")
+    tensors_touched: StrictInt = Field(description="How many tensors the pass changed.")
+    params_touched: StrictInt = Field(description="How many scalar parameters those tensors hold.")
+    bytes_before: StrictInt = Field(description="Stored bytes of all tensors before the pass.")
+    bytes_after: StrictInt = Field(description="Stored bytes of all tensors after the pass.")
+    seconds: float | None = Field(default=None, description="Wall time of the pass (not in manifest.json).")
+    details: dict[str, Any] = Field(default_factory=dict, description="Pass-specific figures.")
+
+
+class ModelEntry(_Entry):
+    """The stored model: its weight files and what the loader needs to rebuild it."""
+
+    weights: list[str]  #: the safetensors files (and their index) that hold the weights, in loading order
+    tensors: StrictInt  #: stored tensors, tied duplicates left out
+    parameters: StrictInt  #: scalars in those tensors
+    stored_bytes: StrictInt  #: bytes of the tensors as stored (encoded)
+    encodings: dict[str, dict[str, Any]] = {}  #: how each non-dense tensor is stored (compressor.encodings)
+    aliases: dict[str, str] = {}  #: tied tensor name -> the one name that is stored
+    dtype_bridges: dict[str, dict[str, str]] = {}  #: module -> the dtype it runs in and hands back (cast)
+    resized: dict[str, dict[str, StrictInt]] = {}  #: module -> its size attributes after structured pruning
+    pruned_heads: dict[str, list[StrictInt]] = {}  #: attention module -> removed head indices
+    example_inputs: str | None = None  #: the safetensors file of example inputs
+    copied_files: list[str] = []  #: the source's config and tokenizer files copied into the artifact
+
+
+class OnnxEntry(_Entry):
+    """The ONNX model: its files, how it was exported and checked, and what cast or int8 did to it."""
+
+    model: str  #: the .onnx file
+    files: list[str]  #: the .onnx file and its external data
+    exporter: str  #: "optimum-onnx" or "torch.onnx"
+    opset: StrictInt
+    inputs: list[str]
+    outputs: list[str]
+    check: dict[str, Any]  #: the comparison with torch on the example inputs
+    cast: dict[str, Any] | None = None  #: the float16/bfloat16 narrowing report
+    quantization: dict[str, Any] | None = None  #: the int8 report (compressor.export.onnx_quant)
+
+
+class TensorParallelEntry(_Entry):
+    """A tensor-parallel artifact: the plan file and one safetensors file per rank."""
+
+    world: StrictInt
+    plan: str
+    family: str
+    ranks: list[str]
+    replicated: str
+    sharded_bytes: StrictInt = 0
+    replicated_bytes: StrictInt = 0
+    bytes_per_rank: list[StrictInt] = []
+
+
+class EvaluationEntry(_Entry):
+    """The evaluation data copied into the artifact, so `compress eval` needs nothing outside it."""
+
+    data_file: str | None = None
+
+
+class Manifest(_Entry):
+    """manifest.json: the contract between the exporters that write an artifact and everything that reads it.
+    Validated on write and on read; fields are declared in the order they are written."""
+
+    format: Literal["compressor-artifact"] = "compressor-artifact"
+    format_version: StrictInt = 1
+    name: str | None = None
+    description: str | None = None
+    recipe: dict[str, Any] = {}  #: the validated recipe, as JSON
+    source: dict[str, Any] = {}  #: the source's record (kind and what rebuilds the architecture)
+    task: str | None = None
+    versions: dict[str, str] = {}  #: Python and library versions that wrote the artifact
+    passes: list[PassReport] = []  #: each pass's report
+    model: ModelEntry
+    evaluation: EvaluationEntry | None = None
+    onnx: OnnxEntry | None = None
+    tensor_parallel: TensorParallelEntry | None = None
+    files: dict[str, FileEntry]  #: every file but manifest.json, by relative path
+
+    @property
+    def quantization(self) -> dict[str, Any]:
+        """The int8 ONNX report ({} when the ONNX model is not int8, or there is none)."""
+        return (self.onnx.quantization if self.onnx is not None else None) or {}
+
+
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
@@ -58,16 +168,17 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def write_manifest(out_dir: Path, body: dict[str, Any]) -> dict[str, Any]:
-    """Hash every file under ``out_dir`` and write manifest.json there; returns the manifest written."""
+def write_manifest(out_dir: Path, body: dict[str, Any]) -> Manifest:
+    """Hash every file under ``out_dir`` and write manifest.json there; returns the manifest written. ``body``
+    is validated as a :class:`Manifest`, so a writer that breaks the contract fails here, not in a reader."""
     files = {}
     for path in sorted(p for p in out_dir.rglob("*") if p.is_file()):
         rel = path.relative_to(out_dir).as_posix()
         if rel == MANIFEST:
             continue
         files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **body, "files": files}
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    manifest = Manifest.model_validate({"format": FORMAT, "format_version": FORMAT_VERSION, **body, "files": files})
+    (out_dir / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
     return manifest
 
 
@@ -80,8 +191,8 @@ def is_artifact(path: Path) -> bool:
     return isinstance(data, dict) and data.get("format") == FORMAT
 
 
-def read_manifest(artifact_dir: Path) -> dict[str, Any]:
-    """Read and sanity-check manifest.json; ArtifactError saying what is wrong otherwise."""
+def read_manifest(artifact_dir: Path) -> Manifest:
+    """Read and validate manifest.json; ArtifactError saying what is wrong otherwise."""
     path = artifact_dir / MANIFEST
     if not artifact_dir.is_dir():
         raise ArtifactError(f"{artifact_dir} is not a directory; give an artifact directory written by `compress run`")
@@ -101,15 +212,16 @@ def read_manifest(artifact_dir: Path) -> dict[str, Any]:
         raise ArtifactError(
             f"{path} has format_version {version!r}; this compressor reads up to {FORMAT_VERSION}. Upgrade compressor."
         )
-    if not isinstance(data.get("files"), dict):
-        raise ArtifactError(f"{path} has no \"files\" table; the artifact is damaged")
-    for rel, info in data["files"].items():
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise ArtifactError(f"{path}: {where}: {first['msg']} (got {json.dumps(first.get('input'), default=str)[:200]})"
+                            f"; the artifact is damaged") from None
+    for rel in manifest.files:
         _check_name(rel, path)
-        if not isinstance(info, dict) or not isinstance(info.get("bytes"), int) or isinstance(info.get("bytes"), bool) \
-                or info["bytes"] < 0 or not isinstance(info.get("sha256"), str):
-            raise ArtifactError(f"{path}: the entry of {rel!r} needs \"bytes\" (a whole number) and \"sha256\" (a "
-                                f"string); it has {json.dumps(info)[:200]}. The artifact is damaged")
-    return data
+    return manifest
 
 
 def _check_name(rel: Any, manifest: Path) -> None:
@@ -141,28 +253,28 @@ def confined(artifact_dir: Path, rel: str) -> Path:
     return path
 
 
-def check_files(artifact_dir: Path, manifest: dict[str, Any], *, hashes: bool = False) -> None:
+def check_files(artifact_dir: Path, manifest: Manifest, *, hashes: bool = False) -> None:
     """Every file in the manifest exists with its recorded size (and sha256 when ``hashes``)."""
     problems = []
     if (artifact_dir / MANIFEST).is_symlink():
         raise ArtifactError(f"{artifact_dir}: {MANIFEST} is a symbolic link; an artifact holds regular files only")
-    for rel, info in manifest["files"].items():
+    for rel, info in manifest.files.items():
         path = confined(artifact_dir, rel)
         if not path.is_file():
             problems.append(f"{rel}: missing")
             continue
         size = path.stat().st_size
-        if size != info.get("bytes"):
-            problems.append(f"{rel}: {size} bytes, manifest says {info.get('bytes')} (truncated or modified)")
-        elif hashes and sha256_file(path) != info.get("sha256"):
+        if size != info.bytes:
+            problems.append(f"{rel}: {size} bytes, manifest says {info.bytes} (truncated or modified)")
+        elif hashes and sha256_file(path) != info.sha256:
             problems.append(f"{rel}: sha256 differs from the manifest (modified or corrupt)")
     if hashes and not problems:
         # Hashes prove the bytes are the ones the manifest describes, not that a hand-edited manifest describes a
         # model ONNX Runtime can open safely: check every ONNX file's structure before anything hands it over.
-        for rel in manifest["files"]:
+        for rel in manifest.files:
             if rel.endswith(".onnx"):
                 try:
-                    check_onnx_external_data(artifact_dir / rel, artifact_dir, set(manifest["files"]))
+                    check_onnx_external_data(artifact_dir / rel, artifact_dir, set(manifest.files))
                 except ArtifactError as exc:
                     problems.append(str(exc) if str(exc).startswith(rel) else f"{rel}: {exc}")
     if problems:

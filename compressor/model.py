@@ -13,7 +13,37 @@ from torch import nn
 
 from .encodings import Dense, Encoding, dtype_from_name
 
-__all__ = ["Model", "install_bridges", "install_dtype_bridge", "remove_bridges", "find_aliases"]
+__all__ = ["Model", "ExportPlan", "CastPlan", "QuantizePlan", "install_bridges", "install_dtype_bridge", "remove_bridges", "find_aliases"]
+
+
+@dataclass
+class CastPlan:
+    """What `cast` asks of the ONNX exporter: trace the float32 view, then narrow the checked graph to ``dtype``
+    (compressor.export.onnx_cast), keeping ``kept_modules`` in float32."""
+
+    index: int  #: the pass's position in the recipe, for error messages
+    dtype: str  #: "float16" or "bfloat16"
+    float32_io: bool  #: whether the graph's inputs and outputs stay float32
+    kept_modules: list[str]  #: modules that run in float32 inside the narrowed graph
+
+
+@dataclass
+class QuantizePlan:
+    """What an int8 `quantize` pass asks of the ONNX exporter: quantize the checked float graph
+    (compressor.export.onnx_quant)."""
+
+    index: int  #: the pass's position in the recipe, for error messages
+    config: Any  #: the pass's QuantizeConfig (compressor.passes.quantize; this layer cannot name it)
+
+
+@dataclass
+class ExportPlan:
+    """Work the passes hand to the exporters: the contract between the two layers. A pass that changes only the
+    module's tensors leaves it empty."""
+
+    onnx_cast: CastPlan | None = None
+    onnx_quantize: QuantizePlan | None = None
+    tensor_parallel: Any = None  #: the `shard` pass's TPPlan (compressor.passes.tp_plan): rank files are written
 
 
 @dataclass
@@ -41,7 +71,7 @@ class Model:
     # Attention heads removed (structured pruning): {attention module name: original head indices}; the loader
     # removes them again with the module's own prune_heads.
     pruned_heads: dict[str, list[int]] = field(default_factory=dict)
-    metadata: dict[str, Any] = field(default_factory=dict)
+    export: ExportPlan = field(default_factory=ExportPlan)
 
     def __post_init__(self) -> None:
         if not self.aliases:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ArtifactError, CompressorError, UsageError
+from .manifest import Manifest
 from .manifest import sha256_file as _sha256
 
 __all__ = ["TARGETS", "Target", "pack_artifact", "targets_text", "BUNDLE_FORMAT", "is_bundle"]
@@ -161,11 +162,11 @@ def _to_ort(src_dir: Path, model: str, dst_dir: Path, platform: str) -> tuple[li
     return files, "compressor-aslr:off" in proc.stderr
 
 
-def _tokenizer(artifact: Path, manifest: dict[str, Any], dst: Path) -> dict[str, Any] | None:
+def _tokenizer(artifact: Path, manifest: Manifest, dst: Path) -> dict[str, Any] | None:
     """Copy the tokenizer files (making tokenizer.json from a slow tokenizer when needed); the runner's settings."""
     from .data.datasets import tokenizer_for
 
-    copied = set(manifest.get("model", {}).get("copied_files", []))
+    copied = set(manifest.model.copied_files)
     if not {"tokenizer.json", "tokenizer_config.json"} & copied:
         return None
     tok = tokenizer_for(artifact)  # the tokenizer compressor's own evaluation uses, padding token and all
@@ -225,26 +226,58 @@ def pack_artifact(artifact: Path, output: Path, target: str = "cpu-x86_64", dtyp
     """Pack ``artifact`` into the zip ``output`` for ``target`` (see TARGETS). ``dtype``: "auto" (the target's),
     "keep" or "float16". The artifact is verified first (sha256 of every file). Returns the bundle's description
     (bundle.json) with its path, size and sha256."""
-    import onnx
-
-    from .export.onnx import FLOAT16_TOLERANCE
-    from .manifest import read_manifest
     from .recipe import NAME_PATTERN
+
+    artifact = Path(artifact).resolve()
+    manifest = _checked(artifact, output, target, dtype)
+    spec = TARGETS[target]
+    families = _cpu_families(artifact, manifest, target)
+    assert manifest.onnx is not None  # _checked refused an artifact without one
+    source_model = artifact / manifest.onnx.model
+    stored = _graph_float_type(source_model)
+    wanted = spec.dtype if dtype == "auto" else dtype
+    if wanted == "float16" and stored == "int8":
+        if dtype == "float16":
+            raise UsageError("the artifact's ONNX model is int8; float16 applies to float32 exports")
+        wanted = "keep"
+    name = manifest.name
+    if not (isinstance(name, str) and re.fullmatch(NAME_PATTERN, name)):
+        name = artifact.name  # the bundle's top folder must never lead out of where it is unpacked
+    with tempfile.TemporaryDirectory(prefix="compress-pack-") as tmp:
+        stage = Path(tmp) / "bundle"
+        stage.mkdir()
+        staged = _stage_model(artifact, manifest, Path(tmp), stage, spec, narrow=wanted == "float16" and
+                              stored == "float32", stored=stored, log=log)
+        tokenizer = _tokenizer(artifact, manifest, stage)
+        shutil.copyfile(artifact / "manifest.json", stage / "manifest.json")
+        shutil.copyfile(Path(__file__).with_name("bundle_runner.py"), stage / "run.py")
+        body = _bundle_body(name, target, spec, manifest, staged, tokenizer, artifact)
+        if families is not None:
+            body["int8_cpu_families"] = families
+        body["files"] = {p.relative_to(stage).as_posix(): _sha256(p) for p in sorted(stage.rglob("*")) if p.is_file()}
+        (stage / "bundle.json").write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+        _say(log, f"writing {output}")
+        _zip(stage, output, name)
+    return {**body, "bundle": str(output), "bytes": output.stat().st_size, "sha256": _sha256(output),
+            "model_files": staged.files}
+
+
+def _checked(artifact: Path, output: Path, target: str, dtype: str) -> Manifest:
+    """The artifact's manifest, once the arguments are usable, the artifact matches its manifest, has an ONNX
+    model, and ``output`` may be written (its folder is created)."""
+    from .manifest import read_manifest
     from .verify import verify_artifact
 
     if target not in TARGETS:
         raise UsageError(f"unknown target {target!r}; targets: {', '.join(TARGETS)} (see --list-targets)")
     if dtype not in ("auto", "keep", "float16"):
         raise UsageError(f"--dtype {dtype!r}: use auto, keep or float16")
-    spec = TARGETS[target]
-    artifact = Path(artifact).resolve()
     manifest = read_manifest(artifact)
     checked = verify_artifact(artifact)
     if not checked["ok"]:
         raise ArtifactError(f"{artifact} does not match its manifest; refusing to pack it:\n  " +
                             "\n  ".join(checked["problems"]))
-    onnx_info = manifest.get("onnx")
-    if not onnx_info:
+    if manifest.onnx is None:
         raise UsageError(f"{artifact} has no ONNX model; bundles run on ONNX Runtime. Add `export: {{onnx: {{}}}}` "
                          "to its recipe and run it again")
     if output.suffix != ".zip":
@@ -256,78 +289,80 @@ def pack_artifact(artifact: Path, output: Path, target: str = "cpu-x86_64", dtyp
                          f"format {BUNDLE_FORMAT!r} in it), so it may be someone's data; choose another -o or remove "
                          "it yourself")
     output.parent.mkdir(parents=True, exist_ok=True)
-    families = _cpu_families(artifact, manifest, target)
-    source_model = artifact / onnx_info["model"]
-    stored = _graph_float_type(source_model)
-    wanted = spec.dtype if dtype == "auto" else dtype
-    if wanted == "float16" and stored == "int8":
-        if dtype == "float16":
-            raise UsageError("the artifact's ONNX model is int8; float16 applies to float32 exports")
-        wanted = "keep"
-    name = manifest.get("name")
-    if not (isinstance(name, str) and re.fullmatch(NAME_PATTERN, name)):
-        name = artifact.name  # the bundle's top folder must never lead out of where it is unpacked
-    reproducible = True
-    with tempfile.TemporaryDirectory(prefix="compress-pack-") as tmp:
-        stage = Path(tmp) / "bundle"
-        stage.mkdir()
-        if wanted == "float16" and stored == "float32":
-            _say(log, "narrowing the float32 ONNX model to float16 and checking it against float32")
-            narrow_dir = Path(tmp) / "fp16"
-            narrow_dir.mkdir()
-            model_files = _narrow_float16(source_model, narrow_dir)
-            _compare(source_model, narrow_dir / model_files[0], artifact, "the float16 model", FLOAT16_TOLERANCE)
-            dtype_note = "float16 (narrowed at pack time from the float32 export; float32 inputs and outputs)"
-            model_dir = narrow_dir
-        else:
-            model_files = list(onnx_info["files"])
-            model_dir = artifact
-            dtype_note = f"{stored} (as exported)"
-        if spec.format == "ort":
-            _say(log, f"converting to ORT format for {spec.platform} with ONNX Runtime's converter")
-            files, reproducible = _to_ort(model_dir, model_files[0], stage, spec.platform or "amd64")
-            if not reproducible and log is not None:
-                log.warn("this system refused to turn address randomization off for ONNX Runtime's converter, "
-                         "so this ORT format bundle may differ byte for byte from the next one")
-            _compare(model_dir / model_files[0], stage / "model.ort", artifact, "the ORT format model", 1e-3)
-            model_name = "model.ort"
-        else:
-            for f in model_files:
-                shutil.copyfile(model_dir / f, stage / f)
-            files = list(model_files)
-            model_name = model_files[0]
-        tokenizer = _tokenizer(artifact, manifest, stage)
-        shutil.copyfile(artifact / "manifest.json", stage / "manifest.json")
-        shutil.copyfile(Path(__file__).with_name("bundle_runner.py"), stage / "run.py")
-        graph = onnx.load(str(model_dir / model_files[0]), load_external_data=False)
-        body = {
-            "format": BUNDLE_FORMAT,
-            "format_version": 1,
-            "name": name,
-            "target": target,
-            "target_settings": asdict(spec),
-            "model": model_name,
-            "model_format": spec.format,
-            "dtype": dtype_note,
-            "providers": spec.providers,
-            "graph_optimization": spec.graph_optimization,
-            "task": manifest.get("task"),
-            "pooling": "mean" if manifest.get("task") == "text-embedding" else None,
-            "inputs": [i.name for i in graph.graph.input],
-            "outputs": [o.name for o in graph.graph.output],
-            "tokenizer": tokenizer,
-            "artifact_manifest_sha256": _sha256(artifact / "manifest.json"),
-            "requires": ["numpy", "onnxruntime"] + (["tokenizers"] if tokenizer else []),
-            "reproducible": reproducible,
-        }
-        if families is not None:
-            body["int8_cpu_families"] = families
-        body["files"] = {p.relative_to(stage).as_posix(): _sha256(p) for p in sorted(stage.rglob("*")) if p.is_file()}
-        (stage / "bundle.json").write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
-        _say(log, f"writing {output}")
-        _zip(stage, output, name)
-    return {**body, "bundle": str(output), "bytes": output.stat().st_size, "sha256": _sha256(output),
-            "model_files": files}
+    return manifest
+
+
+@dataclass
+class _Staged:
+    """The bundle's model as staged: the ONNX files it came from and the files written."""
+
+    model_dir: Path  #: where the ONNX model the bundle is made from lies (the artifact, or the narrowed copy)
+    model_files: list[str]  #: that model's files, the .onnx first
+    files: list[str]  #: the model files in the bundle
+    model_name: str  #: the file the runner opens
+    dtype_note: str
+    reproducible: bool = True
+
+
+def _stage_model(artifact: Path, manifest: Manifest, tmp: Path, stage: Path, spec: Target, *, narrow: bool,
+                 stored: str, log: Any) -> _Staged:
+    """Put the bundle's model into ``stage``: narrowed to float16 (checked against float32) when ``narrow``,
+    converted to ORT format for ORT targets (checked against its source), else copied."""
+    from .export.onnx import FLOAT16_TOLERANCE
+
+    assert manifest.onnx is not None  # _checked refused an artifact without one
+    source_model = artifact / manifest.onnx.model
+    if narrow:
+        _say(log, "narrowing the float32 ONNX model to float16 and checking it against float32")
+        narrow_dir = tmp / "fp16"
+        narrow_dir.mkdir()
+        model_files = _narrow_float16(source_model, narrow_dir)
+        _compare(source_model, narrow_dir / model_files[0], artifact, "the float16 model", FLOAT16_TOLERANCE)
+        dtype_note = "float16 (narrowed at pack time from the float32 export; float32 inputs and outputs)"
+        model_dir = narrow_dir
+    else:
+        model_files = list(manifest.onnx.files)
+        model_dir = artifact
+        dtype_note = f"{stored} (as exported)"
+    if spec.format != "ort":
+        for f in model_files:
+            shutil.copyfile(model_dir / f, stage / f)
+        return _Staged(model_dir, model_files, list(model_files), model_files[0], dtype_note)
+    _say(log, f"converting to ORT format for {spec.platform} with ONNX Runtime's converter")
+    files, reproducible = _to_ort(model_dir, model_files[0], stage, spec.platform or "amd64")
+    if not reproducible and log is not None:
+        log.warn("this system refused to turn address randomization off for ONNX Runtime's converter, "
+                 "so this ORT format bundle may differ byte for byte from the next one")
+    _compare(model_dir / model_files[0], stage / "model.ort", artifact, "the ORT format model", 1e-3)
+    return _Staged(model_dir, model_files, files, "model.ort", dtype_note, reproducible)
+
+
+def _bundle_body(name: str, target: str, spec: Target, manifest: Manifest, staged: _Staged,
+                 tokenizer: dict[str, Any] | None, artifact: Path) -> dict[str, Any]:
+    """bundle.json's content, but for the hashes of the files."""
+    import onnx
+
+    graph = onnx.load(str(staged.model_dir / staged.model_files[0]), load_external_data=False)
+    return {
+        "format": BUNDLE_FORMAT,
+        "format_version": 1,
+        "name": name,
+        "target": target,
+        "target_settings": asdict(spec),
+        "model": staged.model_name,
+        "model_format": spec.format,
+        "dtype": staged.dtype_note,
+        "providers": spec.providers,
+        "graph_optimization": spec.graph_optimization,
+        "task": manifest.task,
+        "pooling": "mean" if manifest.task == "text-embedding" else None,
+        "inputs": [i.name for i in graph.graph.input],
+        "outputs": [o.name for o in graph.graph.output],
+        "tokenizer": tokenizer,
+        "artifact_manifest_sha256": _sha256(artifact / "manifest.json"),
+        "requires": ["numpy", "onnxruntime"] + (["tokenizers"] if tokenizer else []),
+        "reproducible": staged.reproducible,
+    }
 
 
 # Which int8 CPU families (compressor.cpu) a bundle can land on: an x86-64 bundle on x86 with or without VNNI.
@@ -335,11 +370,11 @@ _FAMILIES_OF = {"cpu-x86_64": ("x86-avx2", "x86-vnni"), "cpu-x86_64-minimal": ("
                 "cpu-arm64": ("arm64",)}
 
 
-def _cpu_families(artifact: Path, manifest: dict[str, Any], target: str) -> dict[str, Any] | None:
+def _cpu_families(artifact: Path, manifest: Manifest, target: str) -> dict[str, Any] | None:
     """For an int8 ONNX artifact: the CPU families this bundle can run on, each verified by the artifact's
     quantization (and its numbers from the last evaluation, measured or emulated). Refuses a bundle target whose
     families the artifact was not quantized for. None for other artifacts and for GPU bundles."""
-    quant = (manifest.get("onnx") or {}).get("quantization") or {}
+    quant = manifest.quantization
     if quant.get("mode") not in ("dynamic", "static") or target not in _FAMILIES_OF:
         return None
     declared = quant.get("targets")

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from .log import Reporter
+from .manifest import Manifest
+from .report_format import Report
 from .recipe import Recipe
 
 __all__ = ["RunResult", "default_output", "run_recipe"]
@@ -22,8 +24,8 @@ class RunResult:
     """What a run produced."""
 
     out_dir: Path
-    manifest: dict[str, Any]
-    report: dict[str, Any] | None = None  # the evaluation report, when the recipe evaluates
+    manifest: Manifest
+    report: Report | None = None  # the evaluation report, when the recipe evaluates
 
 
 def default_output(recipe: Recipe) -> Path:
@@ -112,7 +114,7 @@ def _run(recipe: Recipe, out_dir: Path | None, reporter: Reporter | None) -> Run
     return RunResult(out_dir=out, manifest=manifest, report=report)
 
 
-def _evaluate(recipe: Recipe, staged: Path, out: Path, log: Reporter) -> dict[str, Any]:
+def _evaluate(recipe: Recipe, staged: Path, out: Path, log: Reporter) -> Report:
     """Evaluate the staged artifact against the recipe's source model; the report names ``out``."""
     from .errors import CompressorError
     from .evaluate import evaluate_artifact
@@ -138,7 +140,7 @@ def _evaluate(recipe: Recipe, staged: Path, out: Path, log: Reporter) -> dict[st
         raise
 
 
-def _write(recipe: Recipe, model: Any, reports: list[dict[str, Any]], tmp: Path, log: Reporter) -> dict[str, Any]:
+def _write(recipe: Recipe, model: Any, reports: list[dict[str, Any]], tmp: Path, log: Reporter) -> Manifest:
     """Write the artifact's files and manifest into the staging directory ``tmp``."""
     from .export.safetensors import export_safetensors, write_safetensors
     from .manifest import library_versions, write_manifest
@@ -146,12 +148,13 @@ def _write(recipe: Recipe, model: Any, reports: list[dict[str, Any]], tmp: Path,
 
     stored = model.stored()
     tp_entry = None
-    if "tensor_parallel" in model.metadata:
+    plan = model.export.tensor_parallel
+    if plan is not None:
         from .export.tp import write_rank_files
 
-        with log.step(f"writing {model.metadata['tensor_parallel'].world} tensor-parallel rank files"):
+        with log.step(f"writing {plan.world} tensor-parallel rank files"):
             files, tp_entry = write_rank_files(
-                stored, tmp, model.metadata["tensor_parallel"],
+                stored, tmp, plan,
                 {n: e.to_json() for n, e in model.encodings.items()}, model.aliases)
     else:
         files = export_safetensors(stored, tmp, int(recipe.export.safetensors.max_shard_size))
@@ -163,8 +166,7 @@ def _write(recipe: Recipe, model: Any, reports: list[dict[str, Any]], tmp: Path,
         from .export.onnx import export_onnx
 
         with log.step("exporting ONNX and checking it in ONNX Runtime against torch"):
-            onnx_info = export_onnx(model, tmp, recipe.export.onnx, quantize=model.metadata.get("onnx_quantize"),
-                                    base_dir=recipe.base_dir, log=log)
+            onnx_info = export_onnx(model, tmp, recipe.export.onnx, base_dir=recipe.base_dir, log=log)
         worst = max(onnx_info["check"]["max_abs_err"].values(), default=0.0)
         log.info(f"ONNX ({onnx_info['exporter']}, opset {onnx_info['opset']}): max abs error {worst:.3g} vs torch")
     body = {

@@ -30,16 +30,16 @@ def verify_artifact(root: Path, *, hashes: bool = True) -> dict[str, Any]:
     except ArtifactError as exc:
         return {"ok": False, "artifact": str(root), "files": {}, "problems": [f"{MANIFEST}: {exc}"], "reports": []}
     files: dict[str, dict[str, Any]] = {}
-    for rel, info in sorted(manifest["files"].items()):
+    for rel, info in sorted(manifest.files.items()):
         path = root / rel
         if not _inside(root, path):
             files[rel] = {"status": "invalid", "detail": "the manifest lists a path outside the artifact"}
         elif not path.is_file():
             files[rel] = {"status": "missing", "detail": "listed in the manifest, not on disk"}
-        elif path.stat().st_size != info.get("bytes"):
+        elif path.stat().st_size != info.bytes:
             files[rel] = {"status": "modified",
-                          "detail": f"{path.stat().st_size} bytes, the manifest says {info.get('bytes')}"}
-        elif hashes and sha256_file(path) != info.get("sha256"):
+                          "detail": f"{path.stat().st_size} bytes, the manifest says {info.bytes}"}
+        elif hashes and sha256_file(path) != info.sha256:
             files[rel] = {"status": "modified", "detail": "sha256 differs from the manifest"}
         else:
             files[rel] = {"status": "ok", "detail": "sha256 matches" if hashes else "size matches"}
@@ -60,7 +60,7 @@ def verify_artifact(root: Path, *, hashes: bool = True) -> dict[str, Any]:
             if rel.endswith(".safetensors"):
                 read_header(path)
             elif rel.endswith(".onnx"):
-                check_onnx_external_data(path, root, set(manifest["files"]))
+                check_onnx_external_data(path, root, set(manifest.files))
         except ArtifactError as exc:
             files[rel] = {"status": "invalid", "detail": str(exc)}
     problems = [f"{rel}: {e['status']}: {e['detail']}" for rel, e in files.items() if e["status"] != "ok"]

@@ -278,8 +278,8 @@ def test_sharded_artifact_loads_and_matches_the_single_file_one(tmp_path, digits
     with safe_open(str(digits_artifact / "model.safetensors"), framework="pt") as single:
         assert set(index["weight_map"]) == set(single.keys())
     assert set(index["weight_map"].values()) == set(shards)
-    assert result.manifest["model"]["weights"] == shards + ["model.safetensors.index.json"]
-    assert set(result.manifest["files"]) >= set(result.manifest["model"]["weights"])
+    assert result.manifest.model.weights == shards + ["model.safetensors.index.json"]
+    assert set(result.manifest.files) >= set(result.manifest.model.weights)
     for shard in shards:
         with safe_open(str(out / shard), framework="pt") as f:
             count = len(f.keys())

@@ -21,6 +21,7 @@ REEXPORTS = {
                           "Threshold"},
     "compressor.evaluate": {"evaluate_artifact"},
     "compressor.passes": None,  # the registry's front door
+    "compressor.passes.base": {"PassReport"},  # the contract's return type; its home is the manifest
 }
 
 

@@ -500,10 +500,8 @@ def test_a_damaged_onnx_model_is_named_cleanly(small_artifact, tmp_path, kind, n
     """check_files(hashes=True) is what `compress eval`, `pack` and `load(verify_hashes=True)` call first; verify
     runs the same structure check; ONNX Runtime's own refusal (an unknown operator) is named when eval opens it.
     Two kinds go through the CLI end to end, the rest in-process (each subprocess costs seconds)."""
-    import json
-
     from compressor.errors import ArtifactError
-    from compressor.manifest import check_files
+    from compressor.manifest import check_files, read_manifest
     from compressor.verify import verify_artifact
 
     copy = tmp_path / "art"
@@ -515,7 +513,7 @@ def test_a_damaged_onnx_model_is_named_cleanly(small_artifact, tmp_path, kind, n
         assert "Traceback" not in proc.stderr and "unexpected" not in proc.stderr and "EP Error" not in proc.stdout
         return
     with pytest.raises(ArtifactError, match="model.onnx") as err:
-        check_files(copy, json.loads((copy / "manifest.json").read_text()), hashes=True)
+        check_files(copy, read_manifest(copy), hashes=True)
     assert needle in str(err.value)
     result = verify_artifact(copy)
     assert not result["ok"] and any(needle in p for p in result["problems"]), result["problems"]

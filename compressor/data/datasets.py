@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import CompressorError, UsageError
+from ..manifest import Manifest
 
 __all__ = ["EvalData", "build_data", "build_fitting_data", "check_data_file", "builtin_text_pairs", "TEXT_PAIRS",
            "CALIBRATION_TEXTS", "tokenizer_for"]
@@ -71,7 +72,7 @@ def build_data(
     spec: Any,
     *,
     artifact: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     example_inputs: dict[str, torch.Tensor],
     base_dir: Path,
     data_file: Path | None = None,
@@ -79,8 +80,13 @@ def build_data(
     """The evaluation data an ``evaluate.data`` section asks for (see DataSpec), or the model's built-in set.
     ``data_file`` is read instead of the artifact's copy of ``evaluate.data.path``: `compress run` passes the
     user's own file (the same bytes), so an error names the file the user can fix."""
-    task = manifest.get("task")
-    source = manifest.get("source") or {}
+    if spec.path is not None and data_file is None:
+        data_file = _data_file(spec.path, artifact, manifest)
+    return _build(spec, artifact, manifest.task, manifest.source, example_inputs, base_dir, data_file)
+
+
+def _build(spec: Any, artifact: Path, task: str | None, source: dict[str, Any],
+           example_inputs: dict[str, torch.Tensor], base_dir: Path, data_file: Path | None) -> EvalData:
     builtin = spec.builtin
     if builtin is None and spec.path is None and spec.function is None:
         if source.get("kind") == "zoo" and str(source.get("name", "")).startswith("digits"):
@@ -97,9 +103,8 @@ def build_data(
                         batches=_tokenize(texts, tok, example_inputs, spec.batch_size), texts=texts[:64])
     elif builtin == "text-pairs":
         data = _pairs_data("text-pairs (built in)", builtin_text_pairs(), artifact, example_inputs, spec)
-    elif spec.path is not None:
-        path = data_file or _data_file(spec.path, artifact, manifest)
-        data = _file_data(path, artifact, example_inputs, spec)
+    elif data_file is not None:
+        data = _file_data(data_file, artifact, example_inputs, spec)
     elif spec.function is not None:
         data = _function_data(spec.function, base_dir, spec.limit, set(example_inputs))
     else:
@@ -142,8 +147,7 @@ def build_fitting_data(
         if not path.is_file():
             raise UsageError(f"the calibration data file {path} does not exist (paths are relative to the recipe)")
         return _file_data(path, artifact, example_inputs, spec)
-    return build_data(spec, artifact=artifact, manifest={"task": task, "source": source},
-                      example_inputs=example_inputs, base_dir=base_dir)
+    return _build(spec, artifact, task, source, example_inputs, base_dir, None)
 
 
 def _digits(example_inputs: dict[str, torch.Tensor], batch_size: int, limit: int | None,
@@ -171,9 +175,9 @@ def _digits(example_inputs: dict[str, torch.Tensor], batch_size: int, limit: int
 # ---------------------------------------------------------------------------------------------- user files
 
 
-def _data_file(path: str, artifact: Path, manifest: dict[str, Any]) -> Path:
+def _data_file(path: str, artifact: Path, manifest: Manifest) -> Path:
     # `compress run` copies the file into the artifact, so an artifact evaluates the same wherever it is.
-    copied = (manifest.get("evaluation") or {}).get("data_file")
+    copied = manifest.evaluation.data_file if manifest.evaluation is not None else None
     if copied and (artifact / copied).is_file():
         return artifact / copied
     raise UsageError(f"the evaluation data file {path} is not in the artifact ({artifact}/eval/); re-run "

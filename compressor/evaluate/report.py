@@ -11,11 +11,10 @@ from typing import Any
 
 from ..errors import GateFailure
 from ..manifest import EVALUATION_REPORTS
+from ..report_format import REPORT_FORMAT, Report
 
-__all__ = ["summary_lines", "result_line", "gate_failure", "REPORT_FORMAT", "write_reports", "render_markdown", "render_junit", "render_plot",
-           "clean_json"]
-
-REPORT_FORMAT = "compressor-report"
+__all__ = ["summary_lines", "result_line", "gate_failure", "REPORT_FORMAT", "write_reports", "render_markdown",
+           "render_junit", "render_plot", "clean_json", "as_json"]
 
 
 def clean_json(value: Any) -> Any:
@@ -27,6 +26,12 @@ def clean_json(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [clean_json(v) for v in value]
     return value
+
+
+def as_json(report: Report | dict[str, Any]) -> dict[str, Any]:
+    """report.json's content: every function here takes a :class:`Report` or that content (read back from a
+    file), and renders the content."""
+    return report.to_json() if isinstance(report, Report) else report
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -43,9 +48,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
             os.unlink(tmp)
 
 
-def write_reports(artifact: Path, report: dict[str, Any]) -> list[Path]:
+def write_reports(artifact: Path, report: Report) -> list[Path]:
     """Write all four reports (each file replaced atomically); returns their paths."""
-    report = clean_json(report)
+    report = clean_json(as_json(report))
     # Render everything first: a failure in any renderer leaves the previous reports as they were.
     contents = [(json.dumps(report, indent=2, allow_nan=False) + "\n").encode(), render_markdown(report).encode(),
                 render_junit(report), render_plot(report)]
@@ -55,9 +60,10 @@ def write_reports(artifact: Path, report: dict[str, Any]) -> list[Path]:
     return paths
 
 
-def summary_lines(report: dict[str, Any]) -> list[str]:
+def summary_lines(report: Report | dict[str, Any]) -> list[str]:
     """A few terminal lines: per device, accuracy, fidelity, size, speed and load of the artifact vs baseline;
     then every gate that did not pass."""
+    report = as_json(report)
     lines = []
     for base, art in _pairs(report["results"]):
         ratios = art.get("ratios") or {}
@@ -134,10 +140,17 @@ def _flags(machine: dict[str, Any]) -> str:
     return f" ({flags}; int8 target {machine.get('cpu_target') or 'none'})"
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def render_markdown(report: Report | dict[str, Any]) -> str:
     """Baseline and artifact side by side, with ratios, per device."""
-    from .gates import fmt_pair
+    report = as_json(report)
+    results = report["results"]
+    lines = _md_header(report) + _md_accuracy(report, results) + _md_load(results) + _md_latency(results)
+    lines += _md_gates(report)
+    return "\n".join(lines).rstrip() + "\n"
 
+
+def _md_header(report: dict[str, Any]) -> list[str]:
+    """Title, verdict, baseline, data, machine and skipped devices."""
     lines = [f"# Evaluation of `{report['artifact']['name']}`", ""]
     verdict = {True: "**all gates passed**", False: "**a gate failed**", None: "no gates"}[report.get("passed")]
     lines += [f"{report['created']} · compressor {report['compressor']} · {verdict}", ""]
@@ -150,9 +163,12 @@ def render_markdown(report: dict[str, Any]) -> str:
               ""]
     for item in report.get("skipped", []):
         lines += [f"> **{item['device']} skipped:** {item['reason']}", ""]
-    results = report["results"]
+    return lines
 
-    lines += ["## Accuracy and size", "",
+
+def _md_accuracy(report: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
+    """Accuracy, size and fidelity of every row; the int8 targets."""
+    lines = ["## Accuracy and size", "",
               "| model | device | size | compression | accuracy | drop (points) | cos min | cos mean | max abs err "
               "| top-1 agreement |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in results:
@@ -180,8 +196,12 @@ def render_markdown(report: dict[str, Any]) -> str:
                   "arithmetic exactly (x86-avx2: adjacent products summed in saturating 16-bit integers; x86-vnni "
                   "and arm64: exact 32-bit sums). Gates on accuracy, fidelity and size apply to every one."]
     lines.append("")
+    return lines
 
-    lines += ["## Load (fresh process each run; median ± IQR, ms)", "",
+
+def _md_load(results: list[dict[str, Any]]) -> list[str]:
+    """Cold and warm loads in fresh processes, with the baseline/artifact ratios."""
+    lines = ["## Load (fresh process each run; median ± IQR, ms)", "",
               "| model | device | cold load | cold first inference | warm load | warm first inference | peak RSS "
               "| RSS added | anon RSS | peak GPU |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in results:
@@ -210,8 +230,12 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines += ["", f"> Cold runs of {_row_name(row)} on {row['device']} are not fully cold: {share:.0%} of its "
                           "files stayed in the page cache after eviction (another process maps them)."]
     lines.append("")
+    return lines
 
-    lines += ["## Latency and throughput (same process, alternating; ms)", "",
+
+def _md_latency(results: list[dict[str, Any]]) -> list[str]:
+    """Latency and throughput per device, batch and length."""
+    lines = ["## Latency and throughput (same process, alternating; ms)", "",
               "| device | batch | length | model | p50 | p90 | p99 | IQR | throughput/s | speedup (IQR of rounds) |",
               "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for device in dict.fromkeys(r["device"] for r in results):
@@ -224,7 +248,14 @@ def render_markdown(report: dict[str, Any]) -> str:
                              f"| {c['p50_ms']:.2f} | {c['p90_ms']:.2f} | {c['p99_ms']:.2f} | {c['iqr_ms']:.2f} "
                              f"| {c['throughput_per_s']:,.1f} | {speed} |")
     lines.append("")
+    return lines
 
+
+def _md_gates(report: dict[str, Any]) -> list[str]:
+    """Every gate, and the message of each that did not pass."""
+    from .gates import fmt_pair
+
+    lines: list[str] = []
     if report.get("gates"):
         lines += ["## Gates", "", "| gate | device | format | target | measured | threshold | result |",
                   "|---|---|---|---|---:|---:|---|"]
@@ -235,14 +266,15 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {g['gate']} | {g['device']} | {g['format'] or 'any'} | {g.get('target') or ''} | {measured} "
                          f"| {g['comparison']} {limit} | {mark} |")
         lines += [""] + [f"- {g['message']}" for g in report["gates"] if g["status"] != "passed"] + [""]
-    return "\n".join(lines).rstrip() + "\n"
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------- junit
 
 
-def render_junit(report: dict[str, Any]) -> bytes:
+def render_junit(report: Report | dict[str, Any]) -> bytes:
     """JUnit XML with one testcase per gate and (device, format), so CI systems list gates as tests."""
+    report = as_json(report)
     import xml.etree.ElementTree as ET
 
     gates = report.get("gates") or []
@@ -279,8 +311,9 @@ def render_junit(report: dict[str, Any]) -> bytes:
 # ----------------------------------------------------------------------------------------------------- plot
 
 
-def render_plot(report: dict[str, Any]) -> bytes:
+def render_plot(report: Report | dict[str, Any]) -> bytes:
     """PNG: accuracy (or fidelity) against size and against latency, baseline and artifact per device."""
+    report = as_json(report)
     import io
 
     import matplotlib
@@ -322,9 +355,10 @@ def render_plot(report: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def result_line(report: dict[str, Any], where: Path, name: str | None) -> str:
+def result_line(report: Report | dict[str, Any], where: Path, name: str | None) -> str:
     """One line for logs and CI: gates, the headline numbers of the last artifact row (ONNX when measured), where
     the report is."""
+    report = as_json(report)
     gates = report.get("gates") or []
     failed = [g for g in gates if g["status"] in ("failed", "error")]
     passed = sum(1 for g in gates if g["status"] == "passed")
@@ -360,9 +394,10 @@ def result_line(report: dict[str, Any], where: Path, name: str | None) -> str:
     return f"{name or where.name}: {verdict}{figures}; report: {where / 'report.md'}"
 
 
-def gate_failure(report: dict[str, Any], where: Path) -> GateFailure:
+def gate_failure(report: Report | dict[str, Any], where: Path) -> GateFailure:
     """The error (exit code 3) for a report whose gates were missed: each missed gate, and where the kept
     artifact and reports are."""
+    report = as_json(report)
     failed = [g["message"] for g in report.get("gates") or [] if g["status"] in ("failed", "error")]
     return GateFailure(f"{len(failed)} release gate(s) missed; artifacts and reports are kept in {where}:\n  "
                        + "\n  ".join(failed))

@@ -17,11 +17,11 @@ from typing import Any
 from ..cpu import machine_cpu
 from ..errors import CompressorError, UsageError
 from ..log import Reporter
+from ..manifest import Manifest
+from ..report_format import REPORT_FORMAT, REPORT_VERSION, Report
 from .subjects import Subject, artifact_subject, onnx_subject
 
 __all__ = ["evaluate_artifact", "resolve_devices", "check_sequence_lengths"]
-
-REPORT_VERSION = 1
 
 
 def resolve_devices(wanted: list[str], require_cuda: bool) -> tuple[list[str], dict[str, str]]:
@@ -122,7 +122,7 @@ def evaluate_artifact(
     measure_speed: bool = True,
     final_path: Path | None = None,
     data_file: Path | None = None,
-) -> dict[str, Any]:
+) -> Report:
     """Evaluate an artifact directory against ``baseline`` and write report.json/.md, junit.xml and report.png
     into it. Returns the report. Raises GateFailure (exit code 3) after writing when a gate is missed.
     ``measure_speed=False`` measures accuracy, fidelity and size only (speed gates then cannot be checked).
@@ -167,7 +167,7 @@ def evaluate_artifact(
     log.info(f"reports: {', '.join(p.name for p in paths)} in {shown}")
     for g in gate_results:
         log.info(f"gate {g['status']}: {g['message']}")
-    if report["passed"] is False and raise_on_gate:
+    if report.passed is False and raise_on_gate:
         raise gate_failure(report, shown)
     return report
 
@@ -187,22 +187,22 @@ def _devices(spec: Any, devices: list[str] | None, log: Reporter) -> tuple[list[
     return devices_run, skipped
 
 
-def _import_path(manifest: dict[str, Any], baseline: Subject, base_dir: Path) -> list[str]:
+def _import_path(manifest: Manifest, baseline: Subject, base_dir: Path) -> list[str]:
     """Where a python-source artifact's factory is imported from: the recipe's directory (the baseline's, when
     known) and this one, here and in the load-timing processes."""
-    if (manifest.get("source") or {}).get("kind") != "python":
+    if manifest.source.get("kind") != "python":
         return []
     return list(dict.fromkeys([baseline.spec.get("base_dir") or str(base_dir), str(base_dir)]))
 
 
-def _prepare(artifact: Path, manifest: dict[str, Any], baseline: Subject, spec: Any, base_dir: Path,
+def _prepare(artifact: Path, manifest: Manifest, baseline: Subject, spec: Any, base_dir: Path,
              data_file: Path | None, extra_path: list[str], measure_speed: bool, log: Reporter) -> _Run:
     """The data, inputs and subjects of the evaluation."""
     from ..data.datasets import build_data, tokenizer_for
     from ..loading import load_example_inputs
     from .targets import int8_targets
 
-    task = manifest.get("task")
+    task = manifest.task
     example_inputs = {k: v.clone() for k, v in load_example_inputs(artifact).items()}
     data = build_data(spec.data, artifact=artifact, manifest=manifest, example_inputs=example_inputs,
                       base_dir=base_dir, data_file=data_file)
@@ -217,7 +217,7 @@ def _prepare(artifact: Path, manifest: dict[str, Any], baseline: Subject, spec: 
                 example_inputs=example_inputs, tokenizer=tokenizer_for(artifact) if text else None,
                 seq_lens=list(spec.speed.sequence_lengths) if text else [None], subjects=[baseline] + candidates,
                 candidates=candidates, targets=int8_targets(manifest),  # the CPU families int8 ONNX must hold on
-                quant_mode=((manifest.get("onnx") or {}).get("quantization") or {}).get("mode"),
+                quant_mode=manifest.quantization.get("mode"),
                 extra_path=extra_path, measure_speed=measure_speed)
 
 
@@ -354,18 +354,18 @@ def _rows(run: _Run, device: str, metrics: dict[str, Any], fids: dict[str, Any],
     return rows
 
 
-def _report(artifact: Path, shown: Path, manifest: dict[str, Any], baseline: Subject, spec: Any, run: _Run,
+def _report(artifact: Path, shown: Path, manifest: Manifest, baseline: Subject, spec: Any, run: _Run,
             threads: int, devices_run: list[str], skipped: dict[str, str], results: list[dict[str, Any]],
-            gate_results: list[dict[str, Any]], gates: Any) -> dict[str, Any]:
-    """The report (report.json's content)."""
-    from .report import REPORT_FORMAT
+            gate_results: list[dict[str, Any]], gates: Any) -> Report:
+    """The report (report.json's content), validated against its schema."""
+    from .report import clean_json
 
     report = {
         "format": REPORT_FORMAT,
         "format_version": REPORT_VERSION,
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "compressor": _version(),
-        "artifact": {"name": manifest.get("name"), "path": str(shown), "manifest_sha256": _sha(artifact)},
+        "artifact": {"name": manifest.name, "path": str(shown), "manifest_sha256": _sha(artifact)},
         "baseline": baseline.describe(),
         "machine": _machine(threads),
         "settings": {**spec.model_dump(mode="json"), "measure_speed": run.measure_speed},
@@ -378,13 +378,14 @@ def _report(artifact: Path, shown: Path, manifest: dict[str, Any], baseline: Sub
         "gates": gate_results,
         "passed": None if gates is None else all(g["status"] in ("passed", "skipped") for g in gate_results),
     }
-    quant = (manifest.get("onnx") or {}).get("quantization") or {}
+    quant = manifest.quantization
     if run.targets:
-        goal = quant.get("fidelity_on_calibration") or {}
+        goal = quant.get("fidelity_on_calibration")
+        goal = goal if isinstance(goal, dict) else {}  # a hand-edited manifest: report what can be said
         report["int8"] = {"targets": run.targets, "arithmetic": quant.get("arithmetic"),
                           "target_fidelity": goal.get("target"), "reached": goal.get("reached"),
                           "calibration_min_cosine": goal.get("min_cosine")}
-    return report
+    return Report.model_validate(clean_json(report))
 
 
 def _ratios(base: dict[str, Any], art: dict[str, Any]) -> dict[str, Any]:

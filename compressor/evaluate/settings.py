@@ -4,19 +4,19 @@ manifest for `compress eval` (and any Python caller evaluating an artifact again
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from ..errors import UsageError
+from ..manifest import Manifest
 from ..recipe import EvaluateSpec, GatesSpec
 
 __all__ = ["recorded_settings"]
 
 
-def recorded_settings(artifact: Path, manifest: dict[str, Any], *, gates: bool = True, limit: int | None = None
+def recorded_settings(artifact: Path, manifest: Manifest, *, gates: bool = True, limit: int | None = None
                       ) -> tuple[EvaluateSpec, GatesSpec | None]:
     """The recipe's evaluation settings and gates (None when ``gates`` is False or the recipe has none);
     ``limit`` keeps only the first N examples of the data. UsageError when this version cannot read them."""
-    recipe = manifest.get("recipe") or {}
+    recipe = manifest.recipe
     try:
         spec = EvaluateSpec.model_validate(recipe.get("evaluate") or {})
         thresholds = GatesSpec.model_validate(recipe["gates"]) if gates and recipe.get("gates") else None

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import CompressorError, UsageError
-from ..manifest import REPORT_FILES, REPORT_JSON
+from ..errors import ArtifactError, CompressorError, UsageError
+from ..manifest import REPORT_FILES, REPORT_JSON, Manifest
+from ..report_format import read_report
 
 __all__ = ["Subject", "artifact_subject", "source_subject", "baseline_from_manifest", "baseline_from_argument",
            "load_module", "preimport", "onnx_subject", "OrtModule"]
@@ -57,36 +58,34 @@ class Subject:
                 "size_bytes": self.size_bytes, "files_bytes": self.files_bytes}
 
 
-def artifact_subject(path: Path, role: str = "artifact", manifest: dict[str, Any] | None = None) -> Subject:
+def artifact_subject(path: Path, role: str = "artifact", manifest: Manifest | None = None) -> Subject:
     """An artifact directory written by ``compress run`` (``manifest``: its manifest, if already read)."""
     from ..manifest import read_manifest
 
     root = path.resolve()
     manifest = manifest or read_manifest(root)
-    weights = manifest.get("model", {}).get("weights", [])
-    inputs = manifest.get("model", {}).get("example_inputs")
-    model_files = [root / w for w in weights]
+    model_files = [root / w for w in manifest.model.weights]
     # The safetensors subject reads neither the ONNX files nor the example inputs, reports or evaluation data.
-    onnx_files = set((manifest.get("onnx") or {}).get("files", []))
-    skip = {"manifest.json", inputs} | set(REPORT_FILES) | onnx_files
-    files = [root / "manifest.json"] + [root / rel for rel in manifest["files"] if rel not in skip
+    onnx_files = set(manifest.onnx.files) if manifest.onnx else set()
+    skip = {"manifest.json", manifest.model.example_inputs} | set(REPORT_FILES) | onnx_files
+    files = [root / "manifest.json"] + [root / rel for rel in manifest.files if rel not in skip
                                         and not rel.startswith("eval/")]
     label = "artifact (safetensors)" if role == "artifact" else f"artifact {root.name}"
     return Subject(role=role, label=label, format="safetensors", spec={"kind": "artifact", "path": str(root)},
                    files=files, model_files=model_files)
 
 
-def onnx_subject(path: Path, manifest: dict[str, Any] | None = None) -> Subject | None:
+def onnx_subject(path: Path, manifest: Manifest | None = None) -> Subject | None:
     """The artifact's ONNX model, run by ONNX Runtime, or None when the artifact has no ONNX export."""
     from ..manifest import read_manifest
 
     root = path.resolve()
-    entry = (manifest or read_manifest(root)).get("onnx")
-    if not entry:
+    entry = (manifest or read_manifest(root)).onnx
+    if entry is None:
         return None
-    files = [root / rel for rel in entry.get("files", [])]
+    files = [root / rel for rel in entry.files]
     return Subject(role="artifact", label="artifact (onnx, ONNX Runtime)", format="onnx",
-                   spec={"kind": "onnx", "path": str(root / entry.get("model", "model.onnx"))}, files=files,
+                   spec={"kind": "onnx", "path": str(root / entry.model)}, files=files,
                    model_files=files)
 
 
@@ -99,7 +98,7 @@ def source_subject(model: dict[str, Any], base_dir: Path) -> Subject:
     return Subject(role="baseline", label=label, format="source", spec=spec, files=files, model_files=weights)
 
 
-def baseline_from_manifest(artifact: Path, manifest: dict[str, Any]) -> Subject:
+def baseline_from_manifest(artifact: Path, manifest: Manifest) -> Subject:
     """The baseline ``compress eval`` uses when none is given.
 
     The report of an earlier evaluation records where its baseline was (so a copied artifact still finds it);
@@ -108,14 +107,14 @@ def baseline_from_manifest(artifact: Path, manifest: dict[str, Any]) -> Subject:
     previous = artifact / REPORT_JSON
     if previous.is_file():
         try:
-            spec = json.loads(previous.read_text())["baseline"]["spec"]
+            spec = read_report(previous).baseline["spec"]
             if spec.get("kind") == "source":
                 return source_subject(spec["model"], Path(spec["base_dir"]))
             if spec.get("kind") == "artifact" and Path(spec["path"]).is_dir():
                 return artifact_subject(Path(spec["path"]), role="baseline")
-        except (OSError, ValueError, KeyError, TypeError, UsageError):
+        except (ArtifactError, OSError, ValueError, KeyError, TypeError, AttributeError, UsageError):
             pass  # fall back to the manifest
-    model = (manifest.get("recipe") or {}).get("model")
+    model = manifest.recipe.get("model")
     if not isinstance(model, dict):
         raise UsageError(f"{artifact}/manifest.json names no source model; give one with --baseline")
     base = Path.cwd()
@@ -127,7 +126,7 @@ def baseline_from_manifest(artifact: Path, manifest: dict[str, Any]) -> Subject:
                          "original model with --baseline PATH or --baseline RECIPE.yaml") from None
 
 
-def baseline_from_argument(value: str, manifest: dict[str, Any]) -> Subject:
+def baseline_from_argument(value: str, manifest: Manifest) -> Subject:
     """``--baseline``: an artifact directory, a Hugging Face model directory, a recipe file, or ``zoo:NAME``."""
     from ..manifest import is_artifact
     from ..sources.zoo import ZOO_MODELS
@@ -149,7 +148,7 @@ def baseline_from_argument(value: str, manifest: dict[str, Any]) -> Subject:
     if is_artifact(path):
         return artifact_subject(path, role="baseline")
     if (path / "config.json").is_file():
-        auto = (manifest.get("source") or {}).get("auto_class", "AutoModel")
+        auto = manifest.source.get("auto_class", "AutoModel")
         return source_subject({"source": "hf", "path": str(path.resolve()), "auto_class": auto}, Path.cwd())
     raise UsageError(f"--baseline {value}: neither a compressor artifact (no manifest.json) nor a Hugging Face "
                      "model directory (no config.json)")

@@ -16,14 +16,15 @@ from typing import Any
 
 from ..cpu import ARITHMETIC, TARGETS, machine_cpu
 from ..errors import CompressorError
+from ..manifest import Manifest
 
 __all__ = ["int8_targets", "target_outputs"]
 
 
-def int8_targets(manifest: dict[str, Any]) -> list[str] | None:
+def int8_targets(manifest: Manifest) -> list[str] | None:
     """The targets an int8 ONNX artifact was quantized for; every family for an artifact that predates targets
     (it made no promise, so all are shown); None for an artifact without int8 ONNX compute."""
-    quant = (manifest.get("onnx") or {}).get("quantization") or {}
+    quant = manifest.quantization
     if quant.get("mode") not in ("dynamic", "static"):
         return None
     targets = quant.get("targets")

@@ -21,7 +21,7 @@ from ..errors import CompressorError, UsageError
 from ..log import Reporter
 from ..manifest import TP_REPORT
 
-__all__ = ["evaluate_tp", "summary_lines", "DEFAULT_MIN_COSINE"]
+__all__ = ["evaluate_tp", "tp_summary_lines", "DEFAULT_MIN_COSINE"]
 
 DEFAULT_MIN_COSINE = 0.9999
 
@@ -81,56 +81,22 @@ def evaluate_tp(artifact: Path, world: int, *, device: str = "cpu", spec: Any = 
     """Run ``artifact`` tensor-parallel on ``world`` processes and compare with it loaded whole; writes
     tp-report.json into the artifact and returns the report (``passed`` False when the minimum cosine is below
     ``min_cosine``)."""
-    import torch
-    import torch.multiprocessing as mp
-
-    from ..loading import load, load_example_inputs
-    from ..manifest import check_files, read_manifest
-    from ..recipe import EvaluateSpec
-    from ..loading.tp import read_plan
-    from .accuracy import fidelity, run_outputs, task_metric
     from ..data.datasets import build_data
+    from ..loading import load, load_example_inputs
+    from ..recipe import EvaluateSpec
+    from .accuracy import fidelity, run_outputs, task_metric
     from .report import _atomic_write, clean_json
 
     log = log or Reporter()
     artifact = artifact.resolve()
-    manifest = read_manifest(artifact)
-    check_files(artifact, manifest, hashes=True)  # every byte is read anyway: check it is the recorded one
-    entry = manifest.get("tensor_parallel")
-    if not entry:
-        raise UsageError(f"{artifact} is not a tensor-parallel artifact; --tp needs one written by a recipe with a "
-                         "`shard` pass")
-    plan = read_plan(artifact, manifest)
-    if int(plan["world"]) != world:
-        raise UsageError(f"{artifact} is sharded for {plan['world']} ranks; run with --tp {plan['world']}")
-    if device == "cuda":
-        if not torch.cuda.is_available() or torch.cuda.device_count() < world:
-            found = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            raise UsageError(f"--tp {world} on cuda needs {world} GPUs (one per rank, NCCL); this machine has "
-                             f"{found}. Run it on CPU (gloo) with --device cpu")
+    manifest, plan = _checked(artifact, world, device)
     backend = "nccl" if device == "cuda" else "gloo"
     spec = spec or EvaluateSpec()
-    task = manifest.get("task")
-    example_inputs = load_example_inputs(artifact)
-    data = build_data(spec.data, artifact=artifact, manifest=manifest, example_inputs=example_inputs,
+    task = manifest.task
+    data = build_data(spec.data, artifact=artifact, manifest=manifest, example_inputs=load_example_inputs(artifact),
                       base_dir=artifact)
-    threads = max(1, (os.cpu_count() or 1) // world)
-    with tempfile.TemporaryDirectory(prefix="compress-tp-") as work:
-        torch.save(data.batches, Path(work) / "batches.pt")
-        with log.step(f"running {artifact.name} on {world} ranks ({backend}) over {data.name}"):
-            start = time.perf_counter()
-            try:
-                # A file in this run's own directory: no port to race other runs for.
-                rendezvous = f"file://{Path(work) / 'rendezvous'}"
-                mp.start_processes(_worker, args=(world, str(artifact), backend, rendezvous, work, task, threads),
-                                   nprocs=world, join=True, start_method="spawn")
-            except mp.ProcessRaisedException as exc:
-                raise CompressorError(f"a tensor-parallel rank failed:\n{exc}") from None
-            except mp.ProcessExitedException as exc:
-                raise CompressorError(f"a tensor-parallel rank died: {exc}") from None
-            seconds = time.perf_counter() - start
-        sharded = torch.load(Path(work) / "outputs.pt", weights_only=True)
-        ranks = [json.loads((Path(work) / f"rank{r}.json").read_text()) for r in range(world)]
+    with log.step(f"running {artifact.name} on {world} ranks ({backend}) over {data.name}"):
+        sharded, ranks, seconds = _run_ranks(artifact, world, backend, data, task)
     with log.step("running the same artifact loaded whole"):
         whole_device = "cuda" if device == "cuda" else "cpu"
         whole = load(artifact, device=whole_device)
@@ -166,7 +132,55 @@ def evaluate_tp(artifact: Path, world: int, *, device: str = "cpu", spec: Any = 
     return report
 
 
-def summary_lines(report: dict[str, Any]) -> list[str]:
+def _checked(artifact: Path, world: int, device: str) -> tuple[Any, dict[str, Any]]:
+    """The manifest and plan of a tensor-parallel artifact whose bytes match its manifest, sharded for ``world``
+    ranks, with ``world`` GPUs here for ``device`` cuda."""
+    import torch
+
+    from ..loading.tp import read_plan
+    from ..manifest import check_files, read_manifest
+
+    manifest = read_manifest(artifact)
+    check_files(artifact, manifest, hashes=True)  # every byte is read anyway: check it is the recorded one
+    if manifest.tensor_parallel is None:
+        raise UsageError(f"{artifact} is not a tensor-parallel artifact; --tp needs one written by a recipe with a "
+                         "`shard` pass")
+    plan = read_plan(artifact, manifest)
+    if int(plan["world"]) != world:
+        raise UsageError(f"{artifact} is sharded for {plan['world']} ranks; run with --tp {plan['world']}")
+    if device == "cuda" and (not torch.cuda.is_available() or torch.cuda.device_count() < world):
+        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise UsageError(f"--tp {world} on cuda needs {world} GPUs (one per rank, NCCL); this machine has "
+                         f"{found}. Run it on CPU (gloo) with --device cpu")
+    return manifest, plan
+
+
+def _run_ranks(artifact: Path, world: int, backend: str, data: Any, task: str | None
+               ) -> tuple[list[Any], list[dict[str, Any]], float]:
+    """Run the data through ``world`` spawned ranks: (rank 0's gathered outputs, each rank's stats, seconds)."""
+    import torch
+    import torch.multiprocessing as mp
+
+    threads = max(1, (os.cpu_count() or 1) // world)
+    with tempfile.TemporaryDirectory(prefix="compress-tp-") as work:
+        torch.save(data.batches, Path(work) / "batches.pt")
+        start = time.perf_counter()
+        try:
+            # A file in this run's own directory: no port to race other runs for.
+            rendezvous = f"file://{Path(work) / 'rendezvous'}"
+            mp.start_processes(_worker, args=(world, str(artifact), backend, rendezvous, work, task, threads),
+                               nprocs=world, join=True, start_method="spawn")
+        except mp.ProcessRaisedException as exc:
+            raise CompressorError(f"a tensor-parallel rank failed:\n{exc}") from None
+        except mp.ProcessExitedException as exc:
+            raise CompressorError(f"a tensor-parallel rank died: {exc}") from None
+        seconds = time.perf_counter() - start
+        sharded = torch.load(Path(work) / "outputs.pt", weights_only=True)
+        ranks = [json.loads((Path(work) / f"rank{r}.json").read_text()) for r in range(world)]
+    return sharded, ranks, seconds
+
+
+def tp_summary_lines(report: dict[str, Any]) -> list[str]:
     """Human summary of a tensor-parallel evaluation."""
     fid = report["fidelity"]
     lines = [f"tp {report['tensor_parallel']} ({report['backend']}, {report['device']}): cos min {fid['cos_min']:.7f}, "

@@ -16,7 +16,7 @@ DynamicQuantizeMatMul when the session loads). Both halves are reproduced here b
 Since a in [0, 255], a pair can only leave int16 when both weights have the same sign and
 ``|b[2j]| + |b[2j+1]| > 128`` (255 * 128 = 32640 still fits). ``pair_safe`` quantizes weights so that no pair
 does: then every CPU family computes the same integers for any input, and an artifact's numbers hold wherever it
-runs. The cost is a coarser scale on the columns that need it; ``tests/test_int8_arith.py`` checks all of this
+runs. The cost is a coarser scale on the columns that need it; ``tests/export/test_int8_arith.py`` checks all of this
 against ONNX Runtime on the machine at hand.
 """
 

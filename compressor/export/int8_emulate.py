@@ -14,7 +14,7 @@ cast back to int32 for the graph's own Cast and scale Mul. Only the pairs that c
 (``int8_arith.risky_pairs``) are visited; a weight without any gets no correction at all. The correction is summed
 per column with a cumulative sum over pairs sorted by column, then spread to the N columns with one Gather.
 ``DynamicQuantizeLinear`` and everything else run as ONNX Runtime runs them on the machine at hand, which every
-target shares. ``tests/test_int8_arith.py`` checks the rewrite against the numpy emulator and against ONNX
+target shares. ``tests/export/test_int8_arith.py`` checks the rewrite against the numpy emulator and against ONNX
 Runtime's own kernels.
 
 ``products`` finds the dynamic int8 products of a model (for the quantizer's search and the evaluator), and

@@ -33,16 +33,17 @@ FLOAT16_TOLERANCE = 0.01
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
-def export_onnx(model: Model, out_dir: Path, spec: Any, *, quantize: dict[str, Any] | None = None,
-                base_dir: Path | None = None, log: Any = None) -> dict[str, Any]:
+def export_onnx(model: Model, out_dir: Path, spec: Any, *, base_dir: Path | None = None, log: Any = None
+                ) -> dict[str, Any]:
     """Export ``model`` to ``out_dir/model.onnx`` (+ ``model.onnx.data``), check it in ONNX Runtime against torch
     on the example inputs, and return the manifest entry. Raises CompressorError (exit 1) on a mismatch.
 
-    ``quantize`` ({"index": pass index, "config": QuantizeConfig}) then turns the checked float model into int8
-    (compressor.export.onnx_quant), calibrating on data resolved against ``base_dir``."""
+    The model's export plan says what the passes asked for: ``onnx_cast`` narrows the checked graph to float16 or
+    bfloat16 (compressor.export.onnx_cast); ``onnx_quantize`` turns it into int8 (compressor.export.onnx_quant),
+    calibrating on data resolved against ``base_dir``."""
     import onnx
 
-    cast = model.metadata.get("onnx_cast")
+    cast, quantize = model.export.onnx_cast, model.export.onnx_quantize
     # A cast model is traced as its float32 view (exact: the rounded weights widened), checked at the usual tight
     # tolerance, and only then narrowed (compressor.export.onnx_cast), so the check tests the export, not float16
     # rounding in two different kernels.
@@ -70,20 +71,19 @@ def export_onnx(model: Model, out_dir: Path, spec: Any, *, quantize: dict[str, A
         reference = run_onnx(out_dir / ONNX_FILE, model.example_inputs)
         # save_aligned pointed the in-memory initializers at the data file: read the saved model back whole.
         proto = onnx.load(str(out_dir / ONNX_FILE), load_external_data=True)
-        narrowed, report = narrow_onnx(proto, cast["dtype"], float32_io=cast["float32_io"],
-                                       kept_modules=cast["kept_modules"])
+        narrowed, report = narrow_onnx(proto, cast.dtype, float32_io=cast.float32_io, kept_modules=cast.kept_modules)
         info["files"] = save_aligned(narrowed, out_dir)
-        report["check"] = check_narrowed(model, out_dir / ONNX_FILE, reference, cast["dtype"], spec)
+        report["check"] = check_narrowed(model, out_dir / ONNX_FILE, reference, cast.dtype, spec)
         info["cast"] = report
     if quantize is not None:
         from .onnx_quant import quantize_onnx
 
-        config = quantize["config"]
+        config = quantize.config
         calib = calibration(model, out_dir, config.calibration, base_dir or Path.cwd())
         del proto
         with tempfile.TemporaryDirectory(prefix="compress-int8-") as work:
             quantized, report = quantize_onnx(out_dir / ONNX_FILE, Path(work), config, calib,
-                                              where=f"passes[{quantize['index']}].quantize", log=log)
+                                              where=f"passes[{quantize.index}].quantize", log=log)
         info["files"] = save_aligned(quantized, out_dir)
         info["quantization"] = report
     return info

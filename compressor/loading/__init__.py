@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ArtifactError
-from ..manifest import check_files, read_manifest
+from ..manifest import Manifest, ModelEntry, check_files, read_manifest
 from .rebuild import build_architecture, decode, dequantize_on_the_fly, restructure, retie
 from .tensors import load_example_inputs, load_tensors, load_tensors_cuda
 
@@ -52,7 +52,7 @@ def load(artifact_dir: str | Path, *, device: str | torch.device = "cpu", verify
     check_files(root, manifest, hashes=verify_hashes)
     info = _model_entry(root, manifest)
     if tp_rank is not None:
-        if not manifest.get("tensor_parallel"):
+        if manifest.tensor_parallel is None:
             raise ArtifactError(f"{root} is not a tensor-parallel artifact (its recipe has no `shard` pass)")
         if int8 != "dequantize":
             raise ValueError("int8='keep' is not supported with tensor parallelism")
@@ -60,7 +60,7 @@ def load(artifact_dir: str | Path, *, device: str | torch.device = "cpu", verify
 
         return load_rank(root, manifest, int(tp_rank), int(tp_world), dev)  # type: ignore[arg-type]
     module, stored = _architecture_and_tensors(root, manifest, info, dev)
-    encodings = dict(info.get("encodings", {}))
+    encodings = dict(info.encodings)
     kept = _keep_int8(stored, encodings, info) if int8 == "keep" else {}
     state = decode(stored, encodings)
     restructure(module, info, state, root)
@@ -70,7 +70,7 @@ def load(artifact_dir: str | Path, *, device: str | torch.device = "cpu", verify
     from ..model import install_bridges
 
     try:
-        install_bridges(module, info.get("dtype_bridges", {}))
+        install_bridges(module, info.dtype_bridges)
     except (KeyError, AttributeError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{root}: manifest.json has a malformed model.dtype_bridges entry ({exc!r})") from None
     return module.eval()
@@ -85,22 +85,20 @@ def _device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def _model_entry(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def _model_entry(root: Path, manifest: Manifest) -> ModelEntry:
     """The manifest's `model` entry, its weight files checked to be files the manifest lists (and so checked)."""
-    info = manifest.get("model", {})
-    if not isinstance(info.get("weights"), list) or not all(isinstance(w, str) for w in info["weights"]):
-        raise ArtifactError(f"{root}: manifest.json has no list of weight files (model.weights)")
-    strangers = [w for w in info["weights"] if w not in manifest["files"]]
+    info = manifest.model
+    strangers = [w for w in info.weights if w not in manifest.files]
     if strangers:
         raise ArtifactError(f"{root}: manifest.json names weight files it does not list (and so never checked): "
                             f"{', '.join(map(repr, strangers[:3]))}")
     return info
 
 
-def _architecture_and_tensors(root: Path, manifest: dict[str, Any], info: dict[str, Any], dev: torch.device
+def _architecture_and_tensors(root: Path, manifest: Manifest, info: ModelEntry, dev: torch.device
                               ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """The empty architecture and the stored tensors on ``dev``."""
-    if manifest.get("tensor_parallel"):
+    if manifest.tensor_parallel is not None:
         from .tp import assemble
 
         stored = assemble(root, manifest)
@@ -108,14 +106,14 @@ def _architecture_and_tensors(root: Path, manifest: dict[str, Any], info: dict[s
             stored = {k: v.to(dev) for k, v in stored.items()}
         return build_architecture(root, manifest), stored
     if dev.type == "cpu":
-        return build_architecture(root, manifest), load_tensors(root, info["weights"])
+        return build_architecture(root, manifest), load_tensors(root, info.weights)
     # The shards stream to the GPU while this thread builds the (empty) architecture.
     from concurrent.futures import ThreadPoolExecutor
 
     stop = threading.Event()
     with ThreadPoolExecutor(max_workers=1) as pool:
         # The stream is per thread: capture the caller's here, not in the pool thread.
-        pending = pool.submit(load_tensors_cuda, root, info["weights"], dev, stop, torch.cuda.current_stream(dev))
+        pending = pool.submit(load_tensors_cuda, root, info.weights, dev, stop, torch.cuda.current_stream(dev))
         try:
             module = build_architecture(root, manifest)
         except BaseException:
@@ -124,12 +122,12 @@ def _architecture_and_tensors(root: Path, manifest: dict[str, Any], info: dict[s
         return module, pending.result()
 
 
-def _keep_int8(stored: dict[str, torch.Tensor], encodings: dict[str, Any], info: dict[str, Any]
+def _keep_int8(stored: dict[str, torch.Tensor], encodings: dict[str, Any], info: ModelEntry
                ) -> dict[str, tuple[torch.Tensor, bool]]:
     """int8="keep": each int8 tensor (not tied) becomes the parameter itself; returns {name: (scale, per_channel)}
     and takes those tensors out of ``encodings``."""
     kept: dict[str, tuple[torch.Tensor, bool]] = {}
-    tied = set(info.get("aliases", {})) | set(info.get("aliases", {}).values())
+    tied = set(info.aliases) | set(info.aliases.values())
     for name, spec in list(encodings.items()):
         if isinstance(spec, dict) and spec.get("kind") == "int8" and name not in tied \
                 and f"{name}.__q" in stored and f"{name}.__scale" in stored:
@@ -139,10 +137,10 @@ def _keep_int8(stored: dict[str, torch.Tensor], encodings: dict[str, Any], info:
     return kept
 
 
-def _assign(module: nn.Module, state: dict[str, torch.Tensor], info: dict[str, Any],
+def _assign(module: nn.Module, state: dict[str, torch.Tensor], info: ModelEntry,
             kept: dict[str, tuple[torch.Tensor, bool]], root: Path, dev: torch.device) -> None:
     """Assign every parameter its stored tensor (no copy), then tie what was tied."""
-    for alias, target in info.get("aliases", {}).items():
+    for alias, target in info.aliases.items():
         state[alias] = state[target]
     if dev.type != "cpu":
         # Parameters are on meta and get CUDA tensors assigned below; buffers built by constructors must follow.
@@ -159,7 +157,7 @@ def _assign(module: nn.Module, state: dict[str, torch.Tensor], info: dict[str, A
         module.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise ArtifactError(f"{root}: the stored tensors do not fit the model's architecture: {exc}") from None
-    retie(module, info.get("aliases", {}))
+    retie(module, info.aliases)
     leftover = [n for n, p in module.named_parameters() if p.is_meta]
     if leftover:
         raise ArtifactError(f"{root}: no stored values for {', '.join(leftover[:5])}")

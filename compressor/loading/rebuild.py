@@ -13,6 +13,7 @@ from torch import nn
 
 from ..encodings import encoding_from_json
 from ..errors import ArtifactError
+from ..manifest import Manifest, ModelEntry
 
 __all__ = ["decode", "dequantize_on_the_fly", "parameters_on_meta", "build_architecture", "restructure", "retie"]
 
@@ -88,39 +89,35 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
-def build_architecture(root: Path, manifest: dict[str, Any]) -> nn.Module:
+def build_architecture(root: Path, manifest: Manifest) -> nn.Module:
     """An empty module of the artifact's architecture (parameters on meta), built by the source kind its manifest
     records (compressor.sources)."""
     from ..sources import architecture
 
-    source = manifest.get("source")
-    if not isinstance(source, dict):
+    source = manifest.source
+    if not source:
         raise ArtifactError(f"{root}: manifest.json records no model source")
     with parameters_on_meta():
         return architecture(root, source)
 
 
-def restructure(module: nn.Module, info: dict[str, Any], state: dict[str, torch.Tensor], root: Path) -> None:
+def restructure(module: nn.Module, info: ModelEntry, state: dict[str, torch.Tensor], root: Path) -> None:
     """Give the modules structured pruning changed their pruned shapes (parameters on meta, filled by
     load_state_dict like every other): attention heads are removed with the module's own ``prune_heads``; resized
     Linear, Conv and BatchNorm modules get their recorded size attributes and tensors of the stored shapes."""
-    heads, resized = info.get("pruned_heads", {}), info.get("resized", {})
-    if not isinstance(heads, dict) or not isinstance(resized, dict):
-        raise ArtifactError(f"{root}: manifest.json has a malformed model.pruned_heads or model.resized")
+    heads, resized = info.pruned_heads, info.resized  # their types were checked when the manifest was read
     named = dict(module.named_modules())
     with parameters_on_meta():
         for name, removed in heads.items():
             attention = named.get(name)
-            if not callable(getattr(attention, "prune_heads", None)) or not isinstance(removed, list) \
-                    or not all(isinstance(h, int) for h in removed):
+            if not callable(getattr(attention, "prune_heads", None)):
                 raise ArtifactError(f"{root}: manifest.json prunes heads of {name!r}, which is not an attention "
                                     "module with prune_heads, or lists no head indices")
             attention.prune_heads(set(removed))
     named = dict(module.named_modules())  # prune_heads replaced the projections
     for name, sizes in resized.items():
         layer = named.get(name)
-        if layer is None or not isinstance(sizes, dict) or not all(
-                isinstance(getattr(layer, a, None), int) and isinstance(v, int) for a, v in sizes.items()):
+        if layer is None or not all(isinstance(getattr(layer, a, None), int) for a in sizes):
             raise ArtifactError(f"{root}: manifest.json resizes {name!r} with {sizes!r}, which does not fit that "
                                 "module of this model")
         for attr, value in sizes.items():

@@ -51,10 +51,21 @@ def load_tensors_cuda(root: Path, files: list[str], device: torch.device, stop: 
     caller's stream (``caller``, default: this thread's current stream), so the model's tensors live in its pool.
     ``stop`` aborts between tensors.
     """
-    import os
     from concurrent.futures import ThreadPoolExecutor
+    from functools import partial
 
-    from safetensors import safe_open
+    plan = _balanced(root, files)
+    work = partial(_copy_to_cuda, root, device, stop, caller or torch.cuda.current_stream(device))
+    result: dict[str, torch.Tensor] = {}
+    with ThreadPoolExecutor(max_workers=len(plan)) as pool:
+        for part in pool.map(work, plan):
+            result.update(part)
+    return result
+
+
+def _balanced(root: Path, files: list[str]) -> list[list[tuple[str, str]]]:
+    """The tensors of ``files`` as (file, name) lists for up to CUDA_THREADS threads, balanced by bytes."""
+    import os
 
     items: list[tuple[int, str, str]] = []
     for rel in files:
@@ -70,63 +81,62 @@ def load_tensors_cuda(root: Path, files: list[str], device: torch.device, stop: 
         i = load_per.index(min(load_per))
         plan[i].append((rel, name))
         load_per[i] += nbytes
-    caller = caller or torch.cuda.current_stream(device)
+    return plan
 
-    def work(assigned: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        stream = torch.cuda.Stream(device)
-        handles: dict[str, Any] = {}
-        current = "?"
-        try:
-            staging = [torch.empty(CUDA_CHUNK_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-            done: list[torch.cuda.Event | None] = [None, None]
-            k = 0
-            for rel, name in assigned:
-                if stop is not None and stop.is_set():
-                    break
-                current = rel
-                if rel not in handles:
-                    handles[rel] = safe_open(str(root / rel), framework="pt")
-                src = handles[rel].get_tensor(name)  # an mmap view: nothing read yet
-                with torch.cuda.stream(caller):
-                    dst = torch.empty(src.shape, dtype=src.dtype, device=device)
-                stream.wait_stream(caller)  # the block may have been in use by the caller's queued work
-                src_bytes = src.reshape(-1).view(torch.uint8)
-                dst_bytes = dst.reshape(-1).view(torch.uint8)
-                for start in range(0, src_bytes.numel(), CUDA_CHUNK_BYTES):
-                    n = min(CUDA_CHUNK_BYTES, src_bytes.numel() - start)
-                    if done[k] is not None:
-                        done[k].synchronize()  # the copy that last read this buffer has finished
-                    staging[k][:n].copy_(src_bytes[start:start + n])  # page faults: the disk read
-                    with torch.cuda.stream(stream):
-                        dst_bytes[start:start + n].copy_(staging[k][:n], non_blocking=True)
-                        event = torch.cuda.Event()
-                        event.record(stream)
-                    done[k] = event
-                    k ^= 1
-                dst.record_stream(stream)  # freed later on the caller's stream: wait for this copy first
-                out[name] = dst
-            stream.synchronize()
-        except ArtifactError:
-            raise
-        except Exception as exc:
-            raise ArtifactError(f"{current}: reading it onto {device} failed: {type(exc).__name__}: {exc}") from None
-        finally:
-            handles.clear()
-        return out
 
-    result: dict[str, torch.Tensor] = {}
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for part in pool.map(work, plan):
-            result.update(part)
-    return result
+def _copy_to_cuda(root: Path, device: torch.device, stop: threading.Event | None, caller: torch.cuda.Stream,
+                  assigned: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """One thread of load_tensors_cuda: its tensors through two pinned buffers onto ``device``."""
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    stream = torch.cuda.Stream(device)
+    handles: dict[str, Any] = {}
+    current = "?"
+    try:
+        staging = [torch.empty(CUDA_CHUNK_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        done: list[torch.cuda.Event | None] = [None, None]
+        k = 0
+        for rel, name in assigned:
+            if stop is not None and stop.is_set():
+                break
+            current = rel
+            if rel not in handles:
+                handles[rel] = safe_open(str(root / rel), framework="pt")
+            src = handles[rel].get_tensor(name)  # an mmap view: nothing read yet
+            with torch.cuda.stream(caller):
+                dst = torch.empty(src.shape, dtype=src.dtype, device=device)
+            stream.wait_stream(caller)  # the block may have been in use by the caller's queued work
+            src_bytes = src.reshape(-1).view(torch.uint8)
+            dst_bytes = dst.reshape(-1).view(torch.uint8)
+            for start in range(0, src_bytes.numel(), CUDA_CHUNK_BYTES):
+                n = min(CUDA_CHUNK_BYTES, src_bytes.numel() - start)
+                if done[k] is not None:
+                    done[k].synchronize()  # the copy that last read this buffer has finished
+                staging[k][:n].copy_(src_bytes[start:start + n])  # page faults: the disk read
+                with torch.cuda.stream(stream):
+                    dst_bytes[start:start + n].copy_(staging[k][:n], non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record(stream)
+                done[k] = event
+                k ^= 1
+            dst.record_stream(stream)  # freed later on the caller's stream: wait for this copy first
+            out[name] = dst
+        stream.synchronize()
+    except ArtifactError:
+        raise
+    except Exception as exc:
+        raise ArtifactError(f"{current}: reading it onto {device} failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        handles.clear()
+    return out
 
 
 def load_example_inputs(artifact_dir: str | Path) -> dict[str, torch.Tensor]:
     """The example inputs saved with the artifact (keyword arguments for the model's forward)."""
     root = Path(artifact_dir)
     manifest = read_manifest(root)
-    rel = manifest.get("model", {}).get("example_inputs")
+    rel = manifest.model.example_inputs
     if not rel:
         raise ArtifactError(f"{root} has no example inputs recorded in its manifest")
     return load_tensors(root, [rel])

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ArtifactError, UsageError
-from ..manifest import PLAN_FILE, confined
+from ..manifest import PLAN_FILE, Manifest, confined
 from .rebuild import build_architecture, decode, parameters_on_meta
 from .tensors import load_tensors
 
@@ -19,19 +19,19 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["read_plan", "assemble", "load_rank"]
 
 
-def read_plan(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def read_plan(root: Path, manifest: Manifest) -> dict[str, Any]:
     """The artifact's plan file, checked for the keys the loader needs."""
-    entry = manifest.get("tensor_parallel") or {}
+    entry = manifest.tensor_parallel
     try:
-        if entry.get("plan", PLAN_FILE) != PLAN_FILE:
-            raise ValueError(f"the manifest names the plan {entry.get('plan')!r}, not {PLAN_FILE}")
+        if entry is not None and entry.plan != PLAN_FILE:
+            raise ValueError(f"the manifest names the plan {entry.plan!r}, not {PLAN_FILE}")
         plan = json.loads(confined(root, PLAN_FILE).read_text())
         world = int(plan["world"])
         if len(plan["ranks"]) != world or not isinstance(plan["tensors"], dict):
             raise ValueError("ranks and world disagree")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ArtifactError(f"{root}: the tensor-parallel plan {PLAN_FILE} is missing or malformed ({exc})") from None
-    listed = manifest.get("files", {})
+    listed = manifest.files
     for name in [*plan["ranks"], plan.get("replicated")]:
         # Only files of this artifact, listed (and so hashed) in its manifest: never a path that leads elsewhere.
         if not isinstance(name, str) or name not in listed:
@@ -41,7 +41,7 @@ def read_plan(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     return plan
 
 
-def assemble(root: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+def assemble(root: Path, manifest: Manifest) -> dict[str, torch.Tensor]:
     """Every stored tensor whole again (the unsharded model), from all ranks' files and the replicated file."""
     import torch
 
@@ -63,21 +63,44 @@ def assemble(root: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_rank(root: Path, manifest: dict[str, Any], rank: int, world: int, device: torch.device) -> nn.Module:
+def load_rank(root: Path, manifest: Manifest, rank: int, world: int, device: torch.device) -> nn.Module:
     """Rank ``rank``'s tensor-parallel module: only its file and the replicated file are mapped; the modules of
     the plan are parallelized by torch.distributed.tensor.parallel on a 1-D DeviceMesh of the default process
     group, and their parameters are DTensors built from the local slices (no rank ever holds a whole split
     tensor). The module is for running: a fused parameter (GPT-2's c_attn, each rank holding its q, k and v
     slices) is a correct local shard but not a Shard(0) of the stored tensor, so gather state with
     ``compressor.load(dir)``, not ``full_tensor()``."""
-    import torch.distributed as dist
-    from torch import nn
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
+    from torch.distributed.tensor.parallel import parallelize_module
 
     plan = read_plan(root, manifest)
+    _check_group(root, plan, rank, world)
+    stored = load_tensors(root, [plan["ranks"][rank], plan["replicated"]])
+    state = decode(stored, dict(manifest.model.encodings))
+    aliases = plan.get("aliases", {})
+    for alias, target in aliases.items():
+        state[alias] = state[target]
+    module = build_architecture(root, manifest)
+    styles = _styles(root, module, plan, state)
+    mesh = init_device_mesh(device.type, (world,))
+    parallelize_module(module, mesh, styles)
+    _fill(root, module, state, aliases, mesh, rank, device)
+    for name, attrs in plan.get("attributes", {}).items():
+        target = module.get_submodule(name)
+        for attr, value in attrs.items():
+            if not isinstance(getattr(target, attr, None), int):
+                raise ArtifactError(f"{root}: the plan sets {name}.{attr}, which this model does not have")
+            setattr(target, attr, int(value))
+    from ..model import install_bridges
+
+    install_bridges(module, manifest.model.dtype_bridges)
+    return module.eval()
+
+
+def _check_group(root: Path, plan: dict[str, Any], rank: int, world: int) -> None:
+    """UsageError unless the plan's world, the initialised process group and ``rank``/``world`` agree."""
+    import torch.distributed as dist
+
     if int(plan["world"]) != world:
         raise UsageError(f"{root} is sharded for tensor_parallel = {plan['world']}, not {world}")
     if not dist.is_available() or not dist.is_initialized():
@@ -89,13 +112,15 @@ def load_rank(root: Path, manifest: dict[str, Any], rank: int, world: int, devic
                          f"{dist.get_rank()} of {dist.get_world_size()})")
     if not 0 <= rank < world:
         raise UsageError(f"tp_rank={rank} is outside 0..{world - 1}")
-    info = manifest.get("model", {})
-    stored = load_tensors(root, [plan["ranks"][rank], plan["replicated"]])
-    state = decode(stored, dict(info.get("encodings", {})))
-    aliases = plan.get("aliases", {})
-    for alias, target in aliases.items():
-        state[alias] = state[target]
-    module = build_architecture(root, manifest)
+
+
+def _styles(root: Path, module: nn.Module, plan: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """{module name: its parallel style} for parallelize_module. GPT-2's Conv1D modules are replaced by Linear
+    ones first (their stored weights transposed in ``state``): the styles take nn.Linear."""
+    from torch import nn
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
     named = dict(module.named_modules())
     styles: dict[str, Any] = {}
     with parameters_on_meta():
@@ -104,8 +129,7 @@ def load_rank(root: Path, manifest: dict[str, Any], rank: int, world: int, devic
             if name not in named:
                 raise ArtifactError(f"{root}: the plan splits {name!r}, which this model does not have")
             if kind == "conv1d":
-                # parallelize_module's styles take nn.Linear: a Conv1D computes x @ W + b with W (in, out), which
-                # is a Linear with the transposed weight.
+                # A Conv1D computes x @ W + b with W (in, out): a Linear with the transposed weight.
                 conv = named[name]
                 linear = nn.Linear(conv.weight.shape[0], conv.weight.shape[1], bias=conv.bias is not None)
                 parent, _, leaf = name.rpartition(".")
@@ -118,8 +142,16 @@ def load_rank(root: Path, manifest: dict[str, Any], rank: int, world: int, devic
             elif style == "vocab":
                 styles[name] = RowwiseParallel(input_layouts=Replicate()) if kind == "embedding" \
                     else ColwiseParallel(output_layouts=Replicate())
-    mesh = init_device_mesh(device.type, (world,))
-    parallelize_module(module, mesh, styles)
+    return styles
+
+
+def _fill(root: Path, module: nn.Module, state: dict[str, torch.Tensor], aliases: dict[str, str], mesh: Any,
+          rank: int, device: torch.device) -> None:
+    """Give the parallelized module this rank's values: a DTensor from the local slice for every split parameter,
+    the tensor itself for the rest; tied parameters share one Parameter, as before export."""
+    from torch import nn
+    from torch.distributed.tensor import DTensor
+
     shared: dict[str, nn.Parameter] = {}
     params = list(module.named_parameters(remove_duplicate=False))
     # Split parameters first: a tensor tied to a split one (an LM head's bias held by its parent too) takes the
@@ -129,7 +161,7 @@ def load_rank(root: Path, manifest: dict[str, Any], rank: int, world: int, devic
         owner_name, _, leaf = full_name.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
         key = aliases.get(full_name, full_name)
-        if key in shared:  # tied (e.g. LM head and embedding): the same Parameter, as before export
+        if key in shared:  # tied (e.g. LM head and embedding)
             owner.register_parameter(leaf, shared[key])
             continue
         local = state.get(full_name)
@@ -150,13 +182,3 @@ def load_rank(root: Path, manifest: dict[str, Any], rank: int, world: int, devic
             owner._buffers[leaf] = state[full_name].to(device)
         elif buf is not None:
             owner._buffers[leaf] = buf.to(device)
-    for name, attrs in plan.get("attributes", {}).items():
-        target = module.get_submodule(name)
-        for attr, value in attrs.items():
-            if not isinstance(getattr(target, attr, None), int):
-                raise ArtifactError(f"{root}: the plan sets {name}.{attr}, which this model does not have")
-            setattr(target, attr, int(value))
-    from ..model import install_bridges
-
-    install_bridges(module, info.get("dtype_bridges", {}))
-    return module.eval()

@@ -18,9 +18,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from ..errors import CompressorError
+from ..manifest import PassReport
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..model import Model
@@ -47,22 +48,6 @@ class PassConfig(BaseModel):
     """Base for pass configs: inert, frozen, unknown keys rejected when the recipe is parsed."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # every number finite
-
-
-class PassReport(BaseModel):
-    """What one pass did, as stored in manifest.json."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(description="Pass name (its recipe key).")
-    index: int = Field(description="Position of the pass in the recipe's `passes` list.")
-    config: dict[str, Any] = Field(description="The validated pass config, defaults filled in.")
-    tensors_touched: int = Field(description="How many tensors the pass changed.")
-    params_touched: int = Field(description="How many scalar parameters those tensors hold.")
-    bytes_before: int = Field(description="Stored bytes of all tensors before the pass.")
-    bytes_after: int = Field(description="Stored bytes of all tensors after the pass.")
-    seconds: float = Field(description="Wall time of the pass.")
-    details: dict[str, Any] = Field(default_factory=dict, description="Pass-specific figures.")
 
 
 @dataclass

@@ -163,8 +163,10 @@ class CastPass(Pass):
         model.install_bridges()
         # The ONNX exporter traces a float32 view of this model and narrows the checked graph the same way
         # (compressor.export.onnx_cast); it needs to know which modules stay float32.
-        model.metadata["onnx_cast"] = {"index": self.index, "dtype": config.dtype, "float32_io": config.float32_io,
-                                       "kept_modules": list(kept_roots)}
+        from ..model import CastPlan
+
+        model.export.onnx_cast = CastPlan(index=self.index, dtype=config.dtype, float32_io=config.float32_io,
+                                          kept_modules=list(kept_roots))
         ctx.info(f"cast {len(touched)} tensors to {config.dtype}; kept {kept_tensors} in float32 ({len(kept_roots)} modules)")
         return PassResult(
             touched=touched,

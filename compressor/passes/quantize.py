@@ -159,7 +159,9 @@ class QuantizePass(Pass):
         if config.mode != "weight-only":
             # int8 compute exists only in the ONNX artifact: the exporter applies it after the float export has
             # been checked against torch (compressor.export.onnx_quant).
-            model.metadata["onnx_quantize"] = {"index": self.index, "config": config}
+            from ..model import QuantizePlan
+
+            model.export.onnx_quantize = QuantizePlan(index=self.index, config=config)
             ctx.info(f"int8 {config.mode} quantization will be applied to the exported ONNX model")
             return PassResult(touched=[], details={"format": "int8", "mode": config.mode, "applies_to": "onnx"})
         modules = dict(model.module.named_modules())

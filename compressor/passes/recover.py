@@ -99,26 +99,8 @@ class RecoverPass(Pass):
         if teacher is None:  # pragma: no cover - the pipeline keeps it for passes with needs_original
             raise UsageError("recover needs the uncompressed model; run it through `compress run`")
         batches, labels, _ = training_batches(model, config.data, ctx)
-        frozen = self._frozen(model)
         params = dict(model.module.named_parameters())
-        trained: dict[str, torch.Tensor] = {}
-        masks: dict[str, torch.Tensor] = {}
-        books: dict[str, tuple[torch.Tensor, torch.Tensor, Codebook]] = {}
-        for name in model.tensors():
-            tensor = params.get(name)
-            enc = model.encodings[name]
-            if tensor is None or not tensor.is_floating_point() or name in frozen or isinstance(enc, (Int8, Cast)):
-                continue
-            if isinstance(enc, Codebook):
-                flat = tensor.detach().reshape(-1).float()
-                member = flat != 0 if enc.sparse else torch.ones_like(flat, dtype=torch.bool)
-                centroids, assign = torch.unique(flat[member], return_inverse=True)
-                index = torch.full_like(flat, -1, dtype=torch.long)
-                index[member] = assign
-                books[name] = (centroids.clone().requires_grad_(True), index, enc)
-            elif isinstance(enc, Sparse):
-                masks[name] = tensor.detach() != 0
-            trained[name] = tensor
+        trained, masks, books = _trainable(model, self._frozen(model), params)
         if not trained:
             raise UsageError("recover found nothing to train: every tensor is frozen, int8 or cast")
         for name, tensor in params.items():
@@ -150,20 +132,7 @@ class RecoverPass(Pass):
                     loss = loss + config.label_weight * torch.nn.functional.cross_entropy(out.float(), labels[which])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                with torch.no_grad():
-                    for name, mask in masks.items():
-                        if trained[name].grad is not None:
-                            trained[name].grad.mul_(mask)
-                    for name, (centroids, index, _) in books.items():
-                        grad = params[name].grad
-                        member = index >= 0
-                        centroids.grad = torch.zeros_like(centroids).index_add_(
-                            0, index[member], grad.reshape(-1)[member].float()) if grad is not None else None
-                        params[name].grad = None
-                optimizer.step()
-                with torch.no_grad():
-                    for name, mask in masks.items():
-                        trained[name].masked_fill_(~mask, 0.0)  # +0.0: a multiply would leave -0.0
+                _constrained_step(optimizer, trained, masks, books, params)
                 losses.append(float(loss.detach()))
                 if not math.isfinite(losses[-1]):
                     # A runtime failure (exit 1), not a recipe error: the same lr may work on other data.
@@ -194,6 +163,56 @@ class RecoverPass(Pass):
                 "centroids": final,
             },
         )
+
+
+def _trainable(model: Model, frozen: set[str], params: dict[str, Any]
+               ) -> tuple[dict[str, Any], dict[str, Any], dict[str, tuple[Any, Any, Codebook]]]:
+    """The tensors recover trains: {name: parameter}, the sparse ones' masks of kept entries, and for codebook
+    tensors (centroids to train, each entry's centroid index or -1 for a pruned zero, the encoding). Frozen, int8
+    and cast tensors are left out."""
+    import torch
+
+    trained: dict[str, torch.Tensor] = {}
+    masks: dict[str, torch.Tensor] = {}
+    books: dict[str, tuple[torch.Tensor, torch.Tensor, Codebook]] = {}
+    for name in model.tensors():
+        tensor = params.get(name)
+        enc = model.encodings[name]
+        if tensor is None or not tensor.is_floating_point() or name in frozen or isinstance(enc, (Int8, Cast)):
+            continue
+        if isinstance(enc, Codebook):
+            flat = tensor.detach().reshape(-1).float()
+            member = flat != 0 if enc.sparse else torch.ones_like(flat, dtype=torch.bool)
+            centroids, assign = torch.unique(flat[member], return_inverse=True)
+            index = torch.full_like(flat, -1, dtype=torch.long)
+            index[member] = assign
+            books[name] = (centroids.clone().requires_grad_(True), index, enc)
+        elif isinstance(enc, Sparse):
+            masks[name] = tensor.detach() != 0
+        trained[name] = tensor
+    return trained, masks, books
+
+
+def _constrained_step(optimizer: Any, trained: dict[str, Any], masks: dict[str, Any],
+                      books: dict[str, tuple[Any, Any, Codebook]], params: dict[str, Any]) -> None:
+    """One optimizer step that keeps the compression: pruned entries get no gradient and stay zero, and a codebook
+    tensor's gradient is summed into its centroids (each shared value moves as one)."""
+    import torch
+
+    with torch.no_grad():
+        for name, mask in masks.items():
+            if trained[name].grad is not None:
+                trained[name].grad.mul_(mask)
+        for name, (centroids, index, _) in books.items():
+            grad = params[name].grad
+            member = index >= 0
+            centroids.grad = torch.zeros_like(centroids).index_add_(
+                0, index[member], grad.reshape(-1)[member].float()) if grad is not None else None
+            params[name].grad = None
+    optimizer.step()
+    with torch.no_grad():
+        for name, mask in masks.items():
+            trained[name].masked_fill_(~mask, 0.0)  # +0.0: a multiply would leave -0.0
 
 
 def _materialise(books: dict[str, Any], params: dict[str, Any]) -> int:

@@ -107,7 +107,7 @@ class ShardPass(Pass):
 
     def apply(self, model: Model, ctx: Context) -> PassResult:
         plan = self._plan(model)
-        model.metadata["tensor_parallel"] = plan
+        model.export.tensor_parallel = plan
         styles: dict[str, int] = {}
         for entry in plan.modules.values():
             styles[entry["style"]] = styles.get(entry["style"], 0) + 1

@@ -90,7 +90,7 @@ def builtin_digits_accuracy(artifact: Path) -> tuple[dict, dict]:
 
     spec = EvaluateSpec.model_validate({"data": "digits"})
     report = evaluate_artifact(artifact, baseline=source_subject({"source": "zoo", "name": "digits-mlp"}, artifact),
-                               spec=spec, log=Reporter(quiet=True), measure_speed=False)
+                               spec=spec, log=Reporter(quiet=True), measure_speed=False).to_json()
     base, art = report["results"]
     return base["accuracy"], art["accuracy"]
 
@@ -362,7 +362,7 @@ def test_an_artifact_directory_as_baseline_is_remembered_by_the_report(tmp_path)
     baseline = baseline_from_argument(str(fp32), read_manifest(bf16))
     assert (baseline.role, baseline.format, baseline.label) == ("baseline", "safetensors", "artifact fp32")
     report = evaluate_artifact(bf16, baseline=baseline, spec=EvaluateSpec(), log=Reporter(quiet=True),
-                               measure_speed=False)
+                               measure_speed=False).to_json()
     base, art = report["results"]
     assert base["format"] == art["format"] == "safetensors"
     assert base["size_bytes"] == (fp32 / "model.safetensors").stat().st_size
@@ -517,7 +517,7 @@ def test_jsonl_data_is_copied_into_the_artifact_and_scores_like_the_builtin_set(
     assert "eval/held_out.jsonl" in manifest["files"]
     assert (out / "eval" / "held_out.jsonl").read_bytes() == (recipe_dir / "data" / "held_out.jsonl").read_bytes()
 
-    report = result.report
+    report = result.report.to_json()
     assert report["data"]["name"] == "held_out.jsonl (450 labelled rows)" and report["data"]["examples"] == 450
     builtin = builtin_digits_accuracy(out)
     assert [r["accuracy"]["value"] for r in report["results"]] == [a["value"] for a in builtin]
@@ -544,7 +544,7 @@ def test_csv_data_with_label_and_feature_columns(tmp_path):
         evaluate:
           data: digits.csv
           speed: {SPEED_NO_LOAD}
-        """), out).report
+        """), out).report.to_json()
     assert report["data"]["name"] == "digits.csv (100 labelled rows)"
     assert (out / "eval" / "digits.csv").is_file()
 
@@ -631,7 +631,7 @@ def test_function_data_source(tmp_path, data_module):
           speed: {SPEED_NO_LOAD}
         gates:
           max_accuracy_drop: 5
-        """), out).report
+        """), out).report.to_json()
     assert report["data"]["name"] == f"{data_module}:batches (9 batches)"
     assert report["data"]["metric"] == "top1_accuracy" and report["data"]["examples"] == 450
     builtin = builtin_digits_accuracy(out)
@@ -648,7 +648,7 @@ def test_function_data_without_labels_gives_fidelity_only_and_accuracy_gate_erro
         gates:
           max_accuracy_drop: 5
           min_fidelity: 0.99
-        """), out).report
+        """), out).report.to_json()
     assert report["data"]["metric"] is None and report["data"]["examples"] == 40
     base, art = report["results"]
     assert base["accuracy"] is None and art["accuracy"] is None
@@ -680,7 +680,7 @@ def test_function_data_limit_keeps_only_the_first_examples(tmp_path, data_module
         evaluate:
           data: {{function: "{data_module}:batches", limit: 10}}
           speed: {SPEED_NO_LOAD}
-        """), tmp_path / "out").report
+        """), tmp_path / "out").report.to_json()
     assert report["results"][0]["accuracy"]["examples"] == 10
 
 
@@ -692,7 +692,7 @@ def test_file_data_limit_keeps_only_the_first_rows(tmp_path):
         evaluate:
           data: {{path: d.jsonl, limit: 10}}
           speed: {SPEED_NO_LOAD}
-        """), tmp_path / "out").report
+        """), tmp_path / "out").report.to_json()
     assert report["data"]["examples"] == 10 and report["results"][0]["accuracy"]["examples"] == 10
 
 
@@ -704,10 +704,10 @@ def test_rerun_into_an_artifact_with_reports_succeeds_but_unknown_files_are_refu
     out = tmp_path / "out"
     first = run_in_process(tmp_path / "recipe", recipe_text, out)
     assert all((out / name).is_file() for name in REPORT_FILES)
-    created = first.report["created"]
+    created = first.report.created
 
     second = run_in_process(tmp_path / "recipe", recipe_text, out)  # reports are known files: no refusal
-    assert second.report["passed"] is True
+    assert second.report.passed is True
     assert all((out / name).is_file() for name in REPORT_FILES)
     assert read_report(out)["created"] >= created
     assert not [p for p in tmp_path.iterdir() if ".compress-tmp-" in p.name]

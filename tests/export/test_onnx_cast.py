@@ -24,7 +24,7 @@ from compressor.zoo import digits_split
 
 from conftest import run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(tmp_path: Path, text: str, name: str = "r") -> tuple[Path, dict]:

@@ -22,7 +22,7 @@ from compressor.zoo import digits_split
 
 from conftest import run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:

@@ -55,7 +55,7 @@ def test_digits_mlp_stores_int8_and_scales_and_loads_to_the_same_model(tmp_path)
     assert header["fc1.weight.__q"]["dtype"] == "I8" and header["fc1.weight.__q"]["shape"] == [300, 64]
     assert header["fc1.weight.__scale"]["dtype"] == "F32" and header["fc1.weight.__scale"]["shape"] == [300]
     assert header["fc1.bias"]["dtype"] == "F32"  # biases are not quantized
-    manifest = result.manifest
+    manifest = result.manifest.to_json()
     assert manifest["model"]["encodings"]["fc1.weight"] == {"kind": "int8", "per_channel": True}
     (report,) = manifest["passes"]
     assert report["details"]["tensors_quantized"] == 2
@@ -106,7 +106,7 @@ def test_minilm_weight_only_int8_is_3_5x_smaller_at_cosine_0_999(tmp_path):
 def test_exclude_keeps_modules_in_float_and_must_match(tmp_path):
     recipe = parse_recipe(MLP.replace("quantize: {}", "quantize: {exclude: [fc2]}"))
     result = run_recipe(recipe, tmp_path / "q", Reporter(quiet=True))
-    assert set(result.manifest["model"]["encodings"]) == {"fc1.weight"}
+    assert set(result.manifest.model.encodings) == {"fc1.weight"}
     with pytest.raises(RecipeError, match="'nope' match no module"):
         run_recipe(parse_recipe(MLP.replace("quantize: {}", "quantize: {exclude: [nope]}")), tmp_path / "r",
                    Reporter(quiet=True))

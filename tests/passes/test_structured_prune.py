@@ -193,7 +193,7 @@ def test_head_pruned_artifact_reloads_and_matches_its_onnx_export(tmp_path):
                       "  - prune: {pattern: neurons, sparsity: 0.25, importance: magnitude}\nexport: {onnx: {}}\n")
     out = tmp_path / "h"
     result = run_recipe(load_recipe(recipe), out)
-    heads = result.manifest["model"]["pruned_heads"]
+    heads = result.manifest.model.pruned_heads
     assert len(heads) == 6 and all(len(v) == 3 for v in heads.values())
     loaded = compressor.load(out)
     assert all(layer.attention.self.num_attention_heads == 9 for layer in loaded.encoder.layer)
@@ -264,7 +264,7 @@ def test_conv_channels_shrink_batch_norm_and_reload_exactly(tmp_path):
         """))
     out = tmp_path / "c"
     result = run_recipe(load_recipe(tmp_path / "r.yaml"), out)
-    resized = result.manifest["model"]["resized"]
+    resized = result.manifest.model.resized
     assert resized == {"conv1": {"in_channels": 3, "out_channels": 6}, "bn1": {"num_features": 6},
                        "conv2": {"in_channels": 6, "out_channels": 6}}
     loaded = compressor.load(out)

@@ -491,3 +491,26 @@ def test_third_party_pass_registration_is_checked(registry):
 
     assert not [n for n in registry if n.startswith("tp_") or n == "not an identifier"]
     assert registry["cast"].__module__ == "compressor.passes.cast"
+
+
+@pytest.mark.parametrize("passes", [
+    ["quantize: {mode: weight-only}", "cast: {dtype: float16}"],
+    ["share: {bits: 4}", "prune: {sparsity: 0.5}"],
+    ["cast: {dtype: float16}", "prune: {sparsity: 0.5}", "quantize: {mode: weight-only}"],
+    ["cast: {dtype: float16}", "recover: {steps: 2}", "prune: {sparsity: 0.5}"],
+    ["share: {bits: 4}", "recover: {steps: 2}", "prune: {sparsity: 0.5}"],
+])
+def test_a_pass_order_hint_never_suggests_an_order_that_is_refused_too(passes):
+    """The hint either names an order that validates, or says the pair does not combine, or names the one move."""
+    from compressor.recipe import parse_recipe
+
+    head = "name: x\nmodel: {source: zoo, name: digits-mlp}\npasses:\n"
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(head + "".join(f"  - {p}\n" for p in passes))
+    hint = str(err.value).splitlines()[-1].strip()
+    if hint.startswith("an order that works: "):
+        names = hint.removeprefix("an order that works: ").split(" -> ")
+        by_name = {p.split(":")[0]: p for p in passes}
+        parse_recipe(head + "".join(f"  - {by_name[n]}\n" for n in names))  # raises if the hint was wrong
+    else:
+        assert "do not combine in either order" in hint or hint.startswith("put "), hint
