@@ -77,7 +77,8 @@ def test_a_broken_user_factory_is_named_not_reported_as_our_bug(tmp_path, body, 
     (tmp_path / "brokenmod.py").write_text(body)
     recipe = _recipe(tmp_path, "name: p\nmodel:\n  source: python\n  factory: brokenmod:build\n"
                                "  inputs: {x: {shape: [1, 4]}}\n")
-    result = run_cli("run", str(recipe), "-o", str(tmp_path / "out"))
+    # A fresh process: both cases name their module brokenmod, and an interpreter imports a module once.
+    result = run_cli("run", str(recipe), "-o", str(tmp_path / "out"), fresh=True)
     assert result.returncode == 1
     assert expected in result.stderr and "please report" not in result.stderr
 
