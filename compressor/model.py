@@ -13,7 +13,8 @@ from torch import nn
 
 from .encodings import Dense, Encoding, dtype_from_name
 
-__all__ = ["Model", "ExportPlan", "CastPlan", "QuantizePlan", "install_bridges", "install_dtype_bridge", "remove_bridges", "find_aliases"]
+__all__ = ["Model", "ExportPlan", "CastPlan", "QuantizePlan", "install_bridges", "install_dtype_bridge",
+           "remove_bridges", "find_aliases"]
 
 
 @dataclass

@@ -129,3 +129,38 @@ def assert_same_scores(original: dict, report: dict) -> None:
     fid, fid_before = report["results"][1]["fidelity"], original["results"][1]["fidelity"]
     assert fid["cos_min"] == pytest.approx(fid_before["cos_min"], abs=1e-6)
     assert fid["top1_agreement"] == fid_before["top1_agreement"]
+
+
+@pytest.fixture(scope="session")
+def tiny_lm() -> Path:
+    """The zoo's causal language model, trained once per test session (into the session's cache)."""
+    from compressor.tinylm import tiny_lm_path
+
+    return tiny_lm_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_onnx(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path):
+    """The shipped recipes/tiny-lm-onnx.yaml, run once for the session; returns the RunResult."""
+    from compressor.log import Reporter
+    from compressor.pipeline import run_recipe
+    from compressor.recipe import load_recipe
+
+    out = tmp_path_factory.mktemp("art") / "tiny-lm-onnx"
+    return run_recipe(load_recipe(ROOT / "recipes" / "tiny-lm-onnx.yaml"), out, Reporter(quiet=True))
+
+
+def torch_greedy(module, input_ids, new_tokens: int):
+    """Greedy continuation in torch with its own KV cache: (batch, new_tokens) token ids."""
+    import torch
+
+    mask = torch.ones_like(input_ids)
+    tokens = []
+    with torch.no_grad():
+        out = module(input_ids=input_ids, attention_mask=mask, use_cache=True)
+        for _ in range(new_tokens):
+            nxt = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+            tokens.append(nxt)
+            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+            out = module(input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+    return torch.cat(tokens, dim=1)

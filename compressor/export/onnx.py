@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CompressorError
 from ..ort import ort_session, run_onnx
+from .onnx_lm import OPTIMUM_TASK, check_decoder, is_causal_lm
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -55,7 +56,10 @@ def export_onnx(model: Model, out_dir: Path, spec: Any, *, base_dir: Path | None
                 path, exporter = _export_torch(model, Path(tmp), spec), "torch.onnx"
             proto = onnx.load(str(path), load_external_data=True)
         files = save_aligned(proto, out_dir)
-        check = check_against_torch(model, out_dir / ONNX_FILE, spec.atol, spec.rtol)
+        if is_causal_lm(model):
+            check = check_decoder(model, out_dir / ONNX_FILE, spec.atol, spec.rtol)
+        else:
+            check = check_against_torch(model, out_dir / ONNX_FILE, spec.atol, spec.rtol)
     info = {
         "model": ONNX_FILE,
         "files": files,
@@ -68,12 +72,18 @@ def export_onnx(model: Model, out_dir: Path, spec: Any, *, base_dir: Path | None
     if cast:
         from .onnx_cast import narrow_onnx
 
-        reference = run_onnx(out_dir / ONNX_FILE, model.example_inputs)
+        lm = is_causal_lm(model)
+        reference = None if lm else run_onnx(out_dir / ONNX_FILE, model.example_inputs)
         # save_aligned pointed the in-memory initializers at the data file: read the saved model back whole.
         proto = onnx.load(str(out_dir / ONNX_FILE), load_external_data=True)
         narrowed, report = narrow_onnx(proto, cast.dtype, float32_io=cast.float32_io, kept_modules=cast.kept_modules)
         info["files"] = save_aligned(narrowed, out_dir)
-        report["check"] = check_narrowed(model, out_dir / ONNX_FILE, reference, cast.dtype, spec)
+        if lm:  # the narrowed decoder against the float32 view of the same weights, step by step
+            with model.float32_view():
+                report["check"] = check_decoder(model, out_dir / ONNX_FILE, spec.atol, spec.rtol,
+                                                relative=FLOAT16_TOLERANCE if cast.dtype == "float16" else None)
+        else:
+            report["check"] = check_narrowed(model, out_dir / ONNX_FILE, reference, cast.dtype, spec)
         info["cast"] = report
     if quantize is not None:
         from .onnx_quant import quantize_onnx
@@ -116,7 +126,7 @@ def _export_optimum(model: Model, tmp: Path, spec: Any) -> Path:
 
     module = model.module
     try:
-        task = TasksManager.infer_task_from_model(module)
+        task = OPTIMUM_TASK if is_causal_lm(model) else TasksManager.infer_task_from_model(module)
     except Exception:  # noqa: BLE001 - optimum cannot tell: the plain encoder task
         task = "feature-extraction"
     try:

@@ -61,6 +61,7 @@ def _float16(model: onnx.ModelProto, float32_io: bool, kept_modules: list[str]) 
         except Exception as exc:  # noqa: BLE001 - any converter failure is this run's error, with its cause
             raise CompressorError(f"ONNX Runtime's float16 converter failed on this graph: "
                                   f"{type(exc).__name__}: {exc}") from exc
+    _unique_node_names(narrowed.graph)
     ops = {n.op_type for n in model.graph.node}
     report = {
         "dtype": "float16",
@@ -72,6 +73,32 @@ def _float16(model: onnx.ModelProto, float32_io: bool, kept_modules: list[str]) 
         "float_bytes": {"before": before, "after": _float_bytes(narrowed)},
     }
     return narrowed, report
+
+
+def _unique_node_names(graph: Any) -> None:
+    """Repair what the converter does to a tensor with two float32 consumers (a Llama RMSNorm's input): it inserts
+    one Cast per consumer, both named after the tensor and both defining the same output, which ONNX Runtime
+    refuses. The copies compute the same thing: keep the first. Then give every node a name of its own (names carry
+    no meaning in the computation)."""
+    defined: dict[str, bytes] = {}
+    keep = []
+    for node in graph.node:
+        key = node.SerializeToString(deterministic=True)
+        if any(out in defined for out in node.output):
+            if all(defined.get(out) == key for out in node.output):
+                continue  # an exact copy of a node already there
+            raise CompressorError(f"the float16 converter made two different nodes define {list(node.output)}")
+        defined.update((out, key) for out in node.output)
+        keep.append(node)
+    if len(keep) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(keep)
+    seen: dict[str, int] = {}
+    for node in graph.node:
+        if node.name in seen:
+            seen[node.name] += 1
+            node.name = f"{node.name}_{seen[node.name]}"
+        seen.setdefault(node.name, 0)
 
 
 def _bfloat16_storage(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:

@@ -152,6 +152,17 @@ class QuantizePass(Pass):
                     "add `export: {onnx: {}}`, or use mode weight-only for a safetensors-only artifact")
         return None
 
+    def check(self, model: Model) -> None:
+        from ..errors import Problem, RecipeError
+
+        mode = self.config.mode  # type: ignore[attr-defined]
+        if mode != "weight-only" and model.task == "text-generation":
+            raise RecipeError(Problem(
+                f"mode {mode} (int8 compute in ONNX Runtime) does not support causal language models yet: its "
+                "calibration runs the graph without the KV cache it is exported with",
+                path=f"passes[{self.index}].quantize.mode",
+                hint="use mode weight-only (int8 weights, float compute) for a causal language model"))
+
     def apply(self, model: Model, ctx: Context) -> PassResult:
         import torch
 

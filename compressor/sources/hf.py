@@ -196,9 +196,13 @@ def load_hf(path: Path, auto_class: str, max_length: int, *, source: dict[str, A
 
     module = load_hf_module(path, auto_class)
     config = module.config
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(positions, int) and positions > 0:
+        max_length = min(max_length, positions)  # a model of 64 positions gets example inputs it can take
     inputs = example_text_inputs(path, module, max_length)
     if task is None:
-        task = "text-embedding" if auto_class == "AutoModel" else auto_class.removeprefix("AutoModelFor").lower()
+        named = {"AutoModel": "text-embedding", "AutoModelForCausalLM": "text-generation"}
+        task = named.get(auto_class) or auto_class.removeprefix("AutoModelFor").lower()
     source = dict(source, auto_class=auto_class, model_type=config.model_type,
                   architectures=list(config.architectures or []))
     return Model(module=module, source=source, example_inputs=inputs, task=task, files_dir=path)
