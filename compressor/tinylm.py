@@ -99,7 +99,7 @@ def training_texts() -> list[str]:
 
 def tiny_lm_path(log: Callable[[str], None] | None = None) -> Path:
     """The trained model as a Hugging Face directory (config.json, model.safetensors, tokenizer files,
-    training.json), from the cache or trained now (about two minutes on two cores) and cached."""
+    training.json), from the cache or trained now (about a minute on two cores) and cached."""
     import torch
 
     from .zoo import cache_dir

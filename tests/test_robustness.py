@@ -422,8 +422,11 @@ def test_an_interrupt_during_evaluation_leaves_the_previous_artifact_byte_identi
         "import time\nfrom pathlib import Path\n"
         f"def batches():\n    Path({str(marker)!r}).write_text('now')\n    time.sleep(120)\n    return []\n")
     (tmp_path / "r.yaml").write_text(EVAL_DIGITS % "{function: 'slow_data:batches'}")
+    # SIGINT as at a terminal: a test run started in the background (nohup, `&`) hands its children SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt handler.
     proc = subprocess.Popen([sys.executable, "-m", "compressor", "run", str(tmp_path / "r.yaml"), "-o", str(out),
-                             "--quiet"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                             "--quiet"], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.1)
