@@ -5,8 +5,9 @@ new tokens), ``position_ids`` and ``past_key_values.<layer>.key|value`` (batch, 
 size); outputs ``logits`` and ``present.<layer>.key|value``. The first step gets an empty cache (past length 0);
 every later step feeds the presents back as the past, so each new token costs one position of compute.
 
-This module imports nothing of compressor's: `compress pack` copies it into bundles beside their runner, and the
-exporter's check, the evaluator and the runner all generate through it, so they cannot disagree on how.
+This module imports nothing of compressor's (tests/test_layers.py checks it), so that it can travel into bundles
+beside their runner; the exporter's check steps through it, and generation elsewhere is meant to go through it too,
+so that nothing disagrees on how.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ def is_decoder(session: Any) -> bool:
 
 
 def position_ids(attention_mask: np.ndarray, new: int) -> np.ndarray:
-    """The positions of the last ``new`` tokens: real tokens count from 0, left padding sits at position 0 (what
-    transformers computes from the mask)."""
+    """The positions of the last ``new`` tokens: real tokens count from 0; left padding gets position 0 (it is
+    masked, so its position does not matter)."""
     positions = np.cumsum(attention_mask, axis=1) - 1
     positions[attention_mask == 0] = 0
     return positions[:, -new:].astype(np.int64)

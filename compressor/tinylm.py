@@ -111,7 +111,10 @@ def tiny_lm_path(log: Callable[[str], None] | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a shared cache is read by other users
         train_tiny_lm(tmp, log=log)
+        if path.is_dir() and not (path / "training.json").is_file():
+            shutil.rmtree(path, ignore_errors=True)  # an incomplete copy (a crash mid-write): replaced
         try:
             os.replace(tmp, path)  # atomic: concurrent first uses see a whole directory or none
         except OSError:

@@ -137,3 +137,10 @@ def test_files_and_functions_stay_small():
                 long_functions.add(f"{name}:{node.name}")
     assert long_files == [], f"files over {FILE_LIMIT} lines: {long_files}"
     assert long_functions == set(), f"functions over {FUNCTION_LIMIT} lines, split them: {sorted(long_functions)}"
+
+
+def test_modules_that_travel_into_bundles_import_nothing_of_compressor():
+    """run.py and decoding.py are copied into bundles, where compressor is not installed."""
+    graph = imports(_modules())
+    for name in ("compressor.bundle_runner", "compressor.decoding"):
+        assert graph[name] == set(), f"{name} imports {sorted(graph[name])}"

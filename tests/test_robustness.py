@@ -149,7 +149,8 @@ def test_a_factory_that_calls_sys_exit_fails_the_run(tmp_path, where):
     (tmp_path / "exits_here.py").write_text(body)
     (tmp_path / "r.yaml").write_text("name: r\nmodel:\n  source: python\n  factory: exits_here:build\n"
                                      "  inputs: {x: {shape: [2, 4]}}\n")
-    proc = run_cli("run", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out"))
+    # A fresh process: both cases name their module exits_here, and an interpreter imports a module once.
+    proc = run_cli("run", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out"), fresh=True)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "SystemExit" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()

@@ -93,12 +93,16 @@ def _unique_node_names(graph: Any) -> None:
     if len(keep) != len(graph.node):
         del graph.node[:]
         graph.node.extend(keep)
-    seen: dict[str, int] = {}
+    taken = {node.name for node in graph.node}
+    seen: set[str] = set()
     for node in graph.node:
-        if node.name in seen:
-            seen[node.name] += 1
-            node.name = f"{node.name}_{seen[node.name]}"
-        seen.setdefault(node.name, 0)
+        if node.name and node.name in seen:  # unnamed nodes are valid ONNX and stay unnamed
+            base, k = node.name, 1
+            while f"{base}_{k}" in taken:
+                k += 1
+            node.name = f"{base}_{k}"
+            taken.add(node.name)
+        seen.add(node.name)
 
 
 def _bfloat16_storage(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:

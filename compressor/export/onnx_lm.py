@@ -28,14 +28,16 @@ PROMPT_TOKENS = 32
 
 
 def prompts(model: Model, rows: int = 2) -> tuple[Any, Any]:
-    """(input_ids, attention_mask) of the first ``rows`` example inputs, cut to the shortest one's real tokens and
-    to at most PROMPT_TOKENS: prompts of equal length, no padding, with room for the decode steps."""
+    """(input_ids, attention_mask) of the first ``rows`` example inputs: each row's real tokens (padding on either
+    side dropped), cut to the shortest row and to at most PROMPT_TOKENS: prompts of equal length, no padding, with
+    room for the decode steps."""
     import torch
 
     ids = model.example_inputs["input_ids"][:rows]
     mask = model.example_inputs.get("attention_mask")
-    length = int(mask[:rows].sum(dim=1).min()) if mask is not None else ids.shape[1]
-    ids = ids[:, :max(1, min(length, PROMPT_TOKENS))].clone()
+    real = [row[m.bool()] for row, m in zip(ids, mask[:rows])] if mask is not None else list(ids)
+    length = max(1, min(min(len(r) for r in real), PROMPT_TOKENS))
+    ids = torch.stack([r[:length] for r in real]).clone()
     return ids, torch.ones_like(ids)
 
 
@@ -45,9 +47,6 @@ def check_decoder(model: Model, path: Path, atol: float, rtol: float, steps: int
     (the graph's cache fed back); the logits of every step must agree within ``atol + rtol * |torch|`` (with
     ``relative``, a float16 graph: within ``atol + relative * max |torch|`` of the step). Returns the manifest's
     `check` entry: the worst error of each step."""
-    import numpy as np
-    import torch
-
     from ..decoding import OrtDecoder
     from ..ort import ort_session
 
@@ -57,6 +56,20 @@ def check_decoder(model: Model, path: Path, atol: float, rtol: float, steps: int
         raise CompressorError(f"ONNX Runtime cannot load the exported decoder: {type(exc).__name__}: {exc}") from exc
     ids, mask = prompts(model)
     errors: list[float] = []
+    try:
+        return _compare_steps(model, decoder, ids, mask, atol, rtol, steps, relative, errors)
+    except CompressorError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime refusing a feed is this export's failure
+        raise CompressorError(f"ONNX Runtime cannot run the exported decoder on the example prompts: "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+
+
+def _compare_steps(model: Model, decoder: Any, ids: Any, mask: Any, atol: float, rtol: float, steps: int,
+                   relative: float | None, errors: list[float]) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
     with torch.no_grad():
         out = model.module(input_ids=ids, attention_mask=mask, use_cache=True)
         logits, past = decoder.step(ids.numpy(), mask.numpy(), decoder.empty_past(ids.shape[0]))

@@ -135,3 +135,19 @@ def test_int8_onnx_compute_is_refused_for_a_causal_lm_before_any_work(tmp_path: 
     with pytest.raises(RecipeError, match=r"(?s)recipe.yaml:4:\d+: passes\[0\].quantize.mode: .*weight-only"):
         run_recipe(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "out", Reporter(quiet=True))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_left_padded_batch_generates_what_each_prompt_generates_alone(tiny_lm_onnx):
+    from transformers import AutoTokenizer
+
+    out = tiny_lm_onnx.out_dir
+    tok = AutoTokenizer.from_pretrained(out)
+    rows = [tok(text)["input_ids"][:length] for text, length in zip(held_out_texts()[1:4], (6, 11, 16))]
+    width = max(map(len, rows))
+    ids = np.array([[tok.pad_token_id] * (width - len(r)) + r for r in rows])
+    mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    decoder = OrtDecoder(ort_session(out / "model.onnx"))
+    batch = decoder.generate(ids, mask, 12)
+    for i, row in enumerate(rows):
+        alone = decoder.generate(np.array([row]), None, 12)
+        assert (batch[i] == alone[0]).all(), f"row {i} ({len(row)} tokens) differs when left-padded"
