@@ -7,7 +7,7 @@ import json
 import platform
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
@@ -15,7 +15,7 @@ from .errors import ArtifactError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "Manifest", "FileEntry", "PassReport", "ModelEntry", "OnnxEntry",
            "TensorParallelEntry", "EvaluationEntry", "sha256_file", "library_versions", "write_manifest",
-           "read_manifest", "check_files", "is_artifact", "confined", "check_onnx_external_data", "REPORT_FILES",
+           "read_manifest", "read_document", "check_files", "is_artifact", "confined", "check_onnx_external_data", "REPORT_FILES",
            "REPORT_JSON", "EVALUATION_REPORTS", "TP_REPORT", "PLAN_FILE", "REPLICATED_FILE", "rank_file"]
 
 # Reports are written beside the manifest, not listed in it (they hold timings and are rewritten by every
@@ -201,27 +201,36 @@ def read_manifest(artifact_dir: Path) -> Manifest:
                             "it is read")
     if not path.is_file():
         raise ArtifactError(f"{artifact_dir} has no {MANIFEST}; it is not a compressor artifact (or is incomplete)")
+    manifest = read_document(path, Manifest, FORMAT, FORMAT_VERSION, "manifest")
+    for rel in manifest.files:
+        _check_name(rel, path)
+    return manifest
+
+
+_Doc = TypeVar("_Doc", bound=BaseModel)
+
+
+def read_document(path: Path, model: type[_Doc], fmt: str, version: int, kind: str) -> _Doc:
+    """A versioned JSON file of compressor's (``{"format": fmt, "format_version": N, ...}``, N at most
+    ``version``) validated as ``model``: the one reader of manifest.json and report.json. ArtifactError naming the
+    file and, for a schema violation, the key that is wrong."""
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{path} is not valid JSON ({exc}); the artifact is damaged") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ArtifactError(f"{path} is not a compressor manifest (no \"format\": \"{FORMAT}\")")
-    version = data.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ArtifactError(
-            f"{path} has format_version {version!r}; this compressor reads up to {FORMAT_VERSION}. Upgrade compressor."
-        )
+        raise ArtifactError(f"{path} is not valid JSON ({exc}); the {kind} is damaged") from None
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise ArtifactError(f"{path} is not a compressor {kind} (no \"format\": \"{fmt}\")")
+    found = data.get("format_version")
+    if not isinstance(found, int) or isinstance(found, bool) or found > version:
+        raise ArtifactError(f"{path} has format_version {found!r}; this compressor reads up to {version}. "
+                            "Upgrade compressor.")
     try:
-        manifest = Manifest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"
         raise ArtifactError(f"{path}: {where}: {first['msg']} (got {json.dumps(first.get('input'), default=str)[:200]})"
-                            f"; the artifact is damaged") from None
-    for rel in manifest.files:
-        _check_name(rel, path)
-    return manifest
+                            f"; the {kind} is damaged") from None
 
 
 def _check_name(rel: Any, manifest: Path) -> None:

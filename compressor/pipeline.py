@@ -73,6 +73,10 @@ def _run(recipe: Recipe, out_dir: Path | None, reporter: Reporter | None) -> Run
     passes = [get_pass(step.name)(step.config, step.index) for step in recipe.steps]
     for pass_ in passes:  # every pass's model-dependent check before the first one works
         pass_.check(model)
+    if recipe.export.onnx is not None:
+        from .export.onnx_lm import check_spec
+
+        check_spec(model, recipe.export.onnx)
     if any(p.needs_original for p in passes):
         import copy
 

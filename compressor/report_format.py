@@ -8,13 +8,12 @@ keys it does not know (``extra="allow"``), so a newer compressor's report of the
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from .errors import ArtifactError
+from .manifest import read_document
 
 __all__ = ["REPORT_FORMAT", "REPORT_VERSION", "Report", "ResultRow", "GateResult", "read_report"]
 
@@ -90,18 +89,4 @@ class Report(_Part):
 
 def read_report(path: Path) -> Report:
     """Read and validate a report.json; ArtifactError saying what is wrong otherwise."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ArtifactError(f"{path} is not readable JSON ({exc})") from None
-    if not isinstance(data, dict) or data.get("format") != REPORT_FORMAT:
-        raise ArtifactError(f"{path} is not a compressor report (no \"format\": \"{REPORT_FORMAT}\")")
-    version = data.get("format_version")
-    if not isinstance(version, int) or version > REPORT_VERSION:
-        raise ArtifactError(f"{path} has format_version {version!r}; this compressor reads up to {REPORT_VERSION}")
-    try:
-        return Report.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise ArtifactError(f"{path}: {where}: {first['msg']}") from None
+    return read_document(Path(path), Report, REPORT_FORMAT, REPORT_VERSION, "report")

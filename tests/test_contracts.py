@@ -106,7 +106,7 @@ def test_a_damaged_manifest_is_refused_naming_the_key(artifact, tmp_path, change
     import compressor
 
     damaged = _damage(artifact.out_dir, tmp_path, change)
-    with pytest.raises(ArtifactError, match=f"manifest.json: {key.replace('.', '[.]')}: .*the artifact is damaged"):
+    with pytest.raises(ArtifactError, match=f"manifest.json: {key.replace('.', '[.]')}: .*the manifest is damaged"):
         read_manifest(damaged)
     with pytest.raises(ArtifactError, match=key.replace(".", "[.]")):
         compressor.load(damaged)
@@ -146,7 +146,7 @@ def test_the_report_is_validated_on_write_and_read_back_whole(artifact):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("{", "not readable JSON"),
+    ("{", "not valid JSON"),
     ('{"format": "something-else"}', "not a compressor report"),
     ('{"format": "compressor-report", "format_version": 99}', "reads up to 1"),
     ('{"format": "compressor-report", "format_version": 1, "created": "x"}', "compressor: Field required"),

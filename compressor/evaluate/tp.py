@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import CompressorError, UsageError
 from ..log import Reporter
-from ..manifest import TP_REPORT
+from ..manifest import TP_REPORT, Manifest
 
 __all__ = ["evaluate_tp", "tp_summary_lines", "DEFAULT_MIN_COSINE"]
 
@@ -132,7 +132,7 @@ def evaluate_tp(artifact: Path, world: int, *, device: str = "cpu", spec: Any = 
     return report
 
 
-def _checked(artifact: Path, world: int, device: str) -> tuple[Any, dict[str, Any]]:
+def _checked(artifact: Path, world: int, device: str) -> tuple[Manifest, dict[str, Any]]:
     """The manifest and plan of a tensor-parallel artifact whose bytes match its manifest, sharded for ``world``
     ranks, with ``world`` GPUs here for ``device`` cuda."""
     import torch

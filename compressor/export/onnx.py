@@ -44,12 +44,6 @@ def export_onnx(model: Model, out_dir: Path, spec: Any, *, base_dir: Path | None
     calibrating on data resolved against ``base_dir``."""
     import onnx
 
-    if is_causal_lm(model) and not spec.dynamic_axes:
-        from ..errors import Problem, RecipeError
-
-        raise RecipeError(Problem("a causal language model is exported with its KV cache, whose length grows with "
-                                  "every token: it needs dynamic axes", path="export.onnx.dynamic_axes",
-                                  hint="remove `dynamic_axes: false`"))
     cast, quantize = model.export.onnx_cast, model.export.onnx_quantize
     # A cast model is traced as its float32 view (exact: the rounded weights widened), checked at the usual tight
     # tolerance, and only then narrowed (compressor.export.onnx_cast), so the check tests the export, not float16

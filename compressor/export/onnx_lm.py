@@ -12,7 +12,7 @@ from ..errors import CompressorError
 if TYPE_CHECKING:  # pragma: no cover
     from ..model import Model
 
-__all__ = ["GENERATION_TASK", "OPTIMUM_TASK", "is_causal_lm", "prompts", "check_decoder"]
+__all__ = ["GENERATION_TASK", "OPTIMUM_TASK", "is_causal_lm", "check_spec", "prompts", "check_decoder"]
 
 GENERATION_TASK = "text-generation"  # the Model.task of causal language models
 OPTIMUM_TASK = "text-generation-with-past"
@@ -25,6 +25,16 @@ def is_causal_lm(model: Model) -> bool:
 
 
 PROMPT_TOKENS = 32
+
+
+def check_spec(model: Model, spec: Any) -> None:
+    """RecipeError when ``export.onnx`` cannot export this model for generation; called before the passes run."""
+    if is_causal_lm(model) and not spec.dynamic_axes:
+        from ..errors import Problem, RecipeError
+
+        raise RecipeError(Problem("a causal language model is exported with its KV cache, whose length grows with "
+                                  "every token: it needs dynamic axes", path="export.onnx.dynamic_axes",
+                                  hint="remove `dynamic_axes: false`"))
 
 
 def prompts(model: Model, rows: int = 2) -> tuple[Any, Any]:

@@ -151,3 +151,21 @@ def test_a_left_padded_batch_generates_what_each_prompt_generates_alone(tiny_lm_
     for i, row in enumerate(rows):
         alone = decoder.generate(np.array([row]), None, 12)
         assert (batch[i] == alone[0]).all(), f"row {i} ({len(row)} tokens) differs when left-padded"
+
+
+def test_a_causal_lm_without_dynamic_axes_is_refused_before_the_passes(tmp_path: Path):
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from compressor.errors import RecipeError
+    from compressor.log import Reporter
+    from compressor.pipeline import run_recipe
+    from compressor.recipe import load_recipe
+
+    AutoModelForCausalLM.from_config(GPT2Config(vocab_size=256, n_positions=64, n_embd=32, n_layer=1, n_head=2)
+                                     ).save_pretrained(tmp_path / "gpt2")
+    (tmp_path / "recipe.yaml").write_text(
+        "name: gpt2-static\nmodel: {source: hf, path: gpt2, auto_class: AutoModelForCausalLM}\n"
+        "export: {onnx: {dynamic_axes: false}}\n")
+    with pytest.raises(RecipeError, match=r"(?s)recipe.yaml:3:\d+: export.onnx.dynamic_axes: .*KV cache"):
+        run_recipe(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "out", Reporter(quiet=True))
+    assert not (tmp_path / "out").exists()
