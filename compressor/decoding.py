@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["OrtDecoder", "is_decoder", "position_ids", "sample"]
+__all__ = ["OrtDecoder", "generate", "is_decoder", "position_ids", "sample"]
 
 PAST = "past_key_values."
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
@@ -97,24 +97,34 @@ class OrtDecoder:
     def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray | None, max_new_tokens: int, *,
                  rng: np.random.Generator | None = None, eos_token_id: int | None = None,
                  on_tokens: Callable[[np.ndarray], None] | None = None, **sampling: Any) -> np.ndarray:
-        """New tokens (batch, up to ``max_new_tokens``) after the prompts ``input_ids`` (left-padded where they
-        differ in length; ``attention_mask`` 0 marks padding). Greedy unless ``rng`` is given (then
-        ``sampling`` takes temperature, top_k, top_p). Stops early once every row has produced
-        ``eos_token_id``; ``on_tokens`` is called with each step's tokens (streaming)."""
-        mask = np.ones_like(input_ids) if attention_mask is None else attention_mask.astype(np.int64)
-        logits, past = self.step(input_ids, mask, self.empty_past(input_ids.shape[0]))
-        tokens: list[np.ndarray] = []
-        done = np.zeros(input_ids.shape[0], dtype=bool)
-        for _ in range(max_new_tokens):
-            nxt = sample(logits[:, -1], rng, **sampling)
-            if eos_token_id is not None:
-                nxt = np.where(done, eos_token_id, nxt)
-                done |= nxt == eos_token_id
-            tokens.append(nxt)
-            if on_tokens is not None:
-                on_tokens(nxt)
-            if done.all() or len(tokens) == max_new_tokens:
-                break
-            mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=np.int64)], axis=1)
-            logits, past = self.step(nxt[:, None], mask, past)
-        return np.stack(tokens, axis=1) if tokens else np.zeros((input_ids.shape[0], 0), dtype=np.int64)
+        """New tokens (batch, up to ``max_new_tokens``) after the prompts: see :func:`generate`."""
+        return generate(self, input_ids, attention_mask, max_new_tokens, rng=rng, eos_token_id=eos_token_id,
+                        on_tokens=on_tokens, **sampling)
+
+
+def generate(decoder: Any, input_ids: np.ndarray, attention_mask: np.ndarray | None, max_new_tokens: int, *,
+             rng: np.random.Generator | None = None, eos_token_id: int | None = None,
+             on_tokens: Callable[[np.ndarray], None] | None = None, **sampling: Any) -> np.ndarray:
+    """New tokens (batch, up to ``max_new_tokens``) after the prompts ``input_ids`` (left-padded where they
+    differ in length; ``attention_mask`` 0 marks padding), with any ``decoder`` that has ``empty_past(batch)``
+    and ``step(input_ids, attention_mask, past) -> (logits, past)`` as OrtDecoder has (the evaluator steps torch
+    models the same way). Greedy unless ``rng`` is given (then ``sampling`` takes temperature, top_k, top_p).
+    Stops early once every row has produced ``eos_token_id``; ``on_tokens`` is called with each step's tokens
+    (streaming)."""
+    mask = np.ones_like(input_ids) if attention_mask is None else attention_mask.astype(np.int64)
+    logits, past = decoder.step(input_ids, mask, decoder.empty_past(input_ids.shape[0]))
+    tokens: list[np.ndarray] = []
+    done = np.zeros(input_ids.shape[0], dtype=bool)
+    for _ in range(max_new_tokens):
+        nxt = sample(logits[:, -1], rng, **sampling)
+        if eos_token_id is not None:
+            nxt = np.where(done, eos_token_id, nxt)
+            done |= nxt == eos_token_id
+        tokens.append(nxt)
+        if on_tokens is not None:
+            on_tokens(nxt)
+        if done.all() or len(tokens) == max_new_tokens:
+            break
+        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=np.int64)], axis=1)
+        logits, past = decoder.step(nxt[:, None], mask, past)
+    return np.stack(tokens, axis=1) if tokens else np.zeros((input_ids.shape[0], 0), dtype=np.int64)

@@ -102,6 +102,7 @@ class OnnxEntry(_Entry):
     check: dict[str, Any]  #: the comparison with torch on the example inputs
     cast: dict[str, Any] | None = None  #: the float16/bfloat16 narrowing report
     quantization: dict[str, Any] | None = None  #: the int8 report (compressor.export.onnx_quant)
+    int8_weights: dict[str, Any] | None = None  #: weight-only int8 stored in the graph (export.onnx_weights)
 
 
 class TensorParallelEntry(_Entry):

@@ -43,6 +43,7 @@ class ResultRow(_Part):
     load: dict[str, Any] | None = None  #: {"cold": ..., "warm": ...} load and first-inference times, RSS
     latency: list[dict[str, Any]] = []  #: per sequence length: median, IQR and speedup over the baseline
     ratios: dict[str, Any] | None = None  #: artifact over baseline: compression, accuracy drop, speedups
+    lm: dict[str, Any] | None = None  #: causal LMs: perplexity, agreement, KL, greedy match, ttft, decode speed
     target: str | None = None  #: the int8 CPU family this row's arithmetic is that of
     cpu_target: str | None = None  #: this machine's int8 family
     emulated: bool = False  #: the row is another family's arithmetic, emulated on this machine

@@ -17,7 +17,7 @@ REEXPORTS = {
     "compressor": {"load", "load_recipe", "__version__"},
     "compressor.loading": {"load_tensors", "load_tensors_cuda", "load_example_inputs", "build_architecture"},
     "compressor.recipe": {"HFModel", "PythonModel", "ZooModel", "InputSpec", "ZOO_MODELS", "Strict", "ExportSpec",
-                          "SafetensorsExport", "OnnxExport", "EvaluateSpec", "DataSpec", "SpeedSpec", "GatesSpec",
+                          "GenerationSpec", "SafetensorsExport", "OnnxExport", "EvaluateSpec", "DataSpec", "SpeedSpec", "GatesSpec",
                           "Threshold"},
     "compressor.evaluate": {"evaluate_artifact"},
     "compressor.passes": None,  # the registry's front door

@@ -26,7 +26,7 @@ from ..errors import CompressorError, UsageError
 from ..manifest import Manifest
 
 __all__ = ["EvalData", "build_data", "build_fitting_data", "check_data_file", "builtin_text_pairs", "TEXT_PAIRS",
-           "CALIBRATION_TEXTS", "tokenizer_for"]
+           "CALIBRATION_TEXTS", "tokenizer_for", "read_text_documents"]
 
 TEXT_PAIRS = Path(__file__).resolve().parent / "text_pairs.jsonl"
 # Unlabeled sentences on topics disjoint from TEXT_PAIRS: quantization calibrates on these and is scored on those.
@@ -95,11 +95,12 @@ def _build(spec: Any, artifact: Path, task: str | None, source: dict[str, Any],
             builtin = "text-pairs"
     if builtin in ("digits", "digits-train"):
         data = _digits(example_inputs, spec.batch_size, spec.limit, train=builtin == "digits-train")
-    elif builtin == "calibration-text":
-        texts = [_field("calibration-text (built in)", r, "text", str) for r in _read_jsonl(CALIBRATION_TEXTS)]
+    elif builtin in ("calibration-text", "held-out-text"):
+        texts = _builtin_texts(builtin)
         texts = texts[: spec.limit] if spec.limit is not None else texts
-        tok = _need_tokenizer(artifact, "the calibration-text sentences")
-        data = EvalData(name=f"calibration-text (built in, {len(texts)} sentences)", metric=None,
+        tok = _need_tokenizer(artifact, f"the {builtin} sentences")
+        unit = "sentences" if builtin == "calibration-text" else "documents"
+        data = EvalData(name=f"{builtin} (built in, {len(texts)} {unit})", metric=None,
                         batches=_tokenize(texts, tok, example_inputs, spec.batch_size), texts=texts[:64])
     elif builtin == "text-pairs":
         data = _pairs_data("text-pairs (built in)", builtin_text_pairs(), artifact, example_inputs, spec)
@@ -120,6 +121,15 @@ def _build(spec: Any, artifact: Path, task: str | None, source: dict[str, Any],
 def builtin_text_pairs() -> list[dict[str, str]]:
     """The shipped query/passage pairs (compressor/data/text_pairs.jsonl)."""
     return _read_jsonl(TEXT_PAIRS)
+
+
+def _builtin_texts(name: str) -> list[str]:
+    """The unlabeled built-in texts: the calibration sentences, or the zoo LM's held-out documents (256)."""
+    if name == "held-out-text":
+        from ..tinylm import held_out_texts
+
+        return held_out_texts()[:256]
+    return [_field("calibration-text (built in)", r, "text", str) for r in _read_jsonl(CALIBRATION_TEXTS)]
 
 
 def build_fitting_data(
@@ -225,9 +235,26 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def read_text_documents(path: Path) -> list[str]:
+    """The documents of a user's text file: ``.txt`` paragraphs, or the ``text`` of every ``.jsonl`` row."""
+    if path.suffix.lower() == ".jsonl":
+        return [_field(path, row, "text", str) for row in _read_jsonl(path)]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read evaluation text {path}: {exc}; give a UTF-8 .txt file") from None
+    docs = [p.strip() for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
+    if not docs:
+        raise UsageError(f"evaluation text {path} is empty; give a .txt file with some prose in it")
+    return docs
+
+
 def check_data_file(path: Path) -> str:
-    """Read a user data file and tell its kind (``pairs``, ``text``, ``numeric``); UsageError naming file:line
-    otherwise. `compress run` calls this before any long work."""
+    """Read a user data file and tell its kind (``pairs``, ``text``, ``numeric``, ``lm-text``); UsageError naming
+    file:line otherwise. `compress run` calls this before any long work."""
+    if path.suffix.lower() == ".txt":
+        read_text_documents(path)
+        return "lm-text"
     return _read_rows(path)[1]
 
 
@@ -246,6 +273,8 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], str]:
 
 def _kind(path: Path, row: dict[str, Any]) -> str:
     keys = set(row) - {"__line__"}
+    if keys == {"text"}:
+        return "lm-text"
     if {"query", "passage"} <= keys:
         return "pairs"
     if {"text", "label"} <= keys:
@@ -253,11 +282,16 @@ def _kind(path: Path, row: dict[str, Any]) -> str:
     if "label" in keys:
         return "numeric"
     raise UsageError(f"{path}:{row['__line__']}: cannot tell what the rows hold (columns: {', '.join(sorted(keys))});"
-                     " use query/passage pairs, text/label rows, or a label with numeric inputs")
+                     " use query/passage pairs, text/label rows, a label with numeric inputs, or text rows alone "
+                     "(causal LMs)")
 
 
 def _file_data(path: Path, artifact: Path, example_inputs: dict[str, torch.Tensor], spec: Any) -> EvalData:
-    rows, kind = _read_rows(path)
+    kind = "lm-text" if path.suffix.lower() == ".txt" else None
+    rows, kind = ([], kind) if kind else _read_rows(path)
+    if kind == "lm-text":
+        raise UsageError(f"{path}: text alone (no labels, no pairs) is what a causal language model is scored on; "
+                         "this model is not one. Give query/passage pairs, text/label rows or labelled inputs")
     if spec.limit is not None:
         rows = rows[: spec.limit]
     if kind == "pairs":

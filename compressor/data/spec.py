@@ -13,24 +13,29 @@ from ..schema import Strict
 __all__ = ["BUILTIN_DATA", "DataSpec", "CalibrationSpec", "TrainingDataSpec"]
 
 
-BUILTIN_DATA = ("digits", "digits-train", "text-pairs", "calibration-text")
+BUILTIN_DATA = ("digits", "digits-train", "text-pairs", "calibration-text", "held-out-text")
+DATA_SUFFIXES = (".jsonl", ".csv", ".txt")
 
 
 class DataSpec(Strict):
     """Data for accuracy and fidelity: a built-in set, a JSONL/CSV file or a Python function (at most one)."""
 
-    builtin: Literal["digits", "digits-train", "text-pairs", "calibration-text"] | None = Field(
+    builtin: Literal["digits", "digits-train", "text-pairs", "calibration-text", "held-out-text"] | None = Field(
         None,
         description="A data set shipped with compressor: `digits` (scikit-learn digits, held-out split; digits "
         "models), `digits-train` (its training split), `text-pairs` (240 query/passage pairs; text encoders, "
-        "scored by top-1 retrieval) or `calibration-text` (256 unlabeled sentences on other topics). Unset with "
-        "no `path`/`function`: chosen from the model, or fidelity on the example inputs if none fits.",
+        "scored by top-1 retrieval), `calibration-text` (256 unlabeled sentences on other topics) or `held-out-text` "
+        "(the zoo LM's held-out documents, English prose from CPython; causal LMs). Unset with no "
+        "`path`/`function`: chosen from the model (held-out-text for causal LMs), or fidelity on the example inputs "
+        "if none fits.",
     )
     path: str | None = Field(
         None,
-        description="A JSONL or CSV file, relative to the recipe. Rows are `{query, passage}` pairs (text "
-        "encoders, retrieval), `{text, label}` (text classifiers), or `{label, <input>: [numbers]}` / CSV columns "
-        "`label,f0,f1,...` (tensor models). `compress run` copies it into the artifact (`eval/`), so "
+        description="A JSONL, CSV or text file, relative to the recipe. Rows are `{query, passage}` pairs (text "
+        "encoders, retrieval), `{text, label}` (text classifiers), `{label, <input>: [numbers]}` / CSV columns "
+        "`label,f0,f1,...` (tensor models), or `{text}` (causal LMs: the text scored by perplexity); a `.txt` "
+        "file is text for a causal LM, paragraphs (separated by blank lines) being its documents. `compress run` "
+        "copies it into the artifact (`eval/`), so "
         "`compress eval` needs nothing else.",
     )
     function: str | None = Field(
@@ -48,11 +53,11 @@ class DataSpec(Strict):
         if isinstance(data, str):
             if data in BUILTIN_DATA:
                 return {"builtin": data}
-            if data.lower().endswith((".jsonl", ".csv")):
+            if data.lower().endswith(DATA_SUFFIXES):
                 return {"path": data}
             if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", data):
                 return {"function": data}
-            raise ValueError(f"{data!r} is not a built-in data set ({', '.join(BUILTIN_DATA)}), a .jsonl/.csv "
+            raise ValueError(f"{data!r} is not a built-in data set ({', '.join(BUILTIN_DATA)}), a .jsonl/.csv/.txt "
                              "file or a module:function")
         return data
 
@@ -61,8 +66,8 @@ class DataSpec(Strict):
         given = [k for k in ("builtin", "path", "function") if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"give one of builtin, path and function, not {' and '.join(given)}")
-        if self.path is not None and not self.path.lower().endswith((".jsonl", ".csv")):
-            raise ValueError(f"path {self.path!r}: only .jsonl and .csv files are read")
+        if self.path is not None and not self.path.lower().endswith(DATA_SUFFIXES):
+            raise ValueError(f"path {self.path!r}: only .jsonl, .csv and .txt files are read")
         if self.function is not None and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", self.function):
             raise ValueError(f"function {self.function!r}: write it as module:function, e.g. mydata:batches")
         return self

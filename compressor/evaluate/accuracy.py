@@ -16,6 +16,7 @@ __all__ = ["primary_output", "run_outputs", "task_metric", "fidelity", "METRIC_L
 METRIC_LABELS = {
     "top1_accuracy": "top-1 accuracy (%)",
     "retrieval_top1": "top-1 retrieval accuracy (%)",
+    "next_token_top1": "next-token top-1 (%)",
 }
 
 

@@ -15,6 +15,9 @@ GATE_TEXT: dict[str, tuple[str, str, str]] = {
     "max_size_bytes": ("model size", "<=", " bytes"),
     "min_compression": ("compression ratio", ">=", "x"),
     "max_load_ms": ("cold load time (median)", "<=", " ms"),
+    "max_perplexity_increase": ("perplexity increase", "<=", " %"),
+    "min_token_agreement": ("next-token agreement with the baseline", ">=", " %"),
+    "min_decode_speedup": ("decoding speedup (worst batch size)", ">=", "x"),
 }
 
 
@@ -45,7 +48,27 @@ def _measure(gate: str, row: dict[str, Any]) -> tuple[float | None, str]:
             return None, ("no cold load was measured (--no-speed, evaluate.speed.load_runs: 0, or an OS that "
                           "cannot evict files)")
         return cold["load_ms"]["median"], ""
+    if gate in LM_GATES:
+        return _measure_lm(gate, row)
     raise KeyError(gate)
+
+
+LM_GATES = ("max_perplexity_increase", "min_token_agreement", "min_decode_speedup")
+
+
+def _measure_lm(gate: str, row: dict[str, Any]) -> tuple[float | None, str]:
+    lm = row.get("lm")
+    if not lm:
+        return None, "the model is not a causal language model (no text-generation evaluation)"
+    if gate == "max_perplexity_increase":
+        return (row.get("ratios") or {}).get("perplexity_increase"), ""
+    if gate == "min_token_agreement":
+        return lm.get("token_agreement"), ""
+    speedups = [(d["speedup"], d) for d in lm.get("decode") or [] if d.get("speedup") is not None]
+    if not speedups:
+        return None, "no decoding speed was measured (--no-speed?)"
+    worst, entry = min(speedups, key=lambda x: x[0])
+    return worst, f"at batch {entry['batch_size']}"
 
 
 def check_gates(gates: Any, results: list[dict[str, Any]], devices: list[str],
@@ -105,7 +128,7 @@ def check_gates(gates: Any, results: list[dict[str, Any]], devices: list[str],
     return out
 
 
-SPEED_GATES = ("min_speedup", "max_load_ms")
+SPEED_GATES = ("min_speedup", "max_load_ms", "min_decode_speedup")
 SIZE_GATES = ("max_size_bytes", "min_compression")
 
 

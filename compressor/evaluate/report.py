@@ -12,6 +12,7 @@ from typing import Any
 from ..errors import GateFailure
 from ..manifest import EVALUATION_REPORTS
 from ..report_format import REPORT_FORMAT, Report
+from .report_lm import lm_summary, md_lm
 
 __all__ = ["summary_lines", "result_line", "gate_failure", "REPORT_FORMAT", "write_reports", "render_markdown",
            "render_junit", "render_plot", "clean_json", "as_json"]
@@ -73,6 +74,7 @@ def summary_lines(report: Report | dict[str, Any]) -> list[str]:
         fid = art.get("fidelity") or {}
         if fid:
             parts.append(f"cos min {_n(fid.get('cos_min'), '.4f')}")
+        parts += lm_summary(base, art)
         parts.append(f"size {_mb(base['size_bytes'])} -> {_mb(art['size_bytes'])} "
                      f"({_ratio(ratios.get('compression'))})")
         speedups = [c["speedup"] for c in art.get("latency") or [] if c.get("speedup")]
@@ -144,7 +146,9 @@ def render_markdown(report: Report | dict[str, Any]) -> str:
     """Baseline and artifact side by side, with ratios, per device."""
     report = as_json(report)
     results = report["results"]
-    lines = _md_header(report) + _md_accuracy(report, results) + _md_load(results) + _md_latency(results)
+    lines = _md_header(report) + _md_accuracy(report, results) + md_lm(results) + _md_load(results)
+    if not any(r.get("lm") for r in results):  # causal LMs are timed generating (md_lm), not per forward pass
+        lines += _md_latency(results)
     lines += _md_gates(report)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -333,14 +337,22 @@ def render_plot(report: Report | dict[str, Any]) -> bytes:
         name = f"{row['role']} ({row['format']}, {row['device']})"
         axes[0].scatter(row["size_bytes"] / 1e6, acc, marker=markers.get(row["role"], "^"), s=60, label=name)
         latency = (row.get("latency") or [None])[0]
+        decode = ((row.get("lm") or {}).get("decode") or [None])[0]
         if latency:
             axes[1].scatter(latency["p50_ms"], acc, marker=markers.get(row["role"], "^"), s=60, label=name)
+        elif decode:  # a causal LM: decoding speed instead of the latency of one forward pass
+            axes[1].scatter(decode["median"], acc, marker=markers.get(row["role"], "^"), s=60, label=name)
     ylabel = metric or "mean cosine similarity to baseline"
     axes[0].set(xlabel="model size (MB)", ylabel=ylabel, title="accuracy vs size")
     first = next((c for r in report["results"] for c in (r.get("latency") or [])), None)
+    decode = next((c for r in report["results"] for c in ((r.get("lm") or {}).get("decode") or [])), None)
     where = "" if first is None else f" (batch {first['batch_size']}" + (
         f", length {first['seq_len']})" if first.get("seq_len") else ")")
-    axes[1].set(xlabel=f"p50 latency (ms){where}", ylabel=ylabel, title="accuracy vs latency")
+    if first is None and decode is not None:
+        axes[1].set(xlabel=f"decoding tokens/s (batch {decode['batch_size']})", ylabel=ylabel,
+                    title="accuracy vs decoding speed")
+    else:
+        axes[1].set(xlabel=f"p50 latency (ms){where}", ylabel=ylabel, title="accuracy vs latency")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.margins(0.15)
@@ -380,7 +392,10 @@ def result_line(report: Report | dict[str, Any], where: Path, name: str | None) 
         fid = row.get("fidelity") or {}
         if fid.get("cos_min") is not None:
             bits.append(f"cos min {fid['cos_min']:.4f}")
-        if row.get("accuracy"):
+        if row.get("lm"):
+            bits.append(f"perplexity {row['lm']['perplexity']:.2f} "
+                        f"({(row.get('ratios') or {}).get('perplexity_increase') or 0.0:+.1f} %)")
+        elif row.get("accuracy"):
             bits.append(f"{row['accuracy']['label'].split(' (')[0]} {row['accuracy']['value']:.2f}")
         targets = [r for r in report.get("results", []) if r.get("target") and r.get("fidelity")]
         if len(targets) > 1:

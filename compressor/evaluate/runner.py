@@ -19,6 +19,7 @@ from ..errors import CompressorError, UsageError
 from ..log import Reporter
 from ..manifest import Manifest
 from ..report_format import REPORT_FORMAT, REPORT_VERSION, Report
+from .ratios import ratios
 from .subjects import Subject, artifact_subject, onnx_subject
 
 __all__ = ["evaluate_artifact", "resolve_devices", "check_sequence_lengths"]
@@ -107,6 +108,7 @@ class _Run:
     quant_mode: str | None
     extra_path: list[str]
     measure_speed: bool
+    lm: bool = False  # a causal language model: scored on text, timed generating (compressor.evaluate.lm)
 
 
 def evaluate_artifact(
@@ -203,12 +205,20 @@ def _prepare(artifact: Path, manifest: Manifest, baseline: Subject, spec: Any, b
     from .targets import int8_targets
 
     task = manifest.task
+    lm = task == "text-generation"
     example_inputs = {k: v.clone() for k, v in load_example_inputs(artifact).items()}
-    data = build_data(spec.data, artifact=artifact, manifest=manifest, example_inputs=example_inputs,
-                      base_dir=base_dir, data_file=data_file)
+    if lm:
+        from ..data.lm_text import build_lm_text
+        from .lm_speed import check_prompt_lengths
+
+        check_prompt_lengths(spec.generation, _config(artifact))
+        data = build_lm_text(spec.data, spec.generation, artifact=artifact, data_file=data_file)
+    else:
+        data = build_data(spec.data, artifact=artifact, manifest=manifest, example_inputs=example_inputs,
+                          base_dir=base_dir, data_file=data_file)
     log.info(f"evaluation data: {data.name}")
-    text = "input_ids" in example_inputs
-    if measure_speed:
+    text = "input_ids" in example_inputs and not lm
+    if measure_speed and not lm:
         check_sequence_lengths(spec, _config(artifact))
     candidates = [artifact_subject(artifact, manifest=manifest)]
     candidates += [s for s in (onnx_subject(artifact, manifest),) if s is not None]
@@ -218,7 +228,7 @@ def _prepare(artifact: Path, manifest: Manifest, baseline: Subject, spec: Any, b
                 seq_lens=list(spec.speed.sequence_lengths) if text else [None], subjects=[baseline] + candidates,
                 candidates=candidates, targets=int8_targets(manifest),  # the CPU families int8 ONNX must hold on
                 quant_mode=manifest.quantization.get("mode"),
-                extra_path=extra_path, measure_speed=measure_speed)
+                extra_path=extra_path, measure_speed=measure_speed, lm=lm)
 
 
 def _measure_device(run: _Run, device: str) -> list[dict[str, Any]]:
@@ -231,10 +241,19 @@ def _measure_device(run: _Run, device: str) -> list[dict[str, Any]]:
     log = run.log
     with log.step(f"{device}: loading {', '.join(s.label for s in run.subjects)}"):
         models = {s.key: load_module(s.spec, device) for s in run.subjects}
-    outputs, metrics, fids = _accuracy(run, device, models)
     onnx_candidate = next((c for c in run.candidates if c.format == "onnx"), None)
-    per_target = _per_target(run, device, onnx_candidate, outputs) if onnx_candidate is not None else {}
-    latency = _latency(run, device, models)
+    if run.lm:
+        from .runner_lm import measure_lm
+
+        metrics, fids, lm = measure_lm(run, device, models)
+        outputs: dict[str, Any] = {}
+        per_target: dict[str, Any] = {}
+        latency: dict[str, list[dict[str, Any]]] = {s.key: [] for s in run.subjects}
+    else:
+        outputs, metrics, fids = _accuracy(run, device, models)
+        per_target = _per_target(run, device, onnx_candidate, outputs) if onnx_candidate is not None else {}
+        latency = _latency(run, device, models)
+        lm = {}
     # Nothing of any model may stay mapped here: cold runs evict their files, and the kernel keeps pages that
     # any process maps.
     del models, outputs
@@ -247,7 +266,12 @@ def _measure_device(run: _Run, device: str) -> list[dict[str, Any]]:
                       "processes"):
             loads = load_timings(run.subjects, run.example_inputs, device=device, runs=run.spec.speed.load_runs,
                                  threads=run.spec.speed.threads, extra_path=run.extra_path, log=log)
-    return _rows(run, device, metrics, fids, latency, loads, onnx_candidate, per_target)
+    rows = _rows(run, device, metrics, fids, latency, loads, onnx_candidate, per_target)
+    if lm:
+        from .runner_lm import lm_rows
+
+        lm_rows(rows, run.subjects, lm)
+    return rows
 
 
 def _accuracy(run: _Run, device: str, models: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any],
@@ -310,10 +334,10 @@ def _latency(run: _Run, device: str, models: dict[str, Any]) -> dict[str, list[d
                 entry = {"batch_size": batch_size, "seq_len": seq_len, **entry}
                 if key != "baseline":
                     # Spread of the speedup: the ratio within each round, where all ran under one load.
-                    ratios = [b / a for b, a in zip(base["_rounds"], entry["_rounds"]) if a > 0]
+                    per_round = [b / a for b, a in zip(base["_rounds"], entry["_rounds"]) if a > 0]
                     entry["speedup"] = base["p50_ms"] / entry["p50_ms"] if entry["p50_ms"] > 0 else None
-                    entry["speedup_q25"] = percentile(ratios, 25) if ratios else None
-                    entry["speedup_q75"] = percentile(ratios, 75) if ratios else None
+                    entry["speedup_q25"] = percentile(per_round, 25) if per_round else None
+                    entry["speedup_q75"] = percentile(per_round, 75) if per_round else None
                     run.log.info(f"{device}: {where}: p50 {base['p50_ms']:.2f} ms -> {entry['p50_ms']:.2f} ms "
                                  f"({entry['speedup']:.2f}x, {key})")
                 latency[key].append(entry)
@@ -336,7 +360,7 @@ def _rows(run: _Run, device: str, metrics: dict[str, Any], fids: dict[str, Any],
         if subject.role == "baseline":
             base_row = row
         else:
-            row["ratios"] = _ratios(base_row, row)
+            row["ratios"] = ratios(base_row, row)
         if subject is onnx_candidate and run.targets and device == "cpu":  # CPU families: not GPU rows
             row["target"] = here if here in run.targets else None
             row["cpu_target"] = here
@@ -349,7 +373,7 @@ def _rows(run: _Run, device: str, metrics: dict[str, Any], fids: dict[str, Any],
                             "emulated": True, "arithmetic": entry["arithmetic"], "accuracy": entry["accuracy"],
                             "fidelity": entry["fidelity"], "load": None, "latency": []}
                 emulated.pop("cpu_target", None)
-                emulated["ratios"] = _ratios(base_row, emulated)
+                emulated["ratios"] = ratios(base_row, emulated)
                 rows.append(emulated)
     return rows
 
@@ -386,33 +410,6 @@ def _report(artifact: Path, shown: Path, manifest: Manifest, baseline: Subject, 
                           "target_fidelity": goal.get("target"), "reached": goal.get("reached"),
                           "calibration_min_cosine": goal.get("min_cosine")}
     return Report.model_validate(clean_json(report))
-
-
-def _ratios(base: dict[str, Any], art: dict[str, Any]) -> dict[str, Any]:
-    def div(a: float | None, b: float | None) -> float | None:
-        return a / b if a is not None and b else None
-
-    def load(row: dict[str, Any], mode: str, key: str) -> float | None:
-        entry = (row.get("load") or {}).get(mode)
-        return entry[key]["median"] if entry else None
-
-    acc_b, acc_a = (base.get("accuracy") or {}).get("value"), (art.get("accuracy") or {}).get("value")
-    return {
-        "compression": div(base["size_bytes"], art["size_bytes"]),
-        "accuracy_drop": acc_b - acc_a if acc_b is not None and acc_a is not None else None,
-        "cold_load_speedup": div(load(base, "cold", "load_ms"), load(art, "cold", "load_ms")),
-        "warm_load_speedup": div(load(base, "warm", "load_ms"), load(art, "warm", "load_ms")),
-        "cold_first_inference_speedup": div(load(base, "cold", "first_inference_ms"),
-                                            load(art, "cold", "first_inference_ms")),
-        "warm_first_inference_speedup": div(load(base, "warm", "first_inference_ms"),
-                                            load(art, "warm", "first_inference_ms")),
-        "rss_added_ratio": div(_rss(base), _rss(art)),
-    }
-
-
-def _rss(row: dict[str, Any]) -> float | None:
-    entry = (row.get("load") or {}).get("cold") or (row.get("load") or {}).get("warm")
-    return entry["rss_added_mb"] if entry else None
 
 
 def _metric_label(metric: str) -> str:

@@ -205,20 +205,30 @@ class OrtOutputs(dict):
 
 
 class OrtModule:
-    """An ONNX Runtime session called like the torch module: keyword tensors in, named tensors out."""
+    """An ONNX Runtime session called like the torch module: keyword tensors in, named tensors out. A causal LM's
+    KV-cache decoder (compressor.decoding) is called like a transformers model without a cache: given
+    ``input_ids`` and ``attention_mask``, it gets an empty cache and the positions, and returns the logits."""
 
     def __init__(self, path: Path, device: str = "cpu", unfused: bool = False) -> None:
+        from ..decoding import OrtDecoder, is_decoder
         from ..ort import ort_session
 
         self.session = ort_session(path, device, unfused, artifact=True)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.decoder = OrtDecoder(self.session) if is_decoder(self.session) else None
 
     def __call__(self, **inputs: Any) -> OrtOutputs:
         import torch
 
         from ..ort import ort_feed
 
+        if self.decoder is not None:
+            ids = inputs["input_ids"].cpu().numpy()
+            mask = inputs.get("attention_mask")
+            mask = mask.cpu().numpy() if mask is not None else ids * 0 + 1
+            logits, _ = self.decoder.step(ids, mask, self.decoder.empty_past(ids.shape[0]))
+            return OrtOutputs(logits=torch.from_numpy(logits))
         missing = [n for n in self.input_names if n not in inputs]
         if missing:
             raise CompressorError(f"the ONNX model needs inputs {missing}; got {sorted(inputs)}")

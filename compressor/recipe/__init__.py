@@ -26,7 +26,8 @@ from ..sources.python import InputSpec, PythonModel
 from ..sources.zoo import ZOO_MODELS, ZooModel
 from ..yamlpos import Located, load_yaml
 from .problems import kind_of, validation_problems
-from .sections import EvaluateSpec, ExportSpec, GatesSpec, OnnxExport, SafetensorsExport, SpeedSpec, Threshold
+from .sections import (EvaluateSpec, ExportSpec, GatesSpec, GenerationSpec, OnnxExport, SafetensorsExport, SpeedSpec,
+                       Threshold)
 
 __all__ = [
     "Recipe",
@@ -38,6 +39,7 @@ __all__ = [
     "SafetensorsExport",
     "OnnxExport",
     "EvaluateSpec",
+    "GenerationSpec",
     "DataSpec",
     "SpeedSpec",
     "GatesSpec",

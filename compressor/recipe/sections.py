@@ -75,6 +75,31 @@ class SpeedSpec(Strict):
     )
 
 
+class GenerationSpec(Strict):
+    """How a causal language model is evaluated (ignored for other models): perplexity, next-token agreement and
+    KL divergence to the baseline on the evaluation text, greedy continuations, and generation speed with the KV
+    cache. Rounds and warmup come from `evaluate.speed`."""
+
+    window: PositiveInt = Field(128, le=8192, description="Tokens per perplexity window (each window is scored "
+                                "from its start, without earlier context).")
+    max_tokens: PositiveInt = Field(16384, description="At most this many tokens of the evaluation text are scored.")
+    batch_windows: PositiveInt = Field(
+        8, description="Windows per forward pass (with `evaluate.data.batch_size`, the smaller counts): the logits "
+        "of a batch are batch x window x vocabulary floats, per model.")
+    prompts: PositiveInt = Field(8, description="Greedy continuations compared: the first `prompt_tokens` tokens "
+                                 "of this many windows of the evaluation text.")
+    prompt_tokens: PositiveInt = Field(32, description="Tokens of each continuation's prompt.")
+    new_tokens: PositiveInt = Field(32, description="Greedy tokens generated after each prompt.")
+    prompt_lengths: list[PositiveInt] = Field(
+        [128, 512], min_length=1, description="Prompt lengths at which time to first token is measured (batch 1; "
+        "lengths beyond the model's positions are refused).")
+    decode_batch_sizes: list[PositiveInt] = Field(
+        [1, 8], min_length=1, description="Batch sizes at which decoding speed (tokens/s with the KV cache) is "
+        "measured.")
+    decode_tokens: PositiveInt = Field(32, description="Tokens decoded (timed) per decoding-speed run, after an "
+                                       "untimed prompt of `prompt_tokens` tokens.")
+
+
 class EvaluateSpec(Strict):
     """Evaluation of the artifact against the uncompressed model, on the same data, device and threads."""
 
@@ -90,6 +115,9 @@ class EvaluateSpec(Strict):
         "`file.jsonl`, `file.csv` or `module:function`.",
     )
     speed: SpeedSpec = Field(default_factory=SpeedSpec, description="Speed measurement settings (see below).")
+    generation: GenerationSpec = Field(
+        default_factory=GenerationSpec, description="Causal language models: text, continuations and generation "
+        "speed (see below); `speed.batch_sizes` and `speed.sequence_lengths` do not apply to them.")
 
     @model_validator(mode="before")
     @classmethod
@@ -152,10 +180,19 @@ class GatesSpec(Strict):
         None, description="Longest cold load (open to ready to run, files evicted from the page cache; median of "
         "`evaluate.speed.load_runs` fresh processes), in ms."
     )
+    max_perplexity_increase: Threshold | None = Field(
+        None, description="Causal LMs: largest increase of perplexity on the evaluation text over the baseline's, "
+        "in percent (5 allows 100 -> 105).")
+    min_token_agreement: Threshold | None = Field(
+        None, description="Causal LMs: smallest share of positions of the evaluation text where the artifact's most "
+        "likely next token is the baseline's, in percent (e.g. 95).")
+    min_decode_speedup: Threshold | None = Field(
+        None, description="Causal LMs: smallest decoding speedup (artifact tokens/s with the KV cache over the "
+        "baseline's), at the worst of `evaluate.generation.decode_batch_sizes`.")
 
     @model_validator(mode="after")
     def _sensible_values(self) -> GatesSpec:
-        for name in ("min_speedup", "max_size_bytes", "min_compression", "max_load_ms"):
+        for name in ("min_speedup", "max_size_bytes", "min_compression", "max_load_ms", "min_decode_speedup"):
             threshold = getattr(self, name)
             if threshold is not None and threshold.value <= 0:
                 raise ValueError(f"{name}: {threshold.value:g} can never be measured; use a positive number")
@@ -165,6 +202,14 @@ class GatesSpec(Strict):
         if self.min_fidelity is not None and not -1 <= self.min_fidelity.value <= 1:
             raise ValueError(f"min_fidelity: {self.min_fidelity.value:g} is not a cosine similarity; use a number "
                              "in [-1, 1], such as 0.995")
+        if self.max_perplexity_increase is not None and self.max_perplexity_increase.value < 0:
+            raise ValueError(f"max_perplexity_increase: {self.max_perplexity_increase.value:g} % would demand a "
+                             "better model than the baseline; use 0 for no increase at all")
+        agreement = self.min_token_agreement
+        if agreement is not None and not 1 < agreement.value <= 100:
+            hint = f"; {agreement.value:g} reads as {agreement.value:g} %, write {agreement.value * 100:g} for " \
+                   f"{agreement.value:.0%}" if 0 < agreement.value <= 1 else ""
+            raise ValueError(f"min_token_agreement: {agreement.value:g} is not a percentage in (1, 100]{hint}")
         return self
 
     @model_validator(mode="before")
