@@ -8,6 +8,12 @@ transformers: the bundle runs where only the inference runtime is installed.
     python run.py --input inputs.npz               any model: one array per input, by the input's name
     python run.py --save out.npz ...               also write every output to an .npz file
 
+    python run.py "Once upon a time" "The" --max-new-tokens 32     causal LMs: continue prompts (greedy)
+    python run.py "Once" --sample --seed 7 --top-k 40 --top-p 0.9  seeded sampling (also --temperature T)
+
+Causal LM bundles (generate.py and decoding.py beside this file) batch prompts with left padding; a single
+prompt's text streams to stderr as it comes (--no-stream: not), the JSON document holds every prompt's tokens.
+
 It follows the `compress` command's contract: exit 0 with one JSON document on stdout; on a problem, one
 paragraph on stderr saying what was wrong and what would work, and exit 2 when the input or the command line is
 at fault, 1 when the bundle or ONNX Runtime is (130 when interrupted). The JSON is always valid: non-finite
@@ -21,11 +27,13 @@ From Python:
     bundle = Bundle("path/to/bundle")
     vectors = bundle.embed(["a sentence"])         # text-embedding models: mean-pooled over real tokens
     outputs = bundle.run({"x": array})             # any model: {output name: array}; InputError on bad input
+    out = bundle.generate(["Once upon a time"], max_new_tokens=16)   # causal LMs; out["text"][0]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -79,6 +87,7 @@ class Bundle:
             raise BundleError(f"{self.path / 'bundle.json'} cannot be read ({_first_line(exc)}); unpack the bundle "
                               "again, or pack it again with `compress pack`") from None
         self.info: dict[str, Any] = info
+        self.generates = isinstance(info.get("generation"), dict)  # a causal language model: see generate()
         available = ort.get_available_providers()
         # Only providers this onnxruntime build has: asking for CUDA where it is absent only prints errors.
         wanted = providers or self.info.get("providers") or ["CPUExecutionProvider"]
@@ -102,8 +111,12 @@ class Bundle:
                 from tokenizers import Tokenizer
 
                 tok = Tokenizer.from_file(str(self.path / spec["file"]))
-                tok.enable_truncation(max_length=int(spec["max_length"]))
-                tok.enable_padding(pad_id=int(spec["pad_id"]), pad_token=spec["pad_token"])
+                if self.generates:  # prompts are never cut, and generate.py pads them on the left
+                    tok.no_truncation()
+                    tok.no_padding()
+                else:
+                    tok.enable_truncation(max_length=int(spec["max_length"]))
+                    tok.enable_padding(pad_id=int(spec["pad_id"]), pad_token=spec["pad_token"])
             except ImportError:
                 raise BundleError("this is a text model and needs the `tokenizers` package: "
                                   "pip install tokenizers") from None
@@ -196,6 +209,65 @@ class Bundle:
         mask = feed["attention_mask"].astype(np.float32)[..., None]
         return (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)
 
+    def generate(self, prompts: list[str], max_new_tokens: int = 32, *, sample: bool = False, seed: int = 0,
+                 top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0, on_text: Any = None) -> dict[str, Any]:
+        """Continue each prompt (a causal language model's bundle): greedy, or with ``sample`` a draw seeded by
+        ``seed`` after temperature, top-k (0: all) and top-p; several prompts run as one left-padded batch, each
+        stopping at the end-of-text token. ``on_text(str)`` gets a single prompt's text as it comes. Returns
+        {"prompts", "prompt_tokens", "tokens" (new ids), "text" (new text), "stopped", "settings"}; InputError for
+        bad prompts or settings (generate.py says more)."""
+        if not self.generates or self.tokenizer is None:
+            raise InputError(f"this bundle's model does not generate text (task {self.info.get('task')!r}; only "
+                             "causal language models do); " + _what_works(self))
+        gen, decoding, spec = _sibling("generate"), _sibling("decoding"), self.info["generation"]
+        try:
+            settings = gen.Settings(max_new_tokens, sample, seed, top_k, top_p, temperature)
+            decoder = decoding.OrtDecoder(self.session)
+            return gen.generate(decoder, self.tokenizer, prompts, settings, eos_id=spec.get("eos_token_id"),
+                                pad_id=int(self.info["tokenizer"]["pad_id"]), max_positions=spec.get("max_positions"),
+                                on_text=on_text)
+        except gen.PromptError as exc:
+            raise InputError(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own error classes, or a graph without a cache
+            raise BundleError(f"generation failed ({_first_line(exc)}); the model takes "
+                              f"{self.describe_inputs()}") from None
+
+
+# The bundle's other modules, by file name in a bundle and, for running this file in place, in compressor.
+_SIBLINGS = {"generate": ("generate.py", "bundle_generate.py"), "decoding": ("decoding.py",)}
+
+
+def _sibling(name: str) -> Any:
+    """The module ``name`` (generate, decoding) from this file's folder, loaded by path: run.py works from any
+    working directory, run or imported, and never picks up another module of that name from sys.path."""
+    key = f"_compressor_bundle_{name}_{abs(hash(str(HERE)))}"
+    if key in sys.modules:
+        return sys.modules[key]
+    path = next((HERE / f for f in _SIBLINGS[name] if (HERE / f).is_file()), None)
+    if path is None:
+        raise BundleError(f"{HERE / _SIBLINGS[name][0]} is missing: this bundle generates text with it; unpack "
+                          "the bundle again, or pack it again with `compress pack`")
+    spec = importlib.util.spec_from_file_location(key, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[key] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - a damaged file: whatever it raises
+        del sys.modules[key]
+        raise BundleError(f"{path} cannot be loaded ({_first_line(exc)}); unpack the bundle again") from None
+    return module
+
+
+def _what_works(bundle: Bundle) -> str:
+    """What this bundle takes on the command line, for messages."""
+    if bundle.generates:
+        return ('it generates text: give prompts, e.g. python run.py "Once upon a time" --max-new-tokens 32 '
+                "(--sample --seed S --top-k K --top-p P --temperature T for seeded sampling)")
+    if bundle.tokenizer is not None:
+        return 'give texts, e.g. python run.py "a sentence" "another one"'
+    return "give arrays: --input x.npy (a model with one input) or --input inputs.npz (one array per input name)"
+
 
 def read_inputs(path: str, bundle: Bundle) -> dict[str, np.ndarray]:
     """The arrays in a .npy (the model's single input) or .npz (arrays by input name) file; never a pickle."""
@@ -263,12 +335,21 @@ def _save(path: str, outputs: dict[str, np.ndarray]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+_GENERATION_OPTIONS = ("max_new_tokens", "sample", "seed", "top_k", "top_p", "temperature", "no_stream")
+
+
 def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.texts and args.input:
         parser.error("give texts or --input, not both")
     if not args.texts and not args.input:
-        parser.error("give texts (text models) or --input FILE.npy / FILE.npz")
+        parser.error("give texts (text models; prompts for language models) or --input FILE.npy / FILE.npz")
     bundle = Bundle(HERE, providers=args.provider)
+    if bundle.generates:
+        return _generate(bundle, args)
+    given = [f"--{n.replace('_', '-')}" for n in _GENERATION_OPTIONS if getattr(args, n) not in (None, False)]
+    if given:
+        raise InputError(f"{', '.join(given)}: only bundles of causal language models generate, and this one's "
+                         f"model does not (task {bundle.info.get('task')!r}); " + _what_works(bundle))
     feed = bundle.encode(args.texts) if args.texts else read_inputs(args.input, bundle)
     outputs = bundle.run(feed)
     if bundle.info.get("pooling") == "mean" and "attention_mask" in feed:
@@ -283,6 +364,28 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _generate(bundle: Bundle, args: argparse.Namespace) -> int:
+    """run.py for a bundle that generates: the continuations as one JSON document; a single prompt's text streams
+    to stderr as it comes (stdout stays one document)."""
+    if args.input or args.save:
+        raise InputError(f"{'--input' if args.input else '--save'}: this bundle's model takes no arrays and "
+                         f"writes none; {_what_works(bundle)}; the tokens and text come in the JSON document")
+    shown: list[str] = []
+
+    def show(text: str) -> None:  # the prompt first, once there is text to follow it
+        sys.stderr.write(text if shown else args.texts[0] + text)
+        sys.stderr.flush()
+        shown.append(text)
+
+    streaming = not args.no_stream and len(args.texts) == 1
+    out = bundle.generate(args.texts, **_sibling("generate").cli_settings(args), on_text=show if streaming else None)
+    if shown:
+        sys.stderr.write("\n")
+    print(json.dumps({"bundle": bundle.info.get("name"), "target": bundle.info.get("target"),
+                      "providers": bundle.providers, **out}, indent=2, allow_nan=False))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit code (see the module docstring)."""
     parser = argparse.ArgumentParser(description="Run this compressor bundle with ONNX Runtime. Exit codes: 0 ok, "
@@ -293,6 +396,15 @@ def main(argv: list[str] | None = None) -> int:
                         "the bundle's target providers that this onnxruntime has")
     parser.add_argument("--save", help="write every output to this .npz file")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+    lm = parser.add_argument_group("causal language models (bundles that generate; the texts are prompts)")
+    lm.add_argument("--max-new-tokens", type=int, help="tokens to generate after each prompt (default 32)")
+    lm.add_argument("--sample", action="store_true", help="sample the tokens (seeded) instead of greedy decoding")
+    lm.add_argument("--seed", type=int, help="--sample: the seed (default 0); the same seed gives the same tokens")
+    lm.add_argument("--top-k", type=int, help="--sample: draw from the K likeliest tokens (default 0: all)")
+    lm.add_argument("--top-p", type=float, help="--sample: draw from the likeliest tokens holding this much "
+                    "probability, in (0, 1] (default 1)")
+    lm.add_argument("--temperature", type=float, help="--sample: divide the logits by this (default 1)")
+    lm.add_argument("--no-stream", action="store_true", help="do not stream a single prompt's text to stderr")
     args = parser.parse_args(argv)
     try:
         return _main(args, parser)

@@ -283,7 +283,8 @@ def inspect(artifact: Path, as_json: bool) -> None:
 def pack(artifact: Path | None, output: Path | None, target: str, dtype: str, list_targets: bool,
          quiet: bool) -> None:
     """Pack ARTIFACT's ONNX model into a deterministic zip bundle for a device: the model (ONNX or ORT format),
-    tokenizer, manifest, bundle.json and run.py, a runner needing only numpy and onnxruntime (+ tokenizers)."""
+    tokenizer, manifest, bundle.json and run.py, a runner needing only numpy and onnxruntime (+ tokenizers); a causal
+    language model's run.py generates (python run.py "prompt" --max-new-tokens N)."""
     import os
 
     from .errors import UsageError

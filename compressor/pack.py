@@ -2,8 +2,9 @@
 
 The bundle holds the model (ONNX, or ONNX Runtime's ORT format for minimal builds), the tokenizer for text
 models, the artifact's manifest, ``bundle.json`` (target, providers, inputs, tokenizer settings, file hashes) and
-``run.py``, a runner that needs only numpy and onnxruntime (plus `tokenizers` for text). Packing the same artifact
-twice gives byte-identical bundles: entries sorted, fixed timestamps and permissions, fixed compression level.
+``run.py``, a runner that needs only numpy and onnxruntime (plus `tokenizers` for text); causal language models
+also get ``generate.py`` and ``decoding.py``, so that run.py generates. Packing the same artifact twice gives
+byte-identical bundles: entries sorted, fixed timestamps and permissions, fixed compression level.
 """
 
 from __future__ import annotations
@@ -23,12 +24,16 @@ from typing import Any
 from .errors import ArtifactError, CompressorError, UsageError
 from .manifest import Manifest
 from .manifest import sha256_file as _sha256
+from .export.onnx_lm import GENERATION_TASK
+from .pack_lm import generation_settings, prefill_inputs
 
 __all__ = ["TARGETS", "Target", "pack_artifact", "targets_text", "BUNDLE_FORMAT", "is_bundle"]
 
 BUNDLE_FORMAT = "compressor-bundle"
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # zip's earliest date: the same for every entry of every bundle
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json")
+# The runner's files in a bundle: name in the bundle -> compressor's module; the last two for causal LMs only.
+_RUNNER = {"run.py": "bundle_runner.py", "generate.py": "bundle_generate.py", "decoding.py": "decoding.py"}
 
 
 @dataclass(frozen=True)
@@ -99,10 +104,10 @@ def _compare(reference_model: Path, candidate_model: Path, artifact: Path, what:
     ``reference_model``'s, on the artifact's example inputs."""
     import numpy as np
 
-    from .ort import run_onnx
     from .loading import load_example_inputs
+    from .ort import ort_session, run_onnx
 
-    inputs = load_example_inputs(artifact)
+    inputs = prefill_inputs(ort_session(reference_model, artifact=True), load_example_inputs(artifact))
     expected_all, got_all = run_onnx(reference_model, inputs, artifact=True), run_onnx(candidate_model, inputs)
     for name, expected in expected_all.items():
         got = got_all[name]
@@ -182,8 +187,9 @@ def _tokenizer(artifact: Path, manifest: Manifest, dst: Path) -> dict[str, Any] 
         tok.backend_tokenizer.save(str(dst / "tokenizer.json"))
     if tok.pad_token is None:
         raise ArtifactError(f"{artifact}: its tokenizer has no padding, end or unknown token to pad batches with")
-    return {"file": "tokenizer.json", "max_length": min(int(tok.model_max_length or 512), 512),
-            "pad_token": tok.pad_token, "pad_id": int(tok.pad_token_id)}
+    settings = {"file": "tokenizer.json", "max_length": min(int(tok.model_max_length or 512), 512),
+                "pad_token": tok.pad_token, "pad_id": int(tok.pad_token_id)}
+    return {**settings, "eos_id": int(tok.eos_token_id)} if tok.eos_token_id is not None else settings
 
 
 def is_bundle(path: Path) -> bool:
@@ -250,8 +256,11 @@ def pack_artifact(artifact: Path, output: Path, target: str = "cpu-x86_64", dtyp
                               stored == "float32", stored=stored, log=log)
         tokenizer = _tokenizer(artifact, manifest, stage)
         shutil.copyfile(artifact / "manifest.json", stage / "manifest.json")
-        shutil.copyfile(Path(__file__).with_name("bundle_runner.py"), stage / "run.py")
         body = _bundle_body(name, target, spec, manifest, staged, tokenizer, artifact)
+        if manifest.task == GENERATION_TASK:
+            body["generation"] = generation_settings(artifact, manifest, tokenizer, body["inputs"])
+        for bundled in _RUNNER if "generation" in body else ["run.py"]:
+            shutil.copyfile(Path(__file__).with_name(_RUNNER[bundled]), stage / bundled)
         if families is not None:
             body["int8_cpu_families"] = families
         body["files"] = {p.relative_to(stage).as_posix(): _sha256(p) for p in sorted(stage.rglob("*")) if p.is_file()}

@@ -164,3 +164,26 @@ def torch_greedy(module, input_ids, new_tokens: int):
             mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
             out = module(input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
     return torch.cat(tokens, dim=1)
+
+
+def bare_environment(tmp_path: Path) -> Path:
+    """A fresh virtual environment holding only numpy, onnxruntime and tokenizers (linked from this one: the
+    tests run offline), and nothing of compressor, torch or transformers."""
+    import importlib.util
+
+    env = tmp_path / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
+    deps = tmp_path / "deps"
+    deps.mkdir()
+    for name in ("numpy", "onnxruntime", "tokenizers"):
+        origin = Path(importlib.util.find_spec(name).origin).parent
+        os.symlink(origin, deps / name)
+        libs = origin.parent / f"{name}.libs"
+        if libs.exists():
+            os.symlink(libs, deps / libs.name)
+    site = next((env / "lib").glob("python*/site-packages"))
+    (site / "bundle-deps.pth").write_text(str(deps) + "\n")
+    python = env / "bin" / "python"
+    check = subprocess.run([str(python), "-c", "import torch"], capture_output=True, text=True)
+    assert check.returncode != 0 and "No module named 'torch'" in check.stderr
+    return python

@@ -15,7 +15,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                      "compressor.encodings", "compressor.model", "compressor.zoo", "compressor.tinylm",
                      "compressor.usercode", "compressor.ort", "compressor.decoding", "compressor.manifest",
                      "compressor.report_format", "compressor.version", "compressor.schema",
-                     "compressor.bundle_runner"]),
+                     "compressor.bundle_runner", "compressor.bundle_generate"]),
     ("data", ["compressor.data"]),
     ("sources", ["compressor.sources"]),
     ("recipe", ["compressor.recipe", "compressor.passes.base"]),
@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("export", ["compressor.export"]),
     ("artifact", ["compressor.loading", "compressor.verify", "compressor.inspect", "compressor.staging"]),
     ("evaluate", ["compressor.evaluate"]),
-    ("release", ["compressor.pack", "compressor.pipeline", "compressor.docs"]),
+    ("release", ["compressor.pack", "compressor.pack_lm", "compressor.pipeline", "compressor.docs"]),
     ("entry points", ["compressor.cli", "compressor.__main__", "compressor"]),
 ]
 
@@ -140,7 +140,7 @@ def test_files_and_functions_stay_small():
 
 
 def test_modules_that_travel_into_bundles_import_nothing_of_compressor():
-    """run.py and decoding.py are copied into bundles, where compressor is not installed."""
+    """run.py, generate.py and decoding.py are copied into bundles, where compressor is not installed."""
     graph = imports(_modules())
-    for name in ("compressor.bundle_runner", "compressor.decoding"):
+    for name in ("compressor.bundle_runner", "compressor.bundle_generate", "compressor.decoding"):
         assert graph[name] == set(), f"{name} imports {sorted(graph[name])}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import zipfile
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, bare_environment, run_cli
 
 CNN_ONNX = "name: cnn\nmodel: {source: zoo, name: digits-cnn}\nexport: {onnx: {}}\n"
 
@@ -221,29 +220,6 @@ def test_pack_for_cuda_narrows_a_float32_export_to_float16(cnn, tmp_path):
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
 
 
-def _bare_environment(tmp_path: Path) -> Path:
-    """A fresh virtual environment holding only numpy, onnxruntime and tokenizers (linked from this one: the
-    tests run offline), and nothing of compressor, torch or transformers."""
-    import importlib.util
-
-    env = tmp_path / "env"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
-    deps = tmp_path / "deps"
-    deps.mkdir()
-    for name in ("numpy", "onnxruntime", "tokenizers"):
-        origin = Path(importlib.util.find_spec(name).origin).parent
-        os.symlink(origin, deps / name)
-        libs = origin.parent / f"{name}.libs"
-        if libs.exists():
-            os.symlink(libs, deps / libs.name)
-    site = next((env / "lib").glob("python*/site-packages"))
-    (site / "bundle-deps.pth").write_text(str(deps) + "\n")
-    python = env / "bin" / "python"
-    check = subprocess.run([str(python), "-c", "import torch"], capture_output=True, text=True)
-    assert check.returncode != 0 and "No module named 'torch'" in check.stderr
-    return python
-
-
 @pytest.mark.slow
 def test_minilm_int8_bundle_reproduces_the_artifact_embeddings_with_only_onnxruntime(tmp_path):
     from compressor.log import Reporter
@@ -267,7 +243,7 @@ def test_minilm_int8_bundle_reproduces_the_artifact_embeddings_with_only_onnxrun
     script = ("import json, sys, numpy as np\nsys.path.insert(0, sys.argv[1])\nfrom run import Bundle\n"
               "vectors = Bundle(sys.argv[1]).embed(json.load(open(sys.argv[2])))\nnp.save(sys.argv[3], vectors)\n"
               "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'compressor')))\n")
-    python = _bare_environment(tmp_path)
+    python = bare_environment(tmp_path)
     proc = subprocess.run([str(python), "-c", script, str(tmp_path / "device" / "minilm-int8-onnx"),
                            str(tmp_path / "texts.json"), str(tmp_path / "bundle.npy")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
