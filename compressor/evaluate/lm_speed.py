@@ -30,11 +30,13 @@ def check_prompt_lengths(generation: Any, config: dict[str, Any] | None) -> None
     limit = (config or {}).get("max_position_embeddings") or (config or {}).get("n_positions")
     if not isinstance(limit, int):
         return
-    longest = max(generation.prompt_lengths + [generation.prompt_tokens + max(generation.new_tokens,
+    longest = max(generation.prompt_lengths + [generation.window,
+                                               generation.prompt_tokens + max(generation.new_tokens,
                                                                               generation.decode_tokens)])
     if longest > limit:
-        raise UsageError(f"evaluate.generation: prompts of up to {longest} tokens (prompt_lengths, or prompt_tokens "
-                         f"plus new/decode tokens) exceed the model's {limit} positions; use shorter ones")
+        raise UsageError(f"evaluate.generation: sequences of up to {longest} tokens (window, prompt_lengths, or "
+                         f"prompt_tokens plus new/decode tokens) exceed the model's {limit} positions; use shorter "
+                         "ones")
 
 
 def _first_token(decoder: Any, ids: np.ndarray) -> float:

@@ -22,7 +22,7 @@ from ..report_format import REPORT_FORMAT, REPORT_VERSION, Report
 from .ratios import ratios
 from .subjects import Subject, artifact_subject, onnx_subject
 
-__all__ = ["evaluate_artifact", "resolve_devices", "check_sequence_lengths"]
+__all__ = ["evaluate_artifact", "resolve_devices", "check_sequence_lengths", "artifact_config"]
 
 
 def resolve_devices(wanted: list[str], require_cuda: bool) -> tuple[list[str], dict[str, str]]:
@@ -70,7 +70,8 @@ def check_sequence_lengths(spec: Any, config: dict[str, Any] | None) -> None:
                          f"{limit} positions (max_position_embeddings); use lengths up to {limit}")
 
 
-def _config(artifact: Path) -> dict[str, Any] | None:
+def artifact_config(artifact: Path) -> dict[str, Any] | None:
+    """The artifact's config.json (a transformers model's), or None where it has none or it is unreadable."""
     try:
         data = json.loads((artifact / "config.json").read_text())
     except (OSError, ValueError):
@@ -211,7 +212,7 @@ def _prepare(artifact: Path, manifest: Manifest, baseline: Subject, spec: Any, b
         from ..data.lm_text import build_lm_text
         from .lm_speed import check_prompt_lengths
 
-        check_prompt_lengths(spec.generation, _config(artifact))
+        check_prompt_lengths(spec.generation, artifact_config(artifact))
         data = build_lm_text(spec.data, spec.generation, artifact=artifact, data_file=data_file)
     else:
         data = build_data(spec.data, artifact=artifact, manifest=manifest, example_inputs=example_inputs,
@@ -219,7 +220,7 @@ def _prepare(artifact: Path, manifest: Manifest, baseline: Subject, spec: Any, b
     log.info(f"evaluation data: {data.name}")
     text = "input_ids" in example_inputs and not lm
     if measure_speed and not lm:
-        check_sequence_lengths(spec, _config(artifact))
+        check_sequence_lengths(spec, artifact_config(artifact))
     candidates = [artifact_subject(artifact, manifest=manifest)]
     candidates += [s for s in (onnx_subject(artifact, manifest),) if s is not None]
     return _Run(spec=spec, log=log, data=data, task=task,

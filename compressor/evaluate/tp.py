@@ -38,8 +38,9 @@ def _mapped_files(root: Path) -> list[str] | None:
 
 
 def _worker(rank: int, world: int, artifact: str, backend: str, rendezvous: str, work: str, task: str | None,
-            threads: int) -> None:
-    """One rank: join the group, load this rank's slices, run every batch; rank 0 saves the outputs."""
+            threads: int, new_tokens: int) -> None:
+    """One rank: join the group, load this rank's slices, run every batch (and, for a causal LM, generate greedy
+    continuations of the prompts, every rank stepping together); rank 0 saves the outputs."""
     import torch
     import torch.distributed as dist
 
@@ -64,9 +65,12 @@ def _worker(rank: int, world: int, artifact: str, backend: str, rendezvous: str,
             for batch in batches:
                 moved = {k: v.to(device) for k, v in batch.items()}
                 outputs.append(primary_output(model(**moved), moved, task).float().cpu())
+        tokens = _generate(model, device, Path(work), new_tokens) if new_tokens else None
         ran = time.perf_counter()
         if rank == 0:
             torch.save(outputs, Path(work) / "outputs.pt")
+            if tokens is not None:
+                torch.save(torch.from_numpy(tokens), Path(work) / "tokens.pt")
         sizes = {f: (Path(artifact) / f).stat().st_size for f in (mapped or [])}
         stats = {"rank": rank, "load_seconds": round(loaded - start, 3), "run_seconds": round(ran - loaded, 3),
                  "mapped_files": mapped, "bytes_mapped": sum(sizes.values()) if mapped is not None else None}
@@ -74,6 +78,17 @@ def _worker(rank: int, world: int, artifact: str, backend: str, rendezvous: str,
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _generate(model: Any, device: Any, work: Path, new_tokens: int) -> Any:
+    """Greedy tokens after the prompts saved in ``work`` (compressor.evaluate.lm's loop, the model's own cache)."""
+    import torch
+
+    from ..decoding import generate
+    from .lm import TorchDecoder
+
+    prompts = torch.load(work / "prompts.pt", weights_only=True).numpy()
+    return generate(TorchDecoder(model, str(device)), prompts, None, new_tokens)
 
 
 def evaluate_tp(artifact: Path, world: int, *, device: str = "cpu", spec: Any = None,
@@ -93,14 +108,22 @@ def evaluate_tp(artifact: Path, world: int, *, device: str = "cpu", spec: Any = 
     backend = "nccl" if device == "cuda" else "gloo"
     spec = spec or EvaluateSpec()
     task = manifest.task
-    data = build_data(spec.data, artifact=artifact, manifest=manifest, example_inputs=load_example_inputs(artifact),
-                      base_dir=artifact)
-    with log.step(f"running {artifact.name} on {world} ranks ({backend}) over {data.name}"):
-        sharded, ranks, seconds = _run_ranks(artifact, world, backend, data, task)
+    lm = task == "text-generation"
+    if lm:  # next-token logits over windows of the text, and greedy continuations
+        data, prompts = _lm_data(artifact, spec)
+    else:
+        data = build_data(spec.data, artifact=artifact, manifest=manifest,
+                          example_inputs=load_example_inputs(artifact), base_dir=artifact)
+        prompts = None
+    new_tokens = spec.generation.new_tokens if lm else 0
+    with log.step(f"running {artifact.name} on {world} ranks ({backend}) over {data.name}"
+                  + (f", generating {len(prompts)} x {new_tokens} tokens" if lm else "")):
+        sharded, ranks, seconds, tokens = _run_ranks(artifact, world, backend, data, task, prompts, new_tokens)
     with log.step("running the same artifact loaded whole"):
         whole_device = "cuda" if device == "cuda" else "cpu"
         whole = load(artifact, device=whole_device)
         reference = run_outputs(whole, data, whole_device, task)
+        greedy = _compare_greedy(whole, whole_device, prompts, new_tokens, tokens) if lm else None
     classifier = data.metric == "top1_accuracy" or str(task or "").endswith("classification")
     fid = fidelity(reference, sharded, classifier)
     metric_whole, metric_tp = task_metric(data, reference), task_metric(data, sharded)
@@ -123,13 +146,67 @@ def evaluate_tp(artifact: Path, world: int, *, device: str = "cpu", spec: Any = 
         "fidelity": fid,
         "metric": {"whole": metric_whole, "tensor_parallel": metric_tp},
         "min_cosine": min_cosine,
-        "passed": fid["cos_min"] >= min_cosine,
+        "passed": fid["cos_min"] >= min_cosine and (greedy is None or greedy["exact"] == greedy["prompts"]),
+        "greedy": greedy,
         "seconds": round(seconds, 2),
         "files": weights,
         "ranks": ranks,
     }
     _atomic_write(artifact / TP_REPORT, (json.dumps(clean_json(report), indent=2) + "\n").encode())
     return report
+
+
+def _lm_data(artifact: Path, spec: Any) -> tuple[Any, Any]:
+    """A causal LM's evaluation text as model inputs (each window but its last token) and its prompts."""
+    import torch
+
+    from ..data.lm_text import build_lm_text
+    from .lm import prompt_batch
+
+    from ..data.datasets import EvalData, tokenizer_for
+    from ..loading import load_example_inputs
+    from .lm_speed import check_prompt_lengths
+    from .runner import artifact_config
+
+    if tokenizer_for(artifact) is None:  # no text without a tokenizer: the example prompts
+        example = load_example_inputs(artifact)
+        ids, mask = example["input_ids"], example.get("attention_mask")
+        rows = [r[m.bool()] if mask is not None else r for r, m in zip(ids, mask if mask is not None else ids)]
+        width = min(min(len(r) for r in rows), spec.generation.prompt_tokens)
+        windows = torch.stack([r[:width] for r in rows])
+        batch = {"input_ids": windows, "attention_mask": torch.ones_like(windows)}
+        return EvalData(name="example inputs", metric=None, batches=[batch]), windows
+    check_prompt_lengths(spec.generation, artifact_config(artifact))
+    data = build_lm_text(spec.data, spec.generation, artifact=artifact, data_file=None if spec.data.path is None
+                         else _copied(artifact, spec.data.path))
+    prompts = torch.from_numpy(prompt_batch(data, spec.generation.prompts, spec.generation.prompt_tokens))
+    for batch in data.batches:
+        ids = batch.pop("input_ids")[:, :-1]
+        batch.update(input_ids=ids, attention_mask=torch.ones_like(ids))
+    data.metric = None  # the comparison is whole against sharded, logits and continuations
+    return data, prompts
+
+
+def _copied(artifact: Path, path: str) -> Path:
+    """The artifact's copy of the recipe's evaluation text (`compress run` puts it in eval/)."""
+    copied = artifact / "eval" / Path(path).name
+    if not copied.is_file():
+        raise UsageError(f"the evaluation text {path} is not in the artifact ({artifact}/eval/); re-run "
+                         "`compress run`, which copies it there")
+    return copied
+
+
+def _compare_greedy(whole: Any, device: str, prompts: Any, new_tokens: int, tokens: Any) -> dict[str, Any]:
+    """The whole model's greedy continuations against the ranks': how many are identical, token for token."""
+    from ..decoding import generate
+    from .lm import TorchDecoder
+
+    expected = generate(TorchDecoder(whole, device), prompts.numpy(), None, new_tokens)
+    got = tokens.numpy()
+    same = (expected.shape == got.shape) and bool((expected == got).all())
+    exact = int((expected == got).all(axis=1).sum()) if expected.shape == got.shape else 0
+    return {"prompts": int(prompts.shape[0]), "prompt_tokens": int(prompts.shape[1]), "new_tokens": new_tokens,
+            "exact": exact, "identical": same}
 
 
 def _checked(artifact: Path, world: int, device: str) -> tuple[Manifest, dict[str, Any]]:
@@ -155,20 +232,23 @@ def _checked(artifact: Path, world: int, device: str) -> tuple[Manifest, dict[st
     return manifest, plan
 
 
-def _run_ranks(artifact: Path, world: int, backend: str, data: Any, task: str | None
-               ) -> tuple[list[Any], list[dict[str, Any]], float]:
-    """Run the data through ``world`` spawned ranks: (rank 0's gathered outputs, each rank's stats, seconds)."""
+def _run_ranks(artifact: Path, world: int, backend: str, data: Any, task: str | None, prompts: Any,
+               new_tokens: int) -> tuple[list[Any], list[dict[str, Any]], float, Any]:
+    """Run the data through ``world`` spawned ranks: (rank 0's gathered outputs, each rank's stats, seconds, the
+    greedy tokens after ``prompts`` or None)."""
     import torch
     import torch.multiprocessing as mp
 
     threads = max(1, (os.cpu_count() or 1) // world)
     with tempfile.TemporaryDirectory(prefix="compress-tp-") as work:
         torch.save(data.batches, Path(work) / "batches.pt")
+        if prompts is not None:
+            torch.save(prompts, Path(work) / "prompts.pt")
         start = time.perf_counter()
         try:
             # A file in this run's own directory: no port to race other runs for.
             rendezvous = f"file://{Path(work) / 'rendezvous'}"
-            mp.start_processes(_worker, args=(world, str(artifact), backend, rendezvous, work, task, threads),
+            mp.start_processes(_worker, args=(world, str(artifact), backend, rendezvous, work, task, threads, new_tokens),
                                nprocs=world, join=True, start_method="spawn")
         except mp.ProcessRaisedException as exc:
             raise CompressorError(f"a tensor-parallel rank failed:\n{exc}") from None
@@ -177,7 +257,8 @@ def _run_ranks(artifact: Path, world: int, backend: str, data: Any, task: str | 
         seconds = time.perf_counter() - start
         sharded = torch.load(Path(work) / "outputs.pt", weights_only=True)
         ranks = [json.loads((Path(work) / f"rank{r}.json").read_text()) for r in range(world)]
-    return sharded, ranks, seconds
+        tokens = torch.load(Path(work) / "tokens.pt", weights_only=True) if prompts is not None else None
+    return sharded, ranks, seconds, tokens
 
 
 def tp_summary_lines(report: dict[str, Any]) -> list[str]:
@@ -186,6 +267,10 @@ def tp_summary_lines(report: dict[str, Any]) -> list[str]:
     lines = [f"tp {report['tensor_parallel']} ({report['backend']}, {report['device']}): cos min {fid['cos_min']:.7f}, "
              f"max abs err {fid['max_abs_err']:.3g} vs the artifact loaded whole "
              f"({'pass' if report['passed'] else 'FAIL'}: min cosine >= {report['min_cosine']})"]
+    greedy = report.get("greedy")
+    if greedy:
+        lines.append(f"greedy continuations: {greedy['exact']}/{greedy['prompts']} identical to the whole model's "
+                     f"({greedy['new_tokens']} tokens after {greedy['prompt_tokens']}-token prompts)")
     whole, tp = report["metric"]["whole"], report["metric"]["tensor_parallel"]
     if whole and tp:
         lines.append(f"{whole['label']}: whole {whole['value']:.2f}, tensor-parallel {tp['value']:.2f}")

@@ -134,3 +134,16 @@ def test_prompt_lengths_beyond_the_models_positions_are_refused_before_any_measu
         evaluate_artifact(artifact, baseline=source_subject({"source": "zoo", "name": "tiny-lm"}, tmp_path),
                           spec=spec, log=Reporter(quiet=True))
     assert not (artifact / "report.json").exists()
+
+
+def test_the_sharded_zoo_lm_generates_tensor_parallel_as_it_does_whole(tmp_path: Path, tiny_lm):
+    (tmp_path / "recipe.yaml").write_text(
+        "name: tiny-lm-tp2\nmodel: {source: zoo, name: tiny-lm}\npasses:\n  - shard: {tensor_parallel: 2}\n"
+        "evaluate:\n" + _quick_yaml())
+    assert run_cli("run", str(tmp_path / "recipe.yaml"), "-o", str(tmp_path / "out")).returncode == 0
+    proc = run_cli("eval", str(tmp_path / "out"), "--tp", "2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "greedy continuations: 4/4 identical" in proc.stdout
+    report = json.loads((tmp_path / "out" / "tp-report.json").read_text())
+    assert report["data"].startswith("held-out-text") and report["fidelity"]["max_abs_err"] <= 1e-4
+    assert report["greedy"] == {"prompts": 4, "prompt_tokens": 16, "new_tokens": 8, "exact": 4, "identical": True}

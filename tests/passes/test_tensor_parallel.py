@@ -153,10 +153,13 @@ def test_decoders_shard_at_tp2_and_match_their_unsharded_logits(tmp_path, kind):
     else:
         assert plan["modules"]["model.layers.0.self_attn.k_proj"]["style"] == "colwise"
         assert plan["modules"]["model.layers.1.mlp.down_proj"]["style"] == "rowwise"
-    if kind == "llama":  # GPT-2 runs tensor-parallel in test_gpt2_tp2_runs_in_a_user_process_group
-        report = _eval_tp(out, 2)
-        assert report["fidelity"]["max_abs_err"] <= 1e-4
-        assert report["data"] == "example inputs"
+    # Both families run tensor-parallel (GPT-2 also in a user's own process group, below) and generate: every rank
+    # steps its own slice of the KV cache, and the continuations are the whole model's.
+    report = _eval_tp(out, 2)
+    assert report["fidelity"]["max_abs_err"] <= 1e-4
+    assert report["data"] == "example inputs"
+    assert report["greedy"]["identical"] and report["greedy"]["new_tokens"] == 32
+    assert report["greedy"]["exact"] == report["greedy"]["prompts"] >= 1
     # The whole artifact is the source model exactly.
     from transformers import AutoModelForCausalLM
 
