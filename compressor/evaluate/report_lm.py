@@ -8,8 +8,8 @@ from typing import Any
 __all__ = ["md_lm", "lm_summary"]
 
 
-def _n(value: Any, fmt: str = ".2f") -> str:
-    return "–" if value is None else format(value, fmt)
+def _n(value: Any, fmt: str = ".2f", unit: str = "") -> str:
+    return "–" if value is None else format(value, fmt) + unit
 
 
 def _name(row: dict[str, Any]) -> str:
@@ -30,9 +30,9 @@ def md_lm(results: list[dict[str, Any]]) -> list[str]:
         greedy = lm.get("greedy") or {}
         exact = f"{greedy['exact']}/{greedy['prompts']}" if greedy else "–"
         lines.append(f"| {_name(row)} | {row['device']} | {_n(lm.get('perplexity'), '.3f')} "
-                     f"| {_n(ratios.get('perplexity_increase'), '+.2f')} % | {_n(top1)} % "
-                     f"| {_n(lm.get('token_agreement'))} % | {_n(lm.get('kl_mean'), '.4g')} | {exact} "
-                     f"| {_n(greedy.get('tokens_equal'), '.1f')} % |")
+                     f"| {_n(ratios.get('perplexity_increase'), '+.2f', ' %')} | {_n(top1, '.2f', ' %')} "
+                     f"| {_n(lm.get('token_agreement'), '.2f', ' %')} | {_n(lm.get('kl_mean'), '.4g')} | {exact} "
+                     f"| {_n(greedy.get('tokens_equal'), '.1f', ' %')} |")
     first = next((r["lm"].get("greedy") for r in rows if r["lm"].get("greedy")), None)
     tokens = rows[0]["lm"].get("tokens")
     lines += ["", f"Scored on {tokens:,} next tokens of the evaluation text; agreement and KL are to the baseline's "
