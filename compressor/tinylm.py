@@ -104,8 +104,12 @@ def tiny_lm_path(log: Callable[[str], None] | None = None) -> Path:
 
     from .zoo import cache_dir
 
-    version = torch.__version__.split("+")[0]
-    path = cache_dir() / "zoo" / f"{NAME}-v{TRAINING_VERSION}-torch{version}-{corpus_sha256()[:12]}"
+    from importlib.metadata import version as installed
+
+    # What decides the trained bits: the recipe of training, torch (kernels, initialisation), transformers (the
+    # model's code), tokenizers (the BPE trainer) and the corpus.
+    versions = f"torch{torch.__version__.split('+')[0]}-tf{installed('transformers')}-tok{installed('tokenizers')}"
+    path = cache_dir() / "zoo" / f"{NAME}-v{TRAINING_VERSION}-{versions}-{corpus_sha256()[:12]}"
     if (path / "training.json").is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -211,7 +211,9 @@ def _prepare(artifact: Path, manifest: Manifest, baseline: Subject, spec: Any, b
     if lm:
         from ..data.lm_text import build_lm_text
         from .lm_speed import check_prompt_lengths
+        from .runner_lm import check_corpus
 
+        check_corpus(manifest, log)
         check_prompt_lengths(spec.generation, artifact_config(artifact))
         data = build_lm_text(spec.data, spec.generation, artifact=artifact, data_file=data_file)
     else:

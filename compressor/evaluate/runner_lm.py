@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["measure_lm", "lm_rows"]
+__all__ = ["measure_lm", "lm_rows", "check_corpus"]
 
 
 def measure_lm(run: Any, device: str, models: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any],
@@ -57,3 +57,18 @@ def lm_rows(rows: list[dict[str, Any]], subjects: list[Any], lm: dict[str, Any])
         ttft = [d["speedup"] for d in entry.get("ttft") or [] if d.get("speedup") is not None]
         ratios["decode_speedup"] = min(decode) if decode else None
         ratios["ttft_speedup"] = min(ttft) if ttft else None
+
+
+def check_corpus(manifest: Any, log: Any) -> None:
+    """Warn when the zoo LM of this machine was trained on another corpus than the artifact's (another CPython
+    release ships other prose): the baseline is then another model, and so is the held-out text."""
+    recorded = manifest.source.get("corpus_sha256")
+    if not recorded or manifest.source.get("kind") != "zoo":
+        return
+    from ..tinylm import corpus_sha256
+
+    if recorded != corpus_sha256():
+        log.warn(f"the artifact's tiny-lm was trained on a corpus with sha256 {recorded[:12]}..., this Python's is "
+                 f"{corpus_sha256()[:12]}... (another CPython release): the baseline and the held-out text here are "
+                 "not the artifact's, so the comparison is between different models; evaluate on the Python the "
+                 "artifact was made with")

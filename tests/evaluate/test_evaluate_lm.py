@@ -147,3 +147,20 @@ def test_the_sharded_zoo_lm_generates_tensor_parallel_as_it_does_whole(tmp_path:
     report = json.loads((tmp_path / "out" / "tp-report.json").read_text())
     assert report["data"].startswith("held-out-text") and report["fidelity"]["max_abs_err"] <= 1e-4
     assert report["greedy"] == {"prompts": 4, "prompt_tokens": 16, "new_tokens": 8, "exact": 4, "identical": True}
+
+
+def test_an_artifact_of_another_corpus_is_flagged_before_it_is_compared():
+    import io
+    from types import SimpleNamespace
+
+    from compressor.evaluate.runner_lm import check_corpus
+    from compressor.tinylm import corpus_sha256
+
+    stream = io.StringIO()
+    check_corpus(SimpleNamespace(source={"kind": "zoo", "name": "tiny-lm", "corpus_sha256": "0" * 64}),
+                 Reporter(stream, force_plain=True))
+    assert "another CPython release" in stream.getvalue()
+    stream = io.StringIO()
+    check_corpus(SimpleNamespace(source={"kind": "zoo", "name": "tiny-lm", "corpus_sha256": corpus_sha256()}),
+                 Reporter(stream, force_plain=True))
+    assert stream.getvalue() == ""
