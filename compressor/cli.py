@@ -174,13 +174,16 @@ def eval_(artifact: Path, baseline: str | None, device: str | None, no_gates: bo
     from .evaluate import evaluate_artifact
     from .evaluate.subjects import baseline_from_argument, baseline_from_manifest
     from .log import Reporter
-    subject = baseline_from_argument(baseline, manifest) if baseline else baseline_from_manifest(artifact, manifest)
-    devices = None if device is None else (["cpu", "cuda"] if device == "all" else [device])
     log = Reporter(quiet=quiet)
+    with log.active():  # a zoo baseline trained at first use reports through it
+        subject = baseline_from_argument(baseline, manifest) if baseline else baseline_from_manifest(artifact,
+                                                                                                    manifest)
+    devices = None if device is None else (["cpu", "cuda"] if device == "all" else [device])
     previous = signal.signal(signal.SIGTERM, _sigterm)  # temporary files and child processes are cleaned up
     try:
-        report = evaluate_artifact(artifact, baseline=subject, spec=spec, gates=gates, devices=devices, log=log,
-                                   raise_on_gate=False, measure_speed=not no_speed)
+        with log.active():
+            report = evaluate_artifact(artifact, baseline=subject, spec=spec, gates=gates, devices=devices,
+                                       log=log, raise_on_gate=False, measure_speed=not no_speed)
     finally:
         signal.signal(signal.SIGTERM, previous)
     _finish_evaluation(report, artifact, quiet, manifest.name)

@@ -6,10 +6,24 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime, timezone
 from typing import TextIO
 
-__all__ = ["Reporter"]
+__all__ = ["Reporter", "progress"]
+
+# The reporter of the run in progress, for code far below the pipeline that reports long work of its own (the zoo
+# training a model at first use) without a reporter handed down through every layer.
+_ACTIVE: ContextVar[Reporter | None] = ContextVar("compressor_reporter", default=None)
+
+
+def progress(text: str) -> None:
+    """A progress note through the active run's reporter (quiet runs stay quiet), else on stderr."""
+    reporter = _ACTIVE.get()
+    if reporter is not None:
+        reporter.info(text)
+    else:
+        print(f"compress: {text}", file=sys.stderr, flush=True)
 
 
 class Reporter:
@@ -28,6 +42,15 @@ class Reporter:
     def _plain(self, text: str) -> None:
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         print(f"{stamp} compress: {text}", file=self.stream, flush=True)
+
+    @contextmanager
+    def active(self) -> Iterator[Reporter]:
+        """Make this the reporter :func:`progress` writes to, for the block."""
+        token = _ACTIVE.set(self)
+        try:
+            yield self
+        finally:
+            _ACTIVE.reset(token)
 
     def info(self, text: str) -> None:
         """A progress note."""

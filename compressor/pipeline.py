@@ -39,8 +39,10 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, reporter: Reporter |
     carrying the recipe's file:line:col of the key that caused it."""
     from .errors import RecipeError
 
+    reporter = reporter or Reporter()
     try:
-        return _run(recipe, out_dir, reporter)
+        with reporter.active():
+            return _run(recipe, out_dir, reporter)
     except RecipeError as exc:
         raise recipe.locate(exc) from exc
 

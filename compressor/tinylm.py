@@ -130,10 +130,11 @@ def tiny_lm_path(log: Callable[[str], None] | None = None) -> Path:
 
 
 def _stderr(message: str) -> None:
-    """Progress of first-use training (minutes) when no reporter is given: on stderr, like compress's own."""
-    import sys
+    """Progress of first-use training (a minute) when no ``log`` is given: through the active run's reporter
+    (silent under --quiet), else on stderr like compress's own."""
+    from .log import progress
 
-    print(f"compress: {message}", file=sys.stderr, flush=True)
+    progress(message)
 
 
 def _tokenizer(texts: list[str], vocab_size: int) -> Any:

@@ -44,3 +44,19 @@ def test_the_trained_model_beats_a_unigram_model_clearly_and_loads_with_transfor
     assert tok.decode(ids[0]).startswith(tinylm.held_out_texts()[3][:40])  # byte-level BPE: lossless
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_first_use_training_reports_through_the_active_reporter_and_is_silent_when_quiet(capsys):
+    import io
+
+    from compressor import tinylm
+    from compressor.log import Reporter
+
+    loud, quiet = io.StringIO(), io.StringIO()
+    with Reporter(loud, force_plain=True).active():
+        tinylm._stderr("tiny-lm: step 1/200")
+    with Reporter(quiet, quiet=True).active():
+        tinylm._stderr("tiny-lm: step 2/200")
+    assert "compress: tiny-lm: step 1/200" in loud.getvalue() and quiet.getvalue() == ""
+    tinylm._stderr("tiny-lm: step 3/200")  # no run in progress: stderr, as compress prints
+    assert "compress: tiny-lm: step 3/200" in capsys.readouterr().err
