@@ -236,9 +236,12 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
 
 
 def read_text_documents(path: Path) -> list[str]:
-    """The documents of a user's text file: ``.txt`` paragraphs, or the ``text`` of every ``.jsonl`` row."""
-    if path.suffix.lower() == ".jsonl":
-        return [_field(path, row, "text", str) for row in _read_jsonl(path)]
+    """The documents of a user's text file: ``.txt`` paragraphs, or the ``text`` of every ``.jsonl``/``.csv`` row."""
+    if path.suffix.lower() in (".jsonl", ".csv"):
+        rows = _read_jsonl(path) if path.suffix.lower() == ".jsonl" else _read_csv(path)
+        if not rows:
+            raise UsageError(f"evaluation text {path} has no rows; give rows of {{\"text\": ...}}")
+        return [_field(path, row, "text", str) for row in rows]
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -255,7 +258,10 @@ def check_data_file(path: Path) -> str:
     if path.suffix.lower() == ".txt":
         read_text_documents(path)
         return "lm-text"
-    return _read_rows(path)[1]
+    kind = _read_rows(path)[1]
+    if kind == "lm-text":
+        read_text_documents(path)  # every row's text a string, now rather than after the passes
+    return kind
 
 
 def _read_rows(path: Path) -> tuple[list[dict[str, Any]], str]:
@@ -273,14 +279,14 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], str]:
 
 def _kind(path: Path, row: dict[str, Any]) -> str:
     keys = set(row) - {"__line__"}
-    if keys == {"text"}:
-        return "lm-text"
     if {"query", "passage"} <= keys:
         return "pairs"
     if {"text", "label"} <= keys:
         return "text"
     if "label" in keys:
         return "numeric"
+    if "text" in keys:  # text without labels (other columns such as an id ignored): what a causal LM is scored on
+        return "lm-text"
     raise UsageError(f"{path}:{row['__line__']}: cannot tell what the rows hold (columns: {', '.join(sorted(keys))});"
                      " use query/passage pairs, text/label rows, a label with numeric inputs, or text rows alone "
                      "(causal LMs)")

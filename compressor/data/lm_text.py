@@ -37,6 +37,11 @@ def lm_windows(ids: torch.Tensor, window: int, max_tokens: int) -> torch.Tensor:
 def build_lm_text(spec: Any, generation: Any, *, artifact: Path, data_file: Path | None) -> EvalData:
     """EvalData of a causal LM: batches of ``{"input_ids": (n, window + 1)}`` windows, metric ``next_token_top1``
     and the documents as ``texts``. ``spec`` is ``evaluate.data``, ``generation`` ``evaluate.generation``."""
+    if spec.path is not None and data_file is None:  # `compress eval`: the artifact's copy (compress run's eval/)
+        data_file = artifact / "eval" / Path(spec.path).name
+        if not data_file.is_file():
+            raise UsageError(f"the evaluation text {spec.path} is not in the artifact ({artifact}/eval/); re-run "
+                             "`compress run`, which copies it there")
     name, docs = _documents(spec, data_file)
     tok = tokenizer_for(artifact)
     if tok is None:

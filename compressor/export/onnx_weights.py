@@ -53,7 +53,21 @@ def int8_weights(proto: onnx.ModelProto, model: Model) -> dict[str, Any]:
     if not wanted:
         return {"initializers": {}, "bytes_saved": 0}
     nodes, found, saved = [], {}, 0
-    for init in proto.graph.initializer:
+    graph = proto.graph
+    taken = ({i.name for i in graph.initializer} | {i.name for i in graph.input} | {o.name for o in graph.output}
+             | {v.name for v in graph.value_info} | {n.name for n in graph.node}
+             | {t for n in graph.node for t in (*n.input, *n.output)})
+
+    def fresh(name: str) -> str:
+        """``name``, or ``name_2``, ``name_3``... where the graph already has it (a parameter `weight_scale`)."""
+        out, k = name, 1
+        while out in taken:
+            k += 1
+            out = f"{name}_{k}"
+        taken.add(out)
+        return out
+
+    for init in graph.initializer:
         if init.data_type != TensorProto.FLOAT or len(init.dims) != 2:
             continue
         array = numpy_helper.to_array(init)
@@ -67,14 +81,14 @@ def int8_weights(proto: onnx.ModelProto, model: Model) -> dict[str, Any]:
         # Per channel: one scale per row of the torch weight, a column of the transposed initializer.
         shape = (1, 1) if scale.ndim == 0 else ((-1, 1) if axis == 0 else (1, -1))
         base = init.name
-        init.CopyFrom(numpy_helper.from_array(q, base + "_int8"))
-        proto.graph.initializer.append(numpy_helper.from_array(scale.reshape(shape), base + "_scale"))
-        nodes += [helper.make_node("Cast", [base + "_int8"], [base + "_int8_float"], name=base + "/int8_cast",
+        q_name, scale_name, float_name = fresh(base + "_int8"), fresh(base + "_scale"), fresh(base + "_int8_float")
+        init.CopyFrom(numpy_helper.from_array(q, q_name))
+        graph.initializer.append(numpy_helper.from_array(scale.reshape(shape), scale_name))
+        nodes += [helper.make_node("Cast", [q_name], [float_name], name=fresh(base + "/int8_cast"),
                                    to=TensorProto.FLOAT),
-                  helper.make_node("Mul", [base + "_int8_float", base + "_scale"], [base],
-                                   name=base + "/int8_dequantize")]
+                  helper.make_node("Mul", [float_name, scale_name], [base], name=fresh(base + "/int8_dequantize"))]
         found[base] = name
         saved += array.nbytes - q.nbytes - scale.nbytes
     for node in reversed(nodes):  # before every consumer: the graph's nodes must stay in topological order
-        proto.graph.node.insert(0, node)
+        graph.node.insert(0, node)
     return {"initializers": dict(sorted(found.items())), "bytes_saved": int(saved)}

@@ -432,10 +432,11 @@ def test_data_shorthand(shorthand, field, value):
 
 
 @pytest.mark.parametrize("data, expected", [
-    ("imagenet", "is not a built-in data set (digits, digits-train, text-pairs, calibration-text), a .jsonl/.csv file or a module:function"),
+    ("imagenet", "is not a built-in data set (digits, digits-train, text-pairs, calibration-text, held-out-text), a "
+                 ".jsonl/.csv/.txt file or a module:function"),
     ("{builtin: digits, path: x.jsonl}", "give one of builtin, path and function, not builtin and path"),
     ("{path: x.jsonl, function: m:f}", "not path and function"),
-    ("{path: rows.txt}", "only .jsonl and .csv files are read"),
+    ("{path: rows.parquet}", "only .jsonl, .csv and .txt files are read"),
     ("{function: 'not a function'}", "write it as module:function"),
     ("{builtin: mnist}", "not a valid value"),
 ])
