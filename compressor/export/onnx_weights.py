@@ -26,20 +26,22 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _quantized(model: Model) -> dict[str, tuple[str, int, dict[str, Any]]]:
-    """{sha256 of the float32 bytes: (tensor name, axis of the scales, stored int8 form)} of every weight-only
-    int8 tensor, as stored (axis 0) and transposed (axis 1)."""
+def _quantized(model: Model) -> dict[tuple[tuple[int, ...], str], tuple[str, int, dict[str, Any]]]:
+    """{(shape, sha256 of the float32 bytes): (tensor name, axis of the scales, stored int8 form)} of every
+    weight-only int8 tensor, as stored (axis 0) and transposed (axis 1). The shape is part of the key: a constant
+    (e.g. all-zero) matrix has the same bytes as its transpose, and as any matrix of that many equal values."""
     from ..encodings import Int8
 
     state = model.module.state_dict()
-    out: dict[str, tuple[str, int, dict[str, Any]]] = {}
+    out: dict[tuple[tuple[int, ...], str], tuple[str, int, dict[str, Any]]] = {}
     for name, encoding in model.encodings.items():
         if not isinstance(encoding, Int8) or name not in state or state[name].dim() != 2:
             continue
         tensor = state[name].detach().float().cpu().contiguous()
         stored = encoding.encode(tensor)
-        out[_digest(tensor.numpy().tobytes())] = (name, 0, stored)
-        out[_digest(tensor.t().contiguous().numpy().tobytes())] = (name, 1, stored)
+        transposed = tensor.t().contiguous()
+        out[(tuple(transposed.shape), _digest(transposed.numpy().tobytes()))] = (name, 1, stored)
+        out[(tuple(tensor.shape), _digest(tensor.numpy().tobytes()))] = (name, 0, stored)  # a square one: as stored
     return out
 
 
@@ -71,7 +73,7 @@ def int8_weights(proto: onnx.ModelProto, model: Model) -> dict[str, Any]:
         if init.data_type != TensorProto.FLOAT or len(init.dims) != 2:
             continue
         array = numpy_helper.to_array(init)
-        hit = wanted.get(_digest(np.ascontiguousarray(array, dtype=np.float32).tobytes()))
+        hit = wanted.get((tuple(array.shape), _digest(np.ascontiguousarray(array, dtype=np.float32).tobytes())))
         if hit is None:
             continue
         name, axis, stored = hit
