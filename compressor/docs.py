@@ -93,6 +93,7 @@ def recipe_reference() -> str:
         ("`evaluate`", r.EvaluateSpec),
         ("`evaluate.data`", r.DataSpec),
         ("`evaluate.speed`", r.SpeedSpec),
+        ("`evaluate.generation`", r.GenerationSpec),
         ("`gates`", r.GatesSpec),
         ("a gate threshold (a number, or this mapping)", r.Threshold),
     ]

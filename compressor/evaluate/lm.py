@@ -61,9 +61,15 @@ def decoder_for(model: Any, device: str) -> Any:
 
 
 def _logits(model: Any, ids: torch.Tensor, device: str) -> torch.Tensor:
+    from ..errors import UsageError
+
     with torch.inference_mode():
         out = model(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device))
-    return out.logits.float().cpu()
+    logits = getattr(out, "logits", None)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        raise UsageError(f"{type(model).__name__} returns no next-token logits: it is not a causal language model, "
+                         "and a causal LM is compared with one (give a causal LM as --baseline)")
+    return logits.float().cpu()
 
 
 class _Tally:
@@ -82,6 +88,12 @@ class _Tally:
         self.positions += tgt.numel()
         if base is None:
             return
+        if base.shape != logits.shape:
+            from ..errors import UsageError
+
+            raise UsageError(f"the baseline's logits have shape {list(base.shape)}, the artifact's "
+                             f"{list(logits.shape)}: their vocabularies differ, so no token of one is a token of the "
+                             "other; compare with the model the artifact was made from")
         base = base.reshape(-1, base.shape[-1])
         base_logp = F.log_softmax(base, dim=-1)
         self.kl += float((base_logp.exp() * (base_logp - logp)).sum())

@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
     rss_before = _status_mb().get("VmRSS", 0.0)
 
     start = time.perf_counter()
-    module = load_module(spec, device)
+    module = load_module(spec, device, args.get("threads"))
     if cuda:
         torch.cuda.synchronize()
     loaded = time.perf_counter()

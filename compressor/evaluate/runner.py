@@ -243,7 +243,7 @@ def _measure_device(run: _Run, device: str) -> list[dict[str, Any]]:
 
     log = run.log
     with log.step(f"{device}: loading {', '.join(s.label for s in run.subjects)}"):
-        models = {s.key: load_module(s.spec, device) for s in run.subjects}
+        models = {s.key: load_module(s.spec, device, run.spec.speed.threads) for s in run.subjects}
     onnx_candidate = next((c for c in run.candidates if c.format == "onnx"), None)
     if run.lm:
         from .runner_lm import measure_lm

@@ -176,8 +176,9 @@ def preimport(spec: dict[str, Any]) -> None:
         source_preimport(spec["model"], Path(spec["base_dir"]))
 
 
-def load_module(spec: dict[str, Any], device: str = "cpu") -> Any:
-    """Load a subject's model onto ``device``, in eval mode; for timing, this is all that is timed."""
+def load_module(spec: dict[str, Any], device: str = "cpu", threads: int | None = None) -> Any:
+    """Load a subject's model onto ``device``, in eval mode; for timing, this is all that is timed. ``threads``:
+    ONNX Runtime's intra-op threads (torch's are the process's, set by the caller), so both run on as many."""
     import torch
 
     if spec["kind"] == "artifact":
@@ -185,7 +186,7 @@ def load_module(spec: dict[str, Any], device: str = "cpu") -> Any:
 
         return load(spec["path"], device=device)
     if spec["kind"] == "onnx":
-        return OrtModule(Path(spec["path"]), device)
+        return OrtModule(Path(spec["path"]), device, threads=threads)
     from ..sources import baseline_module
 
     module = baseline_module(spec["model"], Path(spec["base_dir"]))
@@ -209,11 +210,11 @@ class OrtModule:
     KV-cache decoder (compressor.decoding) is called like a transformers model without a cache: given
     ``input_ids`` and ``attention_mask``, it gets an empty cache and the positions, and returns the logits."""
 
-    def __init__(self, path: Path, device: str = "cpu", unfused: bool = False) -> None:
+    def __init__(self, path: Path, device: str = "cpu", unfused: bool = False, threads: int | None = None) -> None:
         from ..decoding import OrtDecoder, is_decoder
         from ..ort import ort_session
 
-        self.session = ort_session(path, device, unfused, artifact=True)
+        self.session = ort_session(path, device, unfused, threads, artifact=True)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.decoder = OrtDecoder(self.session) if is_decoder(self.session) else None

@@ -62,6 +62,7 @@ def _float16(model: onnx.ModelProto, float32_io: bool, kept_modules: list[str]) 
             raise CompressorError(f"ONNX Runtime's float16 converter failed on this graph: "
                                   f"{type(exc).__name__}: {exc}") from exc
     _unique_node_names(narrowed.graph)
+    round_trips = _drop_round_trips(narrowed.graph, set(blocked))
     ops = {n.op_type for n in model.graph.node}
     report = {
         "dtype": "float16",
@@ -72,7 +73,44 @@ def _float16(model: onnx.ModelProto, float32_io: bool, kept_modules: list[str]) 
         "ops_without_float16_kernels": sorted(ops & set(DEFAULT_OP_BLOCK_LIST)),
         "float_bytes": {"before": before, "after": _float_bytes(narrowed)},
     }
+    if round_trips:  # recorded where it happened (graphs without any stay byte-identical to earlier versions')
+        report["float16_round_trips_removed"] = round_trips
     return narrowed, report
+
+
+def _drop_round_trips(graph: Any, blocked: set[str]) -> int:
+    """Repair what the converter does between two nodes kept in float32: it casts the first one's output to float16
+    and back before the second reads it, so every intermediate of a kept module passes through float16 anyway. A
+    Llama RMSNorm's mean of squares (the residual stream squared, over 65,504 once it exceeds 256) becomes inf there,
+    and the model's output garbage. Each float32 -> float16 -> float32 round trip whose source a kept node computed
+    is bypassed (its consumers read the float32 tensor itself) and casts nobody reads are removed. Returns how many
+    round trips were bypassed."""
+    from onnx import TensorProto
+
+    def to(node: Any) -> int | None:
+        return next((a.i for a in node.attribute if a.name == "to"), None)
+
+    float32 = {o for n in graph.node if n.name in blocked for o in n.output}
+    float32 |= {i.name for i in graph.input if i.type.tensor_type.elem_type == TensorProto.FLOAT}
+    producer = {o: n for n in graph.node for o in n.output}
+    outputs = {o.name for o in graph.output}
+    bypass = {}
+    for node in graph.node:
+        src = producer.get(node.input[0]) if node.op_type == "Cast" and node.input else None
+        if src is not None and src.op_type == "Cast" and to(node) == TensorProto.FLOAT and \
+                to(src) == TensorProto.FLOAT16 and src.input[0] in float32 and node.output[0] not in outputs:
+            bypass[node.output[0]] = src.input[0]
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name in bypass:
+                node.input[k] = bypass[name]
+    while True:  # casts whose output nobody reads any more
+        read = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if n.op_type == "Cast" and not any(o in read for o in n.output)]
+        if not dead:
+            return len(bypass)
+        for node in dead:
+            graph.node.remove(node)
 
 
 def _unique_node_names(graph: Any) -> None:

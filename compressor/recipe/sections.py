@@ -76,28 +76,43 @@ class SpeedSpec(Strict):
 
 
 class GenerationSpec(Strict):
-    """How a causal language model is evaluated (ignored for other models): perplexity, next-token agreement and
-    KL divergence to the baseline on the evaluation text, greedy continuations, and generation speed with the KV
-    cache. Rounds and warmup come from `evaluate.speed`."""
+    """How a causal language model is evaluated: text scores, greedy continuations and generation speed.
+
+    Perplexity, next-token agreement and KL divergence to the baseline on the evaluation text, greedy
+    continuations, and generation speed with the KV cache; ignored for other models. Rounds come from
+    `evaluate.speed`."""
 
     window: PositiveInt = Field(128, le=8192, description="Tokens per perplexity window (each window is scored "
                                 "from its start, without earlier context).")
-    max_tokens: PositiveInt = Field(16384, description="At most this many tokens of the evaluation text are scored.")
+    max_tokens: PositiveInt = Field(16384, le=10_000_000, description="At most this many tokens of the evaluation "
+                                    "text are scored (at least one window).")
     batch_windows: PositiveInt = Field(
-        8, description="Windows per forward pass (with `evaluate.data.batch_size`, the smaller counts): the logits "
+        8, le=1024, description="Windows per forward pass (with `evaluate.data.batch_size`, the smaller counts): the logits "
         "of a batch are batch x window x vocabulary floats, per model.")
-    prompts: PositiveInt = Field(8, description="Greedy continuations compared: the first `prompt_tokens` tokens "
+    prompts: PositiveInt = Field(8, le=1024, description="Greedy continuations compared: the first `prompt_tokens` tokens "
                                  "of this many windows of the evaluation text.")
-    prompt_tokens: PositiveInt = Field(32, description="Tokens of each continuation's prompt.")
-    new_tokens: PositiveInt = Field(32, description="Greedy tokens generated after each prompt.")
+    prompt_tokens: PositiveInt = Field(32, le=8192, description="Tokens of each continuation's prompt.")
+    new_tokens: PositiveInt = Field(32, le=8192, description="Greedy tokens generated after each prompt.")
     prompt_lengths: list[PositiveInt] = Field(
         [128, 512], min_length=1, description="Prompt lengths at which time to first token is measured (batch 1; "
         "lengths beyond the model's positions are refused).")
     decode_batch_sizes: list[PositiveInt] = Field(
         [1, 8], min_length=1, description="Batch sizes at which decoding speed (tokens/s with the KV cache) is "
         "measured.")
-    decode_tokens: PositiveInt = Field(32, description="Tokens decoded (timed) per decoding-speed run, after an "
+    decode_tokens: PositiveInt = Field(32, le=8192, description="Tokens decoded (timed) per decoding-speed run, after an "
                                        "untimed prompt of `prompt_tokens` tokens.")
+
+
+    @model_validator(mode="after")
+    def _sizes(self) -> GenerationSpec:
+        if self.max_tokens < self.window:
+            raise ValueError(f"max_tokens {self.max_tokens} is less than one window of {self.window} tokens; raise "
+                             "max_tokens or lower window")
+        for name in ("prompt_lengths", "decode_batch_sizes"):
+            big = [v for v in getattr(self, name) if v > (131072 if name == "prompt_lengths" else 1024)]
+            if big:
+                raise ValueError(f"{name}: {big} is beyond what one evaluation can hold in memory; use smaller values")
+        return self
 
 
 class EvaluateSpec(Strict):

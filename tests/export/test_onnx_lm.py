@@ -169,3 +169,17 @@ def test_a_causal_lm_without_dynamic_axes_is_refused_before_the_passes(tmp_path:
     with pytest.raises(RecipeError, match=r"(?s)recipe.yaml:3:\d+: export.onnx.dynamic_axes: .*KV cache"):
         run_recipe(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "out", Reporter(quiet=True))
     assert not (tmp_path / "out").exists()
+
+
+def test_the_trained_zoo_lm_narrows_to_float16_with_its_norms_computing_in_float32(tmp_path: Path, tiny_lm):
+    """A trained decoder's residual stream exceeds 256, so an RMSNorm's mean of squares overflows float16: the kept
+    norm nodes must really compute in float32 (the converter's float16 round trips between them are removed)."""
+    from compressor.log import Reporter
+    from compressor.pipeline import run_recipe
+    from compressor.recipe import load_recipe
+
+    (tmp_path / "recipe.yaml").write_text("name: tiny-lm-fp16\nmodel: {source: zoo, name: tiny-lm}\n"
+                                          "passes:\n  - cast: {dtype: float16}\nexport: {onnx: {}}\n")
+    cast = run_recipe(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "out", Reporter(quiet=True)).manifest.onnx.cast
+    assert cast["float16_round_trips_removed"] > 0
+    assert cast["check"]["prefill_max_abs_err"] < 0.05 and max(cast["check"]["decode_max_abs_err"]) < 0.05
