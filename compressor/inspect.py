@@ -101,7 +101,8 @@ def inspect_artifact(root: Path) -> dict[str, Any]:
         "files": files,
         "bytes_by_role": _sum_roles(files),
         "onnx": None if onnx is None else {k: onnx.get(k) for k in ("model", "exporter", "opset", "inputs", "outputs",
-                                                                  "quantization", "cast") if onnx.get(k) is not None},
+                                                                  "quantization", "cast", "int8_weights")
+                                   if onnx.get(k) is not None},
         "tensor_parallel": manifest.tensor_parallel.to_json() if manifest.tensor_parallel is not None else None,
         "gates": manifest.recipe.get("gates"),
         "last_report": last,
@@ -142,9 +143,12 @@ def render_text(summary: dict[str, Any]) -> str:
         o = summary["onnx"]
         quant = o.get("quantization") if isinstance(o.get("quantization"), dict) else None
         targets = quant.get("targets") if quant else None
+        weights = o.get("int8_weights") if isinstance(o.get("int8_weights"), dict) else None
         extra = (f", int8 {quant.get('mode')}" + (f" for {', '.join(map(str, targets))}" if isinstance(targets, list)
                                                   else ", no CPU targets recorded") if quant
-                 else f", {o['cast'].get('dtype')}" if isinstance(o.get("cast"), dict) else "")
+                 else f", {o['cast'].get('dtype')}" if isinstance(o.get("cast"), dict)
+                 else f", weight-only int8: {len(weights.get('initializers') or {})} weights stored int8, computed in "
+                      "float32" if weights else "")
         lines += ["", f"onnx: {o.get('model')} ({o.get('exporter')}, opset {o.get('opset')}{extra}); inputs "
                       f"{', '.join(o.get('inputs') or [])}; outputs {', '.join(o.get('outputs') or [])}"]
     tp = summary.get("tensor_parallel")

@@ -84,6 +84,7 @@ def test_language_model_gates_exit_3_when_missed_and_a_text_file_is_the_evaluati
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert len(manifest["onnx"]["int8_weights"]["initializers"]) >= 29
     assert manifest["onnx"]["int8_weights"]["check"]["prefill_max_abs_err"] <= 1e-4
+    assert "weight-only int8: " in run_cli("inspect", str(tmp_path / "out")).stdout
 
 
 def test_a_token_agreement_written_as_a_fraction_is_refused_with_the_percentage(tmp_path: Path):
