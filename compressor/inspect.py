@@ -45,6 +45,7 @@ def _pass_effect(report: PassReport) -> str:
 
 def inspect_artifact(root: Path) -> dict[str, Any]:
     """A summary of the artifact at ``root`` (see the module docstring); ArtifactError if it is not one."""
+    from .encodings import stored_base
     from .export.safetensors import read_header
 
     root = Path(root)
@@ -62,14 +63,14 @@ def inspect_artifact(root: Path) -> dict[str, Any]:
         for stored, entry in header.items():
             if stored == "__metadata__":
                 continue
-            name, sep, suffix = stored.partition(".__")
-            dtype, size = parts.setdefault(name, {}).get(sep + suffix, ("", 0))
+            name, suffix = stored_base(stored, encodings)
+            dtype, size = parts.setdefault(name, {}).get(suffix, ("", 0))
             # A tensor-parallel artifact holds a slice of a tensor in every rank file: sizes add up.
-            parts[name][sep + suffix] = (entry["dtype"], size + entry["data_offsets"][1] - entry["data_offsets"][0])
+            parts[name][suffix] = (entry["dtype"], size + entry["data_offsets"][1] - entry["data_offsets"][0])
     tensors: dict[tuple[str, str], dict[str, int]] = {}
     for name, found in parts.items():
         kind = (encodings.get(name) or {}).get("kind", "dense")
-        main = next((found[s][0] for s in ("", ".__q", ".__values", ".__shared") if s in found),
+        main = next((found[s][0] for s in ("", ".__q", ".__values", ".__shared", "_packed") if s in found),
                     next(iter(found.values()))[0])
         slot = tensors.setdefault((kind, main), {"tensors": 0, "bytes": 0})
         slot["tensors"] += 1

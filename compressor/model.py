@@ -45,6 +45,9 @@ class ExportPlan:
     onnx_cast: CastPlan | None = None
     onnx_quantize: QuantizePlan | None = None
     tensor_parallel: Any = None  #: the `shard` pass's TPPlan (compressor.passes.tp_plan): rank files are written
+    #: 4-bit `quantize`: ONNX Runtime's MatMulNBits accuracy level for the shipped graph (4: int8 activations, the
+    #: fast CPU path; 0: float32). The export is checked at level 0 whatever this says.
+    lowbit_accuracy_level: int = 0
 
 
 @dataclass

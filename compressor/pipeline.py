@@ -166,6 +166,14 @@ def _write(recipe: Recipe, model: Any, reports: list[dict[str, Any]], tmp: Path,
         files = export_safetensors(stored, tmp, int(recipe.export.safetensors.max_shard_size))
     write_safetensors(tmp / INPUTS_FILE, model.example_inputs, {"format": "pt", "role": "example-inputs"})
     copied = _copy_source_files(model.files_dir, tmp, is_copied_file)
+    if "config.json" in copied:
+        from .export.compressed_tensors import add_quantization_config
+
+        # 4-bit weights are stored in compressed-tensors' layout; their schemes make transformers/vLLM read them.
+        said = add_quantization_config(tmp / "config.json", {n: e.to_json() for n, e in model.encodings.items()},
+                                       model.aliases)
+        if said:
+            log.info(said)
     evaluation = _copy_eval_data(recipe, tmp)
     onnx_info = None
     if recipe.export.onnx is not None:

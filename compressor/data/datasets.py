@@ -95,7 +95,7 @@ def _build(spec: Any, artifact: Path, task: str | None, source: dict[str, Any],
             builtin = "text-pairs"
     if builtin in ("digits", "digits-train"):
         data = _digits(example_inputs, spec.batch_size, spec.limit, train=builtin == "digits-train")
-    elif builtin in ("calibration-text", "held-out-text"):
+    elif builtin in ("calibration-text", "held-out-text", "train-text"):
         texts = _builtin_texts(builtin)
         texts = texts[: spec.limit] if spec.limit is not None else texts
         tok = _need_tokenizer(artifact, f"the {builtin} sentences")
@@ -124,11 +124,12 @@ def builtin_text_pairs() -> list[dict[str, str]]:
 
 
 def _builtin_texts(name: str) -> list[str]:
-    """The unlabeled built-in texts: the calibration sentences, or the zoo LM's held-out documents (256)."""
-    if name == "held-out-text":
-        from ..tinylm import held_out_texts
+    """The unlabeled built-in texts: the calibration sentences, or the zoo LM's held-out or training documents
+    (256)."""
+    if name in ("held-out-text", "train-text"):
+        from ..tinylm import held_out_texts, training_texts
 
-        return held_out_texts()[:256]
+        return (held_out_texts() if name == "held-out-text" else training_texts())[:256]
     return [_field("calibration-text (built in)", r, "text", str) for r in _read_jsonl(CALIBRATION_TEXTS)]
 
 

@@ -72,6 +72,10 @@ def _documents(spec: Any, data_file: Path | None) -> tuple[str, list[str]]:
         from ..tinylm import held_out_texts
 
         return "held-out-text (built in, CPython's prose)", held_out_texts()
+    if spec.builtin == "train-text":
+        from ..tinylm import training_texts
+
+        return "train-text (built in, the zoo LM's training documents)", training_texts()
     if spec.builtin == "calibration-text":
         return "calibration-text (built in)", [_field("calibration-text (built in)", r, "text", str)
                                                 for r in _read_jsonl(CALIBRATION_TEXTS)]

@@ -20,12 +20,14 @@ DATA_SUFFIXES = (".jsonl", ".csv", ".txt")
 class DataSpec(Strict):
     """Data for accuracy and fidelity: a built-in set, a JSONL/CSV file or a Python function (at most one)."""
 
-    builtin: Literal["digits", "digits-train", "text-pairs", "calibration-text", "held-out-text"] | None = Field(
+    builtin: Literal["digits", "digits-train", "text-pairs", "calibration-text", "held-out-text",
+                     "train-text"] | None = Field(
         None,
         description="A data set shipped with compressor: `digits` (scikit-learn digits, held-out split; digits "
         "models), `digits-train` (its training split), `text-pairs` (240 query/passage pairs; text encoders, "
         "scored by top-1 retrieval), `calibration-text` (256 unlabeled sentences on other topics) or `held-out-text` "
-        "(the zoo LM's held-out documents, English prose from CPython; causal LMs). Unset with no "
+        "(the zoo LM's held-out documents, English prose from CPython; causal LMs) or `train-text` (the zoo LM's "
+        "training documents: 4-bit calibration of tiny-lm, its default there). Unset with no "
         "`path`/`function`: chosen from the model (held-out-text for causal LMs), or fidelity on the example inputs "
         "if none fits.",
     )

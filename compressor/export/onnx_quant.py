@@ -130,7 +130,7 @@ def _report(config: Any, calib: Calibration, plan: Plan, gemms: list[str], alpha
         "weights": "int8 symmetric" + (" per channel" if config.per_channel else " per tensor")
         + (", pair-safe (no adjacent pair of products can saturate 16 bits)" if saturating else ""),
         "activations": ("uint8 per tensor, range measured at run time" if config.mode == "dynamic"
-                        else f"uint8 per tensor, range from calibration ({config.method})"),
+                        else f"uint8 per tensor, range from calibration ({config.static_method})"),
         "targets": targets,
         "arithmetic": arithmetic_note(targets, saturating),
         "calibration": {"data": calib.name, "batches": len(calib.feeds)},
@@ -308,9 +308,9 @@ def _run_ort_quantizer(src: Path, out: Path, config: Any, plan: Plan, calib: Cal
                     return next(self.it, None)
 
             method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-                      "entropy": CalibrationMethod.Entropy}[config.method]
+                      "entropy": CalibrationMethod.Entropy}[config.static_method]
             extra: dict[str, Any] = {"WeightSymmetric": True, "ActivationSymmetric": False}
-            if config.method == "percentile":
+            if config.static_method == "percentile":
                 extra["CalibPercentile"] = config.percentile
             quantize_static(src, out, Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, calibrate_method=method, extra_options=extra, **common)

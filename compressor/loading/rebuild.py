@@ -27,7 +27,8 @@ def decode(stored: dict[str, torch.Tensor], encodings: dict[str, Any]) -> dict[s
             enc = encoding_from_json(spec)
         except (ValueError, TypeError) as exc:
             raise ArtifactError(f"tensor {name}: {exc}") from None
-        parts = {k[len(name):]: v for k, v in stored.items() if k == name or k.startswith(name + ".__")}
+        parts = {k[len(name):]: v for k, v in stored.items()
+                 if k == name or k.startswith(name + ".__") or k[len(name):] in enc.plain_suffixes and k.startswith(name)}
         if "" not in parts and not parts:
             raise ArtifactError(f"tensor {name} is listed in the manifest but missing from the weight files")
         try:

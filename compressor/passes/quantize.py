@@ -1,4 +1,7 @@
-"""`quantize`: int8 weights (weight-only, torch/safetensors) or int8 compute in ONNX Runtime (dynamic, static).
+"""`quantize`: int8 or 4-bit weights (weight-only) or int8 compute in ONNX Runtime (dynamic, static).
+
+weight-only with ``bits: 4``: 4-bit integers in groups, chosen by NNCF (round to nearest, AWQ, scale estimation,
+mixed precision); see compressor.passes.lowbit.
 
 weight-only: each selected weight is replaced by its int8 grid value ``q * scale`` (symmetric, per output channel
 by default), so the module computes exactly what the artifact stores; on disk the weight is an int8 tensor plus
@@ -37,6 +40,37 @@ class QuantizeConfig(PassConfig):
         "the usual mode for CNNs. dynamic and static need `export: {onnx: {}}` and leave the safetensors "
         "artifact in float.",
     )
+    bits: Literal[4, 8] = Field(
+        8, description="weight-only: 8 (int8 per channel, float compute) or 4 (4-bit integers in groups of "
+        "`group_size` inputs with float16 scales, chosen by NNCF's weight compression: Linear layers only; stored as "
+        "compressed-tensors `pack-quantized` in safetensors and as ONNX Runtime's `MatMulNBits` in ONNX, which "
+        "computes from the 4-bit weights directly). Embedding tables and the LM head follow `embeddings`.",
+    )
+    group_size: int = Field(
+        128, description="bits 4: inputs that share one scale (16, 32, 64, 128 or 256). Smaller groups are more "
+        "accurate and larger on disk (a float16 scale per group). A Linear whose input size it does not divide stays "
+        "in float.",
+    )
+    symmetric: bool = Field(
+        True, description="bits 4: integers in [-8, 7] times a scale; false: [0, 15] minus a zero point per group "
+        "(asymmetric ranges fit skewed weights better, at a 4-bit zero point per group).",
+    )
+    ratio: float = Field(
+        1.0, gt=0, le=1, description="bits 4: the fraction of the Linear layers (by size) at 4 bits; the rest, the "
+        "layers NNCF finds most sensitive (by their activations on the calibration data when the method is "
+        "data-aware, else by their weights' quantization error), are int8 per channel.",
+    )
+    activations: Literal["int8", "float"] = Field(
+        "int8", description="bits 4, ONNX: how ONNX Runtime's MatMulNBits multiplies. int8: activations quantized "
+        "to int8 per block of inputs and integer products (its accuracy level 4), the fast CPU path, several times "
+        "faster than float32 at batch 1; float: weights dequantized to float32 at every call (level 0), exactly "
+        "the torch model's arithmetic but slower than float32 weights. The export is checked at level 0 against "
+        "torch either way; the evaluator measures what int8 activations cost.",
+    )
+    embeddings: Literal["int8", "keep"] = Field(
+        "int8", description="bits 4: embedding tables and the LM head (tied or not) as int8 per row with float16 "
+        "scales, or kept in float. In a small language model they are most of the bytes.",
+    )
     per_channel: bool = Field(
         True, description="One scale per output channel (row of the weight); false: one scale per tensor."
     )
@@ -65,10 +99,15 @@ class QuantizeConfig(PassConfig):
         description="dynamic/static: data for activation ranges, smoothing and the fidelity check (same forms as "
         "`evaluate.data`; default: the digits training split or the shipped calibration sentences).",
     )
-    method: Literal["minmax", "percentile", "entropy"] = Field(
-        "minmax",
-        description="static: how activation ranges are set from calibration data: minmax (observed range), "
-        "percentile (clip at `percentile`), entropy (KL-divergence-minimizing clip).",
+    method: str | list[str] | None = Field(
+        None,
+        description="static: how activation ranges are set from calibration data: minmax (observed range, the "
+        "default), percentile (clip at `percentile`), entropy (KL-divergence-minimizing clip). weight-only bits 4: "
+        "how the 4-bit weights are chosen, one or a list: rtn (round to nearest, data-free, the default), awq "
+        "(activation-aware weight scaling, folded into the preceding layer), scale-estimation (group scales that "
+        "minimise each layer's output error); awq and scale-estimation combine and calibrate on `calibration` "
+        "(for a causal LM: windows of 128 tokens of its text). gptq is refused: NNCF offers it only for OpenVINO "
+        "models (docs/decisions.md).",
     )
     percentile: float = Field(99.999, gt=90, le=100, description="static, method percentile: the percentile kept.")
     target_fidelity: float | None = Field(
@@ -108,10 +147,58 @@ class QuantizeConfig(PassConfig):
             return "auto" if value else "off"
         return value
 
+    @property
+    def static_method(self) -> str:
+        """static: the activation range method (minmax unless `method` says otherwise)."""
+        return self.method if isinstance(self.method, str) else "minmax"
+
+    @property
+    def weight_methods(self) -> list[str]:
+        """bits 4: the weight methods, as a list (["rtn"] unless `method` says otherwise)."""
+        if self.method is None:
+            return ["rtn"]
+        return [self.method] if isinstance(self.method, str) else list(self.method)
+
     @model_validator(mode="after")
     def _mode_fields(self) -> QuantizeConfig:
+        from .lowbit import WEIGHT_METHODS
+
         onnx_only = {"smooth", "calibration", "method", "percentile", "target_fidelity", "max_float", "targets",
                      "strict"}
+        four_bit = {"group_size", "symmetric", "ratio", "embeddings", "activations"}
+        if self.bits == 4:
+            if self.mode != "weight-only":
+                raise ValueError(f"bits 4 is weight-only quantization; mode {self.mode} computes in int8 (bits 8)")
+            wrong = sorted({"smooth", "percentile", "target_fidelity", "max_float", "targets", "strict",
+                            "per_channel"} & self.model_fields_set)
+            if wrong:
+                raise ValueError(f"{', '.join(wrong)} do not apply to bits 4 (4-bit weights in groups)")
+            if self.group_size not in (16, 32, 64, 128, 256):
+                raise ValueError(f"group_size {self.group_size}: use 16, 32, 64, 128 or 256 (ONNX Runtime's "
+                                 "MatMulNBits takes powers of two from 16)")
+            methods = self.weight_methods
+            unknown = [m for m in methods if m not in WEIGHT_METHODS]
+            if unknown or not methods or len(set(methods)) != len(methods):
+                raise ValueError(f"method {self.method!r}: give one or a list of {', '.join(WEIGHT_METHODS)}, each "
+                                 "once")
+            if "gptq" in methods:
+                raise ValueError("method gptq: NNCF runs GPTQ on OpenVINO models only, not on the torch or ONNX "
+                                 "models compressor quantizes; use [awq, scale-estimation], the data-aware pair it "
+                                 "offers here")
+            if "rtn" in methods and len(methods) > 1:
+                raise ValueError(f"method {methods}: rtn is round to nearest alone; awq and scale-estimation "
+                                 "replace it")
+            if "calibration" in self.model_fields_set and methods == ["rtn"] and self.ratio == 1:
+                raise ValueError("calibration is used by methods awq/scale-estimation and by ratio < 1; method "
+                                 "rtn with ratio 1 is data-free")
+            return self
+        wrong4 = sorted(four_bit & self.model_fields_set)
+        if wrong4:
+            raise ValueError(f"{', '.join(wrong4)} only apply to bits 4")
+        if self.method is not None and (not isinstance(self.method, str)
+                                        or self.method not in ("minmax", "percentile", "entropy")):
+            raise ValueError(f"method {self.method!r}: with bits 8 the method is static mode's activation range "
+                             "method, minmax, percentile or entropy (rtn/awq/scale-estimation are for bits 4)")
         if self.mode == "weight-only":
             wrong = sorted(onnx_only & self.model_fields_set)
             if wrong:
@@ -124,7 +211,7 @@ class QuantizeConfig(PassConfig):
             raise ValueError("strict fails the run when target_fidelity is not reached; set target_fidelity too")
         if len(set(self.targets)) != len(self.targets):
             raise ValueError(f"targets {self.targets} name a family twice")
-        if "percentile" in self.model_fields_set and self.method != "percentile":
+        if "percentile" in self.model_fields_set and self.static_method != "percentile":
             raise ValueError(f"percentile applies to method percentile; method is {self.method}")
         if isinstance(self.smooth, float) and not 0 < self.smooth <= 1:
             raise ValueError(f"smooth {self.smooth}: a fixed smoothing strength must be in (0, 1]; or `auto`/`off`")
@@ -133,11 +220,12 @@ class QuantizeConfig(PassConfig):
 
 @register_pass
 class QuantizePass(Pass):
-    """Quantize weights to int8."""
+    """Quantize weights to int8 or 4 bits."""
 
     name = "quantize"
     Config = QuantizeConfig
-    summary = "Store weights as int8 with float32 scales (per channel), computing in float."
+    summary = ("Store weights as int8 with float32 scales (per channel), or as 4-bit integers in groups (bits 4), "
+               "computing in float.")
     must_not_follow = {
         "cast": "quantize needs float32 weights, and cast has already narrowed them; quantize alone (int8 "
         "weights, float32 compute) or cast alone",
@@ -156,6 +244,13 @@ class QuantizePass(Pass):
         from ..errors import Problem, RecipeError
 
         mode = self.config.mode  # type: ignore[attr-defined]
+        config: QuantizeConfig = self.config  # type: ignore[assignment]
+        if config.bits == 4 and model.task != "text-generation" and (
+                config.ratio < 1 or set(config.weight_methods) & {"awq", "scale-estimation"}):
+            raise RecipeError(Problem(
+                f"method {config.weight_methods} / ratio {config.ratio} calibrate 4-bit weights on text, which "
+                "compressor provides for causal language models; this model's task is " + model.task,
+                path=f"passes[{self.index}].quantize.method", hint="use method rtn with ratio 1 (data-free)"))
         if mode != "weight-only" and model.task == "text-generation":
             raise RecipeError(Problem(
                 f"mode {mode} (int8 compute in ONNX Runtime) does not support causal language models yet: its "
@@ -175,6 +270,16 @@ class QuantizePass(Pass):
             model.export.onnx_quantize = QuantizePlan(index=self.index, config=config)
             ctx.info(f"int8 {config.mode} quantization will be applied to the exported ONNX model")
             return PassResult(touched=[], details={"format": "int8", "mode": config.mode, "applies_to": "onnx"})
+        if config.bits == 4:
+            from .lowbit import quantize_lowbit
+
+            details = quantize_lowbit(model, config, self.index, ctx)
+            model.export.lowbit_accuracy_level = 4 if config.activations == "int8" else 0
+            touched = sorted(n for n, e in model.encodings.items() if e.kind == "intgroup")
+            ctx.info(f"quantized {details['tensors_4bit']} weights to 4 bits (groups of {config.group_size}, "
+                     f"{'+'.join(details['method'])}), {details['tensors_8bit']} to int8 by sensitivity, "
+                     f"{sum(1 for v in details['tables'].values() if v.startswith('int8'))} tables to int8")
+            return PassResult(touched=touched, details=details)
         modules = dict(model.module.named_modules())
         matched = {pattern: False for pattern in config.exclude}
 

@@ -1,0 +1,285 @@
+"""`quantize` with ``bits: 4``: weight-only 4-bit integers in groups, computed by NNCF's weight compression.
+
+NNCF (``nncf.compress_weights`` on the torch module) chooses the integers: round to nearest, AWQ (activation-aware
+scaling, folded into the preceding layer), scale estimation (scales that minimise each layer's output error on the
+calibration data) and mixed precision (``ratio``: the most sensitive layers at 8 bits per channel). compressor then
+takes NNCF's integers and scales out of its decompression hooks, puts the effective weights ``(q - zp) * scale``
+back into the plain module, and records each as an ``IntGroup`` encoding, from which the exporters write the
+compressed-tensors layout (safetensors) and ``MatMulNBits`` (ONNX) — one set of integers for every format.
+
+Embedding tables and the LM head are not given to NNCF (its 4-bit path would put a matrix product in front of a
+tied embedding's lookup): they are int8 per row here (``embeddings: int8``) or kept in float.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fnmatch
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+from ..encodings import IntGroup
+from ..errors import CompressorError, Problem, RecipeError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from ..model import Model
+    from .base import Context
+
+__all__ = ["quantize_lowbit", "WEIGHT_METHODS", "calibration_windows"]
+
+WEIGHT_METHODS = ("rtn", "awq", "scale-estimation", "gptq")
+
+
+def _tables(module: torch.nn.Module, state_names: dict[int, str]) -> set[str]:
+    """Names of the embedding tables and of the LM head's weight (tied or not)."""
+    import torch
+
+    out = {state_names[id(m.weight)] for m in module.modules()
+           if isinstance(m, torch.nn.Embedding) and id(m.weight) in state_names}
+    head = getattr(module, "get_output_embeddings", lambda: None)()
+    if head is not None and getattr(head, "weight", None) is not None and id(head.weight) in state_names:
+        out.add(state_names[id(head.weight)])
+    return out
+
+
+def calibration_windows(model: Model, spec: Any, base_dir: Any, window: int = 128) -> list[dict[str, torch.Tensor]]:
+    """Calibration batches of a causal LM, one window of ``window`` tokens each: the zoo LM's training documents
+    (never its held-out ones) by default, else the shipped calibration sentences, or the user's text file."""
+    import torch
+
+    from ..data.datasets import CALIBRATION_TEXTS, _field, _read_jsonl, read_text_documents, tokenizer_for
+    from ..errors import UsageError
+
+    if spec.function is not None:
+        raise UsageError("quantize.calibration.function: a causal language model calibrates on text; give a .txt "
+                         "or .jsonl file of {\"text\": ...} rows as calibration.path")
+    if spec.path is not None:
+        docs = read_text_documents(base_dir / spec.path if base_dir is not None else spec.path)
+    elif spec.builtin in (None, "train-text") and model.source.get("name") == "tiny-lm":
+        from ..tinylm import training_texts
+
+        docs = training_texts()[::7]  # a spread sample; calibration needs a few thousand tokens
+    elif spec.builtin in (None, "calibration-text"):
+        docs = [_field("calibration-text (built in)", r, "text", str) for r in _read_jsonl(CALIBRATION_TEXTS)]
+    else:
+        raise UsageError(f"quantize.calibration.builtin {spec.builtin}: a causal language model calibrates on text; "
+                         "use calibration-text, train-text (the zoo LM) or a .txt/.jsonl file")
+    tok = tokenizer_for(model.files_dir) if model.files_dir is not None else None
+    if tok is None:
+        raise UsageError("4-bit calibration of a language model needs its tokenizer, and the model directory has "
+                         "none; use method rtn (data-free)")
+    stream: list[int] = []
+    limit = (spec.limit or 128) * window
+    for ids in tok(docs, add_special_tokens=False, verbose=False)["input_ids"]:
+        stream += ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+        if len(stream) >= limit:
+            break
+    count = min(len(stream) // window, spec.limit or 128)
+    if count < 1:
+        raise UsageError(f"the calibration text has {len(stream)} tokens, fewer than one window of {window}")
+    ids = torch.tensor(stream[: count * window], dtype=torch.long).reshape(count, window)
+    return [{"input_ids": ids[i:i + 1]} for i in range(count)]
+
+
+def _int8_rows(weight: torch.Tensor) -> IntGroup:
+    """Symmetric int8 per row with float16 scales (round to nearest), for embedding tables and the LM head."""
+    import torch
+
+    w = weight.detach().float()
+    amax = w.abs().amax(dim=1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax)).half()
+    q = torch.round(w / scale.float()).clamp(-128, 127).to(torch.int8)
+    return IntGroup(list(w.shape), 8, None, True).with_parts(q, scale)
+
+
+def _from_decompressor(hook: Any, packed: torch.Tensor, shape: list[int]) -> IntGroup:
+    """The IntGroup of one NNCF-compressed weight: its decompressor's integers, scales and zero points."""
+    import torch
+    from nncf.torch.quantization import layers
+    from nncf.torch.quantization.quantize_functions import unpack_int4, unpack_uint4
+
+    rows, cols = shape
+    scale = hook._scale.detach().reshape(rows, -1)
+    groups = scale.shape[1]
+    group_size = None if groups == 1 and not hasattr(hook, "compressed_weight_shape") else cols // groups
+    if isinstance(hook, layers.INT4SymmetricWeightsDecompressor):
+        q = unpack_int4(packed).reshape(rows, cols)
+        return IntGroup(shape, 4, group_size, True).with_parts(q.to(torch.int8), scale)
+    if isinstance(hook, layers.INT4AsymmetricWeightsDecompressor):
+        q = unpack_uint4(packed).reshape(rows, cols).to(torch.int16) - 8
+        zp = unpack_uint4(hook._zero_point).reshape(rows, groups).to(torch.int16) - 8
+        return IntGroup(shape, 4, group_size, False).with_parts(q.to(torch.int8), scale, zp.to(torch.int8))
+    if isinstance(hook, layers.INT8SymmetricWeightsDecompressor):
+        return IntGroup(shape, 8, None, True).with_parts(packed.reshape(rows, cols).to(torch.int8), scale)
+    if isinstance(hook, layers.INT8AsymmetricWeightsDecompressor):
+        q = packed.reshape(rows, cols).to(torch.int16) - 128
+        zp = hook._zero_point.reshape(rows, 1).to(torch.int16) - 128
+        return IntGroup(shape, 8, None, False).with_parts(q.to(torch.int8), scale, zp.to(torch.int8))
+    raise CompressorError(f"NNCF compressed a weight with {type(hook).__name__}, which compressor cannot store yet")
+
+
+def quantize_lowbit(model: Model, config: Any, index: int, ctx: Context) -> dict[str, Any]:
+    """Quantize ``model``'s Linear weights to 4 bits (and its tables to int8) as ``config`` says; returns the
+    pass's details. The module keeps float32 effective weights; ``model.encodings`` get the integers."""
+    import torch
+
+    where = f"passes[{index}].quantize"
+    module = model.module
+    state_names: dict[int, str] = {}
+    for n, t in module.state_dict(keep_vars=True).items():
+        state_names.setdefault(id(t), n)
+    tables = _tables(module, state_names)
+    matched = {pattern: False for pattern in config.exclude}
+    chosen: dict[str, tuple[str, torch.nn.Module]] = {}  # weight name -> (module name, module)
+    skipped: dict[str, str] = {}
+    for mod_name, m in module.named_modules():
+        weight = getattr(m, "weight", None) if isinstance(m, torch.nn.Linear) else None
+        if weight is None or id(weight) not in state_names or state_names[id(weight)] in tables:
+            continue
+        if not any(fnmatch.fnmatchcase(type(m).__name__, p) or fnmatch.fnmatchcase(mod_name, p)
+                   for p in config.modules):
+            continue
+        hit = [p for p in config.exclude if fnmatch.fnmatchcase(mod_name, p)]
+        for p in hit:
+            matched[p] = True
+        name = state_names[id(weight)]
+        if hit:
+            continue
+        if weight.dtype != torch.float32:
+            skipped[name] = f"dtype {weight.dtype} (only float32 is quantized)"
+        elif weight.numel() < config.min_elements:
+            skipped[name] = f"{weight.numel()} elements (< min_elements {config.min_elements})"
+        elif weight.shape[1] % config.group_size:
+            skipped[name] = f"{weight.shape[1]} inputs, not a multiple of group_size {config.group_size}"
+        else:
+            chosen[name] = (mod_name, m)
+    unmatched = [p for p, hit in matched.items() if not hit]
+    if unmatched:
+        raise RecipeError(Problem(f"exclude pattern(s) {', '.join(repr(p) for p in unmatched)} match no Linear "
+                                  "module this pass would quantize", path=f"{where}.exclude",
+                                  hint="module names look like: " + ", ".join(n for n, _ in list(chosen.values())[:4])))
+    if not chosen:
+        raise RecipeError(Problem("no Linear weight can be quantized to 4 bits: "
+                                  + ("; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:3]) or "none matched"),
+                                  path=where, hint="check `modules`, `exclude` and `group_size` against the model"))
+    methods = config.weight_methods
+    data_aware = bool({"awq", "scale-estimation"} & set(methods)) or config.ratio < 1
+    dataset = _dataset(model, config, ctx, data_aware)
+    details = _run_nncf(model, config, chosen, dataset, methods, where, ctx)
+    table_details: dict[str, str] = {}
+    for name in sorted(tables):
+        tensor = model.tensors().get(name)
+        if tensor is None or config.embeddings == "keep":
+            continue
+        if tensor.dtype != torch.float32 or tensor.dim() != 2:
+            table_details[name] = f"kept: {tensor.dtype} {tuple(tensor.shape)}"
+            continue
+        encoding = _int8_rows(tensor)
+        with torch.no_grad():
+            tensor.copy_(encoding.decode(encoding.encode_parts()))
+        model.encodings[name] = encoding
+        table_details[name] = "int8 per row"
+    details.update({"tables": table_details, "left_in_float": dict(sorted(skipped.items()))})
+    return details
+
+
+def _dataset(model: Model, config: Any, ctx: Context, data_aware: bool) -> Any:
+    import nncf
+    import torch
+
+    if not data_aware:
+        # NNCF traces the torch module with one example even when it computes nothing from data.
+        example = {k: v for k, v in model.example_inputs.items()}
+        return nncf.Dataset([example])
+    if model.task != "text-generation":
+        raise RecipeError(Problem(f"methods {', '.join(config.weight_methods)} and ratio < 1 calibrate on data, "
+                                  "which compressor provides for causal language models only so far",
+                                  path="quantize.method", hint="use method rtn with ratio 1 for this model"))
+    batches = calibration_windows(model, config.calibration, ctx.base_dir)
+    ctx.info(f"4-bit calibration on {len(batches)} windows of {batches[0]['input_ids'].shape[1]} tokens")
+    del torch
+    return nncf.Dataset(batches)
+
+
+def _run_nncf(model: Model, config: Any, chosen: dict[str, tuple[str, Any]], dataset: Any, methods: list[str],
+              where: str, ctx: Context) -> dict[str, Any]:
+    """Compress a copy of the module with NNCF, then move its integers into ``model`` (module and encodings)."""
+    import logging
+
+    import nncf
+    import torch
+    from nncf.torch.function_hook.nncf_graph.nncf_graph_builder import build_nncf_graph
+    from nncf.torch.function_hook.wrapper import get_hook_storage
+    from nncf.torch.quantization.layers import BaseWeightsDecompressor
+
+    work = copy.deepcopy(model.module).eval()
+    example = next(iter(dataset.get_inference_data()))
+    graph = build_nncf_graph(work, example)
+    # Every matrix product or lookup whose weight is not one of ``chosen`` is out of NNCF's scope: the tables, the
+    # LM head, excluded and skipped modules. NNCF names operations by call site, so they are found by their weight.
+    ignored = []
+    for node in graph.get_all_nodes():
+        if node.node_type not in ("linear", "embedding", "matmul", "conv1d", "conv2d", "addmm"):
+            continue
+        weights = [e.from_node.node_name for e in graph.get_input_edges(node)]
+        if not any(w in chosen for w in weights):
+            ignored.append(node.node_name)
+    mode = nncf.CompressWeightsMode.INT4_SYM if config.symmetric else nncf.CompressWeightsMode.INT4_ASYM
+    backup = nncf.BackupMode.INT8_SYM if config.symmetric else nncf.BackupMode.INT8_ASYM
+    nncf_logger = logging.getLogger("nncf")
+    level = nncf_logger.level
+    nncf_logger.setLevel(logging.ERROR)  # its statistics tables are not this run's output
+    quiet = getattr(ctx.log, "quiet", True)
+    # NNCF draws its progress bars on standard output, which belongs to the command's result: they go to stderr
+    # (where compressor's own progress goes), or nowhere under --quiet.
+    sink = open(os.devnull, "w") if quiet else sys.stderr  # noqa: SIM115 - closed below
+    try:
+        with torch.no_grad(), contextlib.redirect_stdout(sink):
+            compressed = nncf.compress_weights(
+                work, mode=mode, group_size=config.group_size, ratio=config.ratio, all_layers=True,
+                dataset=dataset, awq="awq" in methods or None,
+                scale_estimation="scale-estimation" in methods or None, backup_mode=backup,
+                ignored_scope=nncf.IgnoredScope(names=ignored, validate=False) if ignored else None,
+                subset_size=len(list(dataset.get_inference_data())))
+    except (nncf.ParameterNotSupportedError, nncf.ValidationError) as exc:
+        raise RecipeError(Problem(f"NNCF refuses these settings: {exc}", path=where)) from exc
+    finally:
+        nncf_logger.setLevel(level)
+        if sink is not sys.stderr:
+            sink.close()
+    hooks = get_hook_storage(compressed)
+    packed_state = compressed.state_dict()
+    found: dict[str, IntGroup] = {}
+    for key, hook in hooks.named_modules():
+        if not key or "." not in key or key.count(".") < 2:
+            continue
+        if not isinstance(hook, BaseWeightsDecompressor):
+            raise CompressorError(f"NNCF inserted {type(hook).__name__} at {key}; compressor stores weight "
+                                  "decompression only. Use methods without activation rescaling (rtn).")
+        name = key.split(".", 1)[1].rsplit("__", 1)[0].replace(":", ".")
+        if name not in chosen:
+            raise CompressorError(f"NNCF compressed {name}, which was out of its scope")
+        found[name] = _from_decompressor(hook, packed_state[name], list(model.tensors()[name].shape))
+    # Everything else NNCF changed (AWQ folds its scales into the preceding norm or Linear) is copied as is.
+    mine = model.module.state_dict()
+    changed = []
+    with torch.no_grad():
+        for name, tensor in packed_state.items():
+            if name in found or name not in mine or not torch.is_floating_point(tensor):
+                continue
+            if not torch.equal(mine[name], tensor):
+                mine[name].copy_(tensor)
+                changed.append(name)
+        for name, encoding in found.items():
+            mine[name].copy_(encoding.decode(encoding.encode_parts()))
+            model.encodings[name] = encoding
+    bits4 = sorted(n for n, e in found.items() if e.bits == 4)
+    return {"format": "int4", "bits": 4, "group_size": config.group_size, "symmetric": config.symmetric,
+            "method": methods, "ratio": config.ratio, "tensors_4bit": len(bits4),
+            "tensors_8bit": len(found) - len(bits4),
+            "int8_by_sensitivity": sorted(n for n, e in found.items() if e.bits == 8),
+            "rescaled_by_awq": sorted(changed)}
