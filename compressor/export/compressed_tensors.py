@@ -58,6 +58,13 @@ def add_quantization_config(config_file: Path, encodings: dict[str, dict[str, An
         return (f"config.json gets no quantization_config: {', '.join(tied)} is tied and quantized, which "
                 "transformers cannot load through compressed-tensors (compressor.load and ONNX can); "
                 "`embeddings: keep` makes the artifact loadable by transformers")
+    asymmetric = sorted(n for n, e in encodings.items() if e.get("kind") == "intgroup" and not e.get("symmetric", True))
+    if asymmetric:
+        # compressed-tensors packs zero points along dim 0, but the modules transformers builds for it expect them
+        # unpacked (a shape mismatch at load, compressed-tensors 0.20 / transformers 4.57).
+        return (f"config.json gets no quantization_config: {len(asymmetric)} tensors have zero points, which "
+                "transformers cannot load through compressed-tensors yet (compressor.load and ONNX can); "
+                "`symmetric: true` makes the artifact loadable by transformers")
     data = json.loads(config_file.read_text())
     data["quantization_config"] = config
     config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
