@@ -274,7 +274,7 @@ def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
     rows, cols = values.shape
     unsigned = values.to(torch.int64) + (1 << (bits - 1))
     unsigned = torch.nn.functional.pad(unsigned, (0, -cols % per)).reshape(rows, -1, per)
-    words = (unsigned << (torch.arange(per, dtype=torch.int64) * bits)).sum(dim=2)
+    words = (unsigned << (torch.arange(per, dtype=torch.int64, device=values.device) * bits)).sum(dim=2)
     return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
 
 
@@ -284,7 +284,7 @@ def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
 
     per = 32 // bits
     words = packed.to(torch.int64) & 0xFFFFFFFF
-    fields = (words.unsqueeze(2) >> (torch.arange(per, dtype=torch.int64) * bits)) & ((1 << bits) - 1)
+    fields = (words.unsqueeze(2) >> (torch.arange(per, dtype=torch.int64, device=packed.device) * bits)) & ((1 << bits) - 1)
     return (fields.reshape(packed.shape[0], -1)[:, :cols] - (1 << (bits - 1))).to(torch.int8)
 
 

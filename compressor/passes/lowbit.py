@@ -155,6 +155,9 @@ def quantize_lowbit(model: Model, config: Any, index: int, ctx: Context) -> dict
             skipped[name] = f"{weight.numel()} elements (< min_elements {config.min_elements})"
         elif weight.shape[1] % config.group_size:
             skipped[name] = f"{weight.shape[1]} inputs, not a multiple of group_size {config.group_size}"
+        elif not config.symmetric and weight.shape[0] * (weight.shape[1] // config.group_size) % 2:
+            # NNCF packs the 4-bit zero points two to a byte and cannot pack an odd count.
+            skipped[name] = "an odd number of groups (asymmetric 4-bit zero points are packed in pairs)"
         else:
             chosen[name] = (mod_name, m)
     unmatched = [p for p, hit in matched.items() if not hit]
@@ -221,13 +224,12 @@ def _run_nncf(model: Model, config: Any, chosen: dict[str, tuple[str, Any]], dat
     graph = build_nncf_graph(work, example)
     # Every matrix product or lookup whose weight is not one of ``chosen`` is out of NNCF's scope: the tables, the
     # LM head, excluded and skipped modules. NNCF names operations by call site, so they are found by their weight.
+    params = set(work.state_dict(keep_vars=True))
     ignored = []
     for node in graph.get_all_nodes():
-        if node.node_type not in ("linear", "embedding", "matmul", "conv1d", "conv2d", "addmm"):
-            continue
         weights = [e.from_node.node_name for e in graph.get_input_edges(node)]
-        if not any(w in chosen for w in weights):
-            ignored.append(node.node_name)
+        if any(w in params for w in weights) and not any(w in chosen for w in weights):
+            ignored.append(node.node_name)  # reads a parameter that is not to be quantized: any op type
     mode = nncf.CompressWeightsMode.INT4_SYM if config.symmetric else nncf.CompressWeightsMode.INT4_ASYM
     backup = nncf.BackupMode.INT8_SYM if config.symmetric else nncf.BackupMode.INT8_ASYM
     nncf_logger = logging.getLogger("nncf")
@@ -247,6 +249,10 @@ def _run_nncf(model: Model, config: Any, chosen: dict[str, tuple[str, Any]], dat
                 subset_size=len(list(dataset.get_inference_data())))
     except (nncf.ParameterNotSupportedError, nncf.ValidationError) as exc:
         raise RecipeError(Problem(f"NNCF refuses these settings: {exc}", path=where)) from exc
+    except Exception as exc:  # noqa: BLE001 - NNCF's tracing and algorithms raise whatever their code raises
+        raise CompressorError(f"{where}: NNCF's weight compression failed on this model: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}; exclude the module it names, or "
+                              "try method rtn") from exc
     finally:
         nncf_logger.setLevel(level)
         if sink is not sys.stderr:
@@ -258,13 +264,14 @@ def _run_nncf(model: Model, config: Any, chosen: dict[str, tuple[str, Any]], dat
         if not key or "." not in key or key.count(".") < 2:
             continue
         if not isinstance(hook, BaseWeightsDecompressor):
-            raise CompressorError(f"NNCF inserted {type(hook).__name__} at {key}; compressor stores weight "
-                                  "decompression only. Use methods without activation rescaling (rtn).")
+            raise CompressorError(f"NNCF inserted {type(hook).__name__} at {key}: AWQ could not fold its scales into "
+                                  "a preceding layer (it folds only into a gated MLP's up projection), and compressor "
+                                  "stores weights only. Use method scale-estimation (or rtn) for this model.")
         name = key.split(".", 1)[1].rsplit("__", 1)[0].replace(":", ".")
         if name not in chosen:
             raise CompressorError(f"NNCF compressed {name}, which was out of its scope")
         found[name] = _from_decompressor(hook, packed_state[name], list(model.tensors()[name].shape))
-    # Everything else NNCF changed (AWQ folds its scales into the preceding norm or Linear) is copied as is.
+    # Everything else NNCF changed (AWQ folds its scales into the preceding Linear of a gated MLP) is copied as is.
     mine = model.module.state_dict()
     changed = []
     with torch.no_grad():
@@ -277,9 +284,16 @@ def _run_nncf(model: Model, config: Any, chosen: dict[str, tuple[str, Any]], dat
         for name, encoding in found.items():
             mine[name].copy_(encoding.decode(encoding.encode_parts()))
             model.encodings[name] = encoding
+    for name in changed:
+        if model.encodings[name].kind not in ("dense", "sparse"):
+            raise RecipeError(Problem(f"AWQ rescaled {name}, which an earlier pass stored as "
+                                      f"{model.encodings[name].kind}", path=where,
+                                      hint="put quantize before that pass, or use method scale-estimation"))
+    missed = sorted(set(chosen) - set(found))
     bits4 = sorted(n for n, e in found.items() if e.bits == 4)
     return {"format": "int4", "bits": 4, "group_size": config.group_size, "symmetric": config.symmetric,
             "method": methods, "ratio": config.ratio, "tensors_4bit": len(bits4),
             "tensors_8bit": len(found) - len(bits4),
             "int8_by_sensitivity": sorted(n for n, e in found.items() if e.bits == 8),
-            "rescaled_by_awq": sorted(changed)}
+            "rescaled_by_awq": sorted(changed),
+            "not_compressed_by_nncf": missed}

@@ -212,7 +212,7 @@ class QuantizeConfig(PassConfig):
         if len(set(self.targets)) != len(self.targets):
             raise ValueError(f"targets {self.targets} name a family twice")
         if "percentile" in self.model_fields_set and self.static_method != "percentile":
-            raise ValueError(f"percentile applies to method percentile; method is {self.method}")
+            raise ValueError(f"percentile applies to method percentile; method is {self.static_method}")
         if isinstance(self.smooth, float) and not 0 < self.smooth <= 1:
             raise ValueError(f"smooth {self.smooth}: a fixed smoothing strength must be in (0, 1]; or `auto`/`off`")
         return self
@@ -275,7 +275,8 @@ class QuantizePass(Pass):
 
             details = quantize_lowbit(model, config, self.index, ctx)
             model.export.lowbit_accuracy_level = 4 if config.activations == "int8" else 0
-            touched = sorted(n for n, e in model.encodings.items() if e.kind == "intgroup")
+            touched = sorted({n for n, e in model.encodings.items() if e.kind == "intgroup"}
+                             | set(details["rescaled_by_awq"]))
             ctx.info(f"quantized {details['tensors_4bit']} weights to 4 bits (groups of {config.group_size}, "
                      f"{'+'.join(details['method'])}), {details['tensors_8bit']} to int8 by sensitivity, "
                      f"{sum(1 for v in details['tables'].values() if v.startswith('int8'))} tables to int8")
