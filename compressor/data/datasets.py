@@ -124,8 +124,7 @@ def builtin_text_pairs() -> list[dict[str, str]]:
 
 
 def _builtin_texts(name: str) -> list[str]:
-    """The unlabeled built-in texts: the calibration sentences, or the zoo LM's held-out or training documents
-    (256)."""
+    """The unlabeled built-in texts: the calibration sentences, or the zoo LM's held-out/training documents (256)."""
     if name in ("held-out-text", "train-text"):
         from ..tinylm import held_out_texts, training_texts
 
