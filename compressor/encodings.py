@@ -13,12 +13,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from .bitpack import decode_positions, encode_positions, pack_bits, pack_int32, unpack_bits, unpack_int32
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = ["Encoding", "Dense", "Cast", "Int8", "IntGroup", "Sparse", "Codebook", "encoding_from_json", "ENCODINGS",
-           "dtype_from_name", "dtype_name", "pack_bits", "unpack_bits", "encode_positions", "decode_positions",
-           "pack_int32", "unpack_int32", "stored_base"]
+           "dtype_from_name", "dtype_name", "stored_base"]
 
 ENCODINGS: dict[str, type[Encoding]] = {}
 
@@ -146,102 +147,6 @@ class Int8(Encoding):
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "per_channel": self.per_channel}
-
-
-# ------------------------------------------------------------------------------------------ bit-level helpers
-
-
-def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack non-negative integers below 2**bits into bytes, ``bits`` each, least significant bit first."""
-    import torch
-
-    if not 1 <= bits <= 16:
-        raise ValueError(f"bits must be in 1..16, got {bits}")
-    v = values.reshape(-1).to(torch.int32)
-    shifts = torch.arange(bits, dtype=torch.int32)
-    flat = ((v[:, None] >> shifts) & 1).reshape(-1).to(torch.uint8)
-    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])
-    weights = (1 << torch.arange(8, dtype=torch.int32)).to(torch.uint8)
-    return (flat.reshape(-1, 8) * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Inverse of ``pack_bits``: the first ``count`` integers (int64)."""
-    import torch
-
-    if packed.numel() * 8 < count * bits:
-        raise ValueError(f"{packed.numel()} bytes cannot hold {count} values of {bits} bits")
-    shifts = torch.arange(8, dtype=torch.int32)
-    flat = ((packed.reshape(-1).to(torch.int32)[:, None] >> shifts) & 1)[: count * bits // 8 + 1].reshape(-1)
-    flat = flat[: count * bits].reshape(count, bits).to(torch.int64)
-    return (flat << torch.arange(bits, dtype=torch.int64)).sum(dim=1)
-
-
-# Positions of the non-zero elements of a flat tensor, as a byte stream whose first byte names its form:
-# 0: a bitmask, one bit per element; b in 1..8: relative indices, one b-bit symbol per step. A symbol s below
-# M = 2**b - 1 skips s zeros and marks the next element non-zero; s == M skips M zeros (a filler, Deep Compression's
-# padding zero). The last byte is padded with one bits. The smaller form is chosen per tensor.
-_BITMASK = 0
-
-
-def encode_positions(mask: torch.Tensor) -> torch.Tensor:
-    """Byte stream of the positions of the true elements of ``mask`` (flattened), in the smaller of both forms."""
-    import torch
-
-    flat = mask.reshape(-1).bool()
-    where = flat.nonzero().reshape(-1)
-    gaps = torch.diff(where, prepend=where.new_full((1,), -1)) - 1
-    best_bits, best_size = _BITMASK, flat.numel()
-    for bits in range(1, 9):
-        m = (1 << bits) - 1
-        size = (where.numel() + int((gaps // m).sum())) * bits
-        if size < best_size:
-            best_bits, best_size = bits, size
-    if best_bits == _BITMASK:
-        body = pack_bits(flat.to(torch.int32), 1)
-    else:
-        m = (1 << best_bits) - 1
-        fillers = gaps // m
-        symbols = torch.full((int(fillers.sum()) + where.numel(),), m, dtype=torch.int64)
-        symbols[torch.cumsum(fillers + 1, 0) - 1] = gaps - fillers * m
-        body = pack_bits(symbols, best_bits)
-        tail = symbols.numel() * best_bits % 8
-        if tail:  # pad with one bits: they read as fillers, never as positions (zero bits would)
-            body[-1] |= (0xFF << tail) & 0xFF
-    return torch.cat([torch.tensor([best_bits], dtype=torch.uint8), body])
-
-
-def decode_positions(stream: torch.Tensor, numel: int, nnz: int) -> torch.Tensor:
-    """Flat boolean mask of ``numel`` elements with ``nnz`` true ones from an ``encode_positions`` stream."""
-    import torch
-
-    stream = stream.reshape(-1)
-    if stream.numel() < 1:
-        raise ValueError("empty position stream")
-    form, body = int(stream[0]), stream[1:]
-    if form == _BITMASK:
-        mask = unpack_bits(body, 1, numel).bool()
-    elif 1 <= form <= 8:
-        m = (1 << form) - 1
-        symbols = unpack_bits(body, form, body.numel() * 8 // form)
-        is_nz = symbols < m
-        # Each non-zero symbol ends a step; trailing padding bits may decode as extra symbols after the last one.
-        ends = torch.cumsum(symbols + is_nz.to(torch.int64), 0) - 1
-        marks = is_nz.nonzero().reshape(-1)
-        where = ends[marks[:nnz]]
-        if where.numel() != nnz or (nnz and int(where[-1]) >= numel):
-            raise ValueError(f"position stream holds {where.numel()} positions, expected {nnz} within {numel}")
-        # What follows the last position is the final byte's padding: one bits (fillers), less than a byte.
-        used = int(marks[nnz - 1]) + 1 if nnz else 0
-        if (used * form + 7) // 8 != body.numel() or bool((symbols[used:] != m).any()):
-            raise ValueError(f"position stream of {body.numel()} bytes does not end after its {nnz} positions")
-        mask = torch.zeros(numel, dtype=torch.bool)
-        mask[where] = True
-    else:
-        raise ValueError(f"unknown position form {form}")
-    if int(mask.sum()) != nnz:
-        raise ValueError(f"position stream marks {int(mask.sum())} elements, expected {nnz}")
-    return mask
 
 
 class Sparse(Encoding):
@@ -385,7 +290,119 @@ def _from_le(raw: torch.Tensor) -> int:
     return int.from_bytes(bytes(raw.tolist()), "little")
 
 
-from .intgroup import IntGroup, pack_int32, unpack_int32  # noqa: E402 - registers the kind; needs Encoding above
+class IntGroup(Encoding):
+    """Low-bit integers (4 or 8 bits) with one scale per group of ``group_size`` consecutive inputs of each row
+    (one per row when ``group_size`` is None), symmetric or with zero points: the effective tensor is
+    ``(q - zero_point) * scale`` computed in float32 (exact: a float16 scale times a small integer).
+
+    Stored in the compressed-tensors ``pack-quantized`` layout, which transformers and vLLM read directly:
+    ``<name>_packed`` (int32, the signed values offset by 2**(bits-1) and packed densely along each row from the
+    least significant bit), ``<name>_scale`` (float16, rows x groups), ``<name>_zero_point`` (asymmetric only: the
+    same offset signed values, packed along dim 0) and ``<name>_shape`` (int64, the tensor's shape). For a
+    Linear's ``weight`` these are its module's ``weight_packed``, ``weight_scale``... as compressed-tensors names them.
+
+    The integers come from the quantizer (NNCF's scales are chosen by data, not recomputable from the values), so the
+    pass hands them over with ``with_parts``; ``encode`` returns them after checking they decode to the tensor.
+    """
+
+    kind = "intgroup"
+    plain_suffixes = ("_packed", "_scale", "_zero_point", "_shape")
+
+    def __init__(self, shape: list[int], bits: int, group_size: int | None = None, symmetric: bool = True) -> None:
+        if int(bits) not in (4, 8):
+            raise ValueError(f"intgroup bits must be 4 or 8, got {bits}")
+        if len(shape) != 2:
+            raise ValueError(f"intgroup encodes matrices; shape {list(shape)}")
+        self.shape, self.bits = [int(d) for d in shape], int(bits)
+        self.group_size = None if group_size is None else int(group_size)
+        if self.group_size is not None and (self.group_size < 1 or self.shape[1] % self.group_size):
+            raise ValueError(f"group_size {group_size} does not divide the {self.shape[1]} columns")
+        self.symmetric = bool(symmetric)
+        self._parts: dict[str, torch.Tensor] | None = None
+
+    @property
+    def groups(self) -> int:
+        """Scales per row."""
+        return 1 if self.group_size is None else self.shape[1] // self.group_size
+
+    def with_parts(self, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None) -> IntGroup:
+        """Attach the quantizer's signed integers ``q`` (rows x columns), float16 ``scale`` (rows x groups) and, for
+        asymmetric ones, signed ``zero_point`` (rows x groups); returns self."""
+        import torch
+
+        low, high = -(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1
+        rows, groups = self.shape[0], self.groups
+        if list(q.shape) != self.shape or list(scale.reshape(rows, -1).shape) != [rows, groups]:
+            raise ValueError(f"integers {list(q.shape)} / scales {list(scale.shape)} do not fit shape {self.shape} "
+                             f"in {groups} groups per row")
+        for what, t in (("values", q), ("zero points", zero_point)):
+            if t is not None and (int(t.min()) < low or int(t.max()) > high):
+                raise ValueError(f"{what} outside the {self.bits}-bit range [{low}, {high}]")
+        if (zero_point is None) != self.symmetric:
+            raise ValueError("zero points are given exactly when the encoding is asymmetric")
+        parts = {"_packed": pack_int32(q, self.bits), "_scale": scale.reshape(rows, groups).to(torch.float16),
+                 "_shape": torch.tensor(self.shape, dtype=torch.int64)}
+        if zero_point is not None:
+            parts["_zero_point"] = pack_int32(zero_point.reshape(rows, groups).t(), self.bits).t().contiguous()
+        self._parts = parts
+        return self
+
+    def integers(self, stored: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(q, scale, zero_point) from the stored tensors: signed int8 rows x columns, float16 rows x groups, and
+        signed int8 rows x groups or None; ValueError where a part does not fit this encoding."""
+        import torch
+
+        rows, cols, groups = self.shape[0], self.shape[1], self.groups
+        packed, scale = stored["_packed"], stored["_scale"]
+        width = -(-cols * self.bits // 32)
+        if packed.dtype != torch.int32 or list(packed.shape) != [rows, width]:
+            raise ValueError(f"packed values {packed.dtype} {list(packed.shape)}, expected int32 [{rows}, {width}]")
+        if list(scale.shape) != [rows, groups]:
+            raise ValueError(f"scales of shape {list(scale.shape)}, expected [{rows}, {groups}]")
+        shape = stored.get("_shape")
+        if shape is not None and shape.reshape(-1).tolist() != self.shape:
+            raise ValueError(f"stored shape {shape.reshape(-1).tolist()} differs from the manifest's {self.shape}")
+        q = unpack_int32(packed, self.bits, cols)
+        zero = None
+        if not self.symmetric:
+            zp = stored["_zero_point"]
+            zwidth = -(-rows * self.bits // 32)
+            if zp.dtype != torch.int32 or list(zp.shape) != [zwidth, groups]:
+                raise ValueError(f"zero points {zp.dtype} {list(zp.shape)}, expected int32 [{zwidth}, {groups}]")
+            zero = unpack_int32(zp.t().contiguous(), self.bits, rows).t()
+        return q, scale, zero
+
+    def decode(self, stored: dict[str, torch.Tensor]) -> torch.Tensor:
+        import torch
+
+        q, scale, zero = self.integers(stored)
+        rows, groups = self.shape[0], self.groups
+        values = q.to(torch.float32).reshape(rows, groups, -1)
+        if zero is not None:
+            values = values - zero.to(torch.float32).reshape(rows, groups, 1)
+        return (values * scale.to(torch.float32).reshape(rows, groups, 1)).reshape(self.shape)
+
+    def encode_parts(self) -> dict[str, torch.Tensor]:
+        """The attached stored tensors (``with_parts``), as written to disk."""
+        if self._parts is None:
+            raise ValueError("no integers attached to this intgroup encoding")
+        return dict(self._parts)
+
+    def encode(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        import torch
+
+        if self._parts is None:
+            raise ValueError("an intgroup tensor is encoded from the quantizer's integers (with_parts), and none "
+                             "were attached")
+        if not torch.equal(self.decode(self._parts), tensor.detach().to(torch.float32)) or tensor.dtype != torch.float32:
+            raise ValueError("the tensor no longer equals its 4-bit integers times their scales; a pass changed a "
+                             "quantized weight after quantize")
+        return dict(self._parts)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "shape": self.shape, "bits": self.bits, "group_size": self.group_size,
+                "symmetric": self.symmetric}
+
 
 
 def stored_base(stored_name: str, encodings: dict[str, dict[str, Any]]) -> tuple[str, str]:

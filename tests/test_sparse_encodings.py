@@ -12,15 +12,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from compressor.encodings import (
-    Codebook,
-    Sparse,
-    decode_positions,
-    encode_positions,
-    encoding_from_json,
-    pack_bits,
-    unpack_bits,
-)
+from compressor.bitpack import decode_positions, encode_positions, pack_bits, unpack_bits
+from compressor.encodings import Codebook, Sparse, encoding_from_json
 from compressor.export.safetensors import write_safetensors
 
 # Deterministic and light: no example database written into the repository, a fixed example sequence.

@@ -211,25 +211,45 @@ def _dataset(model: Model, config: Any, ctx: Context, data_aware: bool) -> Any:
 def _run_nncf(model: Model, config: Any, chosen: dict[str, tuple[str, Any]], dataset: Any, methods: list[str],
               where: str, ctx: Context) -> dict[str, Any]:
     """Compress a copy of the module with NNCF, then move its integers into ``model`` (module and encodings)."""
-    import logging
-
-    import nncf
-    import torch
-    from nncf.torch.function_hook.nncf_graph.nncf_graph_builder import build_nncf_graph
-    from nncf.torch.function_hook.wrapper import get_hook_storage
-    from nncf.torch.quantization.layers import BaseWeightsDecompressor
-
     work = copy.deepcopy(model.module).eval()
-    example = next(iter(dataset.get_inference_data()))
+    ignored = _out_of_scope(work, next(iter(dataset.get_inference_data())), chosen)
+    compressed = _compress(work, config, dataset, methods, ignored, where, ctx)
+    found = _integers_from_hooks(compressed, model, chosen)
+    changed = _write_back(model, compressed.state_dict(), found, where)
+    missed = sorted(set(chosen) - set(found))
+    bits4 = sorted(n for n, e in found.items() if e.bits == 4)
+    return {"format": "int4", "bits": 4, "group_size": config.group_size, "symmetric": config.symmetric,
+            "method": methods, "ratio": config.ratio, "tensors_4bit": len(bits4),
+            "tensors_8bit": len(found) - len(bits4),
+            "int8_by_sensitivity": sorted(n for n, e in found.items() if e.bits == 8),
+            "rescaled_by_awq": sorted(changed),
+            "not_compressed_by_nncf": missed}
+
+
+def _out_of_scope(work: Any, example: Any, chosen: dict[str, tuple[str, Any]]) -> list[str]:
+    """NNCF's names of every operation that reads a parameter not in ``chosen`` (the tables, the LM head, excluded
+    and skipped modules), of any op type. NNCF names operations by call site, so they are found by their weight."""
+    from nncf.torch.function_hook.nncf_graph.nncf_graph_builder import build_nncf_graph
+
     graph = build_nncf_graph(work, example)
-    # Every matrix product or lookup whose weight is not one of ``chosen`` is out of NNCF's scope: the tables, the
-    # LM head, excluded and skipped modules. NNCF names operations by call site, so they are found by their weight.
     params = set(work.state_dict(keep_vars=True))
     ignored = []
     for node in graph.get_all_nodes():
         weights = [e.from_node.node_name for e in graph.get_input_edges(node)]
         if any(w in params for w in weights) and not any(w in chosen for w in weights):
-            ignored.append(node.node_name)  # reads a parameter that is not to be quantized: any op type
+            ignored.append(node.node_name)
+    return ignored
+
+
+def _compress(work: Any, config: Any, dataset: Any, methods: list[str], ignored: list[str], where: str,
+              ctx: Context) -> Any:
+    """NNCF's ``compress_weights`` on ``work``, its output kept off standard output; its failures as one-paragraph
+    errors naming the pass."""
+    import logging
+
+    import nncf
+    import torch
+
     mode = nncf.CompressWeightsMode.INT4_SYM if config.symmetric else nncf.CompressWeightsMode.INT4_ASYM
     backup = nncf.BackupMode.INT8_SYM if config.symmetric else nncf.BackupMode.INT8_ASYM
     nncf_logger = logging.getLogger("nncf")
@@ -241,7 +261,7 @@ def _run_nncf(model: Model, config: Any, chosen: dict[str, tuple[str, Any]], dat
     sink = open(os.devnull, "w") if quiet else sys.stderr  # noqa: SIM115 - closed below
     try:
         with torch.no_grad(), contextlib.redirect_stdout(sink):
-            compressed = nncf.compress_weights(
+            return nncf.compress_weights(
                 work, mode=mode, group_size=config.group_size, ratio=config.ratio, all_layers=True,
                 dataset=dataset, awq="awq" in methods or None,
                 scale_estimation="scale-estimation" in methods or None, backup_mode=backup,
@@ -257,10 +277,16 @@ def _run_nncf(model: Model, config: Any, chosen: dict[str, tuple[str, Any]], dat
         nncf_logger.setLevel(level)
         if sink is not sys.stderr:
             sink.close()
-    hooks = get_hook_storage(compressed)
+
+
+def _integers_from_hooks(compressed: Any, model: Model, chosen: dict[str, tuple[str, Any]]) -> dict[str, IntGroup]:
+    """The IntGroup encoding of every weight NNCF compressed, from its decompressor hooks."""
+    from nncf.torch.function_hook.wrapper import get_hook_storage
+    from nncf.torch.quantization.layers import BaseWeightsDecompressor
+
     packed_state = compressed.state_dict()
     found: dict[str, IntGroup] = {}
-    for key, hook in hooks.named_modules():
+    for key, hook in get_hook_storage(compressed).named_modules():
         if not key or "." not in key or key.count(".") < 2:
             continue
         if not isinstance(hook, BaseWeightsDecompressor):
@@ -271,7 +297,14 @@ def _run_nncf(model: Model, config: Any, chosen: dict[str, tuple[str, Any]], dat
         if name not in chosen:
             raise CompressorError(f"NNCF compressed {name}, which was out of its scope")
         found[name] = _from_decompressor(hook, packed_state[name], list(model.tensors()[name].shape))
-    # Everything else NNCF changed (AWQ folds its scales into the preceding Linear of a gated MLP) is copied as is.
+    return found
+
+
+def _write_back(model: Model, packed_state: dict[str, Any], found: dict[str, IntGroup], where: str) -> list[str]:
+    """Give ``model`` the effective weights and encodings of ``found``, and copy everything else NNCF changed (AWQ
+    folds its scales into the preceding Linear of a gated MLP) as is; returns the names of those rescaled."""
+    import torch
+
     mine = model.module.state_dict()
     changed = []
     with torch.no_grad():
@@ -289,11 +322,4 @@ def _run_nncf(model: Model, config: Any, chosen: dict[str, tuple[str, Any]], dat
             raise RecipeError(Problem(f"AWQ rescaled {name}, which an earlier pass stored as "
                                       f"{model.encodings[name].kind}", path=where,
                                       hint="put quantize before that pass, or use method scale-estimation"))
-    missed = sorted(set(chosen) - set(found))
-    bits4 = sorted(n for n, e in found.items() if e.bits == 4)
-    return {"format": "int4", "bits": 4, "group_size": config.group_size, "symmetric": config.symmetric,
-            "method": methods, "ratio": config.ratio, "tensors_4bit": len(bits4),
-            "tensors_8bit": len(found) - len(bits4),
-            "int8_by_sensitivity": sorted(n for n, e in found.items() if e.bits == 8),
-            "rescaled_by_awq": sorted(changed),
-            "not_compressed_by_nncf": missed}
+    return changed

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from compressor.encodings import IntGroup, encoding_from_json, pack_int32, unpack_int32
+from compressor.bitpack import pack_int32, unpack_int32
+from compressor.encodings import IntGroup, encoding_from_json
 from conftest import bare_environment, run_cli
 
 

@@ -134,7 +134,8 @@ def test_pass_is_listed_with_its_parameters():
     assert proc.returncode == 0
     data = json.loads(proc.stdout)
     assert {"mode", "per_channel", "modules", "exclude", "min_elements", "smooth", "calibration", "method",
-            "percentile", "target_fidelity", "max_float", "targets", "strict"} == {
+            "percentile", "target_fidelity", "max_float", "targets", "strict", "bits", "group_size", "symmetric",
+            "ratio", "activations", "embeddings"} == {
                p["name"] for p in data["quantize"]["parameters"]}
 
 

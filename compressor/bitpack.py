@@ -1,0 +1,130 @@
+"""Bit-level packing shared by the stored encodings: integers packed into bytes or into int32 words, and the
+positions of a sparse tensor's non-zero elements as a compact byte stream. Pure tensor arithmetic, no formats."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+__all__ = ["pack_bits", "unpack_bits", "encode_positions", "decode_positions", "pack_int32", "unpack_int32"]
+
+
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack non-negative integers below 2**bits into bytes, ``bits`` each, least significant bit first."""
+    import torch
+
+    if not 1 <= bits <= 16:
+        raise ValueError(f"bits must be in 1..16, got {bits}")
+    v = values.reshape(-1).to(torch.int32)
+    shifts = torch.arange(bits, dtype=torch.int32)
+    flat = ((v[:, None] >> shifts) & 1).reshape(-1).to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])
+    weights = (1 << torch.arange(8, dtype=torch.int32)).to(torch.uint8)
+    return (flat.reshape(-1, 8) * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of ``pack_bits``: the first ``count`` integers (int64)."""
+    import torch
+
+    if packed.numel() * 8 < count * bits:
+        raise ValueError(f"{packed.numel()} bytes cannot hold {count} values of {bits} bits")
+    shifts = torch.arange(8, dtype=torch.int32)
+    flat = ((packed.reshape(-1).to(torch.int32)[:, None] >> shifts) & 1)[: count * bits // 8 + 1].reshape(-1)
+    flat = flat[: count * bits].reshape(count, bits).to(torch.int64)
+    return (flat << torch.arange(bits, dtype=torch.int64)).sum(dim=1)
+
+
+# Positions of the non-zero elements of a flat tensor, as a byte stream whose first byte names its form:
+# 0: a bitmask, one bit per element; b in 1..8: relative indices, one b-bit symbol per step. A symbol s below
+# M = 2**b - 1 skips s zeros and marks the next element non-zero; s == M skips M zeros (a filler, Deep Compression's
+# padding zero). The last byte is padded with one bits. The smaller form is chosen per tensor.
+_BITMASK = 0
+
+
+def encode_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Byte stream of the positions of the true elements of ``mask`` (flattened), in the smaller of both forms."""
+    import torch
+
+    flat = mask.reshape(-1).bool()
+    where = flat.nonzero().reshape(-1)
+    gaps = torch.diff(where, prepend=where.new_full((1,), -1)) - 1
+    best_bits, best_size = _BITMASK, flat.numel()
+    for bits in range(1, 9):
+        m = (1 << bits) - 1
+        size = (where.numel() + int((gaps // m).sum())) * bits
+        if size < best_size:
+            best_bits, best_size = bits, size
+    if best_bits == _BITMASK:
+        body = pack_bits(flat.to(torch.int32), 1)
+    else:
+        m = (1 << best_bits) - 1
+        fillers = gaps // m
+        symbols = torch.full((int(fillers.sum()) + where.numel(),), m, dtype=torch.int64)
+        symbols[torch.cumsum(fillers + 1, 0) - 1] = gaps - fillers * m
+        body = pack_bits(symbols, best_bits)
+        tail = symbols.numel() * best_bits % 8
+        if tail:  # pad with one bits: they read as fillers, never as positions (zero bits would)
+            body[-1] |= (0xFF << tail) & 0xFF
+    return torch.cat([torch.tensor([best_bits], dtype=torch.uint8), body])
+
+
+def decode_positions(stream: torch.Tensor, numel: int, nnz: int) -> torch.Tensor:
+    """Flat boolean mask of ``numel`` elements with ``nnz`` true ones from an ``encode_positions`` stream."""
+    import torch
+
+    stream = stream.reshape(-1)
+    if stream.numel() < 1:
+        raise ValueError("empty position stream")
+    form, body = int(stream[0]), stream[1:]
+    if form == _BITMASK:
+        mask = unpack_bits(body, 1, numel).bool()
+    elif 1 <= form <= 8:
+        m = (1 << form) - 1
+        symbols = unpack_bits(body, form, body.numel() * 8 // form)
+        is_nz = symbols < m
+        # Each non-zero symbol ends a step; trailing padding bits may decode as extra symbols after the last one.
+        ends = torch.cumsum(symbols + is_nz.to(torch.int64), 0) - 1
+        marks = is_nz.nonzero().reshape(-1)
+        where = ends[marks[:nnz]]
+        if where.numel() != nnz or (nnz and int(where[-1]) >= numel):
+            raise ValueError(f"position stream holds {where.numel()} positions, expected {nnz} within {numel}")
+        # What follows the last position is the final byte's padding: one bits (fillers), less than a byte.
+        used = int(marks[nnz - 1]) + 1 if nnz else 0
+        if (used * form + 7) // 8 != body.numel() or bool((symbols[used:] != m).any()):
+            raise ValueError(f"position stream of {body.numel()} bytes does not end after its {nnz} positions")
+        mask = torch.zeros(numel, dtype=torch.bool)
+        mask[where] = True
+    else:
+        raise ValueError(f"unknown position form {form}")
+    if int(mask.sum()) != nnz:
+        raise ValueError(f"position stream marks {int(mask.sum())} elements, expected {nnz}")
+    return mask
+
+
+def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed ``bits``-bit integers (rows x columns) packed along each row into int32 words, compressed-tensors'
+    layout: each value offset by 2**(bits-1) to unsigned, value i of a row at bits ``bits * i`` of the row's bit
+    stream, the last word zero-padded. ``bits`` must divide 32."""
+    import torch
+
+    if 32 % bits:
+        raise ValueError(f"bits must divide 32, got {bits}")
+    per = 32 // bits
+    rows, cols = values.shape
+    unsigned = values.to(torch.int64) + (1 << (bits - 1))
+    unsigned = torch.nn.functional.pad(unsigned, (0, -cols % per)).reshape(rows, -1, per)
+    words = (unsigned << (torch.arange(per, dtype=torch.int64, device=values.device) * bits)).sum(dim=2)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """Inverse of ``pack_int32``: the signed integers (int8), ``cols`` per row."""
+    import torch
+
+    per = 32 // bits
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    fields = (words.unsqueeze(2) >> (torch.arange(per, dtype=torch.int64, device=packed.device) * bits)) & ((1 << bits) - 1)
+    return (fields.reshape(packed.shape[0], -1)[:, :cols] - (1 << (bits - 1))).to(torch.int8)
