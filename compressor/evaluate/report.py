@@ -394,7 +394,7 @@ def result_line(report: Report | dict[str, Any], where: Path, name: str | None) 
             bits.append(f"cos min {fid['cos_min']:.4f}")
         if row.get("lm"):
             bits.append(f"perplexity {row['lm']['perplexity']:.2f} "
-                        f"({(row.get('ratios') or {}).get('perplexity_increase') or 0.0:+.1f} %)")
+                        f"({(row.get('ratios') or {}).get('perplexity_increase') or 0.0:+.2f} %)")
         elif row.get("accuracy"):
             bits.append(f"{row['accuracy']['label'].split(' (')[0]} {row['accuracy']['value']:.2f}")
         targets = [r for r in report.get("results", []) if r.get("target") and r.get("fidelity")]

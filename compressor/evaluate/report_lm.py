@@ -67,7 +67,7 @@ def lm_summary(base: dict[str, Any], art: dict[str, Any]) -> list[str]:
     if not lm or not base.get("lm"):
         return []
     parts = [f"perplexity {base['lm']['perplexity']:.2f} -> {lm['perplexity']:.2f} "
-             f"({ratios.get('perplexity_increase', 0.0):+.1f} %)"]
+             f"({ratios.get('perplexity_increase', 0.0):+.2f} %)"]
     if lm.get("token_agreement") is not None:
         parts.append(f"agreement {lm['token_agreement']:.1f} %")
     greedy = lm.get("greedy")
