@@ -17,14 +17,15 @@ from torch import nn
 
 from ..errors import ArtifactError
 from ..manifest import Manifest, ModelEntry, check_files, read_manifest
-from .rebuild import build_architecture, decode, dequantize_on_the_fly, restructure, retie
+from .rebuild import build_architecture, decode, dequantize_on_the_fly, keep_packed, restructure, retie
 from .tensors import load_example_inputs, load_tensors, load_tensors_cuda
 
 __all__ = ["load", "load_tensors", "load_tensors_cuda", "load_example_inputs", "build_architecture"]
 
 
 def load(artifact_dir: str | Path, *, device: str | torch.device = "cpu", verify_hashes: bool = False,
-         int8: str = "dequantize", tp_rank: int | None = None, tp_world: int | None = None) -> nn.Module:
+         int8: str = "dequantize", int4: str = "dequantize", tp_rank: int | None = None,
+         tp_world: int | None = None) -> nn.Module:
     """Return the artifact's model in eval mode.
 
     On CPU its tensors are views on the memory-mapped files (nothing is read until used). On CUDA the shards are
@@ -34,7 +35,10 @@ def load(artifact_dir: str | Path, *, device: str | torch.device = "cpu", verify
     loading stays lazy: sizes, safetensors headers and the confinement rule are always checked).
     ``int8`` says what happens to weights stored as int8 (the `quantize` pass): ``"dequantize"`` turns them into float32 on load; ``"keep"`` keeps the
     int8 tensor as the parameter and dequantizes it on the fly at every use (a parametrization), so the model
-    holds a quarter of the memory.
+    holds a quarter of the memory. ``int4`` does the same for weights `quantize` stored with ``bits: 4`` (the
+    compressed-tensors ``pack-quantized`` layout: 4-bit groups, and the int8 rows beside them): ``"keep"`` makes the
+    packed int32 words the parameter, an eighth of float32 at 4 bits, unpacked and scaled at every use. Tied tensors
+    (an embedding shared with the LM head) are dequantized either way.
 
     A tensor-parallel artifact (the `shard` pass) loads whole by default, its rank files joined again. With
     ``tp_rank`` and ``tp_world``, inside an initialised torch.distributed process group of that size (gloo on CPU,
@@ -44,6 +48,8 @@ def load(artifact_dir: str | Path, *, device: str | torch.device = "cpu", verify
     """
     if int8 not in ("dequantize", "keep"):
         raise ValueError(f"int8={int8!r}: use 'dequantize' or 'keep'")
+    if int4 not in ("dequantize", "keep"):
+        raise ValueError(f"int4={int4!r}: use 'dequantize' or 'keep'")
     if (tp_rank is None) != (tp_world is None):
         raise ValueError("give both tp_rank and tp_world, or neither")
     root = Path(artifact_dir)
@@ -54,17 +60,20 @@ def load(artifact_dir: str | Path, *, device: str | torch.device = "cpu", verify
     if tp_rank is not None:
         if manifest.tensor_parallel is None:
             raise ArtifactError(f"{root} is not a tensor-parallel artifact (its recipe has no `shard` pass)")
-        if int8 != "dequantize":
-            raise ValueError("int8='keep' is not supported with tensor parallelism")
+        if int8 != "dequantize" or int4 != "dequantize":
+            raise ValueError("int8='keep' and int4='keep' are not supported with tensor parallelism")
         from .tp import load_rank
 
         return load_rank(root, manifest, int(tp_rank), int(tp_world), dev)  # type: ignore[arg-type]
     module, stored = _architecture_and_tensors(root, manifest, info, dev)
     encodings = dict(info.encodings)
     kept = _keep_int8(stored, encodings, info) if int8 == "keep" else {}
+    packed = _keep_intgroup(stored, encodings, info) if int4 == "keep" else {}
     state = decode(stored, encodings)
     restructure(module, info, state, root)
-    _assign(module, state, info, kept, root, dev)
+    if packed:
+        keep_packed(module, packed, dev)
+    _assign(module, state, info, kept, root, dev, packed=set(packed))
     if kept:
         dequantize_on_the_fly(module, kept)
     from ..model import install_bridges
@@ -137,9 +146,38 @@ def _keep_int8(stored: dict[str, torch.Tensor], encodings: dict[str, Any], info:
     return kept
 
 
+def _keep_intgroup(stored: dict[str, torch.Tensor], encodings: dict[str, Any], info: ModelEntry
+                   ) -> dict[str, tuple[Any, dict[str, torch.Tensor]]]:
+    """int4="keep": each low-bit group tensor (not tied) is taken out of ``stored`` and ``encodings``; returns
+    {name: (its encoding, its stored parts by suffix)}."""
+    from ..encodings import IntGroup, encoding_from_json
+
+    kept: dict[str, tuple[Any, dict[str, torch.Tensor]]] = {}
+    tied = set(info.aliases) | set(info.aliases.values())
+    for name, spec in list(encodings.items()):
+        if not isinstance(spec, dict) or spec.get("kind") != IntGroup.kind or name in tied:
+            continue
+        try:
+            encoding = encoding_from_json(spec)
+        except (ValueError, TypeError) as exc:
+            raise ArtifactError(f"tensor {name}: {exc}") from None
+        parts = {s: stored[name + s] for s in IntGroup.plain_suffixes if name + s in stored}
+        try:
+            encoding.integers(parts)  # every part present and of its shape, before anything is assigned
+        except (ValueError, KeyError) as exc:
+            raise ArtifactError(f"tensor {name} ({IntGroup.kind}) cannot be decoded: {exc}") from None
+        for suffix in parts:
+            del stored[name + suffix]
+        del encodings[name]
+        kept[name] = (encoding, parts)
+    return kept
+
+
 def _assign(module: nn.Module, state: dict[str, torch.Tensor], info: ModelEntry,
-            kept: dict[str, tuple[torch.Tensor, bool]], root: Path, dev: torch.device) -> None:
-    """Assign every parameter its stored tensor (no copy), then tie what was tied."""
+            kept: dict[str, tuple[torch.Tensor, bool]], root: Path, dev: torch.device,
+            packed: frozenset[str] | set[str] = frozenset()) -> None:
+    """Assign every parameter its stored tensor (no copy), then tie what was tied. The ``packed`` tensors already
+    hold their parameters (``keep_packed``), so they are not in ``state``."""
     for alias, target in info.aliases.items():
         state[alias] = state[target]
     if dev.type != "cpu":
@@ -154,9 +192,15 @@ def _assign(module: nn.Module, state: dict[str, torch.Tensor], info: ModelEntry,
         except AttributeError:
             pass
     try:
-        module.load_state_dict(state, strict=True, assign=True)
+        result = module.load_state_dict(state, strict=not packed, assign=True)
     except RuntimeError as exc:
         raise ArtifactError(f"{root}: the stored tensors do not fit the model's architecture: {exc}") from None
+    if packed:  # strict, less the packed parameters and their parametrizations' buffers
+        prefixes = tuple(f"{n.rpartition('.')[0]}.parametrizations.{n.rpartition('.')[2]}." for n in packed)
+        missing = [k for k in result.missing_keys if not k.startswith(prefixes)]
+        if missing or result.unexpected_keys:
+            raise ArtifactError(f"{root}: the stored tensors do not fit the model's architecture: missing "
+                                f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}")
     retie(module, info.aliases)
     leftover = [n for n, p in module.named_parameters() if p.is_meta]
     if leftover:

@@ -15,7 +15,8 @@ from ..encodings import encoding_from_json
 from ..errors import ArtifactError
 from ..manifest import Manifest, ModelEntry
 
-__all__ = ["decode", "dequantize_on_the_fly", "parameters_on_meta", "build_architecture", "restructure", "retie"]
+__all__ = ["decode", "dequantize_on_the_fly", "keep_packed", "parameters_on_meta", "build_architecture", "restructure",
+           "retie"]
 
 
 def decode(stored: dict[str, torch.Tensor], encodings: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -67,6 +68,39 @@ def dequantize_on_the_fly(module: nn.Module, kept: dict[str, tuple[torch.Tensor,
         # unsafe: the parametrization changes the dtype (int8 -> float32), which is the point.
         parametrize.register_parametrization(owner, leaf, _Int8Weight(scale.to(param.device), per_channel),
                                              unsafe=True)
+
+
+class _IntGroupWeight(nn.Module):
+    """Parametrization: a packed low-bit tensor (compressed-tensors ``weight_packed``, int32) unpacked and scaled per
+    group at every use, by the same decoder that ``int4="dequantize"`` applies once."""
+
+    def __init__(self, encoding: Any, parts: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.encoding = encoding
+        self.register_buffer("scale", parts["_scale"])
+        self.register_buffer("zero_point", parts.get("_zero_point"))
+
+    def forward(self, packed: torch.Tensor) -> torch.Tensor:
+        parts = {"_packed": packed, "_scale": self.scale}
+        if self.zero_point is not None:
+            parts["_zero_point"] = self.zero_point
+        return self.encoding.decode(parts)
+
+
+def keep_packed(module: nn.Module, kept: dict[str, tuple[Any, dict[str, torch.Tensor]]], device: torch.device
+                ) -> None:
+    """Make each kept low-bit tensor's parameter its packed int32 words (an eighth of float32 at 4 bits), with a
+    parametrization that dequantizes at every use. Runs before the state is assigned: the packed parameter has
+    another shape than the float one, which load_state_dict would refuse."""
+    from torch.nn.utils import parametrize
+
+    for name, (encoding, parts) in kept.items():
+        *path, leaf = name.split(".")
+        owner = module.get_submodule(".".join(path))
+        owner._parameters[leaf] = nn.Parameter(parts["_packed"].to(device), requires_grad=False)
+        rest = {k: v.to(device) for k, v in parts.items() if k != "_packed"}
+        # unsafe: the parametrization changes shape and dtype (packed int32 -> float32 matrix), which is the point.
+        parametrize.register_parametrization(owner, leaf, _IntGroupWeight(encoding, rest), unsafe=True)
 
 
 @contextmanager

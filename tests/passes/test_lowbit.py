@@ -221,3 +221,49 @@ def test_transformers_loads_the_4bit_safetensors_within_the_quantization_error(t
     # transformers dequantizes in float16 (the scales' dtype); compressor in float32. Both are the same integers:
     # their difference is far below what quantization itself moved the logits.
     assert float((a - b).abs().max()) < 0.1 * float((a - f).abs().max())
+
+
+def test_load_can_keep_4bit_weights_packed_and_compute_what_dequantizing_computes(int4_lm):
+    from compressor import load
+
+    art = int4_lm.out_dir
+    encodings = json.loads((art / "manifest.json").read_text())["model"]["encodings"]
+    whole, kept = load(art), load(art, int4="keep")
+    ids = torch.randint(0, 1024, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(whole(input_ids=ids).logits, kept(input_ids=ids).logits)
+    q_proj = "model.layers.0.self_attn.q_proj"
+    original = kept.get_submodule(q_proj).parametrizations.weight.original
+    assert original.dtype == torch.int32 and original.shape[1] * 32 // encodings[q_proj + ".weight"]["bits"] == 256
+    # The tied table is dequantized either way; every other low-bit matrix is held packed.
+    assert kept.get_parameter("model.embed_tokens.weight").dtype == torch.float32
+    packed = sum(p.numel() * p.element_size() for n, p in kept.named_parameters() if p.dtype == torch.int32)
+    floats = sum(p.numel() * p.element_size() for n, p in whole.named_parameters() if "embed" not in n)
+    assert packed < floats / 6
+    with pytest.raises(ValueError, match="int4='packed': use 'dequantize' or 'keep'"):
+        load(art, int4="packed")
+
+
+def test_load_keeps_asymmetric_4bit_weights_with_their_zero_points(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from compressor import load
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                         max_position_embeddings=64)
+    src = tmp_path / "asym"
+    LlamaForCausalLM(config).eval().save_pretrained(src, safe_serialization=True)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: a4\nmodel: {{source: hf, path: {src}, auto_class: AutoModelForCausalLM}}\npasses:\n"
+                      "  - quantize: {mode: weight-only, bits: 4, group_size: 64, symmetric: false}\n")
+    art = tmp_path / "art"
+    proc = run_cli("run", str(recipe), "--output", str(art), "-q")
+    assert proc.returncode == 0, proc.stderr
+    whole, kept = load(art), load(art, int4="keep")
+    zero = kept.get_submodule("model.layers.0.mlp.up_proj").parametrizations.weight[0].zero_point
+    assert zero is not None and zero.dtype == torch.int32
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(whole(input_ids=ids).logits, kept(input_ids=ids).logits)
