@@ -60,9 +60,12 @@ def _run(recipe: Recipe, out_dir: Path | None, reporter: Reporter | None) -> Run
     prepare_target(out)  # fail before minutes of work, not after
     _eval_data_file(recipe)
     torch.manual_seed(recipe.seed)
+    passes = [get_pass(step.name)(step.config, step.index) for step in recipe.steps]
+    _check_memory(recipe, passes, _source_bytes(recipe), "model")  # before loading what would not fit
     with log.step(f"loading model ({_describe_source(recipe)})"):
         model = load_source(recipe.model, recipe.base_dir, recipe.seed)
     log.info(f"{len(model.tensors())} tensors, {model.numel():,} parameters, {model.stored_nbytes():,} bytes")
+    _check_memory(recipe, passes, model.stored_nbytes(), "passes")
     if recipe.evaluation is not None and "input_ids" in model.example_inputs:
         from .evaluate.runner import check_sequence_lengths
 
@@ -72,7 +75,6 @@ def _run(recipe: Recipe, out_dir: Path | None, reporter: Reporter | None) -> Run
                   "against forward()'s arguments")
 
     ctx = Context(seed=recipe.seed, log=log, base_dir=recipe.base_dir)
-    passes = [get_pass(step.name)(step.config, step.index) for step in recipe.steps]
     for pass_ in passes:  # every pass's model-dependent check before the first one works
         pass_.check(model)
     if recipe.export.onnx is not None:
@@ -241,6 +243,30 @@ def _copy_eval_data(recipe: Recipe, dst: Path) -> dict[str, Any] | None:
     (dst / "eval").mkdir(exist_ok=True)
     shutil.copyfile(src, dst / rel)
     return {"data_file": rel}
+
+
+def _source_bytes(recipe: Recipe) -> int | None:
+    """The bytes of a Hugging Face source's weight files (what loading it will hold in memory: it loads in the
+    stored dtype); None for other sources, which are checked once loaded."""
+    if recipe.model.source != "hf":
+        return None
+    from .schema import resolve_path
+    from .sources.hf import model_files
+
+    try:
+        _, weights = model_files(resolve_path(recipe.model.path, recipe.base_dir))
+    except Exception:  # noqa: BLE001 - loading will say what is wrong with the directory, naming it
+        return None
+    return sum(w.stat().st_size for w in weights if w.is_file())
+
+
+def _check_memory(recipe: Recipe, passes: list[Any], model_bytes: int | None, where: str) -> None:
+    """Refuse (exit 2) a run that will not fit in memory, before the work that would be lost."""
+    if model_bytes is None:
+        return
+    from .budget import check_fits, estimate_run
+
+    check_fits(estimate_run(model_bytes, passes, recipe.export.onnx is not None), where)
 
 
 def _describe_source(recipe: Recipe) -> str:

@@ -116,6 +116,13 @@ class Pass(ABC):
             details=result.details,
         )
 
+    def memory(self) -> tuple[float, float]:
+        """(working, after): the peak memory this pass adds while it runs, and the model's bytes after it, each as a
+        multiple of the model's bytes when the pass starts. A run adds these up before loading the model and refuses
+        one that will not fit (compressor/budget.py). Default, for passes that do not say: a whole copy while it
+        runs, the same size after."""
+        return 1.0, 1.0
+
     def check(self, model: Model) -> None:
         """Refuse (RecipeError) what cannot work on this model, such as a pattern matching no module. The pipeline
         calls every pass's check after loading the model and before the first pass runs, so a mistake in the last

@@ -1,0 +1,189 @@
+"""Memory and time of `compress run` on config-sized Llama models, against safetensors alone.
+
+Builds Llama models from a transformers config (RANDOM weights, seed 0: memory and time are what is measured, the
+tokens mean nothing) of about 0.25B parameters (hidden 1024, 16 layers, vocabulary 32000, untied) and, with
+`--sizes 0.25b,1b`, about 1B (hidden 2048, 16 layers), saved as float32 safetensors. For each size and each recipe
+(`cast` float16; weight-only int8; weight-only int8 then `shard` tensor_parallel 2; evaluation off) it runs
+`compress run` in a fresh process and prints the process's peak RSS (the kernel's accounting, ru_maxrss of the
+child), wall time and the bytes written, and the same for the yardstick: a process that reads the source with
+safetensors alone and writes the same number of output bytes (each tensor converted as the recipe does: float16
+for cast, int8 for int8) with safetensors' `save_file`, one tensor at a time.
+
+Beside each measured peak: compressor's own estimate, made before it loads anything (compressor/budget.py),
+which refuses a run that will not fit; it must not be below the measured peak.
+
+The issue's targets (#19): peak RSS at most 1.5 GB for both sizes, the imports included, and wall time at most 1.5x
+the yardstick's. Today's `compress run` holds the whole model in memory (more than once); this script measures how
+far that is from the targets, and will measure streaming when it lands.
+
+Prints JSON with the CPU, the machine's memory and the versions.
+
+Usage: python benchmarks/streaming.py [--sizes 0.25b,1b] [--recipes cast,int8,int8-tp2] [--keep DIR]
+Quick check: python benchmarks/streaming.py --sizes tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SIZES = {
+    # tiny: a quick check of the script itself (a few MB)
+    "tiny": {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 2, "vocab_size": 1000},
+    "0.25b": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 16, "vocab_size": 32000},
+    "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 16, "vocab_size": 32000},
+}
+RECIPES = {
+    "cast": "  - cast: {dtype: float16}\n",
+    "int8": "  - quantize: {mode: weight-only}\n",
+    "int8-tp2": "  - quantize: {mode: weight-only}\n  - shard: {tensor_parallel: 2}\n",
+}
+
+# The yardstick: read every tensor of the source with safetensors, convert it as the recipe would, write it.
+YARDSTICK = r"""
+import sys, torch
+from pathlib import Path
+from safetensors import safe_open
+from safetensors.torch import save_file
+src, out, how = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+out.mkdir(parents=True, exist_ok=True)
+for i, file in enumerate(sorted(src.glob("*.safetensors"))):
+    with safe_open(str(file), "pt") as f:
+        for name in f.keys():
+            t = f.get_tensor(name)
+            if how == "cast" and t.is_floating_point():
+                t = t.to(torch.float16)
+            elif how.startswith("int8") and t.dim() == 2:
+                scale = t.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
+                t = torch.round(t / scale).to(torch.int8)
+            save_file({name: t.contiguous()}, str(out / f"{i}-{name}.safetensors"))
+"""
+
+
+def make_llama(where: Path, size: str) -> Path:
+    """A Llama of ``SIZES[size]`` with random weights (seed 0), float32 safetensors, sharded at 2 GB like
+    transformers' default."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**SIZES[size], num_attention_heads=16 if SIZES[size]["hidden_size"] >= 1024 else 4,
+                         num_key_value_heads=4 if SIZES[size]["hidden_size"] >= 1024 else 2,
+                         max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(str(where), safe_serialization=True, max_shard_size="2GB")
+    del model
+    return where
+
+
+def measured(command: list[str]) -> dict[str, Any]:
+    """Run ``command`` in a fresh process; its wall seconds, peak RSS (bytes) and exit code."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    stderr = proc.stderr.read() if proc.stderr else ""
+    code = os.waitstatus_to_exitcode(status)
+    out = {"seconds": round(seconds, 2), "peak_rss_bytes": usage.ru_maxrss * 1024, "exit": code}
+    if code != 0:
+        out["stderr_tail"] = stderr[-600:]
+    return out
+
+
+def estimate(recipe_file: Path) -> int:
+    """compressor's own up-front estimate of the run's peak memory (compressor/budget.py), to set beside the
+    measured peak: it must not be below it."""
+    from compressor.budget import estimate_run
+    from compressor.passes import get_pass
+    from compressor.pipeline import _source_bytes
+    from compressor.recipe import load_recipe
+
+    recipe = load_recipe(recipe_file)
+    passes = [get_pass(step.name)(step.config, step.index) for step in recipe.steps]
+    return estimate_run(_source_bytes(recipe) or 0, passes, recipe.export.onnx is not None).peak
+
+
+def tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="0.25b")
+    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--keep", type=Path, help="build the models here and keep them (default: a temporary dir)")
+    args = parser.parse_args()
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    if set(sizes) - set(SIZES) or set(recipes) - set(RECIPES):
+        parser.error(f"sizes are {', '.join(SIZES)}; recipes are {', '.join(RECIPES)}")
+
+    import torch
+    import transformers
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from compressor.cpu import machine_cpu
+
+    result: dict[str, Any] = {"cpu": machine_cpu(), "memory_total_bytes": os.sysconf("SC_PAGE_SIZE")
+                              * os.sysconf("SC_PHYS_PAGES"), "versions": {"torch": torch.__version__,
+                                                                         "transformers": transformers.__version__},
+                              "targets": {"peak_rss_bytes": 1.5e9, "seconds_over_yardstick": 1.5}, "sizes": {}}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-streaming-") as tmp_name:
+        tmp = Path(tmp_name)
+        root = args.keep or tmp
+        for size in sizes:
+            src = root / f"llama-{size}"
+            if not (src / "config.json").is_file():
+                make_llama(src, size)
+            import safetensors
+
+            params = 0
+            for file in src.glob("*.safetensors"):
+                with safetensors.safe_open(str(file), "pt") as f:
+                    for key in f.keys():
+                        params += _numel(f.get_slice(key).get_shape())
+            rows: dict[str, Any] = {}
+            for recipe in recipes:
+                recipe_file = tmp / f"{size}-{recipe}.yaml"
+                recipe_file.write_text(f"name: {size}-{recipe}\nmodel: {{source: hf, path: {json.dumps(str(src))}, "
+                                       f"auto_class: AutoModelForCausalLM}}\npasses:\n{RECIPES[recipe]}")
+                out = tmp / f"out-{size}-{recipe}"
+                run = measured([sys.executable, "-m", "compressor", "run", str(recipe_file), "-o", str(out), "-q"])
+                run["bytes_written"] = tree_bytes(out) if out.exists() else 0
+                run["estimated_peak_bytes"] = estimate(recipe_file)
+                yard_out = tmp / f"yard-{size}-{recipe}"
+                yard = measured([sys.executable, "-c", YARDSTICK, str(src), str(yard_out), recipe])
+                yard["bytes_written"] = tree_bytes(yard_out)
+                rows[recipe] = {"compress_run": run, "safetensors_alone": yard,
+                                "seconds_over_yardstick": round(run["seconds"] / yard["seconds"], 2),
+                                "peak_rss_over_source_bytes": round(run["peak_rss_bytes"] / tree_bytes(src), 2),
+                                "meets_targets": bool(run["exit"] == 0 and run["peak_rss_bytes"] <= 1.5e9
+                                                      and run["seconds"] <= 1.5 * yard["seconds"])}
+                for path in (out, yard_out):
+                    subprocess.run(["rm", "-rf", str(path)], check=False)
+            result["sizes"][size] = {"parameters": params, "source_bytes": tree_bytes(src), "recipes": rows}
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    result["load_average_1min"] = round(os.getloadavg()[0], 2)
+    result["self_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps(result, indent=2))
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+if __name__ == "__main__":
+    main()

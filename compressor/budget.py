@@ -1,0 +1,93 @@
+"""A run's memory, estimated before it starts: a model that will not fit is refused (exit 2) with what it needs and
+what would fit, instead of being killed by the kernel after minutes of work.
+
+compressor holds the whole model in memory while it works. The estimate adds, phase by phase, the model's bytes
+(from the source's weight files before loading, from the loaded model after), what each pass adds while it runs
+and leaves behind (``Pass.memory``), and the ONNX export, on top of a fixed cost for the libraries. The factors were
+measured on a 0.25B-parameter Llama (docs/decisions.md); `benchmarks/streaming.py` prints the estimate beside the
+measured peak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UsageError
+from .memory import LIMIT_ENV, available_memory, human_bytes
+
+__all__ = ["FIXED_BYTES", "LOAD_FACTOR", "ONNX_FACTORS", "MARGIN", "Estimate", "estimate_run", "check_fits"]
+
+FIXED_BYTES = 500_000_000  # torch, transformers and compressor imported: about 0.45 GB measured
+LOAD_FACTOR = 1.1  # the model itself, plus what loading and writing the safetensors files hold beside it
+# The ONNX export, beside the model, as a multiple of the model's bytes as loaded (float32): the exporter's graph
+# with its weights, the file's copy and the checking session (3x); rewriting weights to integers loads the graph
+# again (4.5x, after `quantize`); a float16/bfloat16 export converts a float32 graph (6.7x, after `cast`). Measured
+# on a 0.25B Llama: 3.97x, 5.69x and 7.06x the model's bytes at the peak, everything included.
+ONNX_FACTORS = {"": 3.0, "quantize": 4.5, "cast": 6.7}
+MARGIN = 1.1  # the estimate is a floor of what is needed: 10 % on top
+
+
+@dataclass
+class Estimate:
+    """A run's estimated peak memory and the phases it is made of (name, bytes at that phase's peak)."""
+
+    model_bytes: int
+    phases: list[tuple[str, int]] = field(default_factory=list)
+
+    @property
+    def peak(self) -> int:
+        return max(b for _, b in self.phases)
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=lambda p: p[1])[0]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model_bytes": self.model_bytes, "peak_bytes": self.peak, "peak_phase": self.peak_phase,
+                "phases": {name: b for name, b in self.phases}}
+
+
+def estimate_run(model_bytes: int, passes: list[Any], onnx: bool) -> Estimate:
+    """The peak memory of running ``passes`` (Pass instances, in order) over a model of ``model_bytes`` in memory,
+    then writing it (and exporting ONNX when ``onnx``)."""
+    est = Estimate(model_bytes)
+    size = float(model_bytes)
+
+    def at(factor: float) -> int:
+        return int((FIXED_BYTES + factor) * MARGIN)
+
+    est.phases.append(("loading the model", at(LOAD_FACTOR * size)))
+    for pass_ in passes:
+        working, after = pass_.memory()
+        est.phases.append((f"pass {pass_.index + 1} ({pass_.name})", at(LOAD_FACTOR * size + working * size)))
+        size *= after
+    est.phases.append(("writing the artifact", at(LOAD_FACTOR * size)))
+    if onnx:
+        factor = max(ONNX_FACTORS.get(p.name, 0.0) for p in [*passes, _Plain()])
+        est.phases.append(("exporting ONNX", at(LOAD_FACTOR * size + factor * model_bytes)))
+    return est
+
+
+class _Plain:
+    name = ""
+
+
+def check_fits(est: Estimate, where: str) -> None:
+    """Refuse (UsageError, exit 2) a run whose estimate exceeds what this process may still allocate, naming the
+    phases, the figure it was compared with and what would fit."""
+    room, source = available_memory()
+    if room is None or est.peak <= room:
+        return
+    phases = ", ".join(f"{name} {human_bytes(b)}" for name, b in est.phases)
+    fits = [name for name, b in est.phases if b <= room]
+    hint = ""
+    if est.peak_phase == "exporting ONNX" and len(fits) == len(est.phases) - 1:
+        hint = " Without `export.onnx` the run fits: export ONNX on a larger machine from the artifact's safetensors."
+    raise UsageError(
+        f"{where}: this run would need about {human_bytes(est.peak)} of memory at its peak ({est.peak_phase}), and "
+        f"this process may hold {human_bytes(room)} ({source}). compressor holds the whole model "
+        f"({human_bytes(est.model_bytes)}) in memory while it works; by phase: {phases}.{hint} Run it on a machine "
+        f"with at least {human_bytes(est.peak)} free, or set {LIMIT_ENV} to a size (or off) if this estimate is "
+        "wrong for your model."
+    )
