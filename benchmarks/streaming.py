@@ -2,8 +2,8 @@
 
 Builds Llama models from a transformers config (RANDOM weights, seed 0: memory and time are what is measured, the
 tokens mean nothing) of about 0.25B parameters (hidden 1024, 16 layers, vocabulary 32000, untied) and, with
-`--sizes 0.25b,1b`, about 1B (hidden 2048, 16 layers), saved as float32 safetensors. For each size and each recipe
-(`cast` float16; weight-only int8; weight-only int8 then `shard` tensor_parallel 2; evaluation off) it runs
+`--sizes 0.25b,1b`, about 1.1B (TinyLlama's shape: hidden 2048, 22 layers), saved as float32 safetensors. For
+each size (`cast` float16; weight-only int8; weight-only int8 then `shard` tensor_parallel 2; evaluation off) it runs
 `compress run` in a fresh process and prints the process's peak RSS (the kernel's accounting, ru_maxrss of the
 child), wall time and the bytes written, and the same for the yardstick: a process that reads the source with
 safetensors alone and writes the same number of output bytes (each tensor converted as the recipe does: float16
@@ -39,7 +39,7 @@ SIZES = {
     # tiny: a quick check of the script itself (a few MB)
     "tiny": {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 2, "vocab_size": 1000},
     "0.25b": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 16, "vocab_size": 32000},
-    "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 16, "vocab_size": 32000},
+    "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "vocab_size": 32000},
 }
 RECIPES = {
     "cast": "  - cast: {dtype: float16}\n",

@@ -16,7 +16,8 @@ from typing import Any
 from .errors import UsageError
 from .memory import LIMIT_ENV, available_memory, human_bytes
 
-__all__ = ["FIXED_BYTES", "LOAD_FACTOR", "ONNX_FACTORS", "MARGIN", "Estimate", "estimate_run", "check_fits"]
+__all__ = ["FIXED_BYTES", "LOAD_FACTOR", "ONNX_FACTORS", "EVAL_FACTOR", "MARGIN", "Estimate", "estimate_run",
+           "check_fits"]
 
 FIXED_BYTES = 500_000_000  # torch, transformers and compressor imported: about 0.45 GB measured
 LOAD_FACTOR = 1.1  # the model itself, plus what loading and writing the safetensors files hold beside it
@@ -25,6 +26,10 @@ LOAD_FACTOR = 1.1  # the model itself, plus what loading and writing the safeten
 # again (4.5x, after `quantize`); a float16/bfloat16 export converts a float32 graph (6.7x, after `cast`). Measured
 # on a 0.25B Llama: 3.97x, 5.69x and 7.06x the model's bytes at the peak, everything included.
 ONNX_FACTORS = {"": 3.0, "quantize": 4.5, "cast": 6.7}
+# Evaluation: the baseline loaded again from the source, the artifact loaded (dequantized to float32: the model's
+# bytes again), and about one more copy still held from the run (3.16x the model's bytes measured with weight-only
+# int8 on a 0.25B Llama); with ONNX, its session holds the ONNX weights too.
+EVAL_FACTOR = 3.3
 MARGIN = 1.1  # the estimate is a floor of what is needed: 10 % on top
 
 
@@ -48,9 +53,9 @@ class Estimate:
                 "phases": {name: b for name, b in self.phases}}
 
 
-def estimate_run(model_bytes: int, passes: list[Any], onnx: bool) -> Estimate:
+def estimate_run(model_bytes: int, passes: list[Any], onnx: bool, evaluate: bool = False) -> Estimate:
     """The peak memory of running ``passes`` (Pass instances, in order) over a model of ``model_bytes`` in memory,
-    then writing it (and exporting ONNX when ``onnx``)."""
+    then writing it (and exporting ONNX when ``onnx``, evaluating when ``evaluate``)."""
     est = Estimate(model_bytes)
     size = float(model_bytes)
 
@@ -66,6 +71,8 @@ def estimate_run(model_bytes: int, passes: list[Any], onnx: bool) -> Estimate:
     if onnx:
         factor = max(ONNX_FACTORS.get(p.name, 0.0) for p in [*passes, _Plain()])
         est.phases.append(("exporting ONNX", at(LOAD_FACTOR * size + factor * model_bytes)))
+    if evaluate:
+        est.phases.append(("evaluating", at(EVAL_FACTOR * model_bytes + (LOAD_FACTOR * size if onnx else 0.0))))
     return est
 
 

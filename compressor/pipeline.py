@@ -266,7 +266,8 @@ def _check_memory(recipe: Recipe, passes: list[Any], model_bytes: int | None, wh
         return
     from .budget import check_fits, estimate_run
 
-    check_fits(estimate_run(model_bytes, passes, recipe.export.onnx is not None), where)
+    check_fits(estimate_run(model_bytes, passes, recipe.export.onnx is not None, recipe.evaluation is not None),
+               where)
 
 
 def _describe_source(recipe: Recipe) -> str:

@@ -51,6 +51,8 @@ def test_the_estimate_grows_with_what_the_run_holds():
     assert plain.peak < int8.peak < int4.peak
     assert onnx.peak > int8.peak and onnx.peak_phase == "exporting ONNX"
     assert int4.peak_phase == "pass 1 (quantize)"
+    evaluated = estimate_run(gb, _passes(("quantize", {"mode": "weight-only"})), onnx=False, evaluate=True)
+    assert evaluated.peak_phase == "evaluating"  # the baseline and the artifact side by side
     # cast halves what the later phases hold
     cast = estimate_run(gb, _passes(("cast", {}), ("shard", {"tensor_parallel": 2})), onnx=False)
     phases = dict(cast.phases)
@@ -85,7 +87,8 @@ def test_a_run_that_will_not_fit_is_refused_before_loading_and_the_old_artifact_
     proc = run_cli("run", str(recipe), "--output", str(art), "-q", env={LIMIT_ENV: "100MB"})
     assert proc.returncode == 2, proc.stderr
     message = " ".join(proc.stderr.split())
-    assert "would need about" in message and f"may hold 100 MB ({LIMIT_ENV}=100MB)" in message and "loading the model" in message and "pass 1 (quantize)" in message
+    assert "would need about" in message and f"may hold 100 MB ({LIMIT_ENV}=100MB)" in message
+    assert "loading the model" in message and "pass 1 (quantize)" in message
     assert "Traceback" not in proc.stderr
     assert _tree_digest(art) == before  # nothing rewritten, nothing half-written
     assert run_cli("run", str(recipe), "--output", str(tmp_path / "fresh"), "-q",
