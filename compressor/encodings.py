@@ -58,6 +58,11 @@ class Encoding(ABC):
     def decode(self, stored: dict[str, torch.Tensor]) -> torch.Tensor:
         """The effective tensor from its stored tensors; exact."""
 
+    def stored_nbytes(self, tensor: torch.Tensor) -> int:
+        """Bytes stored for ``tensor``. Default: encode it and count; encodings whose size follows from the shape
+        say so without encoding (a pass's report counts every tensor before and after it)."""
+        return sum(t.numel() * t.element_size() for t in self.encode(tensor).values())
+
     def to_json(self) -> dict[str, Any]:
         """JSON form, as written to the manifest."""
         return {"kind": self.kind}
@@ -80,6 +85,9 @@ class Dense(Encoding):
     def decode(self, stored: dict[str, torch.Tensor]) -> torch.Tensor:
         return stored[""]
 
+    def stored_nbytes(self, tensor: torch.Tensor) -> int:
+        return tensor.numel() * tensor.element_size()
+
 
 class Cast(Encoding):
     """Stored in a narrower float dtype (float16/bfloat16); the effective tensor is in that dtype too."""
@@ -92,6 +100,11 @@ class Cast(Encoding):
 
     def encode(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"": tensor.to(dtype_from_name(self.dtype))}
+
+    def stored_nbytes(self, tensor: torch.Tensor) -> int:
+        import torch
+
+        return tensor.numel() * torch.empty((), dtype=dtype_from_name(self.dtype)).element_size()
 
     def decode(self, stored: dict[str, torch.Tensor]) -> torch.Tensor:
         return stored[""]
@@ -125,7 +138,9 @@ class Int8(Encoding):
         base = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
         best = base
         exact = torch.zeros_like(amax, dtype=torch.bool)
-        # Candidates around the recomputed scale; the first that reproduces a whole row exactly wins.
+        # Candidates around the recomputed scale; the first that reproduces a whole row exactly wins. Usually every
+        # row is exact at once, and the other candidates are not tried (they could change no row).
+        q = None
         for ulps in (0, -1, 1, -2, 2, -3, 3):
             cand = base
             step = torch.full_like(base, float("inf") if ulps > 0 else float("-inf"))
@@ -135,9 +150,17 @@ class Int8(Encoding):
             ok = ((q * cand) == rows).all(dim=1, keepdim=True) & ~exact
             best = torch.where(ok, cand, best)
             exact |= ok
-        q = torch.round(rows / best).clamp(-127, 127).to(torch.int8)
+            if bool(exact.all()):
+                break
+        if not (ulps == 0 and bool(exact.all())):  # the winning scale differs between rows: round again
+            q = torch.round(rows / best).clamp(-127, 127)
+        q = q.to(torch.int8)
         scale = best.reshape(-1) if self.per_channel and tensor.dim() >= 1 else best.reshape(())
         return {".__q": q.reshape(tensor.shape), ".__scale": scale.contiguous()}
+
+    def stored_nbytes(self, tensor: torch.Tensor) -> int:
+        rows = tensor.shape[0] if self.per_channel and tensor.dim() >= 1 else 1
+        return tensor.numel() + 4 * rows
 
     def decode(self, stored: dict[str, torch.Tensor]) -> torch.Tensor:
         q, scale = stored[".__q"], stored[".__scale"]
@@ -381,6 +404,11 @@ class IntGroup(Encoding):
         if zero is not None:
             values = values - zero.to(torch.float32).reshape(rows, groups, 1)
         return (values * scale.to(torch.float32).reshape(rows, groups, 1)).reshape(self.shape)
+
+    def stored_nbytes(self, tensor: torch.Tensor) -> int:
+        if self._parts is None:
+            return super().stored_nbytes(tensor)  # refuses, as encode does
+        return sum(p.numel() * p.element_size() for p in self._parts.values())
 
     def encode_parts(self) -> dict[str, torch.Tensor]:
         """The attached stored tensors (``with_parts``), as written to disk."""

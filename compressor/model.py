@@ -98,7 +98,7 @@ class Model:
 
     def stored_nbytes(self) -> int:
         """Bytes of all stored tensors."""
-        return sum(t.numel() * t.element_size() for t in self.stored().values())
+        return sum(self.encodings[name].stored_nbytes(t.detach()) for name, t in self.tensors().items())
 
     def numel(self, names: list[str] | None = None) -> int:
         """Number of scalars in the named tensors (all tensors if ``names`` is None)."""

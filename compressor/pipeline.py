@@ -64,8 +64,9 @@ def _run(recipe: Recipe, out_dir: Path | None, reporter: Reporter | None) -> Run
     _check_memory(recipe, passes, _source_bytes(recipe), "model")  # before loading what would not fit
     with log.step(f"loading model ({_describe_source(recipe)})"):
         model = load_source(recipe.model, recipe.base_dir, recipe.seed)
-    log.info(f"{len(model.tensors())} tensors, {model.numel():,} parameters, {model.stored_nbytes():,} bytes")
-    _check_memory(recipe, passes, model.stored_nbytes(), "model (as loaded)")
+    loaded = model.stored_nbytes()
+    log.info(f"{len(model.tensors())} tensors, {model.numel():,} parameters, {loaded:,} bytes")
+    _check_memory(recipe, passes, loaded, "model (as loaded)")
     if recipe.evaluation is not None and "input_ids" in model.example_inputs:
         from .evaluate.runner import check_sequence_lengths
 
