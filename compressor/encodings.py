@@ -85,9 +85,6 @@ class Dense(Encoding):
     def decode(self, stored: dict[str, torch.Tensor]) -> torch.Tensor:
         return stored[""]
 
-    def stored_nbytes(self, tensor: torch.Tensor) -> int:
-        return tensor.numel() * tensor.element_size()
-
 
 class Cast(Encoding):
     """Stored in a narrower float dtype (float16/bfloat16); the effective tensor is in that dtype too."""
@@ -102,9 +99,7 @@ class Cast(Encoding):
         return {"": tensor.to(dtype_from_name(self.dtype))}
 
     def stored_nbytes(self, tensor: torch.Tensor) -> int:
-        import torch
-
-        return tensor.numel() * torch.empty((), dtype=dtype_from_name(self.dtype)).element_size()
+        return tensor.numel() * dtype_from_name(self.dtype).itemsize
 
     def decode(self, stored: dict[str, torch.Tensor]) -> torch.Tensor:
         return stored[""]
