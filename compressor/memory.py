@@ -40,18 +40,24 @@ def _read(path: str) -> str | None:
         return None
 
 
-def _cgroup_room() -> int | None:
-    """Bytes left under this process's cgroup memory limit (v2, else v1); None where there is no limit."""
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        limit, usage = _read(limit_file), _read(usage_file)
+def _cgroup_room(root: str = "/sys/fs/cgroup") -> int | None:
+    """Bytes left under this process's cgroup memory limit (v2, else v1); None where there is no limit. Usage
+    counts the page cache, of which the inactive file pages are reclaimed before anything is killed: they are not
+    counted as used (the working set, as container runtimes compute it)."""
+    for limit_file, usage_file, stat_file, inactive in (
+            ("memory.max", "memory.current", "memory.stat", "inactive_file"),
+            ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat",
+             "total_inactive_file")):
+        limit, usage = _read(f"{root}/{limit_file}"), _read(f"{root}/{usage_file}")
         if limit is None or usage is None or limit.strip() == "max":
             continue
         try:
             cap, used = int(limit), int(usage)
         except ValueError:
             continue
+        match = re.search(rf"^{inactive} (\d+)$", _read(f"{root}/{stat_file}") or "", re.M)
+        if match:
+            used -= min(int(match.group(1)), used)
         if cap < _NO_LIMIT:
             return max(cap - used, 0)
     return None

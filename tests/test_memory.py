@@ -116,3 +116,19 @@ def test_a_run_that_fits_only_without_onnx_is_told_so(tmp_path):
             del os.environ[LIMIT_ENV]
         else:
             os.environ[LIMIT_ENV] = previous
+
+
+def test_a_cgroup_limit_counts_its_working_set_not_its_reclaimable_page_cache(tmp_path):
+    from compressor.memory import _cgroup_room
+
+    (tmp_path / "memory.max").write_text("8000000000\n")
+    (tmp_path / "memory.current").write_text("6000000000\n")
+    (tmp_path / "memory.stat").write_text("anon 1000000000\nfile 5000000000\ninactive_file 4000000000\n")
+    assert _cgroup_room(str(tmp_path)) == 6_000_000_000  # 8 GB - (6 GB used - 4 GB inactive page cache)
+    (tmp_path / "memory.max").write_text("max\n")
+    assert _cgroup_room(str(tmp_path)) is None  # no limit
+    v1 = tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("2000000000\n")
+    (v1 / "memory" / "memory.usage_in_bytes").write_text("500000000\n")
+    assert _cgroup_room(str(v1)) == 1_500_000_000  # no memory.stat: usage as reported
