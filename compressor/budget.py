@@ -69,15 +69,11 @@ def estimate_run(model_bytes: int, passes: list[Any], onnx: bool, evaluate: bool
         size *= after
     est.phases.append(("writing the artifact", at(LOAD_FACTOR * size)))
     if onnx:
-        factor = max(ONNX_FACTORS.get(p.name, 0.0) for p in [*passes, _Plain()])
+        factor = max([ONNX_FACTORS[""], *(ONNX_FACTORS.get(p.name, 0.0) for p in passes)])
         est.phases.append(("exporting ONNX", at(LOAD_FACTOR * size + factor * model_bytes)))
     if evaluate:
         est.phases.append(("evaluating", at(EVAL_FACTOR * model_bytes + (LOAD_FACTOR * size if onnx else 0.0))))
     return est
-
-
-class _Plain:
-    name = ""
 
 
 def check_fits(est: Estimate, where: str) -> None:

@@ -190,26 +190,35 @@ def test_the_4bit_bundle_generates_the_sessions_greedy_tokens_with_only_onnxrunt
 # ------------------------------------------------------------------- transformers through compressed-tensors
 
 
-def test_transformers_loads_the_4bit_safetensors_within_the_quantization_error(tmp_path, tiny_lm):
-    pytest.importorskip("compressed_tensors")
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-
-    from compressor import load
+def _quantized_untied_llama(tmp_path, quantize: str, vocab: int, layers: int, tokenizer_from=None):
+    """(source dir, artifact dir): a small untied Llama (random weights, seed 0) run through `quantize`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
                          max_position_embeddings=128)
     src = tmp_path / "untied"
     LlamaForCausalLM(config).eval().save_pretrained(src, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(tiny_lm / name, src / name)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json") if tokenizer_from else ():
+        shutil.copy(tokenizer_from / name, src / name)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"name: u4\nmodel: {{source: hf, path: {src}, auto_class: AutoModelForCausalLM}}\npasses:\n"
-                      "  - quantize: {mode: weight-only, bits: 4, group_size: 64}\n")
+                      f"  - quantize: {quantize}\n")
     art = tmp_path / "art"
     proc = run_cli("run", str(recipe), "--output", str(art), "-q")
     assert proc.returncode == 0, proc.stderr
+    return src, art
+
+
+def test_transformers_loads_the_4bit_safetensors_within_the_quantization_error(tmp_path, tiny_lm):
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from compressor import load
+
+    src, art = _quantized_untied_llama(tmp_path, "{mode: weight-only, bits: 4, group_size: 64}", vocab=1024,
+                                       layers=2, tokenizer_from=tiny_lm)
     quant = json.loads((art / "config.json").read_text())["quantization_config"]
     assert quant["format"] == "pack-quantized" and quant["quant_method"] == "compressed-tensors"
     ours = load(art).eval()
@@ -245,22 +254,10 @@ def test_load_can_keep_4bit_weights_packed_and_compute_what_dequantizing_compute
 
 
 def test_load_keeps_asymmetric_4bit_weights_with_their_zero_points(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from compressor import load
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                         max_position_embeddings=64)
-    src = tmp_path / "asym"
-    LlamaForCausalLM(config).eval().save_pretrained(src, safe_serialization=True)
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"name: a4\nmodel: {{source: hf, path: {src}, auto_class: AutoModelForCausalLM}}\npasses:\n"
-                      "  - quantize: {mode: weight-only, bits: 4, group_size: 64, symmetric: false}\n")
-    art = tmp_path / "art"
-    proc = run_cli("run", str(recipe), "--output", str(art), "-q")
-    assert proc.returncode == 0, proc.stderr
+    _, art = _quantized_untied_llama(tmp_path, "{mode: weight-only, bits: 4, group_size: 64, symmetric: false}",
+                                     vocab=256, layers=1)
     whole, kept = load(art), load(art, int4="keep")
     zero = kept.get_submodule("model.layers.0.mlp.up_proj").parametrizations.weight[0].zero_point
     assert zero is not None and zero.dtype == torch.int32
