@@ -46,7 +46,7 @@ def _pass_effect(report: PassReport) -> str:
 def inspect_artifact(root: Path) -> dict[str, Any]:
     """A summary of the artifact at ``root`` (see the module docstring); ArtifactError if it is not one."""
     from .encodings import stored_base
-    from .export.safetensors import read_header
+    from .safetensors_io import read_header
 
     root = Path(root)
     manifest = read_manifest(root)

@@ -22,7 +22,7 @@ __all__ = ["verify_artifact"]
 def verify_artifact(root: Path, *, hashes: bool = True) -> dict[str, Any]:
     """Check ``root`` against its manifest. Returns {"ok", "files": {rel: {"status", "detail"}}, "problems",
     "reports"}; status is ok, missing, modified, extra or invalid. ``hashes=False`` checks sizes only."""
-    from .export.safetensors import read_header
+    from .safetensors_io import read_header
 
     root = Path(root)
     try:

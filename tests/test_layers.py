@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "compressor"
 # Lowest first. A module may import modules of its own layer and of the layers below, never above.
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundations", ["compressor.errors", "compressor.log", "compressor.cpu", "compressor.yamlpos",
-                     "compressor.bitpack", "compressor.memory", "compressor.budget", "compressor.encodings", "compressor.model", "compressor.zoo", "compressor.tinylm",
+                     "compressor.bitpack", "compressor.memory", "compressor.safetensors_io", "compressor.budget", "compressor.encodings", "compressor.model", "compressor.zoo", "compressor.tinylm",
                      "compressor.usercode", "compressor.ort", "compressor.decoding", "compressor.manifest",
                      "compressor.report_format", "compressor.version", "compressor.schema",
                      "compressor.bundle_runner", "compressor.bundle_generate"]),
@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("export", ["compressor.export"]),
     ("artifact", ["compressor.loading", "compressor.verify", "compressor.inspect", "compressor.staging"]),
     ("evaluate", ["compressor.evaluate"]),
-    ("release", ["compressor.pack", "compressor.pack_lm", "compressor.pipeline", "compressor.docs"]),
+    ("release", ["compressor.pack", "compressor.pack_lm", "compressor.pipeline", "compressor.stream", "compressor.docs"]),
     ("entry points", ["compressor.cli", "compressor.__main__", "compressor"]),
 ]
 

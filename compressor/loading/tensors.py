@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import ArtifactError
-from ..export.safetensors import read_header
+from ..safetensors_io import read_header
 from ..manifest import read_manifest
 
 __all__ = ["load_tensors", "load_tensors_cuda", "load_example_inputs", "CUDA_CHUNK_BYTES", "CUDA_THREADS"]

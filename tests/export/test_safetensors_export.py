@@ -14,13 +14,8 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from compressor.errors import ArtifactError
-from compressor.export.safetensors import (
-    PAGE,
-    export_safetensors,
-    read_header,
-    shard_names,
-    write_safetensors,
-)
+from compressor.export.safetensors import export_safetensors, shard_names, write_safetensors
+from compressor.safetensors_io import PAGE, read_header
 
 PROPERTY = settings(
     derandomize=True,

@@ -103,7 +103,7 @@ def test_4bit_tiny_lm_stores_packed_integers_and_the_onnx_decoder_multiplies_wit
     import onnx
 
     from compressor import load
-    from compressor.export.safetensors import read_header
+    from compressor.safetensors_io import read_header
 
     art = int4_lm.out_dir
     manifest = json.loads((art / "manifest.json").read_text())

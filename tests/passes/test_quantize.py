@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import compressor
 from compressor.encodings import Int8
 from compressor.errors import RecipeError
-from compressor.export.safetensors import read_header
+from compressor.safetensors_io import read_header
 from compressor.log import Reporter
 from compressor.pipeline import run_recipe
 from compressor.recipe import parse_recipe
