@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["pack_bits", "unpack_bits", "encode_positions", "decode_positions", "pack_int32", "unpack_int32"]
+__all__ = ["pack_bits", "unpack_bits", "encode_positions", "decode_positions", "pack_int32", "unpack_int32",
+           "bit_pattern", "from_bit_pattern", "le_bytes", "from_le"]
 
 
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -128,3 +129,33 @@ def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     words = packed.to(torch.int64) & 0xFFFFFFFF
     fields = (words.unsqueeze(2) >> (torch.arange(per, dtype=torch.int64, device=packed.device) * bits)) & ((1 << bits) - 1)
     return (fields.reshape(packed.shape[0], -1)[:, :cols] - (1 << (bits - 1))).to(torch.int8)
+
+
+_INT_OF_WIDTH = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}
+
+
+def bit_pattern(values: torch.Tensor) -> torch.Tensor:
+    """Each float's bits as an int64 (equal exactly when the floats are bit-identical)."""
+    import torch
+
+    return values.contiguous().view(getattr(torch, _INT_OF_WIDTH[values.element_size()])).to(torch.int64)
+
+
+def from_bit_pattern(keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The floats of ``dtype`` whose bits ``bit_pattern`` gave."""
+    import torch
+
+    width = torch.empty((), dtype=dtype).element_size()
+    return keys.to(getattr(torch, _INT_OF_WIDTH[width])).view(dtype)
+
+
+def le_bytes(value: int, width: int) -> torch.Tensor:
+    """``value`` as ``width`` little-endian bytes (uint8)."""
+    import torch
+
+    return torch.tensor(list(int(value).to_bytes(width, "little")), dtype=torch.uint8)
+
+
+def from_le(raw: torch.Tensor) -> int:
+    """The integer of little-endian bytes (uint8)."""
+    return int.from_bytes(bytes(raw.tolist()), "little")

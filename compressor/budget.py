@@ -16,8 +16,8 @@ from typing import Any
 from .errors import UsageError
 from .memory import LIMIT_ENV, available_memory, human_bytes
 
-__all__ = ["FIXED_BYTES", "LOAD_FACTOR", "ONNX_FACTORS", "EVAL_FACTOR", "MARGIN", "Estimate", "estimate_run",
-           "check_fits"]
+__all__ = ["FIXED_BYTES", "LOAD_FACTOR", "ONNX_FACTORS", "EVAL_FACTOR", "MARGIN", "STREAM_FACTOR", "Estimate",
+           "estimate_run", "estimate_stream", "fits", "check_fits"]
 
 FIXED_BYTES = 500_000_000  # torch, transformers and compressor imported: about 0.45 GB measured
 LOAD_FACTOR = 1.1  # the model itself, plus what loading and writing the safetensors files hold beside it
@@ -30,6 +30,9 @@ ONNX_FACTORS = {"": 3.0, "quantize": 4.5, "cast": 6.7}
 # bytes again), and about one more copy still held from the run (3.16x the model's bytes measured with weight-only
 # int8 on a 0.25B Llama); with ONNX, its session holds the ONNX weights too.
 EVAL_FACTOR = 3.3
+# Streaming (compressor/stream.py) holds one tensor at a time: as read, its value after each pass, its stored parts
+# and, under `shard`, the per-rank slices: at most 4x the largest tensor's bytes as read.
+STREAM_FACTOR = 4.0
 MARGIN = 1.1  # the estimate is a floor of what is needed: 10 % on top
 
 
@@ -76,21 +79,36 @@ def estimate_run(model_bytes: int, passes: list[Any], onnx: bool, evaluate: bool
     return est
 
 
-def check_fits(est: Estimate, where: str) -> None:
+def estimate_stream(model_bytes: int, largest_bytes: int) -> Estimate:
+    """The peak memory of streaming a model of ``model_bytes`` tensor by tensor, the largest ``largest_bytes``."""
+    est = Estimate(model_bytes)
+    est.phases.append(("streaming tensor by tensor", int((FIXED_BYTES + STREAM_FACTOR * largest_bytes) * MARGIN)))
+    return est
+
+
+def fits(est: Estimate) -> bool:
+    """Whether the estimate fits in what this process may still allocate."""
+    room, _ = available_memory()
+    return room is None or est.peak <= room
+
+
+def check_fits(est: Estimate, where: str, hint: str = "") -> None:
     """Refuse (UsageError, exit 2) a run whose estimate exceeds what this process may still allocate, naming the
     phases, the figure it was compared with and what would fit."""
     room, source = available_memory()
     if room is None or est.peak <= room:
         return
     phases = ", ".join(f"{name} {human_bytes(b)}" for name, b in est.phases)
-    fits = [name for name, b in est.phases if b <= room]
-    hint = ""
-    if est.peak_phase == "exporting ONNX" and len(fits) == len(est.phases) - 1:
+    fitting = [name for name, b in est.phases if b <= room]
+    if hint:
+        hint = " " + hint
+    elif est.peak_phase == "exporting ONNX" and len(fitting) == len(est.phases) - 1:
         hint = " Without `export.onnx` the run fits: export ONNX on a larger machine from the artifact's safetensors."
+    how = ("streams the model one tensor at a time" if est.phases[0][0].startswith("streaming")
+           else f"holds the whole model ({human_bytes(est.model_bytes)}) in memory while it works")
     raise UsageError(
         f"{where}: this run would need about {human_bytes(est.peak)} of memory at its peak ({est.peak_phase}), and "
-        f"this process may hold {human_bytes(room)} ({source}). compressor holds the whole model "
-        f"({human_bytes(est.model_bytes)}) in memory while it works; by phase: {phases}.{hint} Run it on a machine "
-        f"with at least {human_bytes(est.peak)} free, or set {LIMIT_ENV} to a size (or off) if this estimate is "
+        f"this process may hold {human_bytes(room)} ({source}). compressor {how}; by phase: {phases}.{hint} Run it on a "
+        f"machine with at least {human_bytes(est.peak)} free, or set {LIMIT_ENV} to a size (or off) if this estimate is "
         "wrong for your model."
     )

@@ -96,8 +96,14 @@ def validate(recipe: Path) -> None:
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
               help="Artifact directory (default: artifacts/<recipe name>/, or $COMPRESS_OUTPUT_ROOT/<name>).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only warnings, errors and the result line.")
+@click.option("--stream", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+              help="Stream the model tensor by tensor from its safetensors files instead of loading it whole: memory "
+                   "bounded by the largest tensor, same bytes. auto: when the whole model would not fit in memory "
+                   "and the recipe can stream (an hf source; cast, weight-only int8 and shard; no ONNX export); "
+                   "always: stream or say why not (exit 2). Under torchrun the run always streams, the tensors "
+                   "divided between the processes.")
 @_guarded
-def run(recipe: Path, output: Path | None, quiet: bool) -> None:
+def run(recipe: Path, output: Path | None, quiet: bool, stream: str) -> None:
     """Run RECIPE: load the model, apply its passes, export the artifact."""
     from .log import Reporter
     from .pipeline import run_recipe
@@ -106,9 +112,11 @@ def run(recipe: Path, output: Path | None, quiet: bool) -> None:
     parsed = load_recipe(recipe)
     previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
-        result = run_recipe(parsed, output, Reporter(quiet=quiet))
+        result = run_recipe(parsed, output, Reporter(quiet=quiet), stream=stream)
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if result is None:
+        return  # a torchrun rank other than 0: its share is written, rank 0 reports
     size = sum(f.bytes for f in result.manifest.files.values())
     wrote = f"wrote {result.out_dir} ({len(result.manifest.files) + 1} files, {size:,} bytes)"
     if result.report is not None:

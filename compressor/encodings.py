@@ -13,7 +13,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .bitpack import decode_positions, encode_positions, pack_bits, pack_int32, unpack_bits, unpack_int32
+from .bitpack import (bit_pattern, decode_positions, encode_positions, from_bit_pattern, from_le, le_bytes, pack_bits,
+                      pack_int32, unpack_bits, unpack_int32)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -129,13 +130,22 @@ class Int8(Encoding):
         import torch
 
         rows = self._rows(tensor.detach().float())
+        step = max(1, (1 << 22) // max(1, rows.shape[1]))  # rows are independent: blocks bound the temporaries
+        blocks = [self._encode_rows(rows[i:i + step]) for i in range(0, rows.shape[0], step)] if not rows.is_meta \
+            else [(torch.empty_like(rows, dtype=torch.int8), torch.empty(rows.shape[0], 1, device="meta"))]
+        q, best = (torch.cat(p) for p in zip(*blocks)) if len(blocks) > 1 else blocks[0]
+        scale = best.reshape(-1) if self.per_channel and tensor.dim() >= 1 else best.reshape(())
+        return {".__q": q.reshape(tensor.shape), ".__scale": scale.contiguous()}
+
+    @staticmethod
+    def _encode_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         amax = rows.abs().amax(dim=1, keepdim=True)
         base = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
         best = base
         exact = torch.zeros_like(amax, dtype=torch.bool)
-        # Candidates around the recomputed scale; the first that reproduces a whole row exactly wins. Usually every
-        # row is exact at once, and the other candidates are not tried (they could change no row).
-        q = None
+        # Candidates around the recomputed scale; the first that reproduces a whole row exactly wins (usually the first).
         for ulps in (0, -1, 1, -2, 2, -3, 3):
             cand = base
             step = torch.full_like(base, float("inf") if ulps > 0 else float("-inf"))
@@ -149,9 +159,7 @@ class Int8(Encoding):
                 break
         if not (ulps == 0 and bool(exact.all())):  # the winning scale differs between rows: round again
             q = torch.round(rows / best).clamp(-127, 127)
-        q = q.to(torch.int8)
-        scale = best.reshape(-1) if self.per_channel and tensor.dim() >= 1 else best.reshape(())
-        return {".__q": q.reshape(tensor.shape), ".__scale": scale.contiguous()}
+        return q.to(torch.int8), best
 
     def stored_nbytes(self, tensor: torch.Tensor) -> int:
         rows = tensor.shape[0] if self.per_channel and tensor.dim() >= 1 else 1
@@ -225,15 +233,15 @@ class Codebook(Encoding):
         mask = _stored(flat) if self.sparse else torch.ones_like(flat, dtype=torch.bool)
         values = flat[mask]
         # Distinct values by bit pattern, so -0.0 and +0.0 (equal as numbers) stay apart and decode as written.
-        keys, index = torch.unique(_bit_pattern(values), sorted=True, return_inverse=True)
-        distinct = _from_bit_pattern(keys, flat.dtype)
+        keys, index = torch.unique(bit_pattern(values), sorted=True, return_inverse=True)
+        distinct = _frombit_pattern(keys, flat.dtype)
         if distinct.numel() > 1 << self.bits:
             raise ValueError(f"{distinct.numel()} distinct values do not fit a {self.bits}-bit codebook")
         book = distinct.to(dtype_from_name(self.codebook_dtype))
-        if not torch.equal(_bit_pattern(book.to(flat.dtype)), keys):
+        if not torch.equal(bit_pattern(book.to(flat.dtype)), keys):
             raise ValueError(f"values are not all representable in {self.codebook_dtype}; the share pass rounds "
                              "centroids to the codebook dtype")
-        parts = [_le_bytes(book.numel(), 2), _le_bytes(values.numel(), 4), book.contiguous().view(torch.uint8)]
+        parts = [le_bytes(book.numel(), 2), le_bytes(values.numel(), 4), book.contiguous().view(torch.uint8)]
         if self.sparse:
             parts.append(encode_positions(mask))
         parts.append(pack_bits(index, self.bits))
@@ -245,7 +253,7 @@ class Codebook(Encoding):
         import torch
 
         blob = stored[".__shared"].reshape(-1)
-        k, nnz = _from_le(blob[0:2]), _from_le(blob[2:6])
+        k, nnz = from_le(blob[0:2]), from_le(blob[2:6])
         book_dtype = dtype_from_name(self.codebook_dtype)
         size = torch.empty((), dtype=book_dtype).element_size()
         at = 6 + k * size
@@ -279,33 +287,6 @@ def _stored(flat: torch.Tensor) -> torch.Tensor:
     import torch
 
     return (flat != 0) | torch.signbit(flat)
-
-
-_INT_OF_WIDTH = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}
-
-
-def _bit_pattern(values: torch.Tensor) -> torch.Tensor:
-    """Each float's bits as an int64 (equal exactly when the floats are bit-identical)."""
-    import torch
-
-    return values.contiguous().view(getattr(torch, _INT_OF_WIDTH[values.element_size()])).to(torch.int64)
-
-
-def _from_bit_pattern(keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    import torch
-
-    width = torch.empty((), dtype=dtype).element_size()
-    return keys.to(getattr(torch, _INT_OF_WIDTH[width])).view(dtype)
-
-
-def _le_bytes(value: int, width: int) -> torch.Tensor:
-    import torch
-
-    return torch.tensor(list(int(value).to_bytes(width, "little")), dtype=torch.uint8)
-
-
-def _from_le(raw: torch.Tensor) -> int:
-    return int.from_bytes(bytes(raw.tolist()), "little")
 
 
 class IntGroup(Encoding):
@@ -425,7 +406,6 @@ class IntGroup(Encoding):
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "shape": self.shape, "bits": self.bits, "group_size": self.group_size,
                 "symmetric": self.symmetric}
-
 
 
 def stored_base(stored_name: str, encodings: dict[str, dict[str, Any]]) -> tuple[str, str]:

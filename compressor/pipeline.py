@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,48 +34,44 @@ def default_output(recipe: Recipe) -> Path:
     return Path(os.environ.get("COMPRESS_OUTPUT_ROOT", "artifacts")) / recipe.name
 
 
-def run_recipe(recipe: Recipe, out_dir: Path | None = None, reporter: Reporter | None = None) -> RunResult:
+def run_recipe(recipe: Recipe, out_dir: Path | None = None, reporter: Reporter | None = None,
+               stream: str = "auto") -> RunResult | None:
     """Run a validated recipe end to end and return where the artifact went. A recipe problem found only at run
     time (a factory that returns no module, a pattern that matches nothing in this model) is a RecipeError
-    carrying the recipe's file:line:col of the key that caused it."""
+    carrying the recipe's file:line:col of the key that caused it.
+
+    ``stream``: "auto" streams a model tensor by tensor (compressor/stream.py) when the whole run would not fit in
+    memory and the recipe can stream; "always" streams or refuses (exit 2) saying why it cannot; "never" loads the
+    model whole. Under torchrun (``WORLD_SIZE`` > 1) the run always streams, divided between the processes; every
+    rank but 0 returns None once its share is written."""
     from .errors import RecipeError
 
     reporter = reporter or Reporter()
     try:
         with reporter.active():
-            return _run(recipe, out_dir, reporter)
+            return _run(recipe, out_dir, reporter, stream)
     except RecipeError as exc:
         raise recipe.locate(exc) from exc
 
 
-def _run(recipe: Recipe, out_dir: Path | None, reporter: Reporter | None) -> RunResult:
+def _run(recipe: Recipe, out_dir: Path | None, log: Reporter, stream: str) -> RunResult | None:
     import torch
 
     from .errors import CompressorError
     from .passes import Context, get_pass
-    from .sources import load_source
     from .staging import prepare_target, staged_dir
+    from .stream import Group
 
-    log = reporter or Reporter()
     out = out_dir or default_output(recipe)
-    prepare_target(out)  # fail before minutes of work, not after
+    group = Group.from_env()
+    if group.rank == 0:
+        prepare_target(out)  # fail before minutes of work, not after
+    else:
+        log.quiet = True  # rank 0 speaks for the launch
     _eval_data_file(recipe)
     torch.manual_seed(recipe.seed)
     passes = [get_pass(step.name)(step.config, step.index) for step in recipe.steps]
-    _check_memory(recipe, passes, _source_bytes(recipe), "model")  # before loading what would not fit
-    with log.step(f"loading model ({_describe_source(recipe)})"):
-        model = load_source(recipe.model, recipe.base_dir, recipe.seed)
-    loaded = model.stored_nbytes()
-    log.info(f"{len(model.tensors())} tensors, {model.numel():,} parameters, {loaded:,} bytes")
-    _check_memory(recipe, passes, loaded, "model (as loaded)")
-    if recipe.evaluation is not None and "input_ids" in model.example_inputs:
-        from .evaluate.runner import check_sequence_lengths
-
-        config = getattr(model.module, "config", None)
-        check_sequence_lengths(recipe.evaluation, config.to_dict() if hasattr(config, "to_dict") else None)
-    _smoke(model, "the source model fails on its example inputs; for a python source check `model.inputs` "
-                  "against forward()'s arguments")
-
+    model, where = _source(recipe, passes, stream, group, log)
     ctx = Context(seed=recipe.seed, log=log, base_dir=recipe.base_dir)
     for pass_ in passes:  # every pass's model-dependent check before the first one works
         pass_.check(model)
@@ -86,18 +83,22 @@ def _run(recipe: Recipe, out_dir: Path | None, reporter: Reporter | None) -> Run
         import copy
 
         ctx.original = copy.deepcopy(model.module).eval()
-    reports = []
-    for step, pass_ in zip(recipe.steps, passes):
-        with log.step(f"pass {step.index + 1}/{len(recipe.steps)}: {step.name}"):
-            report = pass_(model, ctx)
-        # Wall time goes to the log, not the manifest: two runs of one recipe give identical manifests.
-        reports.append(report.model_dump(mode="json", exclude={"seconds"}))
-        log.info(f"{step.name}: {report.bytes_before:,} -> {report.bytes_after:,} bytes in {report.seconds:.2f}s")
-
-    if recipe.steps:
+    reports, history = _passes(recipe, passes, model, ctx, log)
+    if recipe.steps and where is None:
         chain = " -> ".join(s.name for s in recipe.steps)
         _smoke(model, f"the model no longer runs after the passes ({chain}); this is a bug in a pass, please report it")
 
+    fill = None
+    if where is not None:
+        from functools import partial
+
+        from .stream import fill as stream_fill
+
+        fill = partial(stream_fill, model, where, history, group=group, log=log)
+    if group.rank != 0:
+        fill(_weight_files(recipe, model, model.stored()), Path(group.share(None)))  # type: ignore[misc]
+        group.close()
+        return None
     report = None
     spec = recipe.evaluation
     phase = "writing"
@@ -105,8 +106,10 @@ def _run(recipe: Recipe, out_dir: Path | None, reporter: Reporter | None) -> Run
         # Export, evaluation and reports all happen in the staging directory; only a run that got that far
         # replaces the previous artifact, so a failure or an interrupt before then leaves it byte-identical.
         with staged_dir(out) as tmp:
-            with log.step(f"writing artifact to {out}"):
-                manifest = _write(recipe, model, reports, tmp, log)
+            group.share(str(tmp))
+            with log.step(f"writing artifact to {out}" + (" tensor by tensor" if fill else "")):
+                manifest = _write(recipe, model, reports, tmp, log, fill)
+            group.close()
             if spec is not None:
                 # The source model may still map the original weight files; cold-load timing must be able to
                 # evict them.
@@ -121,6 +124,84 @@ def _run(recipe: Recipe, out_dir: Path | None, reporter: Reporter | None) -> Run
         raise CompressorError(f"writing the artifact to {out} failed: {exc}; the previous artifact (if any) is "
                               "untouched") from exc
     return RunResult(out_dir=out, manifest=manifest, report=report)
+
+
+def _source(recipe: Recipe, passes: list[Any], stream: str, group: Any, log: Reporter) -> tuple[Any, Any]:
+    """The model, loaded whole (where None) or on the meta device with where its values are, for streaming."""
+    from .budget import estimate_stream
+    from .errors import UsageError
+    from .sources import lazy_source, load_source
+
+    streaming = _streams(recipe, passes, stream, group, log)
+    if streaming:
+        with log.step(f"reading the model's layout ({_describe_source(recipe)}) onto the meta device"):
+            try:
+                model, where = lazy_source(recipe.model, recipe.base_dir, recipe.seed)
+            except ValueError as exc:
+                raise UsageError(f"this run must stream the model ({streaming}), and its weights cannot be: "
+                                 f"{exc}") from None
+        sizes = [e["data_offsets"][1] - e["data_offsets"][0] for _, e, _ in where.values()]
+        from .budget import check_fits
+
+        check_fits(estimate_stream(sum(sizes), max(sizes, default=0)), "streaming the model")
+        log.info(f"{len(model.tensors())} tensors, {model.numel():,} parameters, {model.stored_nbytes():,} bytes, "
+                 f"streamed one tensor at a time ({streaming})")
+    else:
+        _check_memory(recipe, passes, _source_bytes(recipe), "model")  # before loading what would not fit
+        with log.step(f"loading model ({_describe_source(recipe)})"):
+            model = load_source(recipe.model, recipe.base_dir, recipe.seed)
+        where = None
+        loaded = model.stored_nbytes()
+        log.info(f"{len(model.tensors())} tensors, {model.numel():,} parameters, {loaded:,} bytes")
+        _check_memory(recipe, passes, loaded, "model (as loaded)")
+    if recipe.evaluation is not None and "input_ids" in model.example_inputs:
+        from .evaluate.runner import check_sequence_lengths
+
+        config = getattr(model.module, "config", None)
+        check_sequence_lengths(recipe.evaluation, config.to_dict() if hasattr(config, "to_dict") else None)
+    if where is None:
+        _smoke(model, "the source model fails on its example inputs; for a python source check `model.inputs` "
+                      "against forward()'s arguments")
+    return model, where
+
+
+def _streams(recipe: Recipe, passes: list[Any], stream: str, group: Any, log: Reporter) -> str:
+    """Why this run streams ("" when it loads the model whole); UsageError (exit 2) when it must and cannot."""
+    from .budget import estimate_run, fits
+    from .errors import UsageError
+    from .stream import stream_problems
+
+    if stream == "never" and group.world == 1:
+        return ""
+    problems = stream_problems(recipe, passes)
+    if group.world > 1 or stream == "always":
+        why = f"launched on {group.world} processes" if group.world > 1 else "--stream always"
+        if problems:
+            raise UsageError(f"{why}: this run must stream the model, and it cannot: " + "; ".join(problems))
+        return why
+    size = _source_bytes(recipe)
+    if size is None or problems or fits(estimate_run(size, passes, recipe.export.onnx is not None,
+                                                     recipe.evaluation is not None)):
+        return ""  # a whole-model run that does not fit is refused with the estimate (_check_memory)
+    return "the whole model would not fit in memory"
+
+
+def _passes(recipe: Recipe, passes: list[Any], model: Any, ctx: Any, log: Reporter) -> tuple[list[Any], dict]:
+    """Run the passes; (their reports for the manifest, each tensor's encodings pass by pass, for streaming)."""
+    from .stream import history_of
+
+    reports = []
+    history: dict[str, list[Any]] = {}
+    for step, pass_ in zip(recipe.steps, passes):
+        before = dict(model.encodings)
+        with log.step(f"pass {step.index + 1}/{len(recipe.steps)}: {step.name}"):
+            report = pass_(model, ctx)
+        for name in history_of(before, model):
+            history.setdefault(name, []).append(model.encodings[name])
+        # Wall time goes to the log, not the manifest: two runs of one recipe give identical manifests.
+        reports.append(report.model_dump(mode="json", exclude={"seconds"}))
+        log.info(f"{step.name}: {report.bytes_before:,} -> {report.bytes_after:,} bytes in {report.seconds:.2f}s")
+    return reports, history
 
 
 def _evaluate(recipe: Recipe, staged: Path, out: Path, log: Reporter) -> Report:
@@ -149,24 +230,31 @@ def _evaluate(recipe: Recipe, staged: Path, out: Path, log: Reporter) -> Report:
         raise
 
 
-def _write(recipe: Recipe, model: Any, reports: list[dict[str, Any]], tmp: Path, log: Reporter) -> Manifest:
-    """Write the artifact's files and manifest into the staging directory ``tmp``."""
-    from .export.safetensors import export_safetensors, write_safetensors
+def _weight_files(recipe: Recipe, model: Any, stored: dict[str, Any]) -> Any:
+    """The artifact's weight files, planned from the stored tensors (on the meta device when streaming)."""
+    plan = model.export.tensor_parallel
+    if plan is not None:
+        from .export.tp import RankFiles
+
+        return RankFiles(stored, plan, {n: e.to_json() for n, e in model.encodings.items()}, model.aliases)
+    from .export.safetensors import WeightFiles
+
+    return WeightFiles(stored, int(recipe.export.safetensors.max_shard_size))
+
+
+def _write(recipe: Recipe, model: Any, reports: list[dict[str, Any]], tmp: Path, log: Reporter,
+           fill: Any = None) -> Manifest:
+    """Write the artifact's files and manifest into the staging directory ``tmp``; ``fill(files, tmp)`` writes the
+    weight files when the model is streamed."""
+    from .export.safetensors import write_safetensors
     from .manifest import library_versions, write_manifest
     from .sources.hf import is_copied_file
 
     stored = model.stored()
-    tp_entry = None
+    weights = _weight_files(recipe, model, stored)
     plan = model.export.tensor_parallel
-    if plan is not None:
-        from .export.tp import write_rank_files
-
-        with log.step(f"writing {plan.world} tensor-parallel rank files"):
-            files, tp_entry = write_rank_files(
-                stored, tmp, plan,
-                {n: e.to_json() for n, e in model.encodings.items()}, model.aliases)
-    else:
-        files = export_safetensors(stored, tmp, int(recipe.export.safetensors.max_shard_size))
+    with log.step(f"writing {plan.world} tensor-parallel rank files") if plan is not None else nullcontext():
+        files, tp_entry = fill(weights, tmp) if fill is not None else weights.fill(tmp, stored)
     write_safetensors(tmp / INPUTS_FILE, model.example_inputs, {"format": "pt", "role": "example-inputs"})
     copied = _copy_source_files(model.files_dir, tmp, is_copied_file)
     if "config.json" in copied:

@@ -123,6 +123,13 @@ class Pass(ABC):
         runs, the same size after."""
         return 1.0, 1.0
 
+    def stream_problem(self) -> str | None:
+        """None when this pass can stream a model larger than memory (compressor/stream.py): ``apply`` decides from
+        the model's names, shapes, dtypes and encodings alone, so it runs on a module on the meta device, and it
+        changes a tensor only by giving it a new encoding and the value ``decode(encode(value))`` under it, which
+        streaming replays one tensor at a time. Otherwise a sentence saying why not. Default: it reads values."""
+        return f"{self.name} reads the weights' values, which a streamed model does not hold all at once"
+
     def check(self, model: Model) -> None:
         """Refuse (RecipeError) what cannot work on this model, such as a pattern matching no module. The pipeline
         calls every pass's check after loading the model and before the first pass runs, so a mistake in the last

@@ -247,6 +247,14 @@ class QuantizePass(Pass):
             return 2.6, 1.15
         return 1.0, 1.25
 
+    def stream_problem(self) -> str | None:
+        config: QuantizeConfig = self.config  # type: ignore[assignment]
+        if config.mode != "weight-only":
+            return f"mode {config.mode} quantizes the ONNX graph, which is exported whole"
+        if config.bits == 4:
+            return "bits 4 runs NNCF over the whole module"
+        return None  # int8 by module type, name and size; each weight becomes Int8.decode(encode(value))
+
     def check(self, model: Model) -> None:
         from ..errors import Problem, RecipeError
 

@@ -109,6 +109,9 @@ class ShardPass(Pass):
     def check(self, model: Model) -> None:
         self._plan(model)
 
+    def stream_problem(self) -> str | None:
+        return None  # the plan follows from module types and shapes; the values are only sliced when written
+
     def apply(self, model: Model, ctx: Context) -> PassResult:
         plan = self._plan(model)
         model.export.tensor_parallel = plan

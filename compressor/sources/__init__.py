@@ -4,6 +4,8 @@ Each kind module (``sources/<kind>.py``) owns its kind end to end and provides:
 
 - ``SPEC``: its recipe schema, a pydantic model whose ``source`` field is ``Literal["<kind>"]``;
 - ``load(spec, base_dir, seed) -> Model``: the model for `compress run`;
+- optionally ``lazy(spec, base_dir, seed) -> (Model on the meta device, {name: (file, header entry, data start)})``:
+  the model without its values and where they are, for streaming a model larger than memory (ValueError: why not);
 - ``architecture(root, source) -> nn.Module``: an artifact's empty module, from its manifest's ``source`` entry
   (called with parameters on the meta device);
 - ``baseline(model, base_dir) -> (label, files, weight files)`` and ``baseline_module(model, base_dir)``: the
@@ -29,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..model import Model
 
-__all__ = ["KINDS", "kind", "model_specs", "load_source", "architecture", "baseline", "baseline_module",
+__all__ = ["KINDS", "kind", "model_specs", "load_source", "lazy_source", "architecture", "baseline", "baseline_module",
            "preimport"]
 
 # The registration: recipe tag (and manifest `source.kind`) -> the module that owns the kind.
@@ -55,6 +57,16 @@ def model_specs() -> tuple[type, ...]:
 def load_source(spec: Any, base_dir: Path, seed: int) -> Model:
     """Load the model a recipe's validated ``model`` section names. Heavy imports happen here."""
     return kind(spec.source).load(spec, base_dir, seed)
+
+
+def lazy_source(spec: Any, base_dir: Path, seed: int) -> tuple[Model, dict[str, tuple[Path, dict[str, Any], int]]]:
+    """The model a recipe's ``model`` section names on the meta device, and where each stored tensor's values are
+    in its safetensors files; ValueError saying why when this source cannot be streamed."""
+    owner = kind(spec.source)
+    if not hasattr(owner, "lazy"):
+        raise ValueError(f"a {spec.source} source builds its model in memory; streaming reads a Hugging Face "
+                         "directory's safetensors files (source: hf)")
+    return owner.lazy(spec, base_dir, seed)
 
 
 def architecture(root: Path, source: dict[str, Any]) -> nn.Module:

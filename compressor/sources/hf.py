@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..model import Model
 
-__all__ = ["HFModel", "load", "architecture", "baseline", "baseline_module", "preimport_source",
+__all__ = ["HFModel", "load", "lazy", "architecture", "baseline", "baseline_module", "preimport_source",
            "preimport_artifact", "load_hf", "load_hf_module", "example_text_inputs", "EXAMPLE_SENTENCES",
            "is_copied_file", "model_files", "hf_architecture", "preimport_transformers"]
 
@@ -192,9 +192,13 @@ def load_hf_module(path: Path, auto_class: str) -> nn.Module:
 
 def load_hf(path: Path, auto_class: str, max_length: int, *, source: dict[str, Any], task: str | None = None) -> Model:
     """Load a Hugging Face model directory with transformers, offline, safetensors only."""
+    return _as_model(path, load_hf_module(path, auto_class), auto_class, max_length, source, task)
+
+
+def _as_model(path: Path, module: nn.Module, auto_class: str, max_length: int, source: dict[str, Any],
+              task: str | None) -> Model:
     from ..model import Model
 
-    module = load_hf_module(path, auto_class)
     config = module.config
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if isinstance(positions, int) and positions > 0:
@@ -206,6 +210,56 @@ def load_hf(path: Path, auto_class: str, max_length: int, *, source: dict[str, A
     source = dict(source, auto_class=auto_class, model_type=config.model_type,
                   architectures=list(config.architectures or []))
     return Model(module=module, source=source, example_inputs=inputs, task=task, files_dir=path)
+
+
+def lazy(spec: HFModel, base_dir: Path, seed: int) -> tuple[Model, dict[str, tuple[Path, dict[str, Any], int]]]:
+    """The model a recipe's `hf` section names with its module on the meta device (names, shapes, dtypes, no
+    values), and where each stored tensor's values are: {state-dict name: (weight file, header entry, data start)},
+    for streaming (compressor/stream.py). The dtypes are those ``load`` would give (transformers' dtype "auto").
+    ValueError, saying why, where the directory's weights cannot be streamed as ``load`` would load them."""
+    import torch
+    import transformers
+
+    from ..safetensors_io import read_header
+
+    path = resolve_path(spec.path, base_dir)
+    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    with torch.device("meta"):
+        module = getattr(transformers, spec.auto_class).from_config(config).eval()
+    found: dict[str, tuple[Path, dict[str, Any], int]] = {}
+    for file in model_files(path)[1]:
+        if file.name.endswith(".safetensors"):
+            header, start = read_header(file)
+            found.update({k: (file, v, start) for k, v in header.items() if k != "__metadata__"})
+    prefix = getattr(module, "base_model_prefix", "")
+    want = dict(module.state_dict(keep_vars=True))
+    floats = {found[k][1]["dtype"] for k in found if found[k][1]["dtype"] in ("F32", "F16", "BF16", "F64")}
+    named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if len(floats) > 1 or (named is not None and floats and str(named).removeprefix("torch.") != _DTYPES[floats.pop()]):
+        raise ValueError("its float weights are not all of the dtype transformers would load them in; loading "
+                         "converts them, which streaming does not")
+    where: dict[str, tuple[Path, dict[str, Any], int]] = {}
+    seen: set[int] = set()
+    for name, tensor in want.items():
+        key = next((k for k in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}") if k in found), None)
+        if key is None:
+            if id(tensor) in seen:
+                continue  # a tied tensor, stored under its first name
+            raise ValueError(f"{name} is not in its weight files under that name")
+        _, entry, _ = found[key]
+        if list(entry["shape"]) != list(tensor.shape):
+            raise ValueError(f"{key} has shape {entry['shape']} in the files, {list(tensor.shape)} in the model")
+        if id(tensor) not in seen:
+            tensor.data = torch.empty(tuple(tensor.shape), dtype=getattr(torch, _DTYPES[entry["dtype"]]),
+                                      device="meta")
+            seen.add(id(tensor))
+            where[name] = found[key]
+    model = _as_model(path, module, spec.auto_class, spec.max_length, {"kind": "hf", "path": spec.path}, None)
+    return model, where
+
+
+_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64", "I32": "int32",
+           "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
 def example_text_inputs(path: Path, module: nn.Module, max_length: int) -> dict[str, torch.Tensor]:

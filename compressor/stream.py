@@ -1,0 +1,162 @@
+"""Streaming a model larger than memory, tensor by tensor, from the source's safetensors files into the artifact's.
+
+The passes run once over the model on the meta device (names, shapes, dtypes and encodings; no values) and decide
+everything there; the artifact's weight files are laid out from that before any value is read. Then each tensor is
+read from the source with positional reads, given each pass's encoding in turn (the value ``decode(encode(value))``:
+exactly what the pass does to a loaded model), encoded as stored, written at its place and released. Memory is
+bounded by the largest tensor, not by the model, and the bytes equal those of a run that loads the model whole.
+
+Under torchrun the tensors are divided between the processes (contiguous runs of equal bytes), each reading only
+its own from the source and writing them at their places in the shared files; rank 0 lays the files out first and
+writes the index, the manifest and the rest after every rank is done. The artifact is the one a single process
+writes, byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .encodings import Encoding
+    from .export.safetensors import WeightFiles
+    from .log import Reporter
+    from .model import Model
+    from .recipe import Recipe
+
+__all__ = ["Group", "stream_problems", "history_of", "fill"]
+
+
+class Group:
+    """This process's place in a torchrun launch (``RANK``/``WORLD_SIZE``, gloo), or a group of one."""
+
+    def __init__(self, rank: int = 0, world: int = 1) -> None:
+        self.rank, self.world = rank, world
+
+    @classmethod
+    def from_env(cls) -> Group:
+        """The launch's group, joining torch.distributed's default process group when ``WORLD_SIZE`` > 1."""
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if world <= 1:
+            return cls()
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            # gloo whatever the devices: the processes exchange a path and wait for each other, nothing more.
+            dist.init_process_group("gloo")
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    def share(self, value: Any) -> Any:
+        """Rank 0's ``value``, on every rank."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        """Wait until every rank is here."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        """Leave the process group (this process started it)."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def stream_problems(recipe: Recipe, passes: list[Any]) -> list[str]:
+    """Why this recipe cannot stream (sentences naming the recipe key); empty when it can (the source may still
+    say no when its files are read: compressor.sources.lazy_source)."""
+    problems = []
+    if recipe.model.source != "hf":
+        problems.append(f"model.source is {recipe.model.source}: streaming reads a Hugging Face directory's "
+                        "safetensors files (source: hf)")
+    if recipe.export.onnx is not None:
+        problems.append("export.onnx traces the whole graph in memory")
+    for pass_ in passes:
+        why = pass_.stream_problem()
+        if why:
+            problems.append(f"passes[{pass_.index}] ({pass_.name}): {why}")
+        if pass_.needs_original:
+            problems.append(f"passes[{pass_.index}] ({pass_.name}) keeps a copy of the whole original model")
+    return problems
+
+
+def history_of(before: dict[str, Encoding], model: Model) -> list[str]:
+    """The tensors a pass gave a new encoding (compared with the encodings ``before`` it ran)."""
+    return [name for name, enc in model.encodings.items() if before.get(name) is not enc]
+
+
+def fill(model: Model, where: dict[str, tuple[Path, dict[str, Any], int]], history: dict[str, list[Encoding]],
+         files: WeightFiles, out_dir: Path, group: Group, log: Reporter) -> tuple[list[str], dict[str, Any] | None]:
+    """Write the artifact's weight files from the source, one tensor at a time; this rank's share under torchrun.
+    ``history`` holds each tensor's encodings, pass by pass. Returns what ``WeightFiles.finish`` does (rank 0)."""
+    names = list(model.tensors())
+    sizes = [where[n][1]["data_offsets"][1] - where[n][1]["data_offsets"][0] for n in names]
+    mine = _share(names, sizes, group)
+    if group.rank == 0:
+        files.create(out_dir)
+    group.barrier()
+    total = sum(sizes[i] for i in mine)
+    done, shown, start = 0, 0.0, time.perf_counter()
+    expected = model.tensors()
+    with files.opened(out_dir) as fds, _sources(where) as fd_of:
+        for i in mine:
+            name = names[i]
+            file, entry, data_start = where[name]
+            from .safetensors_io import read_tensor
+
+            value = read_tensor(fd_of[file], entry, data_start)
+            for enc in history.get(name, []):
+                value = enc.decode(enc.encode(value))
+            want = expected[name]
+            if value.dtype != want.dtype or value.shape != want.shape:
+                raise AssertionError(f"{name} streamed as {value.dtype} {tuple(value.shape)}, planned as "
+                                     f"{want.dtype} {tuple(want.shape)}; please report this bug")
+            for suffix, part in model.encodings[name].encode(value).items():
+                files.write(fds, name + suffix, part)
+            del value
+            done += sizes[i]
+            if total and done / total >= shown + 0.1:
+                shown = done / total
+                log.info(f"streamed {done / 1e9:.2f} of {total / 1e9:.2f} GB read ({shown:.0%}) in "
+                         f"{time.perf_counter() - start:.0f}s" + (f" on rank {group.rank}" if group.world > 1 else ""))
+    group.barrier()
+    return files.finish(out_dir) if group.rank == 0 else (list(files.layouts), None)
+
+
+def _share(names: list[str], sizes: list[int], group: Group) -> list[int]:
+    """This rank's tensors: a contiguous run, the runs of about equal bytes."""
+    if group.world == 1:
+        return list(range(len(names)))
+    total, acc, out = sum(sizes) or 1, 0, []
+    for i, size in enumerate(sizes):
+        if min(group.world - 1, acc * group.world // total) == group.rank:
+            out.append(i)
+        acc += size
+    return out
+
+
+@contextmanager
+def _sources(where: dict[str, tuple[Path, dict[str, Any], int]]) -> Iterator[dict[Path, int]]:
+    fds: dict[Path, int] = {}
+    try:
+        for file, _, _ in where.values():
+            if file not in fds:
+                fds[file] = os.open(file, os.O_RDONLY)
+        yield fds
+    finally:
+        for fd in fds.values():
+            os.close(fd)
