@@ -13,12 +13,13 @@ Beside each measured peak: compressor's own estimate, made before it loads anyth
 which refuses a run that will not fit; it must not be below the measured peak.
 
 The issue's targets (#19): peak RSS at most 1.5 GB for both sizes, the imports included, and wall time at most 1.5x
-the yardstick's. Today's `compress run` holds the whole model in memory (more than once); this script measures how
-far that is from the targets, and will measure streaming when it lands.
+the yardstick's. `compress run` runs with `--stream always` (tensor by tensor from the meta device, compressor/stream.py)
+unless `--stream never` asks for the whole-model run, for comparison. Both processes are started by a small launcher:
+Linux counts a forked child's memory from before its exec in its peak, which would add this script's own size.
 
 Prints JSON with the CPU, the machine's memory and the versions.
 
-Usage: python benchmarks/streaming.py [--sizes 0.25b,1b] [--recipes cast,int8,int8-tp2] [--keep DIR]
+Usage: python benchmarks/streaming.py [--sizes 0.25b,1b] [--recipes cast,int8,int8-tp2] [--stream never] [--keep DIR]
 Quick check: python benchmarks/streaming.py --sizes tiny
 """
 
@@ -85,29 +86,38 @@ def make_llama(where: Path, size: str) -> Path:
     return where
 
 
+# Linux counts a forked child's memory from before its exec in the child's peak (ru_maxrss): a child of this
+# process, which holds torch, would start at this process's size. A small launcher forks the measured command.
+LAUNCH = ("import os, subprocess, sys, time; t = time.perf_counter(); p = subprocess.Popen(sys.argv[1:], "
+          "stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True); _, status, usage = os.wait4(p.pid, 0); "
+          "s = time.perf_counter() - t; err = p.stderr.read(); "
+          "print(os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024, s); sys.stderr.write(err[-600:])")
+
+
 def measured(command: list[str]) -> dict[str, Any]:
     """Run ``command`` in a fresh process; its wall seconds, peak RSS (bytes) and exit code."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    stderr = proc.stderr.read() if proc.stderr else ""
-    code = os.waitstatus_to_exitcode(status)
-    out = {"seconds": round(seconds, 2), "peak_rss_bytes": usage.ru_maxrss * 1024, "exit": code}
-    if code != 0:
-        out["stderr_tail"] = stderr[-600:]
+    proc = subprocess.run([sys.executable, "-c", LAUNCH, *command], capture_output=True, text=True)
+    code, peak, seconds = proc.stdout.split()
+    out = {"seconds": round(float(seconds), 2), "peak_rss_bytes": int(peak), "exit": int(code)}
+    if out["exit"] != 0:
+        out["stderr_tail"] = proc.stderr[-600:]
     return out
 
 
-def estimate(recipe_file: Path) -> int:
+def estimate(recipe_file: Path, streamed: bool) -> int:
     """compressor's own up-front estimate of the run's peak memory (compressor/budget.py), to set beside the
     measured peak: it must not be below it."""
-    from compressor.budget import estimate_run
+    from compressor.budget import estimate_run, estimate_stream
+    from compressor.safetensors_io import read_header
     from compressor.passes import get_pass
     from compressor.pipeline import _source_bytes
     from compressor.recipe import load_recipe
 
     recipe = load_recipe(recipe_file)
+    if streamed:
+        spans = [v["data_offsets"][1] - v["data_offsets"][0] for f in Path(recipe.model.path).glob("*.safetensors")
+                 for k, v in read_header(f)[0].items() if k != "__metadata__"]
+        return estimate_stream(sum(spans), max(spans)).peak
     passes = [get_pass(step.name)(step.config, step.index) for step in recipe.steps]
     return estimate_run(_source_bytes(recipe) or 0, passes, recipe.export.onnx is not None).peak
 
@@ -120,6 +130,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="0.25b")
     parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--stream", default="always", choices=["always", "never", "auto"],
+                        help="compress run --stream (default always: the streaming this measures; never: the "
+                        "whole-model run, for comparison)")
     parser.add_argument("--keep", type=Path, help="build the models here and keep them (default: a temporary dir)")
     args = parser.parse_args()
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
@@ -158,13 +171,14 @@ def main() -> None:
                 recipe_file.write_text(f"name: {size}-{recipe}\nmodel: {{source: hf, path: {json.dumps(str(src))}, "
                                        f"auto_class: AutoModelForCausalLM}}\npasses:\n{RECIPES[recipe]}")
                 out = tmp / f"out-{size}-{recipe}"
-                run = measured([sys.executable, "-m", "compressor", "run", str(recipe_file), "-o", str(out), "-q"])
+                run = measured([sys.executable, "-m", "compressor", "run", str(recipe_file), "-o", str(out), "-q",
+                                "--stream", args.stream])
                 run["bytes_written"] = tree_bytes(out) if out.exists() else 0
-                run["estimated_peak_bytes"] = estimate(recipe_file)
+                run["estimated_peak_bytes"] = estimate(recipe_file, args.stream != "never")
                 yard_out = tmp / f"yard-{size}-{recipe}"
                 yard = measured([sys.executable, "-c", YARDSTICK, str(src), str(yard_out), recipe])
                 yard["bytes_written"] = tree_bytes(yard_out)
-                rows[recipe] = {"compress_run": run, "safetensors_alone": yard,
+                rows[recipe] = {"stream": args.stream, "compress_run": run, "safetensors_alone": yard,
                                 "seconds_over_yardstick": round(run["seconds"] / yard["seconds"], 2),
                                 "peak_rss_over_source_bytes": round(run["peak_rss_bytes"] / tree_bytes(src), 2),
                                 "meets_targets": bool(run["exit"] == 0 and run["peak_rss_bytes"] <= 1.5e9

@@ -167,9 +167,9 @@ class Int8(Encoding):
 
     def decode(self, stored: dict[str, torch.Tensor]) -> torch.Tensor:
         q, scale = stored[".__q"], stored[".__scale"]
-        if self.per_channel and q.dim() >= 1:
-            return (self._rows(q).float() * scale.float().reshape(-1, 1)).reshape(q.shape)
-        return q.float() * scale.float()
+        if self.per_channel and q.dim() >= 1:  # in place: one float copy of a large table, not two
+            return self._rows(q).float().mul_(scale.float().reshape(-1, 1)).reshape(q.shape)
+        return q.float().mul_(scale.float())
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "per_channel": self.per_channel}

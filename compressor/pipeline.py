@@ -141,9 +141,12 @@ def _source(recipe: Recipe, passes: list[Any], stream: str, group: Any, log: Rep
                 raise UsageError(f"this run must stream the model ({streaming}), and its weights cannot be: "
                                  f"{exc}") from None
         sizes = [e["data_offsets"][1] - e["data_offsets"][0] for _, e, _ in where.values()]
-        from .budget import check_fits
+        from .budget import check_fits, estimate_run
+        from .memory import human_bytes
 
-        check_fits(estimate_stream(sum(sizes), max(sizes, default=0)), "streaming the model")
+        whole = estimate_run(sum(sizes), passes, False, recipe.evaluation is not None).peak
+        check_fits(estimate_stream(sum(sizes), max(sizes, default=0)), "streaming the model",
+                   f"Loading the model whole would need about {human_bytes(whole)}.")
         log.info(f"{len(model.tensors())} tensors, {model.numel():,} parameters, {model.stored_nbytes():,} bytes, "
                  f"streamed one tensor at a time ({streaming})")
     else:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["HFModel", "load", "lazy", "architecture", "baseline", "baseline_module", "preimport_source",
            "preimport_artifact", "load_hf", "load_hf_module", "example_text_inputs", "EXAMPLE_SENTENCES",
-           "is_copied_file", "model_files", "hf_architecture", "preimport_transformers"]
+           "is_copied_file", "model_files", "hf_architecture", "preimport_transformers", "import_transformers"]
 
 
 class HFModel(Strict):
@@ -81,9 +81,28 @@ def architecture(root: Path, source: dict[str, Any]) -> nn.Module:
     return hf_architecture(root, source.get("auto_class", "AutoModel"))
 
 
+def import_transformers() -> Any:
+    """transformers, imported (the first time in this process) without scikit-learn.
+
+    transformers imports scikit-learn whenever it is installed (a third of its own import time, 1.3 s on these
+    machines), for assisted generation's confidence-threshold tuning alone, which compressor never runs. Hidden
+    while transformers checks for it; importable again afterwards (the digits data set uses it)."""
+    import sys
+
+    if "transformers" in sys.modules or "sklearn" in sys.modules:
+        return sys.modules.get("transformers") or __import__("transformers")
+    sys.modules["sklearn"] = None  # type: ignore[assignment]  # importlib.util.find_spec then says "not installed"
+    try:
+        import transformers
+    finally:
+        if sys.modules.get("sklearn", 0) is None:
+            del sys.modules["sklearn"]
+    return transformers
+
+
 def hf_architecture(config_dir: Path, auto_class: str) -> nn.Module:
     """The module ``auto_class`` builds from the config.json in ``config_dir``, without weights."""
-    import transformers
+    transformers = import_transformers()
 
     auto = getattr(transformers, auto_class, None)
     if auto is None:
@@ -117,7 +136,7 @@ def preimport_transformers(config: Path) -> None:
     """transformers and the model's own modeling module (imported lazily at first use, which takes seconds)."""
     import importlib
 
-    import transformers  # noqa: F401
+    import_transformers()
     from transformers import AutoConfig, AutoModel, PreTrainedModel  # noqa: F401 - lazy submodules
 
     try:
@@ -167,7 +186,7 @@ def is_copied_file(rel: Path) -> bool:
 
 def load_hf_module(path: Path, auto_class: str) -> nn.Module:
     """The model of a Hugging Face directory, loaded strictly (offline, safetensors only), in eval mode."""
-    import transformers
+    transformers = import_transformers()
 
     cls = getattr(transformers, auto_class)
     try:
@@ -218,9 +237,10 @@ def lazy(spec: HFModel, base_dir: Path, seed: int) -> tuple[Model, dict[str, tup
     for streaming (compressor/stream.py). The dtypes are those ``load`` would give (transformers' dtype "auto").
     ValueError, saying why, where the directory's weights cannot be streamed as ``load`` would load them."""
     import torch
-    import transformers
 
     from ..safetensors_io import read_header
+
+    transformers = import_transformers()
 
     path = resolve_path(spec.path, base_dir)
     config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
