@@ -117,7 +117,7 @@ def estimate(recipe_file: Path, streamed: bool) -> int:
     if streamed:
         spans = [v["data_offsets"][1] - v["data_offsets"][0] for f in Path(recipe.model.path).glob("*.safetensors")
                  for k, v in read_header(f)[0].items() if k != "__metadata__"]
-        return estimate_stream(sum(spans), max(spans)).peak
+        return estimate_stream(sum(spans), spans).peak
     passes = [get_pass(step.name)(step.config, step.index) for step in recipe.steps]
     return estimate_run(_source_bytes(recipe) or 0, passes, recipe.export.onnx is not None).peak
 

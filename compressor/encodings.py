@@ -151,8 +151,16 @@ class Int8(Encoding):
             step = torch.full_like(base, float("inf") if ulps > 0 else float("-inf"))
             for _ in range(abs(ulps)):
                 cand = torch.nextafter(cand, step)
-            q = torch.round(rows / cand).clamp(-127, 127)
-            ok = ((q * cand) == rows).all(dim=1, keepdim=True) & ~exact
+            if ulps == 0:
+                q = torch.round(rows / cand).clamp(-127, 127)
+                ok = ((q * cand) == rows).all(dim=1, keepdim=True) & ~exact
+            else:  # a row's largest value has q = +-127, so 127 * cand must give it back: only those rows are tried
+                maybe = (~exact & (cand * 127 == amax)).reshape(-1).nonzero().reshape(-1)
+                if not maybe.numel():
+                    continue
+                sub, c = rows[maybe], cand[maybe]
+                ok = torch.zeros_like(exact)
+                ok[maybe] = ((torch.round(sub / c).clamp(-127, 127) * c) == sub).all(dim=1, keepdim=True)
             best = torch.where(ok, cand, best)
             exact |= ok
             if bool(exact.all()):

@@ -71,7 +71,7 @@ def _run(recipe: Recipe, out_dir: Path | None, log: Reporter, stream: str) -> Ru
     _eval_data_file(recipe)
     torch.manual_seed(recipe.seed)
     passes = [get_pass(step.name)(step.config, step.index) for step in recipe.steps]
-    model, where = _source(recipe, passes, stream, group, log)
+    model, streamed = _source(recipe, passes, stream, group, log)
     ctx = Context(seed=recipe.seed, log=log, base_dir=recipe.base_dir)
     for pass_ in passes:  # every pass's model-dependent check before the first one works
         pass_.check(model)
@@ -84,17 +84,17 @@ def _run(recipe: Recipe, out_dir: Path | None, log: Reporter, stream: str) -> Ru
 
         ctx.original = copy.deepcopy(model.module).eval()
     reports, history = _passes(recipe, passes, model, ctx, log)
-    if recipe.steps and where is None:
+    if recipe.steps and streamed is None:
         chain = " -> ".join(s.name for s in recipe.steps)
         _smoke(model, f"the model no longer runs after the passes ({chain}); this is a bug in a pass, please report it")
 
     fill = None
-    if where is not None:
+    if streamed is not None:
         from functools import partial
 
         from .stream import fill as stream_fill
 
-        fill = partial(stream_fill, model, where, history, group=group, log=log)
+        fill = partial(stream_fill, model, streamed, history, group=group, log=log)
     if group.rank != 0:
         fill(_weight_files(recipe, model, model.stored()), Path(group.share(None)))  # type: ignore[misc]
         group.close()
@@ -127,33 +127,17 @@ def _run(recipe: Recipe, out_dir: Path | None, log: Reporter, stream: str) -> Ru
 
 
 def _source(recipe: Recipe, passes: list[Any], stream: str, group: Any, log: Reporter) -> tuple[Any, Any]:
-    """The model, loaded whole (where None) or on the meta device with where its values are, for streaming."""
-    from .budget import estimate_stream
-    from .errors import UsageError
-    from .sources import lazy_source, load_source
+    """The model, loaded whole (and None) or on the meta device (and where its values are, for streaming)."""
+    from .sources import load_source
 
     streaming = _streams(recipe, passes, stream, group, log)
     if streaming:
-        with log.step(f"reading the model's layout ({_describe_source(recipe)}) onto the meta device"):
-            try:
-                model, where = lazy_source(recipe.model, recipe.base_dir, recipe.seed)
-            except ValueError as exc:
-                raise UsageError(f"this run must stream the model ({streaming}), and its weights cannot be: "
-                                 f"{exc}") from None
-        sizes = [e["data_offsets"][1] - e["data_offsets"][0] for _, e, _ in where.values()]
-        from .budget import check_fits, estimate_run
-        from .memory import human_bytes
-
-        whole = estimate_run(sum(sizes), passes, False, recipe.evaluation is not None).peak
-        check_fits(estimate_stream(sum(sizes), max(sizes, default=0)), "streaming the model",
-                   f"Loading the model whole would need about {human_bytes(whole)}.")
-        log.info(f"{len(model.tensors())} tensors, {model.numel():,} parameters, {model.stored_nbytes():,} bytes, "
-                 f"streamed one tensor at a time ({streaming})")
+        model, streamed = _lazy(recipe, passes, streaming, log)
     else:
         _check_memory(recipe, passes, _source_bytes(recipe), "model")  # before loading what would not fit
         with log.step(f"loading model ({_describe_source(recipe)})"):
             model = load_source(recipe.model, recipe.base_dir, recipe.seed)
-        where = None
+        streamed = None
         loaded = model.stored_nbytes()
         log.info(f"{len(model.tensors())} tensors, {model.numel():,} parameters, {loaded:,} bytes")
         _check_memory(recipe, passes, loaded, "model (as loaded)")
@@ -162,10 +146,35 @@ def _source(recipe: Recipe, passes: list[Any], stream: str, group: Any, log: Rep
 
         config = getattr(model.module, "config", None)
         check_sequence_lengths(recipe.evaluation, config.to_dict() if hasattr(config, "to_dict") else None)
-    if where is None:
+    if streamed is None:
         _smoke(model, "the source model fails on its example inputs; for a python source check `model.inputs` "
                       "against forward()'s arguments")
-    return model, where
+    return model, streamed
+
+
+def _lazy(recipe: Recipe, passes: list[Any], streaming: str, log: Reporter) -> tuple[Any, Any]:
+    """The model on the meta device and a stream.Source: where its values are, and how many tensors go at once."""
+    from .budget import check_fits, estimate_run, estimate_stream, fits
+    from .errors import UsageError
+    from .memory import human_bytes
+    from .sources import lazy_source
+    from .stream import Source
+
+    with log.step(f"reading the model's layout ({_describe_source(recipe)}) onto the meta device"):
+        try:
+            model, where = lazy_source(recipe.model, recipe.base_dir, recipe.seed)
+        except ValueError as exc:
+            raise UsageError(f"this run must stream the model ({streaming}), and its weights cannot be: "
+                             f"{exc}") from None
+    sizes = [e["data_offsets"][1] - e["data_offsets"][0] for _, e, _ in where.values()]
+    whole = estimate_run(sum(sizes), passes, False, recipe.evaluation is not None).peak
+    check_fits(estimate_stream(sum(sizes), sizes), "streaming the model",
+               f"Loading the model whole would need about {human_bytes(whole)}.")
+    # Two tensors in flight overlap one's reading and writing with the other's encoding, where memory allows.
+    workers = 2 if (os.cpu_count() or 1) > 1 and fits(estimate_stream(sum(sizes), sizes, 2)) else 1
+    log.info(f"{len(model.tensors())} tensors, {model.numel():,} parameters, {model.stored_nbytes():,} bytes, "
+             f"streamed {workers} tensor{'s' if workers > 1 else ''} at a time ({streaming})")
+    return model, Source(where, workers)
 
 
 def _streams(recipe: Recipe, passes: list[Any], stream: str, group: Any, log: Reporter) -> str:

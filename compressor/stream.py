@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +29,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from .model import Model
     from .recipe import Recipe
 
-__all__ = ["Group", "stream_problems", "history_of", "fill"]
+__all__ = ["Group", "Source", "stream_problems", "history_of", "fill"]
+
+
+@dataclass
+class Source:
+    """Where a streamed model's values are ({state-dict name: (safetensors file, header entry, data start)}, from
+    compressor.sources.lazy_source), and how many tensors are read, encoded and written at once."""
+
+    where: dict[str, tuple[Path, dict[str, Any], int]]
+    workers: int = 1
 
 
 class Group:
@@ -99,10 +109,16 @@ def history_of(before: dict[str, Encoding], model: Model) -> list[str]:
     return [name for name, enc in model.encodings.items() if before.get(name) is not enc]
 
 
-def fill(model: Model, where: dict[str, tuple[Path, dict[str, Any], int]], history: dict[str, list[Encoding]],
-         files: WeightFiles, out_dir: Path, group: Group, log: Reporter) -> tuple[list[str], dict[str, Any] | None]:
-    """Write the artifact's weight files from the source, one tensor at a time; this rank's share under torchrun.
-    ``history`` holds each tensor's encodings, pass by pass. Returns what ``WeightFiles.finish`` does (rank 0)."""
+def fill(model: Model, source: Source, history: dict[str, list[Encoding]], files: WeightFiles, out_dir: Path,
+         group: Group, log: Reporter) -> tuple[list[str], dict[str, Any] | None]:
+    """Write the artifact's weight files from the source, one tensor at a time (``source.workers`` at once: reading,
+    encoding and writing one tensor overlaps another's); this rank's share under torchrun. ``history`` holds each
+    tensor's encodings, pass by pass. Returns what ``WeightFiles.finish`` does (rank 0)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    where, workers = source.where, source.workers
     names = list(model.tensors())
     sizes = [where[n][1]["data_offsets"][1] - where[n][1]["data_offsets"][0] for n in names]
     mine = _share(names, sizes, group)
@@ -112,29 +128,42 @@ def fill(model: Model, where: dict[str, tuple[Path, dict[str, Any], int]], histo
     total = sum(sizes[i] for i in mine)
     done, shown, start = 0, 0.0, time.perf_counter()
     expected = model.tensors()
-    with files.opened(out_dir) as fds, _sources(where) as fd_of:
-        for i in mine:
-            name = names[i]
-            file, entry, data_start = where[name]
-            from .safetensors_io import read_tensor
+    threads = torch.get_num_threads()
+    if workers > 1:
+        torch.set_num_threads(max(1, threads // workers))  # the workers share the cores, not each take them all
+    try:
+        with files.opened(out_dir) as fds, _sources(where) as fd_of, ThreadPoolExecutor(workers) as pool:
+            def one(i: int) -> int:
+                _write_one(names[i], model, where, history, files, fds, fd_of, expected[names[i]])
+                return sizes[i]
 
-            value = read_tensor(fd_of[file], entry, data_start)
-            for enc in history.get(name, []):
-                value = enc.decode(enc.encode(value))
-            want = expected[name]
-            if value.dtype != want.dtype or value.shape != want.shape:
-                raise AssertionError(f"{name} streamed as {value.dtype} {tuple(value.shape)}, planned as "
-                                     f"{want.dtype} {tuple(want.shape)}; please report this bug")
-            for suffix, part in model.encodings[name].encode(value).items():
-                files.write(fds, name + suffix, part)
-            del value
-            done += sizes[i]
-            if total and done / total >= shown + 0.1:
-                shown = done / total
-                log.info(f"streamed {done / 1e9:.2f} of {total / 1e9:.2f} GB read ({shown:.0%}) in "
-                         f"{time.perf_counter() - start:.0f}s" + (f" on rank {group.rank}" if group.world > 1 else ""))
+            for size in pool.map(one, mine):
+                done += size
+                if total and done / total >= shown + 0.1:
+                    shown = done / total
+                    log.info(f"streamed {done / 1e9:.2f} of {total / 1e9:.2f} GB read ({shown:.0%}) in "
+                             f"{time.perf_counter() - start:.0f}s" + (f" on rank {group.rank}" if group.world > 1 else ""))
+    finally:
+        torch.set_num_threads(threads)
     group.barrier()
     return files.finish(out_dir) if group.rank == 0 else (list(files.layouts), None)
+
+
+def _write_one(name: str, model: Model, where: dict[str, tuple[Path, dict[str, Any], int]],
+               history: dict[str, list[Encoding]], files: WeightFiles, fds: dict[str, int], fd_of: dict[Path, int],
+               want: Any) -> None:
+    """Read one tensor, replay each pass's encoding on it, and write its stored parts at their places."""
+    from .safetensors_io import read_tensor
+
+    file, entry, data_start = where[name]
+    value = read_tensor(fd_of[file], entry, data_start)
+    for enc in history.get(name, []):
+        value = enc.decode(enc.encode(value))
+    if value.dtype != want.dtype or value.shape != want.shape:
+        raise AssertionError(f"{name} streamed as {value.dtype} {tuple(value.shape)}, planned as "
+                             f"{want.dtype} {tuple(want.shape)}; please report this bug")
+    for suffix, part in model.encodings[name].encode(value).items():
+        files.write(fds, name + suffix, part)
 
 
 def _share(names: list[str], sizes: list[int], group: Group) -> list[int]:
