@@ -130,10 +130,10 @@ class Int8(Encoding):
         import torch
 
         rows = self._rows(tensor.detach().float())
+        q, best = torch.empty_like(rows, dtype=torch.int8), torch.empty(rows.shape[0], 1, device=rows.device)
         step = max(1, (1 << 22) // max(1, rows.shape[1]))  # rows are independent: blocks bound the temporaries
-        blocks = [self._encode_rows(rows[i:i + step]) for i in range(0, rows.shape[0], step)] if not rows.is_meta \
-            else [(torch.empty_like(rows, dtype=torch.int8), torch.empty(rows.shape[0], 1, device="meta"))]
-        q, best = (torch.cat(p) for p in zip(*blocks)) if len(blocks) > 1 else blocks[0]
+        for i in range(0, rows.shape[0] if not rows.is_meta else 0, step):  # meta: a layout planned before values
+            q[i:i + step], best[i:i + step] = self._encode_rows(rows[i:i + step])
         scale = best.reshape(-1) if self.per_channel and tensor.dim() >= 1 else best.reshape(())
         return {".__q": q.reshape(tensor.shape), ".__scale": scale.contiguous()}
 
@@ -242,7 +242,7 @@ class Codebook(Encoding):
         values = flat[mask]
         # Distinct values by bit pattern, so -0.0 and +0.0 (equal as numbers) stay apart and decode as written.
         keys, index = torch.unique(bit_pattern(values), sorted=True, return_inverse=True)
-        distinct = _frombit_pattern(keys, flat.dtype)
+        distinct = from_bit_pattern(keys, flat.dtype)
         if distinct.numel() > 1 << self.bits:
             raise ValueError(f"{distinct.numel()} distinct values do not fit a {self.bits}-bit codebook")
         book = distinct.to(dtype_from_name(self.codebook_dtype))

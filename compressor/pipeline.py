@@ -167,8 +167,10 @@ def _lazy(recipe: Recipe, passes: list[Any], streaming: str, log: Reporter) -> t
             raise UsageError(f"this run must stream the model ({streaming}), and its weights cannot be: "
                              f"{exc}") from None
     sizes = [e["data_offsets"][1] - e["data_offsets"][0] for _, e, _ in where.values()]
-    whole = estimate_run(sum(sizes), passes, False, recipe.evaluation is not None).peak
-    check_fits(estimate_stream(sum(sizes), sizes), "streaming the model",
+    evaluate = recipe.evaluation is not None
+    streamed = estimate_stream(sum(sizes), sizes, evaluate=evaluate)
+    whole = estimate_run(sum(sizes), passes, False, evaluate).peak
+    check_fits(streamed, "streaming the model", "" if streamed.peak_phase == "evaluating" else
                f"Loading the model whole would need about {human_bytes(whole)}.")
     # Two tensors in flight overlap one's reading and writing with the other's encoding, where memory allows.
     workers = 2 if (os.cpu_count() or 1) > 1 and fits(estimate_stream(sum(sizes), sizes, 2)) else 1

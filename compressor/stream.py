@@ -158,12 +158,16 @@ def _write_one(name: str, model: Model, where: dict[str, tuple[Path, dict[str, A
     file, entry, data_start = where[name]
     value = read_tensor(fd_of[file], entry, data_start)
     for enc in history.get(name, []):
-        value = enc.decode(enc.encode(value))
+        parts = enc.encode(value)
+        value = None  # the value as read goes before its decoded successor comes: one copy of a large table at a time
+        value = enc.decode(parts)
+        del parts
     if value.dtype != want.dtype or value.shape != want.shape:
         raise AssertionError(f"{name} streamed as {value.dtype} {tuple(value.shape)}, planned as "
                              f"{want.dtype} {tuple(want.shape)}; please report this bug")
     for suffix, part in model.encodings[name].encode(value).items():
         files.write(fds, name + suffix, part)
+    del value
 
 
 def _share(names: list[str], sizes: list[int], group: Group) -> list[int]:
