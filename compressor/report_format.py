@@ -82,6 +82,9 @@ class Report(_Part):
     gates: list[GateResult] = []
     passed: bool | None = None  #: None when the recipe has no gates
     int8: dict[str, Any] | None = None  #: the CPU families an int8 ONNX artifact holds on
+    #: set when the models did not fit in memory together and were measured one after the other:
+    #: {"mode": "apart", "together_bytes", "apart_bytes", "note"}
+    memory: dict[str, Any] | None = None
 
     def gate_problems(self) -> list[str]:
         """The messages of every gate that failed or could not be checked."""

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from ..data.datasets import EvalData
 
-__all__ = ["TorchDecoder", "decoder_for", "lm_scores", "greedy_continuations", "prompt_batch"]
+__all__ = ["TorchDecoder", "decoder_for", "lm_scores", "greedy_continuations", "generate_continuations",
+           "compare_continuations", "prompt_batch"]
 
 
 class TorchDecoder:
@@ -150,20 +151,26 @@ def prompt_batch(data: EvalData, rows: int, tokens: int) -> np.ndarray:
 def greedy_continuations(decoders: dict[str, Any], prompts: np.ndarray, new_tokens: int
                          ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Each decoder's greedy tokens after ``prompts`` (one batch), and per candidate how they compare with the
-    baseline's: ``exact`` continuations, the mean share of tokens before the first difference (%), and the share
-    of equal tokens (%)."""
+    baseline's (``compare_continuations``)."""
+    tokens = {key: generate_continuations(dec, prompts, new_tokens) for key, dec in decoders.items()}
+    out = {key: compare_continuations(tokens["baseline"], got, prompts) for key, got in tokens.items()
+           if key != "baseline"}
+    return tokens, out
+
+
+def generate_continuations(decoder: Any, prompts: np.ndarray, new_tokens: int) -> np.ndarray:
+    """One decoder's greedy tokens after ``prompts``."""
     from ..decoding import generate
 
-    tokens = {key: generate(dec, prompts, None, new_tokens) for key, dec in decoders.items()}
-    base = tokens["baseline"]
-    out: dict[str, Any] = {}
-    for key, got in tokens.items():
-        if key == "baseline":
-            continue
-        n = min(base.shape[1], got.shape[1])
-        equal = base[:, :n] == got[:, :n]
-        prefix = np.where(equal.all(axis=1), n, equal.argmin(axis=1))
-        out[key] = {"prompts": int(prompts.shape[0]), "prompt_tokens": int(prompts.shape[1]), "new_tokens": n,
-                    "exact": int(equal.all(axis=1).sum()), "prefix_matched": float(100.0 * prefix.mean() / n),
-                    "tokens_equal": float(100.0 * equal.mean())}
-    return tokens, out
+    return generate(decoder, prompts, None, new_tokens)
+
+
+def compare_continuations(base: np.ndarray, got: np.ndarray, prompts: np.ndarray) -> dict[str, Any]:
+    """How a candidate's greedy continuations compare with the baseline's: ``exact`` continuations, the mean share
+    of tokens before the first difference (%), and the share of equal tokens (%)."""
+    n = min(base.shape[1], got.shape[1])
+    equal = base[:, :n] == got[:, :n]
+    prefix = np.where(equal.all(axis=1), n, equal.argmin(axis=1))
+    return {"prompts": int(prompts.shape[0]), "prompt_tokens": int(prompts.shape[1]), "new_tokens": n,
+            "exact": int(equal.all(axis=1).sum()), "prefix_matched": float(100.0 * prefix.mean() / n),
+            "tokens_equal": float(100.0 * equal.mean())}

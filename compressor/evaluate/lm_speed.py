@@ -73,11 +73,11 @@ def _alternate(decoders: dict[str, Any], run: Callable[[Any], float], warmup: in
 
 def _entries(values: dict[str, list[float]], higher_is_better: bool, **where: Any) -> dict[str, dict[str, Any]]:
     """Per model: the summary and, for artifacts, the speedup over the baseline with its per-round spread."""
-    base = values["baseline"]
+    base = values.get("baseline")  # absent when a candidate is timed alone (compressor.evaluate.apart)
     out = {}
     for key, vals in values.items():
         entry: dict[str, Any] = {**where, **summarize(vals)}
-        if key != "baseline":
+        if key != "baseline" and base is not None:
             ratios = [(v / b if higher_is_better else b / v) for b, v in zip(base, vals) if b > 0 and v > 0]
             median_b, median_v = percentile(base, 50), percentile(vals, 50)
             entry["speedup"] = (median_v / median_b if higher_is_better else median_b / median_v) \

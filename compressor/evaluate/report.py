@@ -88,6 +88,8 @@ def summary_lines(report: Report | dict[str, Any]) -> list[str]:
         lines.append(f"{where}: " + ", ".join(parts))
     for item in report.get("skipped", []):
         lines.append(f"{item['device']}: skipped ({item['reason']})")
+    if report.get("memory"):
+        lines.append(f"memory: {report['memory']['note']}")
     if report.get("gates"):
         counts = {s: sum(1 for g in report["gates"] if g["status"] == s) for s in ("passed", "failed", "error",
                                                                                    "skipped")}
@@ -167,6 +169,8 @@ def _md_header(report: dict[str, Any]) -> list[str]:
               ""]
     for item in report.get("skipped", []):
         lines += [f"> **{item['device']} skipped:** {item['reason']}", ""]
+    if report.get("memory"):
+        lines += [f"> **Measured one model at a time:** {report['memory']['note']}.", ""]
     return lines
 
 

@@ -110,6 +110,8 @@ class _Run:
     extra_path: list[str]
     measure_speed: bool
     lm: bool = False  # a causal language model: scored on text, timed generating (compressor.evaluate.lm)
+    memory: dict[str, Any] | None = None  # set when the models are measured one at a time (compressor.evaluate.apart)
+    scratch: Path | None = None  # where a causal LM's recorded logits may go meanwhile: the artifact directory
 
 
 def evaluate_artifact(
@@ -155,6 +157,8 @@ def evaluate_artifact(
         added += [p for p in extra_path if p not in sys.path]
         sys.path[:0] = added
         run = _prepare(artifact, manifest, baseline, spec, base_dir, data_file, extra_path, measure_speed, log)
+        from .apart import memory_plan
+        run.memory, run.scratch = memory_plan(run.subjects, log), artifact  # one model at a time if need be
         results: list[dict[str, Any]] = []
         for device in devices_run:
             results += _measure_device(run, device)
@@ -239,27 +243,13 @@ def _measure_device(run: _Run, device: str) -> list[dict[str, Any]]:
     import torch
 
     from .speed import load_timings
-    from .subjects import load_module
 
     log = run.log
-    with log.step(f"{device}: loading {', '.join(s.label for s in run.subjects)}"):
-        models = {s.key: load_module(s.spec, device, run.spec.speed.threads) for s in run.subjects}
     onnx_candidate = next((c for c in run.candidates if c.format == "onnx"), None)
-    if run.lm:
-        from .runner_lm import measure_lm
-
-        metrics, fids, lm = measure_lm(run, device, models)
-        outputs: dict[str, Any] = {}
-        per_target: dict[str, Any] = {}
-        latency: dict[str, list[dict[str, Any]]] = {s.key: [] for s in run.subjects}
-    else:
-        outputs, metrics, fids = _accuracy(run, device, models)
-        per_target = _per_target(run, device, onnx_candidate, outputs) if onnx_candidate is not None else {}
-        latency = _latency(run, device, models)
-        lm = {}
+    outputs, metrics, fids, per_target, latency, lm = _scores(run, device, onnx_candidate)
     # Nothing of any model may stay mapped here: cold runs evict their files, and the kernel keeps pages that
     # any process maps.
-    del models, outputs
+    del outputs
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -275,6 +265,32 @@ def _measure_device(run: _Run, device: str) -> list[dict[str, Any]]:
 
         lm_rows(rows, run.subjects, lm)
     return rows
+
+
+def _scores(run: _Run, device: str, onnx_candidate: Subject | None) -> tuple[Any, Any, Any, Any, Any, Any]:
+    """(outputs, metrics, fidelity, per-target fidelity, latency, LM entries) of every subject on ``device``: the
+    models loaded together, or one at a time when they do not fit (compressor.evaluate.apart)."""
+    from .apart import measure_apart, measure_lm_apart
+    from .subjects import load_module
+
+    lm, outputs, per_target = {}, {}, {}  # type: ignore[var-annotated]
+    if run.memory is not None and run.lm:
+        metrics, fids, lm = measure_lm_apart(run, device, run.scratch or Path.cwd())
+        return outputs, metrics, fids, per_target, {s.key: [] for s in run.subjects}, lm
+    if run.memory is not None:
+        outputs, metrics, fids, latency = measure_apart(run, device)
+    else:
+        with run.log.step(f"{device}: loading {', '.join(s.label for s in run.subjects)}"):
+            models = {s.key: load_module(s.spec, device, run.spec.speed.threads) for s in run.subjects}
+        if run.lm:
+            from .runner_lm import measure_lm
+            metrics, fids, lm = measure_lm(run, device, models)
+            return outputs, metrics, fids, per_target, {s.key: [] for s in run.subjects}, lm
+        outputs, metrics, fids = _accuracy(run, device, models)
+        latency = _latency(run, device, models)
+    if onnx_candidate is not None:
+        per_target = _per_target(run, device, onnx_candidate, outputs)
+    return outputs, metrics, fids, per_target, latency, lm
 
 
 def _accuracy(run: _Run, device: str, models: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any],
@@ -404,6 +420,7 @@ def _report(artifact: Path, shown: Path, manifest: Manifest, baseline: Subject, 
         "results": results,
         "gates": gate_results,
         "passed": None if gates is None else all(g["status"] in ("passed", "skipped") for g in gate_results),
+        "memory": run.memory,
     }
     quant = manifest.quantization
     if run.targets:
