@@ -79,13 +79,16 @@ def estimate_run(model_bytes: int, passes: list[Any], onnx: bool, evaluate: bool
     return est
 
 
-def estimate_stream(model_bytes: int, sizes: list[int], workers: int = 1, evaluate: bool = False) -> Estimate:
+def estimate_stream(model_bytes: int, sizes: list[int], workers: int = 1, evaluate: bool = False,
+                    processes: int = 1) -> Estimate:
     """The peak memory of streaming a model of ``model_bytes`` tensor by tensor (``sizes``: each tensor's bytes as
-    read), ``workers`` tensors at a time: the largest ones may be in flight together; then evaluating it when
-    ``evaluate`` (the evaluator loads the baseline and the artifact whole)."""
+    read), ``workers`` tensors at a time (the largest ones may be in flight together), in each of ``processes``
+    processes on this machine (torchrun's ``--nproc-per-node``); then evaluating it when ``evaluate`` (the
+    evaluator loads the baseline and the artifact whole)."""
     est = Estimate(model_bytes)
     held = sum(sorted(sizes, reverse=True)[:workers])
-    est.phases.append(("streaming tensor by tensor", int((FIXED_BYTES + STREAM_FACTOR * held) * MARGIN)))
+    name = "streaming tensor by tensor" + (f" ({processes} processes on this machine)" if processes > 1 else "")
+    est.phases.append((name, int(processes * (FIXED_BYTES + STREAM_FACTOR * held) * MARGIN)))
     if evaluate:
         est.phases.append(("evaluating", int((FIXED_BYTES + EVAL_FACTOR * model_bytes) * MARGIN)))
     return est
@@ -105,12 +108,11 @@ def check_fits(est: Estimate, where: str, hint: str = "") -> None:
         return
     phases = ", ".join(f"{name} {human_bytes(b)}" for name, b in est.phases)
     fitting = [name for name, b in est.phases if b <= room]
-    if hint:
-        hint = " " + hint
-    elif est.peak_phase == "exporting ONNX" and len(fitting) == len(est.phases) - 1:
-        hint = " Without `export.onnx` the run fits: export ONNX on a larger machine from the artifact's safetensors."
+    hint = f" {hint}" if hint else ""
+    if est.peak_phase == "exporting ONNX" and len(fitting) == len(est.phases) - 1:
+        hint += " Without `export.onnx` the run fits: export ONNX on a larger machine from the artifact's safetensors."
     elif est.peak_phase == "evaluating" and len(fitting) == len(est.phases) - 1:
-        hint = (" Without `evaluate` the run fits: evaluate the artifact with `compress eval` on a larger machine.")
+        hint += " Without `evaluate` the run fits: evaluate the artifact with `compress eval` on a larger machine."
     how = ("streams the model one tensor at a time" if est.phases[0][0].startswith("streaming")
            else f"holds the whole model ({human_bytes(est.model_bytes)}) in memory while it works")
     raise UsageError(

@@ -109,6 +109,9 @@ class Cast(Encoding):
         return {"kind": self.kind, "dtype": self.dtype}
 
 
+_TINY_ROW = 127 * 2.0 ** -126  # a row's largest magnitude below which its int8 scale is a subnormal float32
+
+
 class Int8(Encoding):
     """Symmetric int8 with float32 scales, per output channel (dim 0) or per tensor: ``q * scale``.
 
@@ -130,7 +133,8 @@ class Int8(Encoding):
         import torch
 
         rows = self._rows(tensor.detach().float())
-        q, best = torch.empty_like(rows, dtype=torch.int8), torch.empty(rows.shape[0], 1, device=rows.device)
+        q = torch.empty_like(rows, dtype=torch.int8)
+        best = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=rows.device)
         step = max(1, (1 << 22) // max(1, rows.shape[1]))  # rows are independent: blocks bound the temporaries
         for i in range(0, rows.shape[0] if not rows.is_meta else 0, step):  # meta: a layout planned before values
             q[i:i + step], best[i:i + step] = self._encode_rows(rows[i:i + step])
@@ -155,7 +159,8 @@ class Int8(Encoding):
                 q = torch.round(rows / cand).clamp(-127, 127)
                 ok = ((q * cand) == rows).all(dim=1, keepdim=True) & ~exact
             else:  # a row's largest value has q = +-127, so 127 * cand must give it back: only those rows are tried
-                maybe = (~exact & (cand * 127 == amax)).reshape(-1).nonzero().reshape(-1)
+                # (and rows so small that amax / 127 is subnormal, where that does not hold)
+                maybe = (~exact & ((cand * 127 == amax) | (amax < _TINY_ROW))).reshape(-1).nonzero().reshape(-1)
                 if not maybe.numel():
                     continue
                 sub, c = rows[maybe], cand[maybe]

@@ -168,12 +168,14 @@ def _lazy(recipe: Recipe, passes: list[Any], streaming: str, log: Reporter) -> t
                              f"{exc}") from None
     sizes = [e["data_offsets"][1] - e["data_offsets"][0] for _, e, _ in where.values()]
     evaluate = recipe.evaluation is not None
-    streamed = estimate_stream(sum(sizes), sizes, evaluate=evaluate)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # torchrun's processes on this machine share it
+    streamed = estimate_stream(sum(sizes), sizes, evaluate=evaluate, processes=local)
     whole = estimate_run(sum(sizes), passes, False, evaluate).peak
     check_fits(streamed, "streaming the model", "" if streamed.peak_phase == "evaluating" else
                f"Loading the model whole would need about {human_bytes(whole)}.")
-    # Two tensors in flight overlap one's reading and writing with the other's encoding, where memory allows.
-    workers = 2 if (os.cpu_count() or 1) > 1 and fits(estimate_stream(sum(sizes), sizes, 2)) else 1
+    # Two tensors in flight overlap one's reading and writing with the other's encoding, where memory and cores allow.
+    cores = (os.cpu_count() or 1) // local
+    workers = 2 if cores > 1 and fits(estimate_stream(sum(sizes), sizes, 2, processes=local)) else 1
     log.info(f"{len(model.tensors())} tensors, {model.numel():,} parameters, {model.stored_nbytes():,} bytes, "
              f"streamed {workers} tensor{'s' if workers > 1 else ''} at a time ({streaming})")
     return model, Source(where, workers)
@@ -185,7 +187,10 @@ def _streams(recipe: Recipe, passes: list[Any], stream: str, group: Any, log: Re
     from .errors import UsageError
     from .stream import stream_problems
 
-    if stream == "never" and group.world == 1:
+    if stream == "never" and group.world > 1:
+        raise UsageError(f"--stream never: launched on {group.world} processes, the run divides the model's tensors "
+                         "between them, which only streaming does; run it as one process to load the model whole")
+    if stream == "never":
         return ""
     problems = stream_problems(recipe, passes)
     if group.world > 1 or stream == "always":
@@ -368,9 +373,11 @@ def _check_memory(recipe: Recipe, passes: list[Any], model_bytes: int | None, wh
     if model_bytes is None:
         return
     from .budget import check_fits, estimate_run
+    from .stream import stream_problems
 
+    problems = stream_problems(recipe, passes)
     check_fits(estimate_run(model_bytes, passes, recipe.export.onnx is not None, recipe.evaluation is not None),
-               where)
+               where, "It cannot stream tensor by tensor instead: " + "; ".join(problems) + "." if problems else "")
 
 
 def _describe_source(recipe: Recipe) -> str:

@@ -62,7 +62,8 @@ def header_alignment(data_bytes: int) -> int:
 class Layout:
     """One file: its header bytes and where each tensor's bytes go, from ``{name: (dtype code, shape)}``."""
 
-    def __init__(self, specs: Mapping[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str] | None = None):
+    def __init__(self, specs: Mapping[str, tuple[str, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None) -> None:
         if metadata and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise TypeError("safetensors metadata maps strings to strings")
         sizes = {name: _numel(shape) * ITEMSIZE[code] for name, (code, shape) in specs.items()}
@@ -161,10 +162,11 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     return header, start
 
 
-def read_tensor(fd: int, entry: dict[str, Any], start: int) -> torch.Tensor:
+def read_tensor(fd: int, entry: dict[str, Any], start: int, what: str = "a tensor") -> torch.Tensor:
     """One tensor of a file whose header ``read_header`` checked (``entry`` its header entry, ``start`` where the
     data begins), read into fresh memory with positional reads. Unlike a memory map, nothing of the file stays
-    resident once the tensor is dropped: what streaming a model larger than memory needs."""
+    resident once the tensor is dropped: what streaming a model larger than memory needs. ``what`` names it in
+    errors."""
     import torch
 
     dtypes = {code: getattr(torch, name) for name, code in DTYPE_CODES.items()}
@@ -175,7 +177,8 @@ def read_tensor(fd: int, entry: dict[str, Any], start: int) -> torch.Tensor:
     while done < len(view):
         got = os.preadv(fd, [view[done:done + _CHUNK]], start + lo + done)
         if got <= 0:
-            raise ArtifactError(f"the file ended inside a tensor ({done} of {len(view)} bytes read)")
+            raise ArtifactError(f"the file ended inside {what} ({done} of {len(view)} bytes read): truncated while "
+                                "being read?")
         done += got
     return buf.view(dtypes[entry["dtype"]]).reshape(entry["shape"])
 

@@ -56,8 +56,12 @@ class Group:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            # gloo whatever the devices: the processes exchange a path and wait for each other, nothing more.
-            dist.init_process_group("gloo")
+            from datetime import timedelta
+
+            # gloo whatever the devices: the processes exchange a path and a few numbers and wait for each other.
+            # The wait between the files' creation and the last write covers a whole share of the model: hours for
+            # a large one, where gloo's default gives up after 30 minutes.
+            dist.init_process_group("gloo", timeout=timedelta(hours=12))
         return cls(dist.get_rank(), dist.get_world_size())
 
     def share(self, value: Any) -> Any:
@@ -69,6 +73,17 @@ class Group:
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def total(self, value: int) -> int:
+        """The sum of ``value`` over the ranks."""
+        if self.world == 1:
+            return value
+        import torch
+        import torch.distributed as dist
+
+        box = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(box)
+        return int(box.item())
 
     def barrier(self) -> None:
         """Wait until every rank is here."""
@@ -122,41 +137,59 @@ def fill(model: Model, source: Source, history: dict[str, list[Encoding]], files
     names = list(model.tensors())
     sizes = [where[n][1]["data_offsets"][1] - where[n][1]["data_offsets"][0] for n in names]
     mine = _share(names, sizes, group)
+    import hashlib
+
+    # Every rank writes at offsets from its own plan: one made by other library versions on another machine would
+    # scatter bytes silently. The plans are compared before the first byte.
+    plan = hashlib.sha256(b"".join(f.encode() + layout.header for f, layout in files.layouts.items())).hexdigest()
+    if group.share(plan) != plan:
+        from .errors import CompressorError
+
+        raise CompressorError(f"rank {group.rank} plans other files than rank 0 (different compressor, torch or "
+                              "transformers versions on the machines?); install the same versions everywhere")
     if group.rank == 0:
         files.create(out_dir)
     group.barrier()
     total = sum(sizes[i] for i in mine)
-    done, shown, start = 0, 0.0, time.perf_counter()
+    done, written, shown, start = 0, 0, 0.0, time.perf_counter()
     expected = model.tensors()
     threads = torch.get_num_threads()
     if workers > 1:
         torch.set_num_threads(max(1, threads // workers))  # the workers share the cores, not each take them all
     try:
         with files.opened(out_dir) as fds, _sources(where) as fd_of, ThreadPoolExecutor(workers) as pool:
-            def one(i: int) -> int:
-                _write_one(names[i], model, where, history, files, fds, fd_of, expected[names[i]])
-                return sizes[i]
+            def one(i: int) -> tuple[int, int]:
+                written = _write_one(names[i], model, where, history, files, fds, fd_of, expected[names[i]])
+                return sizes[i], written
 
-            for size in pool.map(one, mine):
+            for size, wrote in pool.map(one, mine):
                 done += size
+                written += wrote
                 if total and done / total >= shown + 0.1:
                     shown = done / total
                     log.info(f"streamed {done / 1e9:.2f} of {total / 1e9:.2f} GB read ({shown:.0%}) in "
                              f"{time.perf_counter() - start:.0f}s" + (f" on rank {group.rank}" if group.world > 1 else ""))
     finally:
         torch.set_num_threads(threads)
-    group.barrier()
+    planned = sum(hi - lo for layout in files.layouts.values() for lo, hi in layout.spans.values())
+    written = group.total(written)  # a collective: every rank gets here, or torchrun stops them all
+    if written != planned:
+        from .errors import CompressorError
+
+        raise CompressorError(f"the ranks wrote {written:,} bytes of weights where the files hold "
+                              f"{planned:,}; please report this bug")
     return files.finish(out_dir) if group.rank == 0 else (list(files.layouts), None)
 
 
 def _write_one(name: str, model: Model, where: dict[str, tuple[Path, dict[str, Any], int]],
                history: dict[str, list[Encoding]], files: WeightFiles, fds: dict[str, int], fd_of: dict[Path, int],
-               want: Any) -> None:
-    """Read one tensor, replay each pass's encoding on it, and write its stored parts at their places."""
+               want: Any) -> int:
+    """Read one tensor, replay each pass's encoding on it, and write its stored parts at their places; the bytes
+    written."""
     from .safetensors_io import read_tensor
 
     file, entry, data_start = where[name]
-    value = read_tensor(fd_of[file], entry, data_start)
+    value = read_tensor(fd_of[file], entry, data_start, f"{name} in {file}")
     for enc in history.get(name, []):
         parts = enc.encode(value)
         value = None  # the value as read goes before its decoded successor comes: one copy of a large table at a time
@@ -165,9 +198,11 @@ def _write_one(name: str, model: Model, where: dict[str, tuple[Path, dict[str, A
     if value.dtype != want.dtype or value.shape != want.shape:
         raise AssertionError(f"{name} streamed as {value.dtype} {tuple(value.shape)}, planned as "
                              f"{want.dtype} {tuple(want.shape)}; please report this bug")
+    written = 0
     for suffix, part in model.encodings[name].encode(value).items():
-        files.write(fds, name + suffix, part)
+        written += files.write(fds, name + suffix, part)
     del value
+    return written
 
 
 def _share(names: list[str], sizes: list[int], group: Group) -> list[int]:

@@ -165,3 +165,54 @@ def test_one_and_two_torchrun_processes_write_the_same_bytes(tmp_path, llama):
     _torchrun(2, path, tmp_path / "two", get_free_port())
     one, two = _digest(tmp_path / "one"), _digest(tmp_path / "two")
     assert len(one) > 5 and one == two  # every file's sha256, rank files and manifest included
+
+
+def test_a_bfloat16_checkpoint_streams_to_the_same_bytes(tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "bf16", safe_serialization=True)
+    path = _recipe(tmp_path, tmp_path / "bf16", RECIPES["cast"])
+    whole, streamed = tmp_path / "whole", tmp_path / "streamed"
+    assert run_cli("run", str(path), "-o", str(whole), "-q", "--stream", "never").returncode == 0
+    assert run_cli("run", str(path), "-o", str(streamed), "-q", "--stream", "always").returncode == 0
+    assert _digest(streamed) == _digest(whole)
+
+
+def _edited(llama: Path, where: Path, edit) -> Path:
+    """A copy of ``llama`` whose weights ``edit`` changed: {name: tensor} -> {name: tensor}."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(llama, where)
+    tensors = edit(load_file(where / "model.safetensors"))
+    save_file(tensors, where / "model.safetensors", metadata={"format": "pt"})
+    return where
+
+
+def test_weights_streaming_cannot_read_as_loading_would_are_refused_with_the_reason(tmp_path, llama):
+    import torch
+
+    extra = _edited(llama, tmp_path / "extra", lambda t: {**t, "stray.weight": torch.zeros(4)})
+    half = _edited(llama, tmp_path / "half", lambda t: {k: v.half() if "layers.0." in k else v for k, v in t.items()})
+    for src, reason in ((extra, "does not use: stray.weight"), (half, "float16, float32 and config.json says")):
+        path = _recipe(tmp_path, src, RECIPES["cast"], name=src.name)
+        proc = run_cli("run", str(path), "-o", str(tmp_path / f"out-{src.name}"), "-q", "--stream", "always")
+        assert proc.returncode == 2, proc.stderr
+        assert "must stream the model" in proc.stderr and reason in " ".join(proc.stderr.split())
+        assert not (tmp_path / f"out-{src.name}").exists()
+
+
+def test_a_corrupt_source_weight_file_is_named_in_full(tmp_path, llama):
+    src = tmp_path / "corrupt"
+    shutil.copytree(llama, src)
+    raw = bytearray((src / "model.safetensors").read_bytes())
+    raw[8:16] = b"{not-js!"
+    (src / "model.safetensors").write_bytes(bytes(raw))
+    path = _recipe(tmp_path, src, RECIPES["cast"])
+    proc = run_cli("run", str(path), "-o", str(tmp_path / "out"), "-q", "--stream", "always")
+    assert proc.returncode == 1
+    assert f"the source model's weight file {src / 'model.safetensors'} cannot be read" in " ".join(proc.stderr.split())
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()

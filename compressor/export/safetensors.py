@@ -78,7 +78,8 @@ class WeightFiles:
     the index. This one: one file, or shards of at most ``max_shard_size`` bytes in name order plus
     ``model.safetensors.index.json`` (Hugging Face's convention); compressor.export.tp splits per rank instead."""
 
-    def __init__(self, stored: dict[str, torch.Tensor], max_shard_size: int, metadata: dict[str, str] | None = None):
+    def __init__(self, stored: dict[str, torch.Tensor], max_shard_size: int,
+                 metadata: dict[str, str] | None = None) -> None:
         shards = plan_shards(stored, max_shard_size)
         names = shard_names(len(shards))
         meta = {"format": "pt", **(metadata or {})}
@@ -107,10 +108,13 @@ class WeightFiles:
             for fd in fds.values():
                 os.close(fd)
 
-    def write(self, fds: dict[str, int], name: str, tensor: torch.Tensor) -> None:
-        """Write one stored tensor (all its pieces) into the opened files."""
+    def write(self, fds: dict[str, int], name: str, tensor: torch.Tensor) -> int:
+        """Write one stored tensor (all its pieces) into the opened files; the bytes written."""
+        written = 0
         for file, piece in self.pieces(name, tensor):
             self.layouts[file].write(fds[file], name, piece)
+            written += piece.numel() * piece.element_size()
+        return written
 
     def finish(self, out_dir: Path) -> tuple[list[str], dict[str, Any] | None]:
         """Write the index (when there are shards); (the files written, the manifest's tensor-parallel entry)."""

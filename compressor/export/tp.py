@@ -43,7 +43,8 @@ class RankFiles(WeightFiles):
     tensors (stored once), and the plan file the loader reads; planned before any value is written (WeightFiles)."""
 
     def __init__(self, stored: dict[str, torch.Tensor], plan: TPPlan, encodings: dict[str, dict[str, Any]],
-                 aliases: dict[str, str]):
+                 aliases: dict[str, str]) -> None:
+        # Not WeightFiles.__init__: the layouts are per rank, and ``pieces`` below routes each tensor's slices.
         self.plan, self.aliases = plan, aliases
         self.specs = split_specs(plan, list(stored), encodings, aliases=aliases)
         world = plan.world
@@ -58,6 +59,8 @@ class RankFiles(WeightFiles):
         self.layouts = {rank_file(r, world): Layout.of(ranks[r], {"format": "pt", "tp_rank": str(r),
                                                                    "tp_world": str(world)}) for r in range(world)}
         self.layouts[REPLICATED_FILE] = Layout.of(replicated, {"format": "pt", "tp_world": str(world)})
+        self.home: dict[str, str] = {}  # WeightFiles' single home per tensor: not how rank files route
+        self.total = sum(t.numel() * t.element_size() for t in stored.values())
 
         def nbytes(ts: dict[str, torch.Tensor]) -> int:
             return sum(t.numel() * t.element_size() for t in ts.values())

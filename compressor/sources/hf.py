@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, PositiveInt, ValidationInfo, field_validator
 
 from ..errors import ArtifactError, CompressorError, Problem, RecipeError, UsageError
+from ..safetensors_io import DTYPE_CODES
 from ..schema import Strict, context_path, resolve_path
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -235,37 +236,28 @@ def lazy(spec: HFModel, base_dir: Path, seed: int) -> tuple[Model, dict[str, tup
     """The model a recipe's `hf` section names with its module on the meta device (names, shapes, dtypes, no
     values), and where each stored tensor's values are: {state-dict name: (weight file, header entry, data start)},
     for streaming (compressor/stream.py). The dtypes are those ``load`` would give (transformers' dtype "auto").
-    ValueError, saying why, where the directory's weights cannot be streamed as ``load`` would load them."""
+    ValueError, saying why, where the directory's weights cannot be streamed exactly as ``load`` would load them;
+    CompressorError naming the file for a weight file that cannot be read."""
     import torch
 
-    from ..safetensors_io import read_header
-
     transformers = import_transformers()
-
     path = resolve_path(spec.path, base_dir)
     config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     with torch.device("meta"):
         module = getattr(transformers, spec.auto_class).from_config(config).eval()
-    found: dict[str, tuple[Path, dict[str, Any], int]] = {}
-    for file in model_files(path)[1]:
-        if file.name.endswith(".safetensors"):
-            header, start = read_header(file)
-            found.update({k: (file, v, start) for k, v in header.items() if k != "__metadata__"})
+    found = _source_tensors(path)
+    _check_dtypes(module, config, {e["dtype"] for _, e, _ in found.values()})
     prefix = getattr(module, "base_model_prefix", "")
-    want = dict(module.state_dict(keep_vars=True))
-    floats = {found[k][1]["dtype"] for k in found if found[k][1]["dtype"] in ("F32", "F16", "BF16", "F64")}
-    named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if len(floats) > 1 or (named is not None and floats and str(named).removeprefix("torch.") != _DTYPES[floats.pop()]):
-        raise ValueError("its float weights are not all of the dtype transformers would load them in; loading "
-                         "converts them, which streaming does not")
     where: dict[str, tuple[Path, dict[str, Any], int]] = {}
+    used: set[str] = set()
     seen: set[int] = set()
-    for name, tensor in want.items():
+    for name, tensor in module.state_dict(keep_vars=True).items():
         key = next((k for k in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}") if k in found), None)
         if key is None:
             if id(tensor) in seen:
                 continue  # a tied tensor, stored under its first name
             raise ValueError(f"{name} is not in its weight files under that name")
+        used.add(key)
         _, entry, _ = found[key]
         if list(entry["shape"]) != list(tensor.shape):
             raise ValueError(f"{key} has shape {entry['shape']} in the files, {list(tensor.shape)} in the model")
@@ -274,12 +266,56 @@ def lazy(spec: HFModel, base_dir: Path, seed: int) -> tuple[Model, dict[str, tup
                                       device="meta")
             seen.add(id(tensor))
             where[name] = found[key]
+    unused = sorted(set(found) - used)
+    if unused:  # loading whole refuses these (unexpected keys): so does streaming
+        raise ValueError(f"its weight files hold tensors the {spec.auto_class} architecture does not use: "
+                         f"{', '.join(unused[:5])}{' ...' if len(unused) > 5 else ''}")
     model = _as_model(path, module, spec.auto_class, spec.max_length, {"kind": "hf", "path": spec.path}, None)
     return model, where
 
 
-_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64", "I32": "int32",
-           "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+def _source_tensors(path: Path) -> dict[str, tuple[Path, dict[str, Any], int]]:
+    """{tensor name: (file, header entry, data start)} over a model directory's safetensors files, each name in the
+    file its index names (when there is one)."""
+    from ..safetensors_io import read_header
+
+    files, index = model_files(path)[1], path / "model.safetensors.index.json"
+    owner = json.loads(index.read_text())["weight_map"] if index.is_file() else None
+    found: dict[str, tuple[Path, dict[str, Any], int]] = {}
+    for file in files:
+        if not file.name.endswith(".safetensors"):
+            continue
+        try:
+            header, start = read_header(file)
+        except (ArtifactError, OSError) as exc:
+            raise CompressorError(f"the source model's weight file {file} cannot be read: {exc}") from None
+        for name, entry in header.items():
+            if name != "__metadata__" and (owner is None or owner.get(name) == file.name):
+                found[name] = (file, entry, start)
+    return found
+
+
+def _check_dtypes(module: nn.Module, config: Any, codes: set[str]) -> None:
+    """ValueError when transformers would convert some of these weights while loading them whole (dtype "auto":
+    every float weight to config.json's dtype; float32 for the modules a model keeps in float32)."""
+    unknown = sorted(codes - set(_DTYPES))
+    if unknown:
+        raise ValueError(f"its weight files hold {', '.join(unknown)} tensors, which streaming does not read")
+    floats = sorted(_DTYPES[c] for c in codes if c in ("F32", "F16", "BF16", "F64"))
+    named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    named = str(named).removeprefix("torch.") if named is not None else None
+    if len(floats) > 1 or (named is not None and floats and floats != [named]):
+        raise ValueError(f"its float weights are {', '.join(floats)} and config.json says {named}: transformers "
+                         f"loads them all as one dtype, converting some, which streaming does not")
+    kept = list(getattr(module, "_keep_in_fp32_modules", None) or []) + list(
+        getattr(module, "_keep_in_fp32_modules_strict", None) or [])
+    if kept and floats and floats != ["float32"]:
+        raise ValueError(f"transformers loads its {', '.join(kept)} modules in float32 from {floats[0]} weights, "
+                         "converting them, which streaming does not")
+
+
+# safetensors dtype codes streaming reads -> torch dtype names (torch's unsigned 16-64-bit types have few kernels)
+_DTYPES = {code: name for name, code in DTYPE_CODES.items() if name not in ("uint16", "uint32", "uint64")}
 
 
 def example_text_inputs(path: Path, module: nn.Module, max_length: int) -> dict[str, torch.Tensor]:
