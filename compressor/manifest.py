@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -172,12 +173,14 @@ def library_versions() -> dict[str, str]:
 def write_manifest(out_dir: Path, body: dict[str, Any]) -> Manifest:
     """Hash every file under ``out_dir`` and write manifest.json there; returns the manifest written. ``body``
     is validated as a :class:`Manifest`, so a writer that breaks the contract fails here, not in a reader."""
-    files = {}
-    for path in sorted(p for p in out_dir.rglob("*") if p.is_file()):
-        rel = path.relative_to(out_dir).as_posix()
-        if rel == MANIFEST:
-            continue
-        files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = [p for p in sorted(out_dir.rglob("*")) if p.is_file() and p.relative_to(out_dir).as_posix() != MANIFEST]
+    # Files hashed side by side (hashlib and reads release the GIL): the shards of a large model take seconds each.
+    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+        digests = list(pool.map(sha256_file, paths))
+    files = {path.relative_to(out_dir).as_posix(): {"sha256": digest, "bytes": path.stat().st_size}
+             for path, digest in zip(paths, digests)}
     manifest = Manifest.model_validate({"format": FORMAT, "format_version": FORMAT_VERSION, **body, "files": files})
     (out_dir / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
     return manifest

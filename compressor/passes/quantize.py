@@ -253,6 +253,8 @@ class QuantizePass(Pass):
             return f"mode {config.mode} quantizes the ONNX graph, which is exported whole"
         if config.bits == 4:
             return "bits 4 runs NNCF over the whole module"
+        if not config.per_channel:  # per channel, rows are encoded in blocks (compressor/encodings.py)
+            return "per_channel false scales each weight as a whole, holding several float copies of the largest"
         return None  # int8 by module type, name and size; each weight becomes Int8.decode(encode(value))
 
     def check(self, model: Model) -> None:
