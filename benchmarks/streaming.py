@@ -7,7 +7,9 @@ each size (`cast` float16; weight-only int8; weight-only int8 then `shard` tenso
 `compress run` in a fresh process and prints the process's peak RSS (the kernel's accounting, ru_maxrss of the
 child), wall time and the bytes written, and the same for the yardstick: a process that reads the source with
 safetensors alone and writes the same number of output bytes (each tensor converted as the recipe does: float16
-for cast, int8 for int8) with safetensors' `save_file`, one tensor at a time.
+for cast, int8 for int8) with safetensors' `save_file`, one tensor at a time. The two alternate, `--repeat` times
+each (default 3): the median wall time and the largest peak are reported, each run's time beside them. Each side's
+start-up (its imports, measured alone) is printed too, with the ratio of the times after it.
 
 Beside each measured peak: compressor's own estimate, made before it loads anything (compressor/budget.py),
 which refuses a run that will not fit; it must not be below the measured peak.
@@ -19,7 +21,8 @@ Linux counts a forked child's memory from before its exec in its peak, which wou
 
 Prints JSON with the CPU, the machine's memory and the versions.
 
-Usage: python benchmarks/streaming.py [--sizes 0.25b,1b] [--recipes cast,int8,int8-tp2] [--stream never] [--keep DIR]
+Usage: python benchmarks/streaming.py [--sizes 0.25b,1b] [--recipes cast,int8,int8-tp2] [--stream never] [--repeat 3]
+       [--keep DIR]
 Quick check: python benchmarks/streaming.py --sizes tiny
 """
 
@@ -139,6 +142,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="0.25b")
     parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each side, alternating (median wall time, "
+                        "largest peak)")
     parser.add_argument("--stream", default="always", choices=["always", "never", "auto"],
                         help="compress run --stream (default always: the streaming this measures; never: the "
                         "whole-model run, for comparison)")
@@ -182,14 +187,18 @@ def main() -> None:
                 recipe_file = tmp / f"{size}-{recipe}.yaml"
                 recipe_file.write_text(f"name: {size}-{recipe}\nmodel: {{source: hf, path: {json.dumps(str(src))}, "
                                        f"auto_class: AutoModelForCausalLM}}\npasses:\n{RECIPES[recipe]}")
-                out = tmp / f"out-{size}-{recipe}"
-                run = measured([sys.executable, "-m", "compressor", "run", str(recipe_file), "-o", str(out), "-q",
-                                "--stream", args.stream])
-                run["bytes_written"] = tree_bytes(out) if out.exists() else 0
+                out, yard_out = tmp / f"out-{size}-{recipe}", tmp / f"yard-{size}-{recipe}"
+                runs, yards = [], []
+                for _ in range(args.repeat):  # A B A B: both sides see the same drifts of a shared machine
+                    for path in (out, yard_out):
+                        subprocess.run(["rm", "-rf", str(path)], check=False)
+                    runs.append(measured([sys.executable, "-m", "compressor", "run", str(recipe_file), "-o", str(out),
+                                          "-q", "--stream", args.stream]))
+                    runs[-1]["bytes_written"] = tree_bytes(out) if out.exists() else 0
+                    yards.append(measured([sys.executable, "-c", YARDSTICK, str(src), str(yard_out), recipe]))
+                    yards[-1]["bytes_written"] = tree_bytes(yard_out)
+                run, yard = _median(runs), _median(yards)
                 run["estimated_peak_bytes"] = estimate(recipe_file, args.stream != "never")
-                yard_out = tmp / f"yard-{size}-{recipe}"
-                yard = measured([sys.executable, "-c", YARDSTICK, str(src), str(yard_out), recipe])
-                yard["bytes_written"] = tree_bytes(yard_out)
                 start = result["startup_seconds"]
                 work = (run["seconds"] - start["compress_run"]) / max(yard["seconds"] - start["safetensors_alone"],
                                                                        1e-3)
@@ -206,6 +215,16 @@ def main() -> None:
     result["load_average_1min"] = round(os.getloadavg()[0], 2)
     result["self_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps(result, indent=2))
+
+
+def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One side's runs as one: the median wall time, the largest peak, every run's seconds, the first failure."""
+    failed = [r for r in runs if r["exit"] != 0]
+    out = dict(failed[0] if failed else runs[0])
+    out["seconds"] = sorted(r["seconds"] for r in runs)[len(runs) // 2]
+    out["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in runs)
+    out["seconds_each"] = [r["seconds"] for r in runs]
+    return out
 
 
 def _numel(shape: list[int]) -> int:
