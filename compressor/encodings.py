@@ -149,6 +149,7 @@ class Int8(Encoding):
         base = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
         best = base
         exact = torch.zeros_like(amax, dtype=torch.bool)
+        moved = torch.zeros_like(exact)  # rows exact at a neighbouring scale: their q is rounded again at the end
         # Candidates around the recomputed scale; the first that reproduces a whole row exactly wins (usually the first).
         for ulps in (0, -1, 1, -2, 2, -3, 3):
             cand = base
@@ -156,8 +157,8 @@ class Int8(Encoding):
             for _ in range(abs(ulps)):
                 cand = torch.nextafter(cand, step)
             if ulps == 0:
-                q = torch.round(rows / cand).clamp(-127, 127)
-                ok = ((q * cand) == rows).all(dim=1, keepdim=True) & ~exact
+                q = torch.div(rows, cand).round_().clamp_(-127, 127)  # in place: one block-sized temporary
+                ok = torch.eq(q * cand, rows).all(dim=1, keepdim=True)
             else:  # a row's largest value has q = +-127, so 127 * cand must give it back: only those rows are tried
                 # (and rows so small that amax / 127 is subnormal, where that does not hold)
                 maybe = (~exact & ((cand * 127 == amax) | (amax < _TINY_ROW))).reshape(-1).nonzero().reshape(-1)
@@ -166,12 +167,14 @@ class Int8(Encoding):
                 sub, c = rows[maybe], cand[maybe]
                 ok = torch.zeros_like(exact)
                 ok[maybe] = ((torch.round(sub / c).clamp(-127, 127) * c) == sub).all(dim=1, keepdim=True)
+                moved |= ok
             best = torch.where(ok, cand, best)
             exact |= ok
             if bool(exact.all()):
                 break
-        if not (ulps == 0 and bool(exact.all())):  # the winning scale differs between rows: round again
-            q = torch.round(rows / best).clamp(-127, 127)
+        if bool(moved.any()):  # the rows whose winning scale is a neighbour: round them again with it
+            rows_moved = moved.reshape(-1).nonzero().reshape(-1)
+            q[rows_moved] = torch.round(rows[rows_moved] / best[rows_moved]).clamp(-127, 127)
         return q.to(torch.int8), best
 
     def stored_nbytes(self, tensor: torch.Tensor) -> int:
