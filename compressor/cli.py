@@ -326,9 +326,9 @@ def passes_(as_json: bool) -> None:
 
 
 def main() -> None:
-    """Console-script entry point (`compress`, `python -m compressor`). Once the command has finished and its output
-    is flushed, the process ends without the interpreter's teardown: with torch and transformers imported that takes
-    about a second, spent finalizing modules, after the work is done and every file is in place."""
+    """Console-script entry point (`compress`, `python -m compressor`). Once a command that imported torch has
+    finished and its output is flushed, the process ends without the interpreter's teardown: with torch and
+    transformers imported that takes about a second, spent finalizing modules after every file is in place."""
     import os
 
     try:
@@ -336,6 +336,8 @@ def main() -> None:
         code: Any = 0
     except SystemExit as exc:
         code = exc.code
+    if "torch" not in sys.modules:  # a light command (validate, --help): the usual exit costs nothing
+        raise SystemExit(code)
     if isinstance(code, str):
         print(code, file=sys.stderr)
         code = 1
