@@ -16,8 +16,8 @@ from typing import Any
 from .errors import UsageError
 from .memory import LIMIT_ENV, available_memory, human_bytes
 
-__all__ = ["FIXED_BYTES", "LOAD_FACTOR", "ONNX_FACTORS", "EVAL_FACTOR", "MARGIN", "STREAM_FACTOR", "Estimate",
-           "estimate_run", "estimate_stream", "fits", "check_fits"]
+__all__ = ["FIXED_BYTES", "LOAD_FACTOR", "ONNX_FACTORS", "EVAL_FACTOR", "EVAL_APART_FACTOR", "MARGIN", "STREAM_FACTOR",
+           "Estimate", "estimate_run", "estimate_stream", "fits", "check_fits"]
 
 FIXED_BYTES = 500_000_000  # torch, transformers and compressor imported: about 0.45 GB measured
 LOAD_FACTOR = 1.1  # the model itself, plus what loading and writing the safetensors files hold beside it
@@ -30,6 +30,8 @@ ONNX_FACTORS = {"": 3.0, "quantize": 4.5, "cast": 6.7}
 # bytes again), and about one more copy still held from the run (3.16x the model's bytes measured with weight-only
 # int8 on a 0.25B Llama); with ONNX, its session holds the ONNX weights too.
 EVAL_FACTOR = 3.3
+# Evaluation one model at a time: one model loaded, its outputs, and what the run still holds (about the model's bytes)
+EVAL_APART_FACTOR = 2.3
 # Streaming (compressor/stream.py) holds each tensor in flight as read, its value after each pass, its stored parts
 # and, under `shard`, the per-rank slices: at most 3x its bytes as read (2.5x measured, int8 then shard, 1.1B Llama).
 STREAM_FACTOR = 3.0
@@ -74,8 +76,10 @@ def estimate_run(model_bytes: int, passes: list[Any], onnx: bool, evaluate: bool
     if onnx:
         factor = max([ONNX_FACTORS[""], *(ONNX_FACTORS.get(p.name, 0.0) for p in passes)])
         est.phases.append(("exporting ONNX", at(LOAD_FACTOR * size + factor * model_bytes)))
-    if evaluate:
-        est.phases.append(("evaluating", at(EVAL_FACTOR * model_bytes + (LOAD_FACTOR * size if onnx else 0.0))))
+    if evaluate:  # together, or one model at a time when that will not fit (compressor/evaluate/apart.py)
+        onnx_bytes = LOAD_FACTOR * size if onnx else 0.0
+        est.phases.append(("evaluating", at(min(EVAL_FACTOR * model_bytes + onnx_bytes,
+                                                EVAL_APART_FACTOR * model_bytes + onnx_bytes / 2))))
     return est
 
 
@@ -90,7 +94,7 @@ def estimate_stream(model_bytes: int, sizes: list[int], workers: int = 1, evalua
     name = "streaming tensor by tensor" + (f" ({processes} processes on this machine)" if processes > 1 else "")
     est.phases.append((name, int(processes * (FIXED_BYTES + STREAM_FACTOR * held) * MARGIN)))
     if evaluate:
-        est.phases.append(("evaluating", int((FIXED_BYTES + EVAL_FACTOR * model_bytes) * MARGIN)))
+        est.phases.append(("evaluating", int((FIXED_BYTES + EVAL_APART_FACTOR * model_bytes) * MARGIN)))
     return est
 
 

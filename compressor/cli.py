@@ -326,13 +326,18 @@ def passes_(as_json: bool) -> None:
 
 
 def main() -> None:
+    """Run the CLI as a function: SystemExit carries the exit code (what scripts and tests call)."""
+    cli(prog_name="compress")
+
+
+def console() -> None:
     """Console-script entry point (`compress`, `python -m compressor`). Once a command that imported torch has
     finished and its output is flushed, the process ends without the interpreter's teardown: with torch and
     transformers imported that takes about a second, spent finalizing modules after every file is in place."""
     import os
 
     try:
-        cli(prog_name="compress")
+        main()
         code: Any = 0
     except SystemExit as exc:
         code = exc.code
@@ -341,6 +346,9 @@ def main() -> None:
     if isinstance(code, str):
         print(code, file=sys.stderr)
         code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:  # `compress ... | head`: the reader has gone, nothing left to say
+        pass
     os._exit(int(code or 0))

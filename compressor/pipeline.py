@@ -113,7 +113,8 @@ def _run(recipe: Recipe, out_dir: Path | None, log: Reporter, stream: str) -> Ru
             if spec is not None:
                 # The source model may still map the original weight files; cold-load timing must be able to
                 # evict them.
-                del model
+                del model, history
+                ctx.original = None
                 gc.collect()
                 phase = "evaluating"
                 report = _evaluate(recipe, tmp, out, log)

@@ -12,6 +12,7 @@ removed afterwards), while speed ratios compare medians taken one after the othe
 from __future__ import annotations
 
 import gc
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -101,6 +102,8 @@ class _Recorded:
     def __init__(self, scratch: Path, model: Any = None) -> None:
         self.scratch, self.model, self.calls = scratch, model, 0
 
+    batches = 0  #: how many calls the recording will take (its disk space is checked after the first)
+
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
         from types import SimpleNamespace
 
@@ -109,12 +112,43 @@ class _Recorded:
         if self.model is not None:
             with torch.inference_mode():
                 logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float().cpu()
-            np.savez(path, ids=input_ids.cpu().numpy(), logits=logits.numpy())
+            if self.calls == 1:
+                _check_disk(self.scratch, logits.numel() * 4 * max(self.batches, 1))
+            try:
+                np.savez(path, ids=input_ids.cpu().numpy(), logits=logits.numpy())
+            except OSError as exc:
+                from ..errors import CompressorError
+
+                raise CompressorError(f"recording the baseline's logits in {self.scratch} failed: {exc}") from exc
             return SimpleNamespace(logits=logits)
         with np.load(path) as saved:
             if not np.array_equal(saved["ids"], input_ids.cpu().numpy()):
                 raise AssertionError("the baseline's recorded logits are for other inputs; please report this bug")
             return SimpleNamespace(logits=torch.from_numpy(saved["logits"]).to(input_ids.device))
+
+
+def _check_disk(scratch: Path, needed: int) -> None:
+    """Refuse (exit 2) a recording that the disk under ``scratch`` cannot hold, before writing it."""
+    from ..errors import UsageError
+    from ..memory import human_bytes
+
+    free = shutil.disk_usage(scratch).free
+    if needed > 0.9 * free:
+        raise UsageError(f"measuring one model at a time records the baseline's logits ({human_bytes(needed)}) in "
+                         f"{scratch.parent}, whose disk has {human_bytes(free)} free; free some space, or evaluate "
+                         "on fewer tokens (evaluate.generation.max_tokens)")
+
+
+def _clean_stale(parent: Path) -> None:
+    """Remove scratch directories of earlier evaluations whose process is gone (killed, out of memory)."""
+    for old in parent.glob(".eval-apart-*"):
+        try:
+            pid = int(old.name.split("-")[2])
+            os.kill(pid, 0)  # still running: not ours to remove
+        except ProcessLookupError:
+            shutil.rmtree(old, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            continue
 
 
 def measure_lm_apart(run: Any, device: str, scratch_parent: Path) -> tuple[dict[str, Any], dict[str, Any],
@@ -130,7 +164,8 @@ def measure_lm_apart(run: Any, device: str, scratch_parent: Path) -> tuple[dict[
     metrics: dict[str, Any] = {}
     fids: dict[str, Any] = {}
     lm: dict[str, Any] = {}
-    scratch = Path(tempfile.mkdtemp(prefix=".eval-apart-", dir=scratch_parent))
+    _clean_stale(scratch_parent)
+    scratch = Path(tempfile.mkdtemp(prefix=f".eval-apart-{os.getpid()}-", dir=scratch_parent))
     try:
         base_tokens = None
         for subject in run.subjects:
@@ -138,6 +173,7 @@ def measure_lm_apart(run: Any, device: str, scratch_parent: Path) -> tuple[dict[
             key = subject.key
             scored = {"baseline": _Recorded(scratch, model)} if key == "baseline" else \
                 {"baseline": _Recorded(scratch), key: model}
+            scored["baseline"].batches = len(run.data.batches)
             with run.log.step(f"{device}: {subject.label}: perplexity, agreement and KL on {run.data.name}"):
                 m, entries, f = lm_scores(scored, run.data, device)
             metrics[key], lm[key] = m[key], entries[key]
