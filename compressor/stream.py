@@ -14,6 +14,7 @@ writes, byte for byte.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from contextlib import contextmanager
@@ -44,8 +45,9 @@ class Source:
 class Group:
     """This process's place in a torchrun launch (``RANK``/``WORLD_SIZE``, gloo), or a group of one."""
 
-    def __init__(self, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, rank: int = 0, world: int = 1, owned: bool = False) -> None:
         self.rank, self.world = rank, world
+        self.owned = owned  # whether this group started torch.distributed's default process group
 
     @classmethod
     def from_env(cls) -> Group:
@@ -55,14 +57,15 @@ class Group:
             return cls()
         import torch.distributed as dist
 
-        if not dist.is_initialized():
+        owned = not dist.is_initialized()
+        if owned:
             from datetime import timedelta
 
             # gloo whatever the devices: the processes exchange a path and a few numbers and wait for each other.
             # The wait between the files' creation and the last write covers a whole share of the model: hours for
             # a large one, where gloo's default gives up after 30 minutes.
             dist.init_process_group("gloo", timeout=timedelta(hours=12))
-        return cls(dist.get_rank(), dist.get_world_size())
+        return cls(dist.get_rank(), dist.get_world_size(), owned)
 
     def share(self, value: Any) -> Any:
         """Rank 0's ``value``, on every rank."""
@@ -93,8 +96,8 @@ class Group:
             dist.barrier()
 
     def close(self) -> None:
-        """Leave the process group (this process started it)."""
-        if self.world > 1:
+        """Leave the process group, when this group started it (a caller's own group stays theirs)."""
+        if self.world > 1 and self.owned:
             import torch.distributed as dist
 
             if dist.is_initialized():
@@ -136,9 +139,7 @@ def fill(model: Model, source: Source, history: dict[str, list[Encoding]], files
     where, workers = source.where, source.workers
     names = list(model.tensors())
     sizes = [where[n][1]["data_offsets"][1] - where[n][1]["data_offsets"][0] for n in names]
-    mine = _share(names, sizes, group)
-    import hashlib
-
+    mine = _share(sizes, group)
     # Every rank writes at offsets from its own plan: one made by other library versions on another machine would
     # scatter bytes silently. The plans are compared before the first byte.
     plan = hashlib.sha256(b"".join(f.encode() + layout.header for f, layout in files.layouts.items())).hexdigest()
@@ -159,8 +160,7 @@ def fill(model: Model, source: Source, history: dict[str, list[Encoding]], files
     try:
         with files.opened(out_dir) as fds, _sources(where) as fd_of, ThreadPoolExecutor(workers) as pool:
             def one(i: int) -> tuple[int, int]:
-                written = _write_one(names[i], model, where, history, files, fds, fd_of, expected[names[i]])
-                return sizes[i], written
+                return sizes[i], _write_one(names[i], model, where, history, files, fds, fd_of, expected[names[i]])
 
             for size, wrote in pool.map(one, mine):
                 done += size
@@ -205,10 +205,10 @@ def _write_one(name: str, model: Model, where: dict[str, tuple[Path, dict[str, A
     return written
 
 
-def _share(names: list[str], sizes: list[int], group: Group) -> list[int]:
-    """This rank's tensors: a contiguous run, the runs of about equal bytes."""
+def _share(sizes: list[int], group: Group) -> list[int]:
+    """This rank's tensors (indices into ``sizes``): a contiguous run, the runs of about equal bytes."""
     if group.world == 1:
-        return list(range(len(names)))
+        return list(range(len(sizes)))
     total, acc, out = sum(sizes) or 1, 0, []
     for i, size in enumerate(sizes):
         if min(group.world - 1, acc * group.world // total) == group.rank:
