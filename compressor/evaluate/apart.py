@@ -110,8 +110,9 @@ class _Recorded:
         path = self.scratch / f"{self.calls}.npz"
         self.calls += 1
         if self.model is not None:
-            with torch.inference_mode():
-                logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float().cpu()
+            from .lm import next_token_logits
+
+            logits = next_token_logits(self.model, input_ids, str(input_ids.device))
             if self.calls == 1:
                 _check_disk(self.scratch, logits.numel() * 4 * max(self.batches, 1))
             try:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..data.datasets import EvalData
 
-__all__ = ["TorchDecoder", "decoder_for", "lm_scores", "greedy_continuations", "generate_continuations",
+__all__ = ["TorchDecoder", "decoder_for", "lm_scores", "next_token_logits", "greedy_continuations", "generate_continuations",
            "compare_continuations", "prompt_batch"]
 
 
@@ -61,7 +61,8 @@ def decoder_for(model: Any, device: str) -> Any:
     return decoder if decoder is not None else TorchDecoder(model, device)
 
 
-def _logits(model: Any, ids: torch.Tensor, device: str) -> torch.Tensor:
+def next_token_logits(model: Any, ids: torch.Tensor, device: str) -> torch.Tensor:
+    """A causal LM's logits for ``ids`` on ``device``, as float32 on the CPU; UsageError for a model without them."""
     from ..errors import UsageError
 
     with torch.inference_mode():
@@ -129,11 +130,11 @@ def lm_scores(models: dict[str, Any], data: EvalData, device: str) -> tuple[dict
     for batch in data.batches:
         windows = batch["input_ids"]
         ids, targets = windows[:, :-1], windows[:, 1:]
-        base = _logits(models["baseline"], ids, device)
+        base = next_token_logits(models["baseline"], ids, device)
         tallies["baseline"].add(base, targets, None)
         for key, model in models.items():
             if key != "baseline":
-                tallies[key].add(_logits(model, ids, device), targets, base)
+                tallies[key].add(next_token_logits(model, ids, device), targets, base)
     metrics = {key: t.metric() for key, t in tallies.items()}
     lm = {key: t.lm(key != "baseline") for key, t in tallies.items()}
     fids = {key: t.fidelity() for key, t in tallies.items() if key != "baseline"}
