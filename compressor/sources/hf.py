@@ -90,14 +90,15 @@ def import_transformers() -> Any:
     while transformers checks for it; importable again afterwards (the digits data set uses it)."""
     import sys
 
-    if "transformers" in sys.modules or "sklearn" in sys.modules:
-        return sys.modules.get("transformers") or __import__("transformers")
-    sys.modules["sklearn"] = None  # type: ignore[assignment]  # importlib.util.find_spec then says "not installed"
-    try:
-        import transformers
-    finally:
-        if sys.modules.get("sklearn", 0) is None:
-            del sys.modules["sklearn"]
+    if "transformers" not in sys.modules and "sklearn" not in sys.modules:
+        sys.modules["sklearn"] = None  # type: ignore[assignment]  # importlib.util.find_spec: "not installed"
+        try:
+            import transformers  # noqa: F401 - the first import, which looks for scikit-learn once
+        finally:
+            if sys.modules.get("sklearn", 0) is None:
+                del sys.modules["sklearn"]
+    import transformers
+
     return transformers
 
 
