@@ -6,6 +6,7 @@ import json
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 
 def run_child(code: str, *args: str) -> dict[str, float]:
@@ -21,3 +22,29 @@ def summarize(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     return {k: {"median": round(statistics.median(r[k] for r in runs), 2),
                 "min": round(min(r[k] for r in runs), 2), "max": round(max(r[k] for r in runs), 2)}
             for k in runs[0]}
+
+
+# Config-sized Llama models (random weights: load time and memory are what is measured, the tokens mean nothing).
+SIZES = {
+    # tiny: a quick check of the script itself (a few MB)
+    "tiny": {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 2, "vocab_size": 1000},
+    "0.25b": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 16, "vocab_size": 32000},
+    "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "vocab_size": 32000},
+}
+
+
+def make_llama(where: Path, size: str) -> Path:
+    """A Llama of ``SIZES[size]`` with random weights (seed 0), float32 safetensors, sharded at 2 GB like
+    transformers' default."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**SIZES[size], num_attention_heads=16 if SIZES[size]["hidden_size"] >= 1024 else 4,
+                         num_key_value_heads=4 if SIZES[size]["hidden_size"] >= 1024 else 2,
+                         max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(str(where), safe_serialization=True, max_shard_size="2GB")
+    del model
+    return where

@@ -39,12 +39,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-SIZES = {
-    # tiny: a quick check of the script itself (a few MB)
-    "tiny": {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 2, "vocab_size": 1000},
-    "0.25b": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 16, "vocab_size": 32000},
-    "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "vocab_size": 32000},
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import SIZES, make_llama  # noqa: E402
+
 RECIPES = {
     "cast": "  - cast: {dtype: float16}\n",
     "int8": "  - quantize: {mode: weight-only}\n",
@@ -70,23 +67,6 @@ for i, file in enumerate(sorted(src.glob("*.safetensors"))):
                 t = torch.round(t / scale).to(torch.int8)
             save_file({name: t.contiguous()}, str(out / f"{i}-{name}.safetensors"))
 """
-
-
-def make_llama(where: Path, size: str) -> Path:
-    """A Llama of ``SIZES[size]`` with random weights (seed 0), float32 safetensors, sharded at 2 GB like
-    transformers' default."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(**SIZES[size], num_attention_heads=16 if SIZES[size]["hidden_size"] >= 1024 else 4,
-                         num_key_value_heads=4 if SIZES[size]["hidden_size"] >= 1024 else 2,
-                         max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    with torch.device("cpu"):
-        model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(str(where), safe_serialization=True, max_shard_size="2GB")
-    del model
-    return where
 
 
 # Linux counts a forked child's memory from before its exec in the child's peak (ru_maxrss): a child of this

@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = ["DTYPE_CODES", "ITEMSIZE", "PAGE", "Layout", "dtype_code", "header_alignment", "read_header",
-           "read_tensor"]
+           "read_tensor", "map_file"]
 
 PAGE = 4096
 PAGE_ALIGN_FROM = 1 << 20
@@ -181,6 +181,38 @@ def read_tensor(fd: int, entry: dict[str, Any], start: int, what: str = "a tenso
                                 "being read?")
         done += got
     return buf.view(dtypes[entry["dtype"]]).reshape(entry["shape"])
+
+
+def map_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, int]]]:
+    """Every tensor of a safetensors file as a view on one private (copy-on-write) memory map of it: nothing is read
+    until used, and writing to a tensor never reaches the file. Also each tensor's byte span in the file
+    (start, end). The header is checked first (``read_header``). A tensor whose offset is not a multiple of its
+    element size (files written elsewhere, unaligned) is copied out instead, since a view of it would be illegal."""
+    import torch
+
+    header, start = read_header(path)
+    dtypes = {code: getattr(torch, name) for name, code in DTYPE_CODES.items()}
+    size = start + max((e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"), default=0)
+    tensors: dict[str, torch.Tensor] = {}
+    spans: dict[str, tuple[int, int]] = {}
+    if size == start:
+        raw = torch.empty(0, dtype=torch.uint8)
+    else:
+        try:
+            storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+        except RuntimeError as exc:
+            raise ArtifactError(f"{path.name}: cannot be memory-mapped: {exc}") from None
+        raw = torch.empty(0, dtype=torch.uint8).set_(storage)
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        lo, hi = start + entry["data_offsets"][0], start + entry["data_offsets"][1]
+        part = raw[lo:hi]
+        if lo % ITEMSIZE[entry["dtype"]]:
+            part = part.clone()
+        tensors[name] = part.view(dtypes[entry["dtype"]]).reshape(entry["shape"])
+        spans[name] = (lo, hi)
+    return tensors, spans
 
 
 def _numel(shape: Any) -> int:

@@ -110,7 +110,12 @@ def hf_architecture(config_dir: Path, auto_class: str) -> nn.Module:
     if auto is None:
         raise ArtifactError(f"transformers has no {auto_class!r}; upgrade transformers")
     config = transformers.AutoConfig.from_pretrained(str(config_dir), local_files_only=True)
-    return auto.from_config(config)
+    try:  # transformers' own switch for "weights come next": skips _init_weights and the ties it makes
+        from transformers.modeling_utils import no_init_weights
+    except ImportError:  # pragma: no cover - moved in a later release; initialisation on meta is skipped anyway
+        from contextlib import nullcontext as no_init_weights
+    with no_init_weights():
+        return auto.from_config(config)
 
 
 def baseline(model: dict[str, Any], base_dir: Path) -> tuple[str, list[Path], list[Path]]:

@@ -1,0 +1,238 @@
+"""Load time of an artifact: compressor.load against transformers' from_pretrained, safetensors and torch.load, warm
+and cold, to ready and to the end of the first forward pass (issue #20).
+
+Subjects (built into a temporary directory first, or `--keep DIR`):
+- `minilm`: all-MiniLM-L6-v2 (the zoo's), float32 safetensors, written by `compress run` with no passes;
+- `minilm-fp16`: the same cast to float16;
+- `minilm-codebook`: recipes/minilm-deep-compression.yaml's `share` pass (4-bit k-means codebooks) without its
+  recovery, which moves centroids but not the layout: the loader decodes the same encodings
+  (`--deep-compression DIR` measures a built artifact instead);
+- `minilm-sparse`: magnitude pruning to 50 % (the `sparse` encoding);
+- `llama-0.25b`, `llama-1b`: config-sized Llamas (benchmarks/_common.py, random weights), cast to float16.
+
+Loaders, each in a fresh process with torch, transformers, compressor and the model's modeling code imported
+before the clock starts:
+- `compressor`: compressor.load(artifact);
+- `from_pretrained`: AutoModel / AutoModelForCausalLM.from_pretrained(artifact, torch_dtype="auto") (the same
+  weights file: an artifact directory is a Hugging Face directory);
+- `load_file`: safetensors.torch.load_file (reads and copies every byte);
+- `safe_open`: safetensors.safe_open, get_tensor for every name;
+- `torch_load_mmap`: torch.load(mmap=True, weights_only=True) of the same state dict saved by torch.save;
+- `read`: the weights file's bytes read through one 16 MB buffer (the disk's own time: the cold yardstick).
+Module loaders run a first forward pass (MiniLM: the artifact's example inputs; Llama: 16 tokens, batch 1).
+
+Cold runs evict the subject's files with posix_fadvise(DONTNEED) and check with mincore that at most 1 % stayed
+resident (`resident_after_evict`); warm runs read them first. Loaders alternate within each round.
+
+Targets: warm, compressor.load at most 0.5x from_pretrained (MiniLM, llama-0.25b); cold, compressor.load to the end
+of the first forward at most 1.3x `read` (both Llamas); the codebook and sparse MiniLM cold at most 2x the float16
+one (to the end of the first forward). Prints JSON with the CPU.
+
+Usage: python benchmarks/load.py [--only minilm,llama-0.25b,...] [--rounds 3] [--keep DIR] [--deep-compression DIR]
+Quick check: python benchmarks/load.py --only llama-tiny --rounds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import make_llama  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+MINILM = "name: {name}\nmodel: {{source: zoo, name: minilm}}\npasses:\n{passes}"
+LLAMA = "name: {name}\nmodel: {{source: hf, path: {path}, auto_class: AutoModelForCausalLM}}\npasses:\n{passes}"
+SUBJECTS: dict[str, dict[str, Any]] = {
+    "minilm": {"recipe": MINILM, "passes": "  []\n", "loaders": ["compressor", "from_pretrained", "load_file",
+                                                                "safe_open", "torch_load_mmap", "read"]},
+    "minilm-fp16": {"recipe": MINILM, "passes": "  - cast: {dtype: float16}\n", "loaders": ["compressor", "read"]},
+    "minilm-codebook": {"recipe": MINILM, "loaders": ["compressor", "read"], "passes": (
+        "  - share:\n      modules: [Linear, Embedding, LayerNorm]\n"
+        "      bits: {\"pooler.*\": 2, LayerNorm: 8, Embedding: 4, Linear: 4}\n      init: density\n"
+        "      include_bias: true\n")},
+    "minilm-sparse": {"recipe": MINILM, "passes": "  - prune: {sparsity: 0.5}\n", "loaders": ["compressor", "read"]},
+}
+for _size in ("tiny", "0.25b", "1b"):
+    SUBJECTS[f"llama-{_size}"] = {"recipe": LLAMA, "size": _size, "passes": "  - cast: {dtype: float16}\n",
+                                  "loaders": ["compressor", "from_pretrained", "load_file", "safe_open",
+                                              "torch_load_mmap", "read"]}
+DEFAULT = ["minilm", "minilm-fp16", "minilm-codebook", "minilm-sparse", "llama-0.25b", "llama-1b"]
+
+CHILD = r"""
+import json, os, sys, time
+from pathlib import Path
+d, loader, mode, llama, pt = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] == "1", Path(sys.argv[5])
+import torch, transformers, safetensors.torch, compressor, compressor.loading
+from compressor.evaluate import pagecache
+from compressor.evaluate.subjects import preimport
+preimport({"kind": "artifact", "path": str(d)})  # what the evaluator's load probe imports before its clock
+if llama:
+    from transformers.models.llama import modeling_llama
+    inputs = {"input_ids": torch.arange(1, 17)[None]}
+else:
+    from transformers.models.bert import modeling_bert
+    inputs = compressor.loading.load_example_inputs(d)
+weights = d / "model.safetensors"
+files = [p for p in d.rglob("*") if p.is_file()] + ([pt] if pt.is_file() else [])
+resident = None
+if mode == "cold":
+    pagecache.evict(files)
+    resident = pagecache.resident_fraction(files)
+else:
+    pagecache.warm(files)
+t0 = time.perf_counter()
+model = None
+if loader == "compressor":
+    model = compressor.load(d)
+elif loader == "from_pretrained":
+    auto = transformers.AutoModelForCausalLM if llama else transformers.AutoModel
+    model = auto.from_pretrained(str(d), torch_dtype="auto").eval()
+elif loader == "load_file":
+    state = safetensors.torch.load_file(str(weights))
+elif loader == "safe_open":
+    with safetensors.safe_open(str(weights), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+elif loader == "torch_load_mmap":
+    state = torch.load(str(pt), mmap=True, weights_only=True)
+elif loader == "read":
+    buf = bytearray(16 << 20)  # reused: the disk's time, not that of faulting in a copy
+    with open(weights, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+t1 = time.perf_counter()
+if model is not None:
+    with torch.inference_mode():
+        model(**inputs)
+t2 = time.perf_counter()
+print(json.dumps({"ready_ms": (t1 - t0) * 1e3, "first_forward_end_ms": (t2 - t0) * 1e3 if model is not None
+                  else None, "resident_after_evict": resident}))
+"""
+
+
+def build(subject: str, root: Path, deep_compression: Path | None) -> Path:
+    """The subject's artifact directory (built once; kept under ``root``)."""
+    spec = SUBJECTS[subject]
+    out = root / subject
+    if subject == "minilm-codebook" and deep_compression:
+        return deep_compression
+    if (out / "manifest.json").is_file():
+        return out
+    path = ""
+    if "size" in spec:
+        src = root / f"llama-{spec['size']}-source"
+        if not (src / "config.json").is_file():
+            make_llama(src, spec["size"])
+        path = json.dumps(str(src))
+    recipe = root / f"{subject}.yaml"
+    recipe.write_text(spec["recipe"].format(name=subject, path=path, passes=spec["passes"]))
+    subprocess.run([sys.executable, "-m", "compressor", "run", str(recipe), "-o", str(out), "-q"], check=True,
+                   stdout=subprocess.DEVNULL)
+    if "torch_load_mmap" in spec["loaders"]:
+        # The same state dict for torch.load, outside the artifact (its manifest does not list it).
+        import torch
+        from safetensors.torch import load_file
+
+        torch.save(load_file(str(out / "model.safetensors")), str(root / f"{subject}.pt"))
+    return out
+
+
+def measure(artifact: Path, pt: Path, loader: str, mode: str, llama: bool) -> dict[str, Any]:
+    """One load in a fresh process."""
+    out = subprocess.run([sys.executable, "-c", CHILD, str(artifact), loader, mode, "1" if llama else "0", str(pt)],
+                         capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        raise SystemExit(f"{artifact.name} {loader} {mode} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(DEFAULT), help=f"subjects, of {', '.join(SUBJECTS)}")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--keep", type=Path, help="build the artifacts here and keep them (default: temporary)")
+    parser.add_argument("--deep-compression", type=Path, help="a built minilm-deep-compression artifact to use as "
+                        "minilm-codebook")
+    parser.add_argument("--modes", default="warm,cold")
+    args = parser.parse_args()
+    subjects = [s.strip() for s in args.only.split(",") if s.strip()]
+    if set(subjects) - set(SUBJECTS):
+        parser.error(f"subjects are {', '.join(SUBJECTS)}")
+    modes = [m for m in args.modes.split(",") if m]
+
+    import torch
+    import transformers
+
+    sys.path.insert(0, str(ROOT))
+    from compressor.cpu import machine_cpu
+
+    started = time.perf_counter()
+    result: dict[str, Any] = {"cpu": machine_cpu(), "versions": {"torch": torch.__version__,
+                                                                "transformers": transformers.__version__},
+                              "rounds": args.rounds, "subjects": {}}
+    with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
+        root = args.keep or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        for subject in subjects:
+            artifact = build(subject, root, args.deep_compression)
+            llama = subject.startswith("llama")
+            loaders = SUBJECTS[subject]["loaders"]
+            runs: dict[str, dict[str, list[dict[str, Any]]]] = {m: {ld: [] for ld in loaders} for m in modes}
+            for mode in modes:
+                for i in range(args.rounds):
+                    for loader in loaders if i % 2 == 0 else loaders[::-1]:  # alternate, A B .. B A
+                        runs[mode][loader].append(measure(artifact, root / f"{subject}.pt", loader, mode, llama))
+            result["subjects"][subject] = {
+                "weights_bytes": (artifact / "model.safetensors").stat().st_size,
+                **{mode: {loader: _summary(r) for loader, r in by.items()} for mode, by in runs.items()}}
+    result["ratios"] = _ratios(result["subjects"])
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    result["load_average_1min"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(result, indent=2))
+
+
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in ("ready_ms", "first_forward_end_ms"):
+        values = [r[key] for r in runs if r[key] is not None]
+        if values:
+            out[key] = {"median": round(statistics.median(values), 1), "min": round(min(values), 1),
+                        "max": round(max(values), 1)}
+    resident = [r["resident_after_evict"] for r in runs if r["resident_after_evict"] is not None]
+    if resident:
+        out["resident_after_evict"] = round(max(resident), 4)
+    return out
+
+
+def _ratios(subjects: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets, each as a ratio of medians with its limit."""
+    def med(subject: str, mode: str, loader: str, key: str) -> float | None:
+        return (((subjects.get(subject) or {}).get(mode) or {}).get(loader) or {}).get(key, {}).get("median")
+
+    out: dict[str, Any] = {}
+
+    def ratio(name: str, a: float | None, b: float | None, limit: float) -> None:
+        if a is not None and b:
+            out[name] = {"ratio": round(a / b, 2), "at_most": limit, "met": a / b <= limit}
+
+    for s in ("minilm", "llama-0.25b", "llama-1b", "llama-tiny"):
+        ratio(f"{s}: warm ready, compressor / from_pretrained", med(s, "warm", "compressor", "ready_ms"),
+              med(s, "warm", "from_pretrained", "ready_ms"), 0.5)
+        ratio(f"{s}: cold to first forward end, compressor / read", med(s, "cold", "compressor", "first_forward_end_ms"),
+              med(s, "cold", "read", "ready_ms"), 1.3)
+    for s in ("minilm-codebook", "minilm-sparse"):
+        ratio(f"{s}: cold to first forward end, over minilm-fp16", med(s, "cold", "compressor", "first_forward_end_ms"),
+              med("minilm-fp16", "cold", "compressor", "first_forward_end_ms"), 2.0)
+    return out
+
+
+if __name__ == "__main__":
+    main()
