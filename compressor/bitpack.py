@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["pack_bits", "unpack_bits", "encode_positions", "decode_positions", "pack_int32", "unpack_int32",
+__all__ = ["pack_bits", "unpack_bits", "encode_positions", "decode_positions", "position_indices", "pack_int32", "unpack_int32",
            "bit_pattern", "from_bit_pattern", "le_bytes", "from_le"]
 
 
@@ -26,16 +26,35 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     return (flat.reshape(-1, 8) * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)
 
 
-def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Inverse of ``pack_bits``: the first ``count`` integers (int64)."""
+def unpack_bits(packed: torch.Tensor, bits: int, count: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Inverse of ``pack_bits``: the first ``count`` integers (int64, or ``dtype``).
+
+    Works a byte or a group of bytes at a time, never a bit at a time: 1, 2, 4 and 8 bits fill whole bytes and are
+    shifted out of each byte in place; any other width packs 8 values into exactly ``bits`` bytes, each value
+    read from the (at most three) bytes it spans. Loading a codebook-encoded model is mostly this."""
     import torch
 
     if packed.numel() * 8 < count * bits:
         raise ValueError(f"{packed.numel()} bytes cannot hold {count} values of {bits} bits")
-    shifts = torch.arange(8, dtype=torch.int32)
-    flat = ((packed.reshape(-1).to(torch.int32)[:, None] >> shifts) & 1)[: count * bits // 8 + 1].reshape(-1)
-    flat = flat[: count * bits].reshape(count, bits).to(torch.int64)
-    return (flat << torch.arange(bits, dtype=torch.int64)).sum(dim=1)
+    out_dtype = dtype or torch.int64
+    flat = packed.reshape(-1)
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:
+        per = 8 // bits
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+        fields = (flat[: -(-count // per)].unsqueeze(1) >> shifts) & mask
+        return fields.reshape(-1)[:count].to(out_dtype)
+    groups = -(-count // 8)
+    raw = flat[: groups * bits].to(torch.int32)
+    # Every group's bytes, and two zero bytes beyond the stream's end: a value spans at most three bytes.
+    raw = torch.cat([raw, raw.new_zeros(groups * bits + 2 - raw.numel())])
+    base = torch.arange(groups, dtype=torch.int64) * bits
+    fields = torch.empty(groups, 8, dtype=torch.int32)
+    for k in range(8):
+        at, shift = divmod(k * bits, 8)
+        word = raw[base + at] | (raw[base + at + 1] << 8) | (raw[base + at + 2] << 16)
+        fields[:, k] = (word >> shift) & mask
+    return fields.reshape(-1)[:count].to(out_dtype)
 
 
 # Positions of the non-zero elements of a flat tensor, as a byte stream whose first byte names its form:
@@ -76,33 +95,41 @@ def decode_positions(stream: torch.Tensor, numel: int, nnz: int) -> torch.Tensor
     """Flat boolean mask of ``numel`` elements with ``nnz`` true ones from an ``encode_positions`` stream."""
     import torch
 
+    mask = torch.zeros(numel, dtype=torch.bool)
+    mask[position_indices(stream, numel, nnz)] = True
+    return mask
+
+
+def position_indices(stream: torch.Tensor, numel: int, nnz: int) -> torch.Tensor:
+    """The ``nnz`` positions (int64, increasing, below ``numel``) an ``encode_positions`` stream marks: what a
+    decoder scatters the stored values to (faster than assigning through a boolean mask)."""
+    import torch
+
     stream = stream.reshape(-1)
     if stream.numel() < 1:
         raise ValueError("empty position stream")
     form, body = int(stream[0]), stream[1:]
     if form == _BITMASK:
-        mask = unpack_bits(body, 1, numel).bool()
-    elif 1 <= form <= 8:
-        m = (1 << form) - 1
-        symbols = unpack_bits(body, form, body.numel() * 8 // form)
-        is_nz = symbols < m
-        # Each non-zero symbol ends a step; trailing padding bits may decode as extra symbols after the last one.
-        ends = torch.cumsum(symbols + is_nz.to(torch.int64), 0) - 1
-        marks = is_nz.nonzero().reshape(-1)
-        where = ends[marks[:nnz]]
-        if where.numel() != nnz or (nnz and int(where[-1]) >= numel):
-            raise ValueError(f"position stream holds {where.numel()} positions, expected {nnz} within {numel}")
-        # What follows the last position is the final byte's padding: one bits (fillers), less than a byte.
-        used = int(marks[nnz - 1]) + 1 if nnz else 0
-        if (used * form + 7) // 8 != body.numel() or bool((symbols[used:] != m).any()):
-            raise ValueError(f"position stream of {body.numel()} bytes does not end after its {nnz} positions")
-        mask = torch.zeros(numel, dtype=torch.bool)
-        mask[where] = True
-    else:
+        where = unpack_bits(body, 1, numel, torch.bool).nonzero().reshape(-1)
+        if where.numel() != nnz:
+            raise ValueError(f"position stream marks {where.numel()} elements, expected {nnz}")
+        return where
+    if not 1 <= form <= 8:
         raise ValueError(f"unknown position form {form}")
-    if int(mask.sum()) != nnz:
-        raise ValueError(f"position stream marks {int(mask.sum())} elements, expected {nnz}")
-    return mask
+    m = (1 << form) - 1
+    symbols = unpack_bits(body, form, body.numel() * 8 // form)
+    is_nz = symbols < m
+    # Each non-zero symbol ends a step; trailing padding bits may decode as extra symbols after the last one.
+    ends = torch.cumsum(symbols + is_nz.to(torch.int64), 0) - 1
+    marks = is_nz.nonzero().reshape(-1)
+    where = ends[marks[:nnz]]
+    if where.numel() != nnz or (nnz and int(where[-1]) >= numel):
+        raise ValueError(f"position stream holds {where.numel()} positions, expected {nnz} within {numel}")
+    # What follows the last position is the final byte's padding: one bits (fillers), less than a byte.
+    used = int(marks[nnz - 1]) + 1 if nnz else 0
+    if (used * form + 7) // 8 != body.numel() or bool((symbols[used:] != m).any()):
+        raise ValueError(f"position stream of {body.numel()} bytes does not end after its {nnz} positions")
+    return where  # strictly increasing: every step advances by its skip plus one
 
 
 def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:

@@ -13,8 +13,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .bitpack import (bit_pattern, decode_positions, encode_positions, from_bit_pattern, from_le, le_bytes, pack_bits,
-                      pack_int32, unpack_bits, unpack_int32)
+from .bitpack import (bit_pattern, encode_positions, from_bit_pattern, from_le, le_bytes, pack_bits,
+                      pack_int32, position_indices, unpack_bits, unpack_int32)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -213,10 +213,8 @@ class Sparse(Encoding):
 
         values = stored[".__values"].reshape(-1)
         numel = math.prod(self.shape)
-        mask = decode_positions(stored[".__positions"], numel, values.numel())
-        out = values.new_zeros(numel)
-        out[mask] = values
-        return out.reshape(self.shape)
+        where = position_indices(stored[".__positions"], numel, values.numel())
+        return values.new_zeros(numel).index_copy_(0, where, values).reshape(self.shape)
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "shape": self.shape}
@@ -280,18 +278,17 @@ class Codebook(Encoding):
             raise ValueError(f"codebook tensor of {blob.numel()} bytes cannot hold {k} centroids and {nnz} "
                              f"{self.bits}-bit indices; the file is truncated or corrupt")
         if self.sparse:
-            mask = decode_positions(blob[at: blob.numel() - index_bytes], numel, nnz)
+            where = position_indices(blob[at: blob.numel() - index_bytes], numel, nnz)
         elif nnz != numel:
             raise ValueError(f"dense codebook tensor holds {nnz} values, its shape {self.shape} needs {numel}")
-        index = unpack_bits(blob[blob.numel() - index_bytes:], self.bits, nnz)
+        # int32 and index_select: several times faster than int64 advanced indexing, and loading is mostly this.
+        index = unpack_bits(blob[blob.numel() - index_bytes:], self.bits, nnz, torch.int32)
         if nnz and int(index.max()) >= k:
             raise ValueError(f"centroid index {int(index.max())} beyond the {k} centroids")
-        values = book[index] if k else book.new_zeros(0)
+        values = book.index_select(0, index) if k else book.new_zeros(0)
         if not self.sparse:
             return values.reshape(self.shape)
-        out = book.new_zeros(numel)
-        out[mask] = values
-        return out.reshape(self.shape)
+        return book.new_zeros(numel).index_copy_(0, where, values).reshape(self.shape)
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "shape": self.shape, "bits": self.bits, "dtype": self.dtype,

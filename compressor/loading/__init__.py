@@ -19,20 +19,24 @@ from ..errors import ArtifactError
 from ..manifest import Manifest, ModelEntry, check_files, read_manifest
 from .rebuild import build_architecture, decode, dequantize_on_the_fly, keep_packed, restructure, retie
 from .tensors import load_example_inputs, load_tensors, load_tensors_cuda
+from .tensors import read_ahead as start_read_ahead
 
 __all__ = ["load", "load_tensors", "load_tensors_cuda", "load_example_inputs", "build_architecture"]
 
 
 def load(artifact_dir: str | Path, *, device: str | torch.device = "cpu", verify_hashes: bool = False,
          int8: str = "dequantize", int4: str = "dequantize", tp_rank: int | None = None,
-         tp_world: int | None = None) -> nn.Module:
+         tp_world: int | None = None, read_ahead: bool = True) -> nn.Module:
     """Return the artifact's model in eval mode.
 
     On CPU its tensors are views on the memory-mapped files (nothing is read until used). On CUDA the shards are
     read by parallel threads, each staging tensors through pinned memory and copying them to the GPU without
     blocking, so disk reads overlap with host-to-device transfers. ``verify_hashes`` also recomputes every file's
     sha256 and checks the structure of an ONNX model beside the weights (reads everything; off by default so that
-    loading stays lazy: sizes, safetensors headers and the confinement rule are always checked).
+    loading stays lazy: sizes, safetensors headers and the confinement rule are always checked). ``read_ahead``
+    (CPU): a background thread reads the weights from disk in the order the model uses them, so a first forward
+    pass computes while later layers are still being read instead of waiting on each page fault
+    (``loading.tensors.read_ahead``); turn it off when only part of the model will be used.
     ``int8`` says what happens to weights stored as int8 (the `quantize` pass): ``"dequantize"`` turns them into float32 on load; ``"keep"`` keeps the
     int8 tensor as the parameter and dequantizes it on the fly at every use (a parametrization), so the model
     holds a quarter of the memory. ``int4`` does the same for weights `quantize` stored with ``bits: 4`` (the
@@ -65,7 +69,8 @@ def load(artifact_dir: str | Path, *, device: str | torch.device = "cpu", verify
         from .tp import load_rank
 
         return load_rank(root, manifest, int(tp_rank), int(tp_world), dev)  # type: ignore[arg-type]
-    module, stored = _architecture_and_tensors(root, manifest, info, dev)
+    maps: dict[int, Path] = {}
+    module, stored = _architecture_and_tensors(root, manifest, info, dev, maps)
     encodings = dict(info.encodings)
     kept = _keep_int8(stored, encodings, info) if int8 == "keep" else {}
     packed = _keep_intgroup(stored, encodings, info) if int4 == "keep" else {}
@@ -82,7 +87,16 @@ def load(artifact_dir: str | Path, *, device: str | torch.device = "cpu", verify
         install_bridges(module, info.dtype_bridges)
     except (KeyError, AttributeError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{root}: manifest.json has a malformed model.dtype_bridges entry ({exc!r})") from None
+    if read_ahead and dev.type == "cpu":
+        start_read_ahead(in_use_order(module), maps)
     return module.eval()
+
+
+def in_use_order(module: nn.Module) -> list[torch.Tensor]:
+    """The module's parameters and buffers, module by module in registration order: the order a forward pass of
+    a layered model first touches them, closely enough for reading ahead."""
+    return [t for sub in module.modules() for t in (*sub._parameters.values(), *sub._buffers.values())
+            if t is not None]
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -104,9 +118,9 @@ def _model_entry(root: Path, manifest: Manifest) -> ModelEntry:
     return info
 
 
-def _architecture_and_tensors(root: Path, manifest: Manifest, info: ModelEntry, dev: torch.device
-                              ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """The empty architecture and the stored tensors on ``dev``."""
+def _architecture_and_tensors(root: Path, manifest: Manifest, info: ModelEntry, dev: torch.device,
+                              maps: dict[int, Path]) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The empty architecture and the stored tensors on ``dev`` (``maps``: the memory maps, for read_ahead)."""
     if manifest.tensor_parallel is not None:
         from .tp import assemble
 
@@ -115,7 +129,7 @@ def _architecture_and_tensors(root: Path, manifest: Manifest, info: ModelEntry, 
             stored = {k: v.to(dev) for k, v in stored.items()}
         return build_architecture(root, manifest), stored
     if dev.type == "cpu":
-        return build_architecture(root, manifest), load_tensors(root, info.weights)
+        return build_architecture(root, manifest), load_tensors(root, info.weights, maps)
     # The shards stream to the GPU while this thread builds the (empty) architecture.
     from concurrent.futures import ThreadPoolExecutor
 

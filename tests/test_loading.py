@@ -1,0 +1,198 @@
+"""compressor.load's fast path (issue #20): the architecture built without initialising weights, one private map
+per file sliced into views, tensors assigned directly, and the weights read ahead in the order the model uses them.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import compressor
+from compressor.errors import ArtifactError
+from compressor.evaluate import pagecache
+from compressor.loading import tensors as loading_tensors
+from compressor.loading.rebuild import parameters_on_meta
+from compressor.pipeline import run_recipe
+from compressor.recipe import load_recipe
+from compressor.safetensors_io import map_file
+
+
+@pytest.fixture(scope="module")
+def llama_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small Llama (seeded random weights, a few MB) compressed with no passes: float32 safetensors."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tmp = tmp_path_factory.mktemp("loading")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    LlamaForCausalLM(config).eval().save_pretrained(tmp / "src", safe_serialization=True)
+    recipe = tmp / "r.yaml"
+    recipe.write_text(f"name: l\nmodel: {{source: hf, path: {tmp / 'src'}, auto_class: AutoModelForCausalLM}}\n"
+                      "passes: []\n")
+    out = tmp / "art"
+    run_recipe(load_recipe(recipe), out)
+    return out
+
+
+class _MetaInits(torch.overrides.TorchFunctionMode):
+    """Records every in-place op that reaches torch with a meta tensor as its target."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        target = args[0] if args else (kwargs or {}).get("tensor")
+        name = getattr(func, "__name__", "")
+        if name.endswith("_") and not name.startswith("__") and isinstance(target, torch.Tensor) and target.is_meta:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+class _Initialised(nn.Module):
+    """Initialises its parameters the ways models do, and computes buffers with the same in-place ops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 4)  # kaiming_uniform_ / uniform_ in reset_parameters
+        self.table = nn.Parameter(torch.empty(5, 3))
+        nn.init.trunc_normal_(self.table, std=0.02)
+        self.table.data.normal_(0, 1)
+        self.register_buffer("scale", torch.ones(4).mul_(3), persistent=False)
+        self.register_buffer("offset", nn.init.constant_(torch.empty(2), 2.0))
+
+
+def test_parameters_are_built_on_meta_without_initialisation_and_buffers_are_computed():
+    with _MetaInits() as outside, parameters_on_meta():
+        module = _Initialised()
+    assert all(p.is_meta for p in module.parameters())
+    assert outside.seen == []  # no initialisation of a meta tensor reached torch
+    assert torch.equal(module.scale, torch.full((4,), 3.0))  # buffers: real, from the constructor's own ops
+    assert torch.equal(module.offset, torch.full((2,), 2.0))
+    with _MetaInits() as outside:  # the check itself sees what it should: initialising meta tensors without it
+        with torch.device("meta"):
+            _Initialised()
+    assert {"normal_", "uniform_"} <= set(outside.seen) or "kaiming_uniform_" in outside.seen
+
+
+def test_loading_an_artifact_initialises_nothing_and_gives_the_stored_values(llama_artifact):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    with _MetaInits() as outside:
+        model = compressor.load(llama_artifact)
+    assert outside.seen == []
+    stored = load_file(str(llama_artifact / "model.safetensors"))
+    state = model.state_dict()
+    assert set(stored) <= set(state)
+    for name, value in stored.items():
+        assert torch.equal(state[name], value), name
+    ids = torch.tensor([[1, 5, 9, 200, 7]])
+    reference = AutoModelForCausalLM.from_pretrained(str(llama_artifact)).eval()
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+    assert not any(p.requires_grad is False and p.is_floating_point() for p in model.parameters())
+
+
+def test_a_tensor_of_another_shape_is_refused_naming_it(llama_artifact, tmp_path):
+    import shutil
+
+    art = tmp_path / "art"
+    shutil.copytree(llama_artifact, art)
+    path = art / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    name = "model.layers.0.mlp.down_proj.weight"  # [128, 256] -> [256, 128]: same bytes, same header length
+    assert header[name]["shape"] == [128, 256]
+    text = data[8:8 + n].decode()
+    entry = json.dumps(header[name], separators=(",", ":"))
+    assert entry in text or json.dumps(header[name]) in text
+    old = entry if entry in text else json.dumps(header[name])
+    text = text.replace(old, old.replace("[128,256]", "[256,128]").replace("[128, 256]", "[256, 128]"))
+    data[8:8 + n] = text.encode()
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"do not fit the model's architecture.*down_proj"):
+        compressor.load(art)
+
+
+def _write_safetensors(path: Path, entries: list[tuple[str, str, list[int], bytes]]) -> None:
+    """A safetensors file laid out exactly as given (no alignment), to test reading what other writers make."""
+    header, at, body = {}, 0, b""
+    for name, dtype, shape, raw in entries:
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [at, at + len(raw)]}
+        at += len(raw)
+        body += raw
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + body)
+
+
+def test_map_file_copies_unaligned_tensors_and_never_writes_to_the_file(tmp_path):
+    values = torch.arange(5, dtype=torch.float32) + 0.5
+    path = tmp_path / "w.safetensors"
+    # Three bytes first: the float32 tensor starts at an offset no float32 view may take.
+    _write_safetensors(path, [("a", "U8", [3], bytes([1, 2, 3])), ("b", "F32", [5], values.numpy().tobytes())])
+    before = path.read_bytes()
+    tensors, spans = map_file(path)
+    assert torch.equal(tensors["a"], torch.tensor([1, 2, 3], dtype=torch.uint8))
+    assert torch.equal(tensors["b"], values)
+    assert spans["b"][1] - spans["b"][0] == 20
+    tensors["a"].add_(1)  # a private map: the write stays in this process
+    tensors["b"].mul_(2)
+    assert path.read_bytes() == before
+    from safetensors.torch import load_file
+
+    assert {k: v.tolist() for k, v in load_file(str(path)).items()} == {"a": [1, 2, 3], "b": values.tolist()}
+
+
+def _resident(path: Path) -> float:
+    fraction = pagecache.resident_fraction([path])
+    if fraction is None:
+        pytest.skip("mincore is not available here")
+    return fraction
+
+
+def _cold(path: Path) -> None:
+    import gc
+
+    gc.collect()  # models of earlier tests still mapping the file would keep its pages
+    pagecache.evict([path])
+    if not pagecache.can_evict() or _resident(path) > 0.05:
+        pytest.skip("the page cache cannot be emptied of this file here (tmpfs, or no posix_fadvise)")
+
+
+def test_read_ahead_reads_the_weights_in_the_background_and_only_when_asked(llama_artifact):
+    weights = llama_artifact / "model.safetensors"
+    _cold(weights)
+    model = compressor.load(llama_artifact, read_ahead=False)
+    time.sleep(0.3)
+    assert _resident(weights) < 0.5  # a lazy map: only the header was read
+    del model
+    _cold(weights)
+    model = compressor.load(llama_artifact)
+    deadline = time.monotonic() + 30
+    while _resident(weights) < 0.99 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _resident(weights) >= 0.99  # every weight read, with no forward pass to fault them in
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+
+
+def test_read_ahead_stays_off_when_the_weights_would_not_fit_in_memory(llama_artifact, monkeypatch):
+    maps: dict[int, Path] = {}
+    stored = loading_tensors.load_tensors(llama_artifact, ["model.safetensors"], maps)
+    assert len(maps) == 1
+    thread = loading_tensors.read_ahead(list(stored.values()), maps)
+    assert thread is not None
+    thread.join(30)
+    monkeypatch.setattr(loading_tensors, "available_memory", lambda: (1 << 20, "a test's 1 MiB"))
+    assert loading_tensors.read_ahead(list(stored.values()), maps) is None
+    assert loading_tensors.read_ahead([torch.zeros(3)], maps) is None  # no tensor on a map: nothing to read
