@@ -18,12 +18,14 @@ before the clock starts:
 - `load_file`: safetensors.torch.load_file (reads and copies every byte);
 - `safe_open`: safetensors.safe_open, get_tensor for every name;
 - `torch_load_mmap`: torch.load(mmap=True, weights_only=True) of the same state dict saved by torch.save;
-- `read`: the weights file's bytes, all queued at once with posix_fadvise(WILLNEED) and read through one 16 MB
+- `read`: the weight files' bytes, all queued at once with posix_fadvise(WILLNEED) and read through one 16 MB
   buffer (the disk's own time as fast as one process gets it: the cold yardstick).
-Module loaders run a first forward pass (MiniLM: the artifact's example inputs; Llama: 16 tokens, batch 1).
+Each run also records the private anonymous memory added by the time the weights are ready (`anon_mb_at_ready`: a
+copy's cost; mapped pages are the page cache's). Module loaders run a first forward pass (MiniLM: the artifact's example inputs; Llama: 16 tokens, batch 1).
 
-Cold runs evict the subject's files with posix_fadvise(DONTNEED) and check with mincore that at most 1 % stayed
-resident (`resident_after_evict`); warm runs read them first. Loaders alternate within each round.
+Cold runs evict the subject's files with posix_fadvise(DONTNEED) and check with mincore what stayed resident
+(`resident_after_evict`), after `--pause` seconds of rest; warm runs read them first. Loaders alternate within each
+round (A B .. B A). Each ratio is given as the ratio of medians and as the median of the ratios within rounds.
 
 Targets: warm, compressor.load at most 0.5x from_pretrained (MiniLM, llama-0.25b); cold, compressor.load to the end
 of the first forward at most 1.3x `read` (both Llamas); the codebook and sparse MiniLM cold at most 2x the float16
@@ -82,7 +84,8 @@ if llama:
 else:
     from transformers.models.bert import modeling_bert
     inputs = compressor.loading.load_example_inputs(d)
-weights = d / "model.safetensors"
+weights = [d / w for w in json.loads((d / "manifest.json").read_text())["model"]["weights"]
+           if w.endswith(".safetensors")]  # one file, or the shards of a large model
 files = [p for p in d.rglob("*") if p.is_file()] + ([pt] if pt.is_file() else [])
 resident = None
 if mode == "cold":
@@ -90,6 +93,11 @@ if mode == "cold":
     resident = pagecache.resident_fraction(files)
 else:
     pagecache.warm(files)
+def anon_mb():  # private anonymous memory: what a copy costs (mapped file pages are the page cache's, shared)
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+a0 = anon_mb()
 t0 = time.perf_counter()
 model = None
 if loader == "compressor":
@@ -100,29 +108,33 @@ elif loader == "from_pretrained":
     auto = transformers.AutoModelForCausalLM if llama else transformers.AutoModel
     model = auto.from_pretrained(str(d), torch_dtype="auto").eval()
 elif loader == "load_file":
-    state = safetensors.torch.load_file(str(weights))
+    state = {k: v for w in weights for k, v in safetensors.torch.load_file(str(w)).items()}
 elif loader == "safe_open":
-    with safetensors.safe_open(str(weights), "pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    state = {}
+    for w in weights:
+        with safetensors.safe_open(str(w), "pt") as f:
+            state.update({k: f.get_tensor(k) for k in f.keys()})
 elif loader == "torch_load_mmap":
     state = torch.load(str(pt), mmap=True, weights_only=True)
 elif loader == "read":
     # The disk's own time, as fast as one process gets it: the whole file's reads queued at once (WILLNEED), then
     # read through one reused buffer (the time of faulting in a copy is not the disk's).
-    fd, size = os.open(weights, os.O_RDONLY), weights.stat().st_size
-    os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
     buf = memoryview(bytearray(16 << 20))
-    at = 0
-    while at < size:
-        at += os.preadv(fd, [buf], at)
-    os.close(fd)
+    for w in weights:
+        fd, size = os.open(w, os.O_RDONLY), w.stat().st_size
+        os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
+        at = 0
+        while at < size:
+            at += os.preadv(fd, [buf], at)
+        os.close(fd)
 t1 = time.perf_counter()
+anon = anon_mb() - a0
 if model is not None:
     with torch.inference_mode():
         model(**inputs)
 t2 = time.perf_counter()
 print(json.dumps({"ready_ms": (t1 - t0) * 1e3, "first_forward_end_ms": (t2 - t0) * 1e3 if model is not None
-                  else None, "resident_after_evict": resident}))
+                  else None, "anon_mb_at_ready": anon, "resident_after_evict": resident}))
 """
 
 
@@ -149,7 +161,9 @@ def build(subject: str, root: Path, deep_compression: Path | None) -> Path:
         import torch
         from safetensors.torch import load_file
 
-        torch.save(load_file(str(out / "model.safetensors")), str(root / f"{subject}.pt"))
+        weights = json.loads((out / "manifest.json").read_text())["model"]["weights"]
+        state = {k: v for w in weights if w.endswith(".safetensors") for k, v in load_file(str(out / w)).items()}
+        torch.save(state, str(root / f"{subject}.pt"))
     return out
 
 
@@ -170,6 +184,10 @@ def main() -> None:
     parser.add_argument("--deep-compression", type=Path, help="a built minilm-deep-compression artifact to use as "
                         "minilm-codebook")
     parser.add_argument("--modes", default="warm,cold")
+    parser.add_argument("--json", type=Path, help="also write the results here, after each subject")
+    parser.add_argument("--pause", type=float, default=2.0, help="seconds of rest before each cold run: a shared "
+                        "virtual disk reads slower right after a burst of reads, which would charge one loader "
+                        "for the one before it")
     args = parser.parse_args()
     subjects = [s.strip() for s in args.only.split(",") if s.strip()]
     if set(subjects) - set(SUBJECTS):
@@ -197,19 +215,26 @@ def main() -> None:
             for mode in modes:
                 for i in range(args.rounds):
                     for loader in loaders if i % 2 == 0 else loaders[::-1]:  # alternate, A B .. B A
+                        if mode == "cold":
+                            time.sleep(args.pause)
                         runs[mode][loader].append(measure(artifact, root / f"{subject}.pt", loader, mode, llama))
+            weights = json.loads((artifact / "manifest.json").read_text())["model"]["weights"]
             result["subjects"][subject] = {
-                "weights_bytes": (artifact / "model.safetensors").stat().st_size,
+                "weights_bytes": sum((artifact / w).stat().st_size for w in weights if w.endswith(".safetensors")),
                 **{mode: {loader: _summary(r) for loader, r in by.items()} for mode, by in runs.items()}}
+            if args.json:  # what is measured so far survives a later failure
+                args.json.write_text(json.dumps(result, indent=2))
     result["ratios"] = _ratios(result["subjects"])
     result["seconds"] = round(time.perf_counter() - started, 1)
     result["load_average_1min"] = round(os.getloadavg()[0], 2)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
 
 def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key in ("ready_ms", "first_forward_end_ms"):
+    for key in ("ready_ms", "first_forward_end_ms", "anon_mb_at_ready"):
         values = [r[key] for r in runs if r[key] is not None]
         if values:
             out[key] = {"median": round(statistics.median(values), 1), "min": round(min(values), 1),

@@ -19,6 +19,7 @@ from ..errors import ArtifactError
 from ..manifest import Manifest, ModelEntry, check_files, read_manifest
 from .rebuild import build_architecture, decode, dequantize_on_the_fly, keep_packed, restructure, retie
 from .tensors import load_example_inputs, load_tensors, load_tensors_cuda
+from .tensors import in_use_order
 from .tensors import read_ahead as start_read_ahead
 
 __all__ = ["load", "load_tensors", "load_tensors_cuda", "load_example_inputs", "build_architecture"]
@@ -68,7 +69,8 @@ def load(artifact_dir: str | Path, *, device: str | torch.device = "cpu", verify
             raise ValueError("int8='keep' and int4='keep' are not supported with tensor parallelism")
         from .tp import load_rank
 
-        return load_rank(root, manifest, int(tp_rank), int(tp_world), dev)  # type: ignore[arg-type]
+        return load_rank(root, manifest, int(tp_rank), int(tp_world), dev,  # type: ignore[arg-type]
+                         read_ahead=read_ahead)
     maps: dict[int, Path] = {}
     module, stored = _architecture_and_tensors(root, manifest, info, dev, maps)
     encodings = dict(info.encodings)
@@ -90,13 +92,6 @@ def load(artifact_dir: str | Path, *, device: str | torch.device = "cpu", verify
     if read_ahead and dev.type == "cpu":
         start_read_ahead(in_use_order(module), maps)
     return module.eval()
-
-
-def in_use_order(module: nn.Module) -> list[torch.Tensor]:
-    """The module's parameters and buffers, module by module in registration order: the order a forward pass of
-    a layered model first touches them, closely enough for reading ahead."""
-    return [t for sub in module.modules() for t in (*sub._parameters.values(), *sub._buffers.values())
-            if t is not None]
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -235,33 +230,25 @@ def _put(module: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], 
     missing: list[str] = []
     used: set[str] = set()
 
+    def take(key: str, current: torch.Tensor) -> torch.Tensor | None:
+        value = state.get(key)
+        if value is None:
+            missing.append(key)
+        elif value.shape != current.shape:
+            raise RuntimeError(f"size mismatch for {key}: the file holds {tuple(value.shape)}, the model has "
+                               f"{tuple(current.shape)}")
+        else:
+            used.add(key)
+        return value
+
     def visit(owner: nn.Module, prefix: str) -> None:
         for name, param in owner._parameters.items():
-            if param is None:
-                continue
-            key = prefix + name
-            value = state.get(key)
-            if value is None:
-                missing.append(key)
-                continue
-            if value.shape != param.shape:
-                raise RuntimeError(f"size mismatch for {key}: the file holds {tuple(value.shape)}, the model has "
-                                   f"{tuple(param.shape)}")
-            owner._parameters[name] = nn.Parameter(value, requires_grad=param.requires_grad)
-            used.add(key)
+            if param is not None and (value := take(prefix + name, param)) is not None:
+                owner._parameters[name] = nn.Parameter(value, requires_grad=param.requires_grad)
         for name, buf in owner._buffers.items():
-            if buf is None or name in owner._non_persistent_buffers_set:
-                continue
-            key = prefix + name
-            value = state.get(key)
-            if value is None:
-                missing.append(key)
-                continue
-            if value.shape != buf.shape:
-                raise RuntimeError(f"size mismatch for {key}: the file holds {tuple(value.shape)}, the model has "
-                                   f"{tuple(buf.shape)}")
-            owner._buffers[name] = value
-            used.add(key)
+            if buf is not None and name not in owner._non_persistent_buffers_set \
+                    and (value := take(prefix + name, buf)) is not None:
+                owner._buffers[name] = value
         for name, child in owner._modules.items():
             if child is not None:
                 visit(child, f"{prefix}{name}.")

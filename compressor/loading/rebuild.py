@@ -14,6 +14,7 @@ from torch import nn
 from ..encodings import encoding_from_json
 from ..errors import ArtifactError
 from ..manifest import Manifest, ModelEntry
+from ..model import skip_init_on_meta
 
 __all__ = ["decode", "dequantize_on_the_fly", "keep_packed", "parameters_on_meta", "build_architecture", "restructure",
            "retie"]
@@ -103,37 +104,6 @@ def keep_packed(module: nn.Module, kept: dict[str, tuple[Any, dict[str, torch.Te
         parametrize.register_parametrization(owner, leaf, _IntGroupWeight(encoding, rest), unsafe=True)
 
 
-# What a constructor does to a parameter that only sets its values: on the meta device there are none, and torch
-# runs these there through its Python reference implementations (about 0.6 ms a call: a BERT's 43 normal_ calls
-# took longer than mapping its weights). Shape-changing in-place ops are not here: they must still run.
-_VALUE_ONLY = ("normal_", "uniform_", "fill_", "zero_", "random_", "exponential_", "bernoulli_", "log_normal_",
-               "cauchy_", "geometric_", "copy_", "erfinv_", "clamp_", "mul_", "add_", "sub_", "div_", "abs_",
-               "sqrt_", "neg_", "exp_", "log_", "clamp_min_", "clamp_max_", "masked_fill_", "index_fill_")
-
-
-def _value_only() -> frozenset[Any]:
-    """The functions skipped on meta tensors: the Tensor methods above and every in-place torch.nn.init function
-    (kaiming_uniform_, trunc_normal_, orthogonal_, ...), as torch dispatches them to a TorchFunctionMode."""
-    methods = {getattr(torch.Tensor, n) for n in _VALUE_ONLY if hasattr(torch.Tensor, n)}
-    inits = {getattr(nn.init, n) for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")}
-    return frozenset(methods | {f for f in inits if callable(f)})
-
-
-class _SkipInitOnMeta(torch.overrides.TorchFunctionMode):
-    """Initialisation of a meta tensor is a no-op (it returns the tensor, as the in-place op would)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.skipped = _value_only()
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
-        if func in self.skipped:
-            target = args[0] if args else (kwargs or {}).get("tensor")
-            if isinstance(target, torch.Tensor) and target.is_meta:
-                return target
-        return func(*args, **(kwargs or {}))
-
-
 @contextmanager
 def parameters_on_meta() -> Iterator[None]:
     """Build modules whose parameters live on the meta device: no memory, and no initialisation (their values come
@@ -151,7 +121,7 @@ def parameters_on_meta() -> Iterator[None]:
 
     nn.Module.register_parameter = register  # type: ignore[method-assign]
     try:
-        with _SkipInitOnMeta():
+        with skip_init_on_meta():
             yield
     finally:
         nn.Module.register_parameter = original  # type: ignore[method-assign]

@@ -16,7 +16,7 @@ from ..memory import available_memory
 from ..safetensors_io import PAGE, map_file, read_header
 from ..manifest import read_manifest
 
-__all__ = ["load_tensors", "read_ahead", "load_tensors_cuda", "load_example_inputs", "CUDA_CHUNK_BYTES",
+__all__ = ["load_tensors", "in_use_order", "read_ahead", "load_tensors_cuda", "load_example_inputs", "CUDA_CHUNK_BYTES",
            "CUDA_THREADS", "READ_AHEAD_SHARE"]
 
 
@@ -37,6 +37,17 @@ READ_AHEAD_SHARE = 0.5  # of the memory available: beyond it, read-ahead would e
 READ_AHEAD_WINDOW = 64 << 20  # bytes queued beyond the tensor being read
 _MERGE_GAP = 1 << 20
 _MADV_POPULATE_READ = 22  # Linux 5.14+: fault the range in (reading it), without copying it anywhere
+
+
+def in_use_order(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The module's parameters and buffers (a DTensor's local shard), module by module in registration order: the
+    order a forward pass of a layered model first touches them, closely enough for reading ahead."""
+    import sys
+
+    dtensors = sys.modules.get("torch.distributed.tensor")  # not imported: no DTensor exists (and none is paid for)
+    local = dtensors.DTensor if dtensors is not None else ()
+    return [t.to_local() if local and isinstance(t, local) else t for sub in module.modules()
+            for t in (*sub._parameters.values(), *sub._buffers.values()) if t is not None]
 
 
 def read_ahead(tensors: Iterable[torch.Tensor], maps: dict[int, Path]) -> threading.Thread | None:
@@ -157,8 +168,6 @@ def _balanced(root: Path, files: list[str]) -> list[list[tuple[str, str]]]:
 def _copy_to_cuda(root: Path, device: torch.device, stop: threading.Event | None, caller: torch.cuda.Stream,
                   assigned: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
     """One thread of load_tensors_cuda: its tensors through two pinned buffers onto ``device``."""
-    from safetensors import safe_open
-
     out: dict[str, torch.Tensor] = {}
     stream = torch.cuda.Stream(device)
     handles: dict[str, Any] = {}
@@ -172,8 +181,8 @@ def _copy_to_cuda(root: Path, device: torch.device, stop: threading.Event | None
                 break
             current = rel
             if rel not in handles:
-                handles[rel] = safe_open(str(root / rel), framework="pt")
-            src = handles[rel].get_tensor(name)  # an mmap view: nothing read yet
+                handles[rel] = map_file(root / rel)[0]
+            src = handles[rel][name]  # an mmap view: nothing read yet
             with torch.cuda.stream(caller):
                 dst = torch.empty(src.shape, dtype=src.dtype, device=device)
             stream.wait_stream(caller)  # the block may have been in use by the caller's queued work

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ArtifactError, UsageError
 from ..manifest import PLAN_FILE, Manifest, confined
 from .rebuild import build_architecture, decode, parameters_on_meta
-from .tensors import load_tensors
+from .tensors import in_use_order, load_tensors
+from .tensors import read_ahead as start_read_ahead
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -63,7 +64,8 @@ def assemble(root: Path, manifest: Manifest) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_rank(root: Path, manifest: Manifest, rank: int, world: int, device: torch.device) -> nn.Module:
+def load_rank(root: Path, manifest: Manifest, rank: int, world: int, device: torch.device,
+              read_ahead: bool = True) -> nn.Module:
     """Rank ``rank``'s tensor-parallel module: only its file and the replicated file are mapped; the modules of
     the plan are parallelized by torch.distributed.tensor.parallel on a 1-D DeviceMesh of the default process
     group, and their parameters are DTensors built from the local slices (no rank ever holds a whole split
@@ -75,7 +77,8 @@ def load_rank(root: Path, manifest: Manifest, rank: int, world: int, device: tor
 
     plan = read_plan(root, manifest)
     _check_group(root, plan, rank, world)
-    stored = load_tensors(root, [plan["ranks"][rank], plan["replicated"]])
+    maps: dict[int, Path] = {}
+    stored = load_tensors(root, [plan["ranks"][rank], plan["replicated"]], maps)
     state = decode(stored, dict(manifest.model.encodings))
     aliases = plan.get("aliases", {})
     for alias, target in aliases.items():
@@ -94,6 +97,8 @@ def load_rank(root: Path, manifest: Manifest, rank: int, world: int, device: tor
     from ..model import install_bridges
 
     install_bridges(module, manifest.model.dtype_bridges)
+    if read_ahead and device.type == "cpu":  # this rank's slices, in the order its forward uses them
+        start_read_ahead(in_use_order(module), maps)
     return module.eval()
 
 

@@ -110,12 +110,27 @@ def hf_architecture(config_dir: Path, auto_class: str) -> nn.Module:
     if auto is None:
         raise ArtifactError(f"transformers has no {auto_class!r}; upgrade transformers")
     config = transformers.AutoConfig.from_pretrained(str(config_dir), local_files_only=True)
-    try:  # transformers' own switch for "weights come next": skips _init_weights and the ties it makes
-        from transformers.modeling_utils import no_init_weights
-    except ImportError:  # pragma: no cover - moved in a later release; initialisation on meta is skipped anyway
-        from contextlib import nullcontext as no_init_weights
-    with no_init_weights():
+    with _uninitialised():
         return auto.from_config(config)
+
+
+def _uninitialised() -> Any:
+    """A context for building a transformers model whose values come next: transformers' own no_init_weights (it
+    skips _init_weights and the ties it makes) and compressor's skip_init_on_meta (what runs anyway is free on
+    meta tensors)."""
+    from contextlib import ExitStack
+
+    from ..model import skip_init_on_meta
+
+    stack = ExitStack()
+    try:
+        from transformers.modeling_utils import no_init_weights
+
+        stack.enter_context(no_init_weights())
+    except ImportError:  # pragma: no cover - moved in a later release; skip_init_on_meta still applies
+        pass
+    stack.enter_context(skip_init_on_meta())
+    return stack
 
 
 def baseline(model: dict[str, Any], base_dir: Path) -> tuple[str, list[Path], list[Path]]:
@@ -249,8 +264,9 @@ def lazy(spec: HFModel, base_dir: Path, seed: int) -> tuple[Model, dict[str, tup
     transformers = import_transformers()
     path = resolve_path(spec.path, base_dir)
     config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-    with torch.device("meta"):
+    with torch.device("meta"), _uninitialised():
         module = getattr(transformers, spec.auto_class).from_config(config).eval()
+    module.tie_weights()  # what from_config does after initialising: the ties say which tensors are stored once
     found = _source_tensors(path)
     _check_dtypes(module, config, {e["dtype"] for _, e, _ in found.values()})
     prefix = getattr(module, "base_model_prefix", "")
