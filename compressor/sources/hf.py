@@ -110,14 +110,14 @@ def hf_architecture(config_dir: Path, auto_class: str) -> nn.Module:
     if auto is None:
         raise ArtifactError(f"transformers has no {auto_class!r}; upgrade transformers")
     config = transformers.AutoConfig.from_pretrained(str(config_dir), local_files_only=True)
-    with _uninitialised():
+    with _uninitialised(skip_on_meta=False):  # the caller's parameters_on_meta skips it already
         return auto.from_config(config)
 
 
-def _uninitialised() -> Any:
+def _uninitialised(skip_on_meta: bool = True) -> Any:
     """A context for building a transformers model whose values come next: transformers' own no_init_weights (it
-    skips _init_weights and the ties it makes) and compressor's skip_init_on_meta (what runs anyway is free on
-    meta tensors)."""
+    skips _init_weights and the ties it makes) and, with ``skip_on_meta``, compressor's skip_init_on_meta (what
+    runs anyway is free on meta tensors)."""
     from contextlib import ExitStack
 
     from ..model import skip_init_on_meta
@@ -129,7 +129,8 @@ def _uninitialised() -> Any:
         stack.enter_context(no_init_weights())
     except ImportError:  # pragma: no cover - moved in a later release; skip_init_on_meta still applies
         pass
-    stack.enter_context(skip_init_on_meta())
+    if skip_on_meta:
+        stack.enter_context(skip_init_on_meta())
     return stack
 
 
