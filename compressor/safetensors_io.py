@@ -183,18 +183,18 @@ def read_tensor(fd: int, entry: dict[str, Any], start: int, what: str = "a tenso
     return buf.view(dtypes[entry["dtype"]]).reshape(entry["shape"])
 
 
-def map_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, int]]]:
+def map_file(path: Path) -> tuple[dict[str, torch.Tensor], int | None]:
     """Every tensor of a safetensors file as a view on one private (copy-on-write) memory map of it: nothing is read
-    until used, and writing to a tensor never reaches the file. Also each tensor's byte span in the file
-    (start, end). The header is checked first (``read_header``). A tensor whose offset is not a multiple of its
-    element size (files written elsewhere, unaligned) is copied out instead, since a view of it would be illegal."""
+    until used, and writing to a tensor never reaches the file. Also the map's address (its storage's data_ptr;
+    None when the file holds no data): a view's offset in the file is its data_ptr minus it. The header is checked
+    first (``read_header``). A tensor whose offset is not a multiple of its element size (files written elsewhere,
+    unaligned) is copied out instead, since a view of it would be illegal; a copy does not lie in the map."""
     import torch
 
     header, start = read_header(path)
     dtypes = {code: getattr(torch, name) for name, code in DTYPE_CODES.items()}
     size = start + max((e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"), default=0)
     tensors: dict[str, torch.Tensor] = {}
-    spans: dict[str, tuple[int, int]] = {}
     if size == start:
         raw = torch.empty(0, dtype=torch.uint8)
     else:
@@ -211,8 +211,7 @@ def map_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, 
         if lo % ITEMSIZE[entry["dtype"]]:
             part = part.clone()
         tensors[name] = part.view(dtypes[entry["dtype"]]).reshape(entry["shape"])
-        spans[name] = (lo, hi)
-    return tensors, spans
+    return tensors, (raw.untyped_storage().data_ptr() if size > start else None)
 
 
 def _numel(shape: Any) -> int:

@@ -18,8 +18,7 @@ from torch import nn
 from ..errors import ArtifactError
 from ..manifest import Manifest, ModelEntry, check_files, read_manifest
 from .rebuild import build_architecture, decode, dequantize_on_the_fly, keep_packed, restructure, retie
-from .tensors import load_example_inputs, load_tensors, load_tensors_cuda
-from .tensors import in_use_order
+from .tensors import in_use_order, load_example_inputs, load_tensors, load_tensors_cuda
 from .tensors import read_ahead as start_read_ahead
 
 __all__ = ["load", "load_tensors", "load_tensors_cuda", "load_example_inputs", "build_architecture"]

@@ -26,9 +26,9 @@ def load_tensors(root: Path, files: list[str], maps: dict[int, Path] | None = No
     out: dict[str, torch.Tensor] = {}
     for rel in files:
         if rel.endswith(".safetensors"):
-            tensors = map_file(root / rel)[0]
-            if maps is not None and tensors:
-                maps[next(iter(tensors.values())).untyped_storage().data_ptr()] = root / rel
+            tensors, address = map_file(root / rel)
+            if maps is not None and address is not None:
+                maps[address] = root / rel
             out.update(tensors)
     return out
 
