@@ -250,19 +250,23 @@ def confined(artifact_dir: Path, rel: str) -> Path:
     """``artifact_dir / rel`` when it is reached without symbolic links and stays inside the directory (the one
     confinement check every reader calls); ArtifactError otherwise."""
     root = artifact_dir.resolve()
-    path = root / rel
-    current = root
+    name = Path(rel)
+    # With no `..` and no link on the way, the path cannot leave the directory: no resolve() needed (it would lstat
+    # every part of the path again, for every file of every load).
+    if not name.parts or name.is_absolute() or ".." in name.parts:
+        raise ArtifactError(f"{artifact_dir}: {rel} lies outside the artifact")
+    if "\x00" in rel:
+        raise ArtifactError(f"{artifact_dir}: {rel!r} is not a usable file name (it holds a NUL byte)")
+    path = current = root
     try:
-        for part in Path(rel).parts:
+        for part in name.parts:
             current = current / part
             if current.is_symlink():
                 raise ArtifactError(f"{artifact_dir}: {rel} is (or lies under) a symbolic link; an artifact holds "
                                     "regular files only, and nothing outside it is read")
-        inside = root in path.resolve().parents
+        path = current
     except (ValueError, OSError) as exc:  # a NUL byte, a name too long for the file system
         raise ArtifactError(f"{artifact_dir}: {rel!r} is not a usable file name ({exc})") from None
-    if not inside:
-        raise ArtifactError(f"{artifact_dir}: {rel} lies outside the artifact")
     return path
 
 

@@ -16,11 +16,12 @@ from torch import nn
 import compressor
 from compressor.errors import ArtifactError
 from compressor.evaluate import pagecache
+from compressor.loading import readahead
 from compressor.loading import tensors as loading_tensors
 from compressor.loading.rebuild import parameters_on_meta
 from compressor.pipeline import run_recipe
 from compressor.recipe import load_recipe
-from compressor.safetensors_io import map_file
+from compressor.safetensors_io import map_file, read_header
 
 
 @pytest.fixture(scope="module")
@@ -187,13 +188,62 @@ def test_read_ahead_reads_the_weights_in_the_background_and_only_when_asked(llam
         model(input_ids=torch.tensor([[1, 2, 3]]))
 
 
+def test_an_embedding_table_is_not_read_ahead(tmp_path):
+    """A large vocabulary's table (32 MB here, a tenth of a small LM's bytes): read ahead, it would be read whole
+    for a few tokens' rows. Also: the read-ahead of the LM head beside it does not spill into it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32768, hidden_size=256, intermediate_size=256, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    LlamaForCausalLM(config).eval().save_pretrained(tmp_path / "src", safe_serialization=True)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: l\nmodel: {{source: hf, path: {tmp_path / 'src'}, auto_class: AutoModelForCausalLM}}\n"
+                      "passes: []\n")
+    run_recipe(load_recipe(recipe), tmp_path / "art")
+    weights = tmp_path / "art" / "model.safetensors"
+    header, start = read_header(weights)
+    table = tuple(start + o for o in header["model.embed_tokens.weight"]["data_offsets"])
+    head = tuple(start + o for o in header["lm_head.weight"]["data_offsets"])
+    _cold(weights)
+    model = compressor.load(tmp_path / "art")
+    deadline = time.monotonic() + 30
+    while pagecache.resident_fraction([weights], head) < 0.99 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pagecache.resident_fraction([weights], head) >= 0.99  # the LM head is read whole, and ahead
+    time.sleep(0.2)
+    assert pagecache.resident_fraction([weights], table) < 0.05
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert pagecache.resident_fraction([weights], table) < 0.4  # its rows, and the kernel's read-around of them
+
+
+def test_only_an_embedding_no_other_module_uses_is_left_to_its_lookups():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    for tied in (False, True):
+        config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied)
+        model = LlamaForCausalLM(config)
+        order = readahead.in_use_order(model)
+        table = model.model.embed_tokens.weight
+        assert any(t is table for t in order) == tied  # a tied LM head reads all of it
+        assert order[0] is (table if tied else model.model.layers[0].self_attn.q_proj.weight)
+        assert order[-1] is (table if tied else model.lm_head.weight)
+
+
 def test_read_ahead_stays_off_when_the_weights_would_not_fit_in_memory(llama_artifact, monkeypatch):
+    weights = llama_artifact / "model.safetensors"
     maps: dict[int, Path] = {}
     stored = loading_tensors.load_tensors(llama_artifact, ["model.safetensors"], maps)
     assert len(maps) == 1
-    thread = loading_tensors.read_ahead(list(stored.values()), maps)
+    assert readahead.read_ahead([torch.zeros(3)], maps) is None  # no tensor on a map: nothing to read
+    _cold(weights)
+    monkeypatch.setattr(readahead, "available_memory", lambda: (1 << 20, "a test's 1 MiB"))
+    thread = readahead.read_ahead(list(stored.values()), maps)
     assert thread is not None
     thread.join(30)
-    monkeypatch.setattr(loading_tensors, "available_memory", lambda: (1 << 20, "a test's 1 MiB"))
-    assert loading_tensors.read_ahead(list(stored.values()), maps) is None
-    assert loading_tensors.read_ahead([torch.zeros(3)], maps) is None  # no tensor on a map: nothing to read
+    assert _resident(weights) < 0.5  # it looked, and read nothing
+    monkeypatch.undo()
+    readahead.read_ahead(list(stored.values()), maps).join(30)
+    assert _resident(weights) >= 0.99

@@ -62,8 +62,9 @@ def _mincore() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     return _libc.mincore
 
 
-def resident_fraction(paths: Iterable[Path]) -> float | None:
-    """Fraction (0..1) of the files' pages currently in the page cache, or None where mincore is unavailable."""
+def resident_fraction(paths: Iterable[Path], byte_range: tuple[int, int] | None = None) -> float | None:
+    """Fraction (0..1) of the files' pages currently in the page cache, or None where mincore is unavailable;
+    with ``byte_range`` (start, end), of the pages holding those bytes of each file only."""
     mincore = _mincore()
     if mincore is None:
         return None
@@ -83,8 +84,10 @@ def resident_fraction(paths: Iterable[Path]) -> float | None:
                 vec = (ctypes.c_ubyte * pages)()
                 if mincore(ctypes.c_void_p(addr), size, vec) != 0:
                     return None
-                resident += sum(b & 1 for b in vec)
-                total += pages
+                lo, hi = (0, size) if byte_range is None else byte_range
+                counted = vec[lo // _PAGE:(min(hi, size) + _PAGE - 1) // _PAGE]
+                resident += sum(b & 1 for b in counted)
+                total += len(counted)
             finally:
                 _libc.munmap(ctypes.c_void_p(addr), size)
         finally:

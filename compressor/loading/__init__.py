@@ -18,8 +18,9 @@ from torch import nn
 from ..errors import ArtifactError
 from ..manifest import Manifest, ModelEntry, check_files, read_manifest
 from .rebuild import build_architecture, decode, dequantize_on_the_fly, keep_packed, restructure, retie
-from .tensors import in_use_order, load_example_inputs, load_tensors, load_tensors_cuda
-from .tensors import read_ahead as start_read_ahead
+from .readahead import in_use_order
+from .readahead import read_ahead as start_read_ahead
+from .tensors import load_example_inputs, load_tensors, load_tensors_cuda
 
 __all__ = ["load", "load_tensors", "load_tensors_cuda", "load_example_inputs", "build_architecture"]
 
@@ -36,7 +37,7 @@ def load(artifact_dir: str | Path, *, device: str | torch.device = "cpu", verify
     loading stays lazy: sizes, safetensors headers and the confinement rule are always checked). ``read_ahead``
     (CPU): a background thread reads the weights from disk in the order the model uses them, so a first forward
     pass computes while later layers are still being read instead of waiting on each page fault
-    (``loading.tensors.read_ahead``); turn it off when only part of the model will be used.
+    (``loading.readahead``); turn it off when only part of the model will be used.
     ``int8`` says what happens to weights stored as int8 (the `quantize` pass): ``"dequantize"`` turns them into float32 on load; ``"keep"`` keeps the
     int8 tensor as the parameter and dequantizes it on the fly at every use (a parametrization), so the model
     holds a quarter of the memory. ``int4`` does the same for weights `quantize` stored with ``bits: 4`` (the

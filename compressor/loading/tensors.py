@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import ArtifactError
-from ..memory import available_memory
-from ..safetensors_io import PAGE, map_file, read_header
+from ..safetensors_io import map_file, read_header
 from ..manifest import read_manifest
 
-__all__ = ["load_tensors", "in_use_order", "read_ahead", "load_tensors_cuda", "load_example_inputs", "CUDA_CHUNK_BYTES",
-           "CUDA_THREADS", "READ_AHEAD_SHARE"]
+__all__ = ["load_tensors", "load_tensors_cuda", "load_example_inputs", "CUDA_CHUNK_BYTES", "CUDA_THREADS"]
 
 
 def load_tensors(root: Path, files: list[str], maps: dict[int, Path] | None = None) -> dict[str, torch.Tensor]:
@@ -31,89 +28,6 @@ def load_tensors(root: Path, files: list[str], maps: dict[int, Path] | None = No
                 maps[address] = root / rel
             out.update(tensors)
     return out
-
-
-READ_AHEAD_SHARE = 0.5  # of the memory available: beyond it, read-ahead would evict what it read before use
-READ_AHEAD_WINDOW = 64 << 20  # bytes queued beyond the tensor being read
-_MERGE_GAP = 1 << 20
-_MADV_POPULATE_READ = 22  # Linux 5.14+: fault the range in (reading it), without copying it anywhere
-
-
-def in_use_order(module: torch.nn.Module) -> list[torch.Tensor]:
-    """The module's parameters and buffers (a DTensor's local shard), module by module in registration order: the
-    order a forward pass of a layered model first touches them, closely enough for reading ahead."""
-    import sys
-
-    dtensors = sys.modules.get("torch.distributed.tensor")  # not imported: no DTensor exists (and none is paid for)
-    local = dtensors.DTensor if dtensors is not None else ()
-    return [t.to_local() if local and isinstance(t, local) else t for sub in module.modules()
-            for t in (*sub._parameters.values(), *sub._buffers.values()) if t is not None]
-
-
-def read_ahead(tensors: Iterable[torch.Tensor], maps: dict[int, Path]) -> threading.Thread | None:
-    """Read, in a background thread and in the order given, the file bytes behind those ``tensors`` that are
-    views on the memory maps ``maps`` (from ``load_tensors``); returns the thread, or None when there is nothing
-    to read, the platform cannot, or it would not fit in memory.
-
-    A memory-mapped model reads its file one page fault at a time as the first forward pass reaches each weight,
-    so the disk idles while a layer computes, and the layer waits while the disk reads. Given the tensors in the
-    order the model uses them, the thread keeps the disk busy ahead of the computation: it queues the reads of the
-    next ``READ_AHEAD_WINDOW`` bytes (``posix_fadvise(WILLNEED)``) and maps the current tensor's pages in
-    (``madvise(MADV_POPULATE_READ)``, which waits for them). Queuing everything at once would not do: the I/O
-    scheduler sorts a deep queue by disk position, and the first layer would wait behind the last. Nothing is
-    copied: the pages are the page cache's, shared by the private maps until written."""
-    if not maps or not hasattr(os, "posix_fadvise"):
-        return None
-    spans: list[tuple[Path, int, int, int]] = []  # (file, start, end, address of start)
-    for tensor in tensors:
-        base = tensor.untyped_storage().data_ptr()
-        path = maps.get(base)
-        if path is None or tensor.numel() == 0:
-            continue  # decoded, copied or computed: not a view on a file
-        lo = tensor.data_ptr() - base
-        hi = lo + tensor.numel() * tensor.element_size()
-        last = spans[-1] if spans else None
-        if last and last[0] == path and 0 <= lo - last[2] <= _MERGE_GAP:
-            spans[-1] = (path, last[1], max(hi, last[2]), last[3])  # adjacent in use and in the file: one span
-        else:
-            spans.append((path, lo, hi, tensor.data_ptr()))
-    total = sum(hi - lo for _, lo, hi, _ in spans)
-    room, _ = available_memory()
-    if not spans or (room is not None and total > READ_AHEAD_SHARE * room):
-        return None
-    thread = threading.Thread(target=_read_in_order, args=(spans,), name="compressor-read-ahead", daemon=True)
-    thread.start()
-    return thread
-
-
-def _read_in_order(spans: list[tuple[Path, int, int, int]]) -> None:
-    import ctypes
-
-    fds: dict[Path, int] = {}
-    libc = ctypes.CDLL(None, use_errno=True)
-    populate = getattr(libc, "madvise", None)
-    queued = done = 0
-    ahead = 0
-    try:
-        for path, lo, hi, address in spans:
-            while ahead < len(spans) and queued - done < READ_AHEAD_WINDOW:
-                apath, alo, ahi, _ = spans[ahead]
-                if apath not in fds:
-                    fds[apath] = os.open(apath, os.O_RDONLY)
-                os.posix_fadvise(fds[apath], alo, ahi - alo, os.POSIX_FADV_WILLNEED)
-                queued += ahi - alo
-                ahead += 1
-            if populate is not None:
-                page = address & ~(PAGE - 1)
-                if populate(ctypes.c_void_p(page), ctypes.c_size_t(address + hi - lo - page),
-                            ctypes.c_int(_MADV_POPULATE_READ)) != 0:
-                    populate = None  # an older kernel: the window's advice alone keeps the disk busy
-            done += hi - lo
-    except OSError:
-        pass  # advice only: the page faults still read whatever was not read ahead
-    finally:
-        for fd in fds.values():
-            os.close(fd)
 
 
 CUDA_CHUNK_BYTES = 64 << 20  # pinned staging per buffer: two per thread, whatever the tensor sizes

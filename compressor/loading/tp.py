@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ArtifactError, UsageError
 from ..manifest import PLAN_FILE, Manifest, confined
 from .rebuild import build_architecture, decode, parameters_on_meta
-from .tensors import in_use_order, load_tensors
-from .tensors import read_ahead as start_read_ahead
+from .readahead import in_use_order
+from .readahead import read_ahead as start_read_ahead
+from .tensors import load_tensors
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

@@ -1,0 +1,162 @@
+"""Reading a memory-mapped model's weights from disk ahead of its first forward pass, in the order it uses them.
+
+A memory-mapped model reads its file one page fault at a time as the first forward pass reaches each weight, so
+the disk idles while a layer computes, and the layer waits while the disk reads. ``read_ahead`` keeps the disk
+busy ahead of the computation from a background thread; nothing is copied (the pages are the page cache's, shared
+by the private maps until written).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..memory import available_memory
+from ..safetensors_io import PAGE
+
+__all__ = ["in_use_order", "read_ahead", "READ_AHEAD_SHARE", "READ_AHEAD_WINDOW"]
+
+READ_AHEAD_SHARE = 0.5  # of the memory available: beyond it, read-ahead would evict what it read before use
+READ_AHEAD_WINDOW = 64 << 20  # bytes queued beyond the tensor being read
+_MERGE_GAP = 1 << 20
+_MADV_POPULATE_READ = 22  # Linux 5.14+: fault the range in (reading it), without copying it anywhere
+_ADVICE_FLOOR = 128 << 10  # the kernel's default read-ahead, where the device's own limit cannot be found
+
+Span = tuple[Path, int, int, int]  # (file, start, end, address of start)
+
+
+def in_use_order(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The module's parameters and buffers (a DTensor's local shard) that a forward pass reads whole, in the order
+    a layered model first touches them, closely enough for reading ahead: module by module in registration order.
+
+    Left out: the tables only looked up by row, an ``nn.Embedding``'s weight that no other module uses (a tied LM
+    head does). A forward pass reads the rows of its tokens from them: the page faults of a lookup bring those (and
+    the kernel's read-around of them), not a whole table for a few tokens. Advising such a table random (one page
+    per fault) was measured and dropped: a prompt's rows were then read one page fault at a time, each waiting
+    behind the queued read-ahead, and the first layer of a 1.1B model started 0.4-0.7 s late."""
+    import sys
+
+    dtensors = sys.modules.get("torch.distributed.tensor")  # not imported: no DTensor exists (and none is paid for)
+    local = dtensors.DTensor if dtensors is not None else ()
+    uses: dict[int, int] = {}
+    ordered: list[tuple[torch.Tensor, bool]] = []
+    for sub in module.modules():
+        for name, t in (*sub._parameters.items(), *sub._buffers.items()):
+            if t is not None:
+                uses[id(t)] = uses.get(id(t), 0) + 1
+                ordered.append((t, isinstance(sub, torch.nn.Embedding) and name == "weight"))
+    return [t.to_local() if local and isinstance(t, local) else t for t, table in ordered
+            if not (table and uses[id(t)] == 1)]
+
+
+def read_ahead(tensors: Iterable[torch.Tensor], maps: dict[int, Path]) -> threading.Thread | None:
+    """Read, in a background thread and in the order given, the file bytes behind those ``tensors`` that are
+    views on the memory maps ``maps`` (from ``load_tensors``); returns the thread, or None when there is nothing
+    to read or the platform cannot. The thread reads nothing when the bytes exceed ``READ_AHEAD_SHARE`` of the
+    memory available (later reads would evict earlier ones before their use); it checks that itself, since
+    reading /proc and the cgroup's files takes a millisecond a warm load need not wait for.
+
+    The thread queues the reads of the next ``READ_AHEAD_WINDOW`` bytes (``posix_fadvise(WILLNEED)``, in pieces
+    the kernel takes whole: ``advice_limit``) and maps the current tensor's pages in (``madvise(MADV_POPULATE_READ)``,
+    which waits for them). Queuing everything at once would not do: the I/O scheduler sorts a deep queue by disk
+    position, and the first layer would wait behind the last."""
+    if not maps or not hasattr(os, "posix_fadvise"):
+        return None
+    spans: list[Span] = []
+    for tensor in tensors:
+        span = _span(tensor, maps)
+        if span is None:
+            continue  # decoded, copied or computed: not a view on a file
+        path, lo, hi, _ = span
+        last = spans[-1] if spans else None
+        if last and last[0] == path and 0 <= lo - last[2] <= _MERGE_GAP:
+            spans[-1] = (path, last[1], max(hi, last[2]), last[3])  # adjacent in use and in the file: one span
+        else:
+            spans.append(span)
+    if not spans:
+        return None
+    thread = threading.Thread(target=_read_in_order, args=(spans,), name="compressor-read-ahead", daemon=True)
+    thread.start()
+    return thread
+
+
+def _span(tensor: torch.Tensor, maps: dict[int, Path]) -> Span | None:
+    """(file, start, end, address) of a tensor that is a view on one of ``maps``, else None."""
+    base = tensor.untyped_storage().data_ptr()
+    path = maps.get(base)
+    if path is None or tensor.numel() == 0:
+        return None
+    lo = tensor.data_ptr() - base
+    return path, lo, lo + tensor.numel() * tensor.element_size(), tensor.data_ptr()
+
+
+_LIBC: list[Any] = []
+
+
+def _advise(address: int, length: int, advice: int) -> bool:
+    """madvise over the whole pages of [address, address + length); False where the kernel refused it."""
+    import ctypes
+
+    if not _LIBC:
+        _LIBC.append(ctypes.CDLL(None, use_errno=True))
+    madvise = getattr(_LIBC[0], "madvise", None)
+    page = address & ~(PAGE - 1)
+    return madvise is not None and madvise(ctypes.c_void_p(page), ctypes.c_size_t(address + length - page),
+                                           ctypes.c_int(advice)) == 0
+
+
+def advice_limit(path: Path) -> int:
+    """The most bytes one ``posix_fadvise(WILLNEED)`` reads on the device holding ``path``: Linux reads at most
+    the larger of the device's read-ahead and its largest request (``read_ahead_kb``, ``max_sectors_kb``) and
+    drops the rest of the range silently. At least 128 KiB (the kernel's default read-ahead) where sysfs cannot
+    say."""
+    try:
+        dev = os.stat(path).st_dev
+        block = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}").resolve()
+        queue = block / "queue" if (block / "queue").is_dir() else block.parent / "queue"  # a partition's disk
+        kb = max(int((queue / name).read_text()) for name in ("read_ahead_kb", "max_sectors_kb"))
+    except (OSError, ValueError):
+        return _ADVICE_FLOOR
+    return max(_ADVICE_FLOOR, min(kb << 10, READ_AHEAD_WINDOW))
+
+
+def _pieces(spans: list[Span], limits: dict[Path, int]) -> Iterable[tuple[Path, int, int]]:
+    """The spans' byte ranges cut to at most their device's advice limit."""
+    for path, lo, hi, _ in spans:
+        if path not in limits:
+            limits[path] = advice_limit(path)
+        for at in range(lo, hi, limits[path]):
+            yield path, at, min(hi, at + limits[path])
+
+
+def _read_in_order(spans: list[Span]) -> None:
+    room, _ = available_memory()
+    if room is not None and sum(hi - lo for _, lo, hi, _ in spans) > READ_AHEAD_SHARE * room:
+        return
+    fds: dict[Path, int] = {}
+    populate = True
+    queued = done = 0
+    pieces = iter(_pieces(spans, {}))
+    try:
+        for _, lo, hi, address in spans:
+            for path, plo, phi in pieces:
+                if path not in fds:
+                    fds[path] = os.open(path, os.O_RDONLY)
+                os.posix_fadvise(fds[path], plo, phi - plo, os.POSIX_FADV_WILLNEED)
+                queued += phi - plo
+                if queued - done >= READ_AHEAD_WINDOW:
+                    break
+            if populate:
+                # an older kernel refuses it: the window's advice alone keeps the disk busy
+                populate = _advise(address, hi - lo, _MADV_POPULATE_READ)
+            done += hi - lo
+    except OSError:
+        pass  # advice only: the page faults still read whatever was not read ahead
+    finally:
+        for fd in fds.values():
+            os.close(fd)
