@@ -247,3 +247,17 @@ def test_read_ahead_stays_off_when_the_weights_would_not_fit_in_memory(llama_art
     monkeypatch.undo()
     readahead.read_ahead(list(stored.values()), maps).join(30)
     assert _resident(weights) >= 0.99
+
+
+def test_read_ahead_starts_no_thread_when_every_page_is_already_cached(llama_artifact):
+    weights = llama_artifact / "model.safetensors"
+    maps: dict[int, Path] = {}
+    stored = loading_tensors.load_tensors(llama_artifact, ["model.safetensors"], maps)
+    pagecache.warm([weights])
+    if _resident(weights) < 1.0:
+        pytest.skip("the page cache does not hold the whole file here")
+    assert readahead.read_ahead(list(stored.values()), maps) is None  # a warm load: nothing to read
+    _cold(weights)
+    thread = readahead.read_ahead(list(stored.values()), maps)
+    assert thread is not None
+    thread.join(30)
