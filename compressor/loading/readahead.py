@@ -58,9 +58,10 @@ def read_ahead(tensors: Iterable[torch.Tensor], maps: dict[int, Path]) -> thread
     """Read, in a background thread and in the order given, the file bytes behind those ``tensors`` that are
     views on the memory maps ``maps`` (from ``load_tensors``); returns the thread, or None when there is nothing
     to read (the page cache holds the ends of every tensor: a warm load, whose first forward pass would only
-    compete with the thread for the cores and the memory map's lock) or the platform cannot. The thread reads nothing when the bytes exceed ``READ_AHEAD_SHARE`` of the
-    memory available (later reads would evict earlier ones before their use); it checks that itself, since
-    reading /proc and the cgroup's files takes a millisecond a warm load need not wait for.
+    compete with the thread for the cores and the memory map's lock) or the platform cannot. The thread reads
+    nothing when the bytes exceed ``READ_AHEAD_SHARE`` of the memory available (later reads would evict earlier
+    ones before their use); it checks that itself, since reading /proc and the cgroup's files takes a millisecond
+    a warm load need not wait for.
 
     The thread queues the reads of the next ``READ_AHEAD_WINDOW`` bytes (``posix_fadvise(WILLNEED)``, in pieces
     the kernel takes whole: ``advice_limit``) and maps the current tensor's pages in (``madvise(MADV_POPULATE_READ)``,
