@@ -100,13 +100,20 @@ def _span(tensor: torch.Tensor, maps: dict[int, Path]) -> Span | None:
 _LIBC: list[Any] = []
 
 
-def _advise(address: int, length: int, advice: int) -> bool:
-    """madvise over the whole pages of [address, address + length); False where the kernel refused it."""
+def _libc_function(name: str) -> Any:
+    """The C library's ``name`` (loaded once), or None where it has none."""
     import ctypes
 
     if not _LIBC:
         _LIBC.append(ctypes.CDLL(None, use_errno=True))
-    madvise = getattr(_LIBC[0], "madvise", None)
+    return getattr(_LIBC[0], name, None)
+
+
+def _advise(address: int, length: int, advice: int) -> bool:
+    """madvise over the whole pages of [address, address + length); False where the kernel refused it."""
+    import ctypes
+
+    madvise = _libc_function("madvise")
     page = address & ~(PAGE - 1)
     return madvise is not None and madvise(ctypes.c_void_p(page), ctypes.c_size_t(address + length - page),
                                            ctypes.c_int(advice)) == 0
@@ -117,9 +124,7 @@ def _looks_cached(spans: list[Span]) -> bool:
     page it took 12 ms for 492 MB, a third of a warm load). False where it cannot tell."""
     import ctypes
 
-    if not _LIBC:
-        _LIBC.append(ctypes.CDLL(None, use_errno=True))
-    mincore = getattr(_LIBC[0], "mincore", None)
+    mincore = _libc_function("mincore")
     if mincore is None:
         return False
     vec = ctypes.c_ubyte(0)
@@ -146,8 +151,9 @@ def advice_limit(path: Path) -> int:
     return max(_ADVICE_FLOOR, min(kb << 10, READ_AHEAD_WINDOW))
 
 
-def _pieces(spans: list[Span], limits: dict[Path, int]) -> Iterable[tuple[Path, int, int]]:
+def _pieces(spans: list[Span]) -> Iterable[tuple[Path, int, int]]:
     """The spans' byte ranges cut to at most their device's advice limit."""
+    limits: dict[Path, int] = {}
     for path, lo, hi, _ in spans:
         if path not in limits:
             limits[path] = advice_limit(path)
@@ -162,7 +168,7 @@ def _read_in_order(spans: list[Span]) -> None:
     fds: dict[Path, int] = {}
     populate = True
     queued = done = 0
-    pieces = iter(_pieces(spans, {}))
+    pieces = iter(_pieces(spans))
     try:
         for _, lo, hi, address in spans:
             for path, plo, phi in pieces:
