@@ -3,6 +3,8 @@ positions of a sparse tensor's non-zero elements as a compact byte stream. Pure 
 
 from __future__ import annotations
 
+import sys
+
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -142,6 +144,16 @@ def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"bits must divide 32, got {bits}")
     per = 32 // bits
     rows, cols = values.shape
+    if bits in (4, 8) and sys.byteorder == "little":
+        # Bytes, then the words they make: a value's bits land where the int64 arithmetic below puts them, in a
+        # tenth of its memory (a large table's words are otherwise built from 8-byte copies of every value).
+        unsigned = values.to(torch.int8).view(torch.uint8) ^ 0x80 if bits == 8 else (values.to(torch.int8) + 8).view(
+            torch.uint8)
+        unsigned = torch.nn.functional.pad(unsigned, (0, -cols % per))
+        if bits == 4:
+            unsigned = unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)
+        # Flat first: a one-row tensor may count as contiguous with any row stride, which view() refuses.
+        return unsigned.contiguous().reshape(-1).view(torch.int32).reshape(rows, -1)
     unsigned = values.to(torch.int64) + (1 << (bits - 1))
     unsigned = torch.nn.functional.pad(unsigned, (0, -cols % per)).reshape(rows, -1, per)
     words = (unsigned << (torch.arange(per, dtype=torch.int64, device=values.device) * bits)).sum(dim=2)
@@ -153,6 +165,13 @@ def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     import torch
 
     per = 32 // bits
+    if bits in (4, 8) and sys.byteorder == "little":  # from the bytes, as pack_int32 writes them
+        raw = packed.contiguous().reshape(-1).view(torch.uint8).reshape(packed.shape[0], -1)
+        if bits == 8:
+            return (raw[:, :cols] ^ 0x80).view(torch.int8)
+        fields = torch.empty(raw.shape[0], raw.shape[1] * 2, dtype=torch.uint8, device=packed.device)
+        fields[:, 0::2], fields[:, 1::2] = raw & 15, raw >> 4
+        return fields[:, :cols].view(torch.int8) - 8
     words = packed.to(torch.int64) & 0xFFFFFFFF
     fields = (words.unsqueeze(2) >> (torch.arange(per, dtype=torch.int64, device=packed.device) * bits)) & ((1 << bits) - 1)
     return (fields.reshape(packed.shape[0], -1)[:, :cols] - (1 << (bits - 1))).to(torch.int8)
