@@ -3,12 +3,12 @@
 Builds Llama models from a transformers config (RANDOM weights, seed 0: memory and time are what is measured, the
 tokens mean nothing) of about 0.25B parameters (hidden 1024, 16 layers, vocabulary 32000, untied) and, with
 `--sizes 0.25b,1b`, about 1.1B (TinyLlama's shape: hidden 2048, 22 layers), saved as float32 safetensors. For
-each size (`cast` float16; weight-only int8; weight-only int8 then `shard` tensor_parallel 2; evaluation off) it runs
-`compress run` in a fresh process and prints the process's peak RSS (the kernel's accounting, ru_maxrss of the
-child), wall time and the bytes written, and the same for the yardstick: a process that reads the source with
-safetensors alone and writes the same number of output bytes (each tensor converted as the recipe does: float16
-for cast, int8 for int8) with safetensors' `save_file`, one tensor at a time. The two alternate, `--repeat` times
-each (default 3): the median wall time and the largest peak are reported, each run's time beside them. Each side's
+each size (`cast` float16; weight-only int8; weight-only int8 then `shard` tensor_parallel 2; and with `--recipes
+int4` 4-bit round to nearest in groups of 128; evaluation off) it runs `compress run` in a fresh process and prints
+the process's peak RSS (the kernel's accounting, ru_maxrss of the child), wall time and the bytes written, and the
+same for the yardstick: a process that reads the source with safetensors alone and writes the same number of output
+bytes (each tensor converted as the recipe does: float16 for cast, int8 for int8, 4-bit groups for int4) with
+safetensors' `save_file`, one tensor at a time. The two alternate, `--repeat` times each (default 3): the median wall time and the largest peak are reported, each run's time beside them. Each side's
 start-up (its imports, measured alone) is printed too, with the ratio of the times after it.
 
 Beside each measured peak: compressor's own estimate, made before it loads anything (compressor/budget.py),
@@ -46,6 +46,7 @@ RECIPES = {
     "cast": "  - cast: {dtype: float16}\n",
     "int8": "  - quantize: {mode: weight-only}\n",
     "int8-tp2": "  - quantize: {mode: weight-only}\n  - shard: {tensor_parallel: 2}\n",
+    "int4": "  - quantize: {mode: weight-only, bits: 4, method: rtn}\n",  # NNCF's round to nearest, groups of 128
 }
 
 # The yardstick: read every tensor of the source with safetensors, convert it as the recipe would, write it.
@@ -65,6 +66,13 @@ for i, file in enumerate(sorted(src.glob("*.safetensors"))):
             elif how.startswith("int8") and t.dim() == 2:
                 scale = t.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
                 t = torch.round(t / scale).to(torch.int8)
+            elif how == "int4" and t.dim() == 2 and t.shape[1] % 256 == 0:  # groups of 128, two values a byte
+                g = t.reshape(t.shape[0], -1, 128)
+                scale = g.abs().amax(2, keepdim=True).clamp_min(1e-12) / 7
+                q = (torch.round(g / scale).clamp(-8, 7) + 8).to(torch.uint8).reshape(t.shape[0], -1)
+                save_file({name + ".scale": scale.half().reshape(t.shape[0], -1)},
+                          str(out / f"{i}-{name}.s.safetensors"))
+                t = q[:, 0::2] | (q[:, 1::2] << 4)
             save_file({name: t.contiguous()}, str(out / f"{i}-{name}.safetensors"))
 """
 
@@ -121,7 +129,7 @@ def tree_bytes(path: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="0.25b")
-    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--recipes", default="cast,int8,int8-tp2", help=f"of {', '.join(RECIPES)}")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each side, alternating (median wall time, "
                         "largest peak)")
     parser.add_argument("--stream", default="always", choices=["always", "never", "auto"],

@@ -5,74 +5,24 @@ The module in a ``Model`` always holds the *effective* values: exactly what the 
 Invariant, tested for every encoding: ``decode(encode(t))`` equals ``t`` bit for bit.
 
 Stored tensors are named ``<tensor name><suffix>``; the suffix ``""`` keeps the tensor's own (Hugging Face) name,
-so dense and cast tensors stay readable by any safetensors loader.
+so dense and cast tensors stay readable by any safetensors loader. Every kind is imported from here: the base class
+is compressor.encoding_base's, low-bit integer groups (compressed-tensors' layout) compressor.intgroup's.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from .bitpack import (bit_pattern, encode_positions, from_bit_pattern, from_le, le_bytes, pack_bits,
-                      pack_int32, position_indices, unpack_bits, unpack_int32)
+                      position_indices, unpack_bits)
+from .encoding_base import ENCODINGS, Encoding, dtype_from_name, dtype_name
+from .intgroup import IntGroup
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = ["Encoding", "Dense", "Cast", "Int8", "IntGroup", "Sparse", "Codebook", "encoding_from_json", "ENCODINGS",
            "dtype_from_name", "dtype_name", "stored_base"]
-
-ENCODINGS: dict[str, type[Encoding]] = {}
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    """``"float16"`` -> ``torch.float16``; ValueError for anything that is not a torch dtype."""
-    import torch
-
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}")
-    return dtype
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.float16`` -> ``"float16"``."""
-    return str(dtype).removeprefix("torch.")
-
-
-class Encoding(ABC):
-    """A storage form for one tensor. Subclasses are registered by ``kind`` and round-trip through JSON."""
-
-    kind: ClassVar[str]
-    # Suffixes of stored parts that do not follow the ``<name>.__<part>`` convention (compressed-tensors names).
-    plain_suffixes: ClassVar[tuple[str, ...]] = ()
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        ENCODINGS[cls.kind] = cls
-
-    @abstractmethod
-    def encode(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The tensors to store for ``tensor`` (its effective value), by name suffix."""
-
-    @abstractmethod
-    def decode(self, stored: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The effective tensor from its stored tensors; exact."""
-
-    def stored_nbytes(self, tensor: torch.Tensor) -> int:
-        """Bytes stored for ``tensor``. Default: encode it and count; encodings whose size follows from the shape
-        say so without encoding (a pass's report counts every tensor before and after it)."""
-        return sum(t.numel() * t.element_size() for t in self.encode(tensor).values())
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON form, as written to the manifest."""
-        return {"kind": self.kind}
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.to_json() == self.to_json()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.to_json()})"
 
 
 class Dense(Encoding):
@@ -300,125 +250,6 @@ def _stored(flat: torch.Tensor) -> torch.Tensor:
     import torch
 
     return (flat != 0) | torch.signbit(flat)
-
-
-class IntGroup(Encoding):
-    """Low-bit integers (4 or 8 bits) with one scale per group of ``group_size`` consecutive inputs of each row
-    (one per row when ``group_size`` is None), symmetric or with zero points: the effective tensor is
-    ``(q - zero_point) * scale`` computed in float32 (exact: a float16 scale times a small integer).
-
-    Stored in the compressed-tensors ``pack-quantized`` layout, which transformers and vLLM read directly:
-    ``<name>_packed`` (int32, the signed values offset by 2**(bits-1) and packed densely along each row from the
-    least significant bit), ``<name>_scale`` (float16, rows x groups), ``<name>_zero_point`` (asymmetric only: the
-    same offset signed values, packed along dim 0) and ``<name>_shape`` (int64, the tensor's shape). For a
-    Linear's ``weight`` these are its module's ``weight_packed``, ``weight_scale``... as compressed-tensors names them.
-
-    The integers come from the quantizer (NNCF's scales are chosen by data, not recomputable from the values), so the
-    pass hands them over with ``with_parts``; ``encode`` returns them after checking they decode to the tensor.
-    """
-
-    kind = "intgroup"
-    plain_suffixes = ("_packed", "_scale", "_zero_point", "_shape")
-
-    def __init__(self, shape: list[int], bits: int, group_size: int | None = None, symmetric: bool = True) -> None:
-        if int(bits) not in (4, 8):
-            raise ValueError(f"intgroup bits must be 4 or 8, got {bits}")
-        if len(shape) != 2:
-            raise ValueError(f"intgroup encodes matrices; shape {list(shape)}")
-        self.shape, self.bits = [int(d) for d in shape], int(bits)
-        self.group_size = None if group_size is None else int(group_size)
-        if self.group_size is not None and (self.group_size < 1 or self.shape[1] % self.group_size):
-            raise ValueError(f"group_size {group_size} does not divide the {self.shape[1]} columns")
-        self.symmetric = bool(symmetric)
-        self._parts: dict[str, torch.Tensor] | None = None
-
-    @property
-    def groups(self) -> int:
-        """Scales per row."""
-        return 1 if self.group_size is None else self.shape[1] // self.group_size
-
-    def with_parts(self, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None) -> IntGroup:
-        """Attach the quantizer's signed integers ``q`` (rows x columns), float16 ``scale`` (rows x groups) and, for
-        asymmetric ones, signed ``zero_point`` (rows x groups); returns self."""
-        import torch
-
-        low, high = -(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1
-        rows, groups = self.shape[0], self.groups
-        if list(q.shape) != self.shape or list(scale.reshape(rows, -1).shape) != [rows, groups]:
-            raise ValueError(f"integers {list(q.shape)} / scales {list(scale.shape)} do not fit shape {self.shape} "
-                             f"in {groups} groups per row")
-        for what, t in (("values", q), ("zero points", zero_point)):
-            if t is not None and (int(t.min()) < low or int(t.max()) > high):
-                raise ValueError(f"{what} outside the {self.bits}-bit range [{low}, {high}]")
-        if (zero_point is None) != self.symmetric:
-            raise ValueError("zero points are given exactly when the encoding is asymmetric")
-        parts = {"_packed": pack_int32(q, self.bits), "_scale": scale.reshape(rows, groups).to(torch.float16),
-                 "_shape": torch.tensor(self.shape, dtype=torch.int64)}
-        if zero_point is not None:
-            parts["_zero_point"] = pack_int32(zero_point.reshape(rows, groups).t(), self.bits).t().contiguous()
-        self._parts = parts
-        return self
-
-    def integers(self, stored: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(q, scale, zero_point) from the stored tensors: signed int8 rows x columns, float16 rows x groups, and
-        signed int8 rows x groups or None; ValueError where a part does not fit this encoding."""
-        import torch
-
-        rows, cols, groups = self.shape[0], self.shape[1], self.groups
-        packed, scale = stored["_packed"], stored["_scale"]
-        width = -(-cols * self.bits // 32)
-        if packed.dtype != torch.int32 or list(packed.shape) != [rows, width]:
-            raise ValueError(f"packed values {packed.dtype} {list(packed.shape)}, expected int32 [{rows}, {width}]")
-        if list(scale.shape) != [rows, groups]:
-            raise ValueError(f"scales of shape {list(scale.shape)}, expected [{rows}, {groups}]")
-        shape = stored.get("_shape")
-        if shape is not None and shape.reshape(-1).tolist() != self.shape:
-            raise ValueError(f"stored shape {shape.reshape(-1).tolist()} differs from the manifest's {self.shape}")
-        q = unpack_int32(packed, self.bits, cols)
-        zero = None
-        if not self.symmetric:
-            zp = stored["_zero_point"]
-            zwidth = -(-rows * self.bits // 32)
-            if zp.dtype != torch.int32 or list(zp.shape) != [zwidth, groups]:
-                raise ValueError(f"zero points {zp.dtype} {list(zp.shape)}, expected int32 [{zwidth}, {groups}]")
-            zero = unpack_int32(zp.t().contiguous(), self.bits, rows).t()
-        return q, scale, zero
-
-    def decode(self, stored: dict[str, torch.Tensor]) -> torch.Tensor:
-        import torch
-
-        q, scale, zero = self.integers(stored)
-        rows, groups = self.shape[0], self.groups
-        values = q.to(torch.float32).reshape(rows, groups, -1)
-        if zero is not None:
-            values = values - zero.to(torch.float32).reshape(rows, groups, 1)
-        return (values * scale.to(torch.float32).reshape(rows, groups, 1)).reshape(self.shape)
-
-    def stored_nbytes(self, tensor: torch.Tensor) -> int:
-        if self._parts is None:
-            return super().stored_nbytes(tensor)  # refuses, as encode does
-        return sum(p.numel() * p.element_size() for p in self._parts.values())
-
-    def encode_parts(self) -> dict[str, torch.Tensor]:
-        """The attached stored tensors (``with_parts``), as written to disk."""
-        if self._parts is None:
-            raise ValueError("no integers attached to this intgroup encoding")
-        return dict(self._parts)
-
-    def encode(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-        import torch
-
-        if self._parts is None:
-            raise ValueError("an intgroup tensor is encoded from the quantizer's integers (with_parts), and none "
-                             "were attached")
-        if not torch.equal(self.decode(self._parts), tensor.detach().to(torch.float32)) or tensor.dtype != torch.float32:
-            raise ValueError("the tensor no longer equals its 4-bit integers times their scales; a pass changed a "
-                             "quantized weight after quantize")
-        return dict(self._parts)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "shape": self.shape, "bits": self.bits, "group_size": self.group_size,
-                "symmetric": self.symmetric}
 
 
 def stored_base(stored_name: str, encodings: dict[str, dict[str, Any]]) -> tuple[str, str]:

@@ -20,6 +20,7 @@ REEXPORTS = {
                           "GenerationSpec", "SafetensorsExport", "OnnxExport", "EvaluateSpec", "DataSpec", "SpeedSpec", "GatesSpec",
                           "Threshold"},
     "compressor.evaluate": {"evaluate_artifact"},
+    "compressor.encodings": {"Encoding", "IntGroup", "dtype_from_name", "dtype_name"},  # every kind, from one place
     "compressor.passes": None,  # the registry's front door
     "compressor.passes.base": {"PassReport"},  # the contract's return type; its home is the manifest
 }

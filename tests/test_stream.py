@@ -20,6 +20,9 @@ RECIPES = {
     "cast": "  - cast: {dtype: float16}\n",
     "int8": "  - quantize: {mode: weight-only}\n",
     "int8-tp2": "  - quantize: {mode: weight-only}\n  - shard: {tensor_parallel: 2}\n",
+    # NNCF's round to nearest, one Linear at a time when streamed; the tables int8 per row
+    "int4-sym": "  - quantize: {mode: weight-only, bits: 4, group_size: 32}\n",
+    "int4-asym": "  - quantize: {mode: weight-only, bits: 4, group_size: 32, symmetric: false}\n",
 }
 
 
@@ -116,9 +119,12 @@ def test_a_recipe_that_cannot_stream_says_why(tmp_path, llama):
     assert "must stream the model, and it cannot" in message
     assert "export.onnx traces the whole graph" in message and "passes[0] (prune)" in message
     assert not (tmp_path / "out").exists()
-    four = _recipe(tmp_path, llama, "  - quantize: {mode: weight-only, bits: 4, group_size: 32}\n", name="q")
+    four = _recipe(tmp_path, llama, "  - quantize: {mode: weight-only, bits: 4, group_size: 32, ratio: 0.8}\n",
+                   name="q")
     proc = run_cli("run", str(four), "-o", str(tmp_path / "out"), "-q", "--stream", "always")
-    assert proc.returncode == 2 and "bits 4 runs NNCF over the whole module" in proc.stderr
+    message = " ".join(proc.stderr.split())
+    assert proc.returncode == 2 and "method rtn with ratio 0.8 decides from the whole model" in message
+    assert "bits 4 streams with method rtn and ratio 1" in message
 
 
 # Linux counts a forked child's memory from before its exec in the child's peak (ru_maxrss): a child of this

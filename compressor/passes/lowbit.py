@@ -85,15 +85,44 @@ def calibration_windows(model: Model, spec: Any, base_dir: Any, window: int = 12
     return [{"input_ids": ids[i:i + 1]} for i in range(count)]
 
 
-def _int8_rows(weight: torch.Tensor) -> IntGroup:
-    """Symmetric int8 per row with float16 scales (round to nearest), for embedding tables and the LM head."""
+def _int8_row_integers(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale): symmetric int8 per row with float16 scales (round to nearest), for embedding tables and the LM
+    head."""
     import torch
 
     w = weight.detach().float()
-    amax = w.abs().amax(dim=1, keepdim=True)
+    # In place and without a copy of |w|: a streamed table is the largest tensor in flight.
+    amax = torch.maximum(w.amax(dim=1, keepdim=True), w.amin(dim=1, keepdim=True).neg_())
     scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax)).half()
-    q = torch.round(w / scale.float()).clamp(-128, 127).to(torch.int8)
-    return IntGroup(list(w.shape), 8, None, True).with_parts(q, scale)
+    return torch.div(w, scale.float()).round_().clamp_(-128, 127).to(torch.int8), scale
+
+
+def _int8_rows(weight: torch.Tensor) -> IntGroup:
+    """A table's IntGroup: its values as int8 per row, or (on the meta device: streamed) computed when written."""
+    encoding = IntGroup(list(weight.shape), 8, None, True)
+    if weight.is_meta:
+        return encoding.computed_by(_int8_rows)
+    return encoding.with_parts(*_int8_row_integers(weight))
+
+
+def _rtn_integers(config: Any, weight: torch.Tensor) -> IntGroup:
+    """NNCF's round-to-nearest integers of one Linear weight, for a streamed model: the steps its data-free
+    compression of a whole torch model takes for each weight on its own (``compress_weight`` over the input axis,
+    then the decompressor that packs them), without tracing a model. tests/test_stream.py holds them to the whole
+    model's bytes."""
+    import nncf
+    from nncf.quantization.algorithms.weight_compression.config import WeightCompressionConfig
+    from nncf.quantization.algorithms.weight_compression.weight_lowering import compress_weight
+    from nncf.tensor import Tensor
+    from nncf.torch.quantization import layers
+
+    mode = nncf.CompressWeightsMode.INT4_SYM if config.symmetric else nncf.CompressWeightsMode.INT4_ASYM
+    found = compress_weight(Tensor(weight), (1,), WeightCompressionConfig(mode=mode, group_size=config.group_size))
+    common = {"scale": found.scale.data, "compressed_weight_shape": found.tensor.shape, "result_shape": weight.shape,
+              "result_dtype": weight.dtype}
+    hook = (layers.INT4SymmetricWeightsDecompressor(**common) if config.symmetric
+            else layers.INT4AsymmetricWeightsDecompressor(zero_point=found.zero_point.data, **common))
+    return _from_decompressor(hook, hook.pack_weight(found.tensor.data), list(weight.shape))
 
 
 def _from_decompressor(hook: Any, packed: torch.Tensor, shape: list[int]) -> IntGroup:
@@ -170,9 +199,11 @@ def quantize_lowbit(model: Model, config: Any, index: int, ctx: Context) -> dict
                                   + ("; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:3]) or "none matched"),
                                   path=where, hint="check `modules`, `exclude` and `group_size` against the model"))
     methods = config.weight_methods
-    data_aware = bool({"awq", "scale-estimation"} & set(methods)) or config.ratio < 1
-    dataset = _dataset(model, config, ctx, data_aware)
-    details = _run_nncf(model, config, chosen, dataset, methods, where, ctx)
+    if next(iter(chosen.values()))[1].weight.is_meta:  # streamed: each weight is rounded when it is written
+        details = _plan_streamed(model, config, chosen)
+    else:
+        data_aware = bool({"awq", "scale-estimation"} & set(methods)) or config.ratio < 1
+        details = _run_nncf(model, config, chosen, _dataset(model, config, ctx, data_aware), methods, where, ctx)
     table_details: dict[str, str] = {}
     for name in sorted(tables):
         tensor = model.tensors().get(name)
@@ -182,8 +213,9 @@ def quantize_lowbit(model: Model, config: Any, index: int, ctx: Context) -> dict
             table_details[name] = f"kept: {tensor.dtype} {tuple(tensor.shape)}"
             continue
         encoding = _int8_rows(tensor)
-        with torch.no_grad():
-            tensor.copy_(encoding.decode(encoding.encode_parts()))
+        if not tensor.is_meta:
+            with torch.no_grad():
+                tensor.copy_(encoding.decode(encoding.encode_parts()))
         model.encodings[name] = encoding
         table_details[name] = "int8 per row"
     details.update({"tables": table_details, "left_in_float": dict(sorted(skipped.items()))})
@@ -214,16 +246,34 @@ def _run_nncf(model: Model, config: Any, chosen: dict[str, tuple[str, Any]], dat
     work = copy.deepcopy(model.module).eval()
     ignored = _out_of_scope(work, next(iter(dataset.get_inference_data())), chosen)
     compressed = _compress(work, config, dataset, methods, ignored, where, ctx)
-    found = _integers_from_hooks(compressed, model, chosen)
+    found = _integers_from_hooks(compressed, {n: list(model.tensors()[n].shape) for n in chosen})
     changed = _write_back(model, compressed.state_dict(), found, where)
-    missed = sorted(set(chosen) - set(found))
+    return _details(config, methods, chosen, found, changed)
+
+
+def _plan_streamed(model: Model, config: Any, chosen: dict[str, tuple[str, Any]]) -> dict[str, Any]:
+    """Every chosen weight's encoding on a model on the meta device, its integers computed when its value is read
+    (compressor/stream.py allows round to nearest with ratio 1 only: nothing else is decided weight by weight)."""
+    from functools import partial
+
+    found = {}
+    for name in chosen:
+        shape = list(model.tensors()[name].shape)
+        found[name] = IntGroup(shape, 4, config.group_size, config.symmetric).computed_by(
+            partial(_rtn_integers, config))
+        model.encodings[name] = found[name]
+    return _details(config, config.weight_methods, chosen, found, [])
+
+
+def _details(config: Any, methods: list[str], chosen: dict[str, Any], found: dict[str, IntGroup],
+             changed: list[str]) -> dict[str, Any]:
     bits4 = sorted(n for n, e in found.items() if e.bits == 4)
     return {"format": "int4", "bits": 4, "group_size": config.group_size, "symmetric": config.symmetric,
             "method": methods, "ratio": config.ratio, "tensors_4bit": len(bits4),
             "tensors_8bit": len(found) - len(bits4),
             "int8_by_sensitivity": sorted(n for n, e in found.items() if e.bits == 8),
             "rescaled_by_awq": sorted(changed),
-            "not_compressed_by_nncf": missed}
+            "not_compressed_by_nncf": sorted(set(chosen) - set(found))}
 
 
 def _out_of_scope(work: Any, example: Any, chosen: dict[str, tuple[str, Any]]) -> list[str]:
@@ -279,8 +329,9 @@ def _compress(work: Any, config: Any, dataset: Any, methods: list[str], ignored:
             sink.close()
 
 
-def _integers_from_hooks(compressed: Any, model: Model, chosen: dict[str, tuple[str, Any]]) -> dict[str, IntGroup]:
-    """The IntGroup encoding of every weight NNCF compressed, from its decompressor hooks."""
+def _integers_from_hooks(compressed: Any, shapes: dict[str, list[int]]) -> dict[str, IntGroup]:
+    """The IntGroup encoding of every weight NNCF compressed, from its decompressor hooks; ``shapes``: those of the
+    weights it was given."""
     from nncf.torch.function_hook.wrapper import get_hook_storage
     from nncf.torch.quantization.layers import BaseWeightsDecompressor
 
@@ -294,9 +345,9 @@ def _integers_from_hooks(compressed: Any, model: Model, chosen: dict[str, tuple[
                                   "a preceding layer (it folds only into a gated MLP's up projection), and compressor "
                                   "stores weights only. Use method scale-estimation (or rtn) for this model.")
         name = key.split(".", 1)[1].rsplit("__", 1)[0].replace(":", ".")
-        if name not in chosen:
+        if name not in shapes:
             raise CompressorError(f"NNCF compressed {name}, which was out of its scope")
-        found[name] = _from_decompressor(hook, packed_state[name], list(model.tensors()[name].shape))
+        found[name] = _from_decompressor(hook, packed_state[name], shapes[name])
     return found
 
 

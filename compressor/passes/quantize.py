@@ -251,8 +251,10 @@ class QuantizePass(Pass):
         config: QuantizeConfig = self.config  # type: ignore[assignment]
         if config.mode != "weight-only":
             return f"mode {config.mode} quantizes the ONNX graph, which is exported whole"
-        if config.bits == 4:
-            return "bits 4 runs NNCF over the whole module"
+        if config.bits == 4 and (config.weight_methods != ["rtn"] or config.ratio < 1):
+            return (f"method {'+'.join(config.weight_methods)} with ratio {config.ratio} decides from the whole "
+                    "model (its activations, or every layer's sensitivity); bits 4 streams with method rtn and ratio "
+                    "1, each weight rounded when it is read")
         if not config.per_channel:  # per channel, rows are encoded in blocks (compressor/encodings.py)
             return "per_channel false scales each weight as a whole, holding several float copies of the largest"
         return None  # int8 by module type, name and size; each weight becomes Int8.decode(encode(value))

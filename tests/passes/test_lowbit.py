@@ -23,7 +23,7 @@ from conftest import bare_environment, run_cli
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("shape", [(5, 64), (3, 37), (16, 256)])
+@pytest.mark.parametrize("shape", [(5, 64), (3, 37), (16, 256), (1, 8), (8, 1)])  # one row/column: views
 def test_packing_is_compressed_tensors_own_layout(bits, shape):
     helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
     g = torch.Generator().manual_seed(bits * 1000 + shape[1])
@@ -57,6 +57,37 @@ def test_intgroup_refuses_what_does_not_fit():
         IntGroup([4, 128], 3, 64)
     with pytest.raises(ValueError, match="outside the 4-bit range"):
         IntGroup([1, 64], 4, 64).with_parts(torch.full((1, 64), 9, dtype=torch.int8), torch.ones(1, 1).half())
+
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_a_streamed_intgroup_plans_from_the_shape_and_holds_one_values_integers_only_until_written(symmetric):
+    """On the meta device a computed IntGroup gives its parts' shapes (the files are laid out before any value is
+    read); for a value it asks the quantizer, and after the effective value is encoded it holds nothing."""
+    from compressor.passes.lowbit import _int8_rows
+
+    calls = []
+
+    def quantizer(value):
+        calls.append(1)
+        q = torch.round(value * 4).clamp(-8, 7).to(torch.int8)
+        return IntGroup([8, 64], 4, 32, symmetric).with_parts(
+            q, torch.full((8, 2), 0.25).half(), None if symmetric else torch.zeros(8, 2, dtype=torch.int8))
+
+    encoding = IntGroup([8, 64], 4, 32, symmetric).computed_by(quantizer)
+    planned = encoding.encode(torch.empty(8, 64, device="meta"))
+    value = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    parts = encoding.encode(value)
+    assert {k: (list(t.shape), t.dtype) for k, t in planned.items()} == {
+        k: (list(t.shape), t.dtype) for k, t in parts.items()}
+    assert encoding.stored_nbytes(value) == sum(t.numel() * t.element_size() for t in parts.values())
+    effective = encoding.decode(parts)
+    again = encoding.encode(effective)  # the effective value: the same integers, not rounded again
+    assert calls == [1] and all(torch.equal(again[k], parts[k]) for k in parts)
+    assert encoding.encode(effective) and calls == [1, 1]  # forgotten once written: asked again
+    table = _int8_rows(torch.empty(16, 8, device="meta"))
+    rows = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(table.decode(table.encode(rows)), _int8_rows(rows).decode(_int8_rows(rows).encode_parts()))
 
 
 # ------------------------------------------------------------------------------------------------ recipe checks
