@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,9 +19,39 @@ _IGNORED_DIRS = {".venv", ".git", "__pycache__", ".pytest_cache", ".hypothesis",
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
+_TRAINER = pytest.StashKey[subprocess.Popen]()
+_CACHE = pytest.StashKey[Path]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Trained zoo models are cached for the session in a directory of its own, never in the user's home."""
+    cache = Path(tempfile.mkdtemp(prefix="compressor-test-cache-"))
+    os.environ["COMPRESSOR_CACHE"] = str(cache)
+    config.stash[_CACHE] = cache
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    trainer = config.stash.get(_TRAINER, None)
+    if trainer is not None and trainer.poll() is None:  # a run that never needed the model (-k, -x)
+        trainer.kill()
+        trainer.wait()
+    cache = config.stash.get(_CACHE, None)
+    if cache is not None:
+        shutil.rmtree(cache, ignore_errors=True)
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `gpu` run only where CUDA really is available."""
+    """Tests marked `gpu` run only where CUDA really is available. Tests of modules that use the zoo's tiny-lm run
+    last, and the model trains meanwhile in a background process at the lowest priority: its six minutes on two
+    cores then take the cycles the other tests leave idle (compressor.tinylm's lock makes the first test that
+    needs it wait for that process instead of training again)."""
+    uses_lm = {path for path in {item.path for item in items}
+               if path.suffix == ".py" and ("tiny-lm" in path.read_text() or "tiny_lm" in path.read_text())}
+    if uses_lm:
+        items.sort(key=lambda item: item.path in uses_lm)  # stable: each module keeps its own order
+        config.stash[_TRAINER] = subprocess.Popen(
+            [sys.executable, "-c", "from compressor.tinylm import tiny_lm_path; tiny_lm_path()"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=lambda: os.nice(19))
     if not any(item.get_closest_marker("gpu") for item in items):
         return
     import torch
@@ -51,12 +83,10 @@ def no_files_left_behind():
     assert not new, f"test left files behind in the repository: {new[:10]}"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Trained zoo models are cached here for the session, never in the user's home."""
-    path = tmp_path_factory.mktemp("compressor-cache")
-    os.environ["COMPRESSOR_CACHE"] = str(path)
-    return path
+@pytest.fixture(scope="session")
+def model_cache(request: pytest.FixtureRequest) -> Path:
+    """Where trained zoo models are cached for the session (set up in pytest_configure)."""
+    return request.config.stash[_CACHE]
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600,

@@ -27,6 +27,30 @@ def test_training_is_deterministic(tmp_path):
     assert records[0]["loss_last"] == records[1]["loss_last"]
 
 
+
+def test_a_second_first_use_waits_for_the_process_that_is_training(tmp_path):
+    """Two first uses train once: while another process holds the training lock, a caller waits and says so."""
+    import subprocess
+    import sys
+    import time
+
+    lock = tmp_path / ".tiny-lm.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+b'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(1.5)", str(lock)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        said: list[str] = []
+        start = time.perf_counter()
+        with tinylm._one_trainer(lock, said.append):
+            waited = time.perf_counter() - start
+        assert waited > 0.5 and said == ["tiny-lm: another process is training it; waiting for that one"]
+    finally:
+        holder.wait(timeout=30)
+    said.clear()
+    with tinylm._one_trainer(lock, said.append):  # free: no wait, nothing said
+        assert said == []
+
 def test_the_trained_model_beats_a_unigram_model_clearly_and_loads_with_transformers(tiny_lm: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

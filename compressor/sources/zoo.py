@@ -33,7 +33,8 @@ class ZooModel(Strict):
         description="`minilm` (all-MiniLM-L6-v2 text encoder), `digits-mlp` (64-300-100-10 MLP), `digits-cnn` "
         "(small CNN) or `tiny-lm` (a 2M-parameter Llama-architecture causal language model with its own tokenizer, "
         "see compressor.tinylm); the digits models and tiny-lm are trained at first use (digits: seconds, on "
-        "scikit-learn's digits; tiny-lm: about a minute, on the English prose CPython ships) and cached."
+        "scikit-learn's digits; tiny-lm: about four minutes on two cores, on the English prose CPython ships) and "
+        "cached."
     )
 
 
