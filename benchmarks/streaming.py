@@ -8,7 +8,8 @@ int4` 4-bit round to nearest in groups of 128; evaluation off) it runs `compress
 the process's peak RSS (the kernel's accounting, ru_maxrss of the child), wall time and the bytes written, and the
 same for the yardstick: a process that reads the source with safetensors alone and writes the same number of output
 bytes (each tensor converted as the recipe does: float16 for cast, int8 for int8, 4-bit groups for int4) with
-safetensors' `save_file`, one tensor at a time. The two alternate, `--repeat` times each (default 3): the median wall time and the largest peak are reported, each run's time beside them. Each side's
+safetensors' `save_file`, one tensor at a time. The two alternate, `--repeat` times each (default 3): the
+median wall time and the largest peak are reported, each run's time beside them. Each side's
 start-up (its imports, measured alone) is printed too, with the ratio of the times after it.
 
 Beside each measured peak: compressor's own estimate, made before it loads anything (compressor/budget.py),

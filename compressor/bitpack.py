@@ -4,7 +4,6 @@ positions of a sparse tensor's non-zero elements as a compact byte stream. Pure 
 from __future__ import annotations
 
 import sys
-
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover

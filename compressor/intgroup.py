@@ -156,7 +156,7 @@ class IntGroup(Encoding):
                              "were attached")
         exact = self._parts is not None and tensor.dtype == torch.float32 and torch.equal(
             self.decode(self._parts), tensor.detach())
-        if self._quantizer is not None:
+        if self._quantizer is not None and (exact or self._parts is None):
             if exact:  # the effective value, after its value was encoded: its parts, then forgotten
                 parts, self._parts = self._parts, None
                 return dict(parts)  # type: ignore[arg-type]
@@ -167,6 +167,7 @@ class IntGroup(Encoding):
             self._parts = found.encode_parts()
             return dict(self._parts)
         if not exact:
+            self._parts = None if self._quantizer is not None else self._parts  # computed ones are not kept
             raise ValueError("the tensor no longer equals its 4-bit integers times their scales; a pass changed a "
                              "quantized weight after quantize")
         return dict(self._parts)  # type: ignore[arg-type]

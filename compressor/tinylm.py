@@ -138,22 +138,28 @@ def tiny_lm_path(log: Callable[[str], None] | None = None) -> Path:
 @contextmanager
 def _one_trainer(lock: Path, say: Callable[[str], None]) -> Iterator[None]:
     """Held while training: a second first use (another `compress run`, a test process) waits for the first one's
-    minutes instead of spending its own on the same bits. The kernel drops the lock when its holder dies."""
+    minutes instead of spending its own on the same bits. The kernel drops the lock when its holder dies. Where no
+    lock can be taken (not POSIX, a read-only lock file of another user, a file system without flock) each first
+    use trains, as before: os.replace still keeps one whole copy."""
     try:
         import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: each first use trains; os.replace still keeps one copy
+
+        # Read-only is enough for flock, and 0666 lets every user of a shared cache take it.
+        fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o666)
+    except (ImportError, OSError):
         yield
         return
-    with open(lock, "a+b") as handle:
+    try:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             say(f"{NAME}: another process is training it; waiting for that one")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # no locks on this file system
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _stderr(message: str) -> None:

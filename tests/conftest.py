@@ -32,26 +32,39 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     trainer = config.stash.get(_TRAINER, None)
-    if trainer is not None and trainer.poll() is None:  # a run that never needed the model (-k, -x)
-        trainer.kill()
+    if trainer is not None:
+        if trainer.poll() is None:  # a run that never needed the model (-x, an interrupt)
+            trainer.kill()
+        trainer.stdin.close()
         trainer.wait()
     cache = config.stash.get(_CACHE, None)
     if cache is not None:
         shutil.rmtree(cache, ignore_errors=True)
 
 
+# The background trainer: lowest priority, and it exits when this session's end of its stdin closes, so a killed
+# session (an outer timeout, SIGKILL) does not leave it training.
+_TRAIN = ("import os, sys, threading\n"
+          "if hasattr(os, 'nice'): os.nice(19)\n"
+          "threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()\n"
+          "from compressor.tinylm import tiny_lm_path\n"
+          "tiny_lm_path()\n")
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m / --deselect have removed what will not run
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked `gpu` run only where CUDA really is available. Tests of modules that use the zoo's tiny-lm run
-    last, and the model trains meanwhile in a background process at the lowest priority: its six minutes on two
+    last, and the model trains meanwhile in a background process at the lowest priority: its four minutes on two
     cores then take the cycles the other tests leave idle (compressor.tinylm's lock makes the first test that
     needs it wait for that process instead of training again)."""
     uses_lm = {path for path in {item.path for item in items}
                if path.suffix == ".py" and ("tiny-lm" in path.read_text() or "tiny_lm" in path.read_text())}
-    if uses_lm:
+    if uses_lm and not config.option.collectonly:
         items.sort(key=lambda item: item.path in uses_lm)  # stable: each module keeps its own order
-        config.stash[_TRAINER] = subprocess.Popen(
-            [sys.executable, "-c", "from compressor.tinylm import tiny_lm_path; tiny_lm_path()"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=lambda: os.nice(19))
+        log = open(config.stash[_CACHE] / "trainer.log", "w")  # noqa: SIM115 - the child's; closed with it
+        config.stash[_TRAINER] = subprocess.Popen([sys.executable, "-c", _TRAIN], stdin=subprocess.PIPE,
+                                                  stdout=log, stderr=subprocess.STDOUT)
+        log.close()
     if not any(item.get_closest_marker("gpu") for item in items):
         return
     import torch

@@ -4,7 +4,10 @@ on, deterministic training that beats a unigram model clearly, and a Hugging Fac
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+import pytest
 
 from compressor import tinylm
 
@@ -27,29 +30,38 @@ def test_training_is_deterministic(tmp_path):
     assert records[0]["loss_last"] == records[1]["loss_last"]
 
 
-
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the training lock is POSIX flock")
 def test_a_second_first_use_waits_for_the_process_that_is_training(tmp_path):
-    """Two first uses train once: while another process holds the training lock, a caller waits and says so."""
+    """Two first uses train once: while another process holds the training lock, a caller waits and says so, and
+    goes on when that process lets go."""
     import subprocess
     import sys
-    import time
+    import threading
 
     lock = tmp_path / ".tiny-lm.lock"
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+b'); "
-                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(1.5)", str(lock)],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a+b'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.readline()",
+                               str(lock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    released = threading.Event()
+
+    def release() -> None:
+        released.set()
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+
     try:
         assert holder.stdout.readline().strip() == "held"
         said: list[str] = []
-        start = time.perf_counter()
+        threading.Timer(1.0, release).start()
         with tinylm._one_trainer(lock, said.append):
-            waited = time.perf_counter() - start
-        assert waited > 0.5 and said == ["tiny-lm: another process is training it; waiting for that one"]
+            assert released.is_set()  # it waited for the holder
+        assert said == ["tiny-lm: another process is training it; waiting for that one"]
     finally:
-        holder.wait(timeout=30)
+        holder.wait(timeout=60)
     said.clear()
     with tinylm._one_trainer(lock, said.append):  # free: no wait, nothing said
         assert said == []
+
 
 def test_the_trained_model_beats_a_unigram_model_clearly_and_loads_with_transformers(tiny_lm: Path):
     import torch

@@ -256,6 +256,10 @@ def _plan_streamed(model: Model, config: Any, chosen: dict[str, tuple[str, Any]]
     (compressor/stream.py allows round to nearest with ratio 1 only: nothing else is decided weight by weight)."""
     from functools import partial
 
+    # NNCF's modules are imported here, once, not first by two of the stream's writer threads at the same time.
+    import nncf.quantization.algorithms.weight_compression.weight_lowering  # noqa: F401
+    import nncf.torch.quantization.layers  # noqa: F401
+
     found = {}
     for name in chosen:
         shape = list(model.tensors()[name].shape)

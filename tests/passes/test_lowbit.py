@@ -33,6 +33,25 @@ def test_packing_is_compressed_tensors_own_layout(bits, shape):
     assert torch.equal(unpack_int32(pack_int32(q, bits), bits, shape[1]), q)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("shape", [(5, 64), (3, 37), (1, 8), (8, 1), (2, 3)])
+def test_packing_through_bytes_gives_the_words_of_the_integer_arithmetic(bits, shape, monkeypatch):
+    """The little-endian fast path and the portable int64 one write the same words and read the same values, for
+    rows, for transposed views (zero points are packed along columns) and for one-row tensors."""
+    import compressor.bitpack as bitpack
+
+    g = torch.Generator().manual_seed(bits + shape[0] * 7 + shape[1])
+    q = torch.randint(-(1 << bits - 1), 1 << bits - 1, shape, generator=g).to(torch.int8)
+    fast = [pack_int32(v, bits) for v in (q, q.t())]
+    monkeypatch.setattr(bitpack.sys, "byteorder", "big")  # the portable path
+    slow = [pack_int32(v, bits) for v in (q, q.t())]
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+    assert torch.equal(unpack_int32(fast[0], bits, shape[1]), q)
+    monkeypatch.undo()
+    assert torch.equal(unpack_int32(slow[0], bits, shape[1]), q)
+    assert torch.equal(unpack_int32(fast[1].t().contiguous().t(), bits, shape[0]), q.t())
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_an_intgroup_tensor_decodes_to_its_integers_times_scales_exactly_and_round_trips_json(symmetric):
     g = torch.Generator().manual_seed(1)
@@ -57,7 +76,6 @@ def test_intgroup_refuses_what_does_not_fit():
         IntGroup([4, 128], 3, 64)
     with pytest.raises(ValueError, match="outside the 4-bit range"):
         IntGroup([1, 64], 4, 64).with_parts(torch.full((1, 64), 9, dtype=torch.int8), torch.ones(1, 1).half())
-
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
