@@ -48,6 +48,7 @@ class IntGroup(Encoding):
         self.symmetric = bool(symmetric)
         self._parts: dict[str, torch.Tensor] | None = None
         self._quantizer: Callable[[torch.Tensor], IntGroup] | None = None
+        self._decoded: Any = None  # computed parts: a weak reference to the tensor decode made of them
 
     def computed_by(self, quantizer: Callable[[torch.Tensor], IntGroup]) -> IntGroup:
         """Let ``encode`` find the integers of a value itself: ``quantizer(value)`` returns an IntGroup of this form
@@ -130,7 +131,14 @@ class IntGroup(Encoding):
         values = q.to(torch.float32).reshape(rows, groups, -1)
         if zero is not None:
             values = values - zero.to(torch.float32).reshape(rows, groups, 1)
-        return (values * scale.to(torch.float32).reshape(rows, groups, 1)).reshape(self.shape)
+        out = (values * scale.to(torch.float32).reshape(rows, groups, 1)).reshape(self.shape)
+        if self._quantizer is not None and self._parts is not None and stored.get("_packed") is self._parts["_packed"]:
+            import weakref
+
+            # A streamed tensor's effective value is encoded next: knowing it is this very tensor saves decoding
+            # the parts a second time (a float32 copy of the largest table) only to compare.
+            self._decoded = weakref.ref(out)
+        return out
 
     def stored_nbytes(self, tensor: torch.Tensor) -> int:
         if self._parts is None and self._quantizer is None:
@@ -154,8 +162,10 @@ class IntGroup(Encoding):
         if self._parts is None and self._quantizer is None:
             raise ValueError("an intgroup tensor is encoded from the quantizer's integers (with_parts), and none "
                              "were attached")
-        exact = self._parts is not None and tensor.dtype == torch.float32 and torch.equal(
-            self.decode(self._parts), tensor.detach())
+        decoded = self._decoded() if self._decoded is not None else None
+        exact = self._parts is not None and tensor.dtype == torch.float32 and (
+            tensor is decoded or torch.equal(self.decode(self._parts), tensor.detach()))
+        self._decoded = None
         if self._quantizer is not None and (exact or self._parts is None):
             if exact:  # the effective value, after its value was encoded: its parts, then forgotten
                 parts, self._parts = self._parts, None
