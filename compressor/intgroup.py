@@ -101,13 +101,14 @@ class IntGroup(Encoding):
         signed int8 rows x groups or None; ValueError where a part does not fit this encoding."""
         import torch
 
-        rows, cols, groups = self.shape[0], self.shape[1], self.groups
+        rows, cols = self.shape
+        layout = self._part_layout()
         packed, scale = stored["_packed"], stored["_scale"]
-        width = -(-cols * self.bits // 32)
-        if packed.dtype != torch.int32 or list(packed.shape) != [rows, width]:
-            raise ValueError(f"packed values {packed.dtype} {list(packed.shape)}, expected int32 [{rows}, {width}]")
-        if list(scale.shape) != [rows, groups]:
-            raise ValueError(f"scales of shape {list(scale.shape)}, expected [{rows}, {groups}]")
+        if packed.dtype != torch.int32 or list(packed.shape) != layout["_packed"][0]:
+            raise ValueError(f"packed values {packed.dtype} {list(packed.shape)}, expected int32 "
+                             f"{layout['_packed'][0]}")
+        if list(scale.shape) != layout["_scale"][0]:
+            raise ValueError(f"scales of shape {list(scale.shape)}, expected {layout['_scale'][0]}")
         shape = stored.get("_shape")
         if shape is not None and shape.reshape(-1).tolist() != self.shape:
             raise ValueError(f"stored shape {shape.reshape(-1).tolist()} differs from the manifest's {self.shape}")
@@ -115,9 +116,9 @@ class IntGroup(Encoding):
         zero = None
         if not self.symmetric:
             zp = stored["_zero_point"]
-            zwidth = -(-rows * self.bits // 32)
-            if zp.dtype != torch.int32 or list(zp.shape) != [zwidth, groups]:
-                raise ValueError(f"zero points {zp.dtype} {list(zp.shape)}, expected int32 [{zwidth}, {groups}]")
+            if zp.dtype != torch.int32 or list(zp.shape) != layout["_zero_point"][0]:
+                raise ValueError(f"zero points {zp.dtype} {list(zp.shape)}, expected int32 "
+                                 f"{layout['_zero_point'][0]}")
             zero = unpack_int32(zp.t().contiguous(), self.bits, rows).t()
         return q, scale, zero
 
@@ -163,24 +164,23 @@ class IntGroup(Encoding):
             raise ValueError("an intgroup tensor is encoded from the quantizer's integers (with_parts), and none "
                              "were attached")
         decoded = self._decoded() if self._decoded is not None else None
-        exact = self._parts is not None and tensor.dtype == torch.float32 and (
-            tensor is decoded or torch.equal(self.decode(self._parts), tensor.detach()))
         self._decoded = None
-        if self._quantizer is not None and (exact or self._parts is None):
-            if exact:  # the effective value, after its value was encoded: its parts, then forgotten
-                parts, self._parts = self._parts, None
-                return dict(parts)  # type: ignore[arg-type]
-            found = self._quantizer(tensor.detach())
-            if found.to_json() != self.to_json():
-                raise ValueError(f"the quantizer gave {found.to_json()} for a tensor planned as {self.to_json()}; "
-                                 "please report this bug")
-            self._parts = found.encode_parts()
-            return dict(self._parts)
+        parts = self._parts
+        exact = parts is not None and tensor.dtype == torch.float32 and (
+            tensor is decoded or torch.equal(self.decode(parts), tensor.detach()))
+        if self._quantizer is not None:
+            self._parts = None  # computed parts live from a value's encoding until its effective value's
+            if parts is None:  # a value: its integers, kept for the effective value that follows
+                found = self._quantizer(tensor.detach())
+                if found.to_json() != self.to_json():
+                    raise ValueError(f"the quantizer gave {found.to_json()} for a tensor planned as "
+                                     f"{self.to_json()}; please report this bug")
+                self._parts = found.encode_parts()
+                return dict(self._parts)
         if not exact:
-            self._parts = None if self._quantizer is not None else self._parts  # computed ones are not kept
             raise ValueError("the tensor no longer equals its 4-bit integers times their scales; a pass changed a "
                              "quantized weight after quantize")
-        return dict(self._parts)  # type: ignore[arg-type]
+        return dict(parts)  # type: ignore[arg-type]
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "shape": self.shape, "bits": self.bits, "group_size": self.group_size,

@@ -58,7 +58,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     cores then take the cycles the other tests leave idle (compressor.tinylm's lock makes the first test that
     needs it wait for that process instead of training again)."""
     uses_lm = {path for path in {item.path for item in items}
-               if path.suffix == ".py" and ("tiny-lm" in path.read_text() or "tiny_lm" in path.read_text())}
+               if path.suffix == ".py" and any(word in path.read_text() for word in ("tiny-lm", "tiny_lm"))}
     if uses_lm and not config.option.collectonly:
         items.sort(key=lambda item: item.path in uses_lm)  # stable: each module keeps its own order
         log = open(config.stash[_CACHE] / "trainer.log", "w")  # noqa: SIM115 - the child's; closed with it
@@ -94,12 +94,6 @@ def no_files_left_behind():
     yield
     new = sorted(_tree() - before)
     assert not new, f"test left files behind in the repository: {new[:10]}"
-
-
-@pytest.fixture(scope="session")
-def model_cache(request: pytest.FixtureRequest) -> Path:
-    """Where trained zoo models are cached for the session (set up in pytest_configure)."""
-    return request.config.stash[_CACHE]
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600,
