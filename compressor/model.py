@@ -14,7 +14,7 @@ from torch import nn
 from .encodings import Dense, Encoding, dtype_from_name
 
 __all__ = ["Model", "ExportPlan", "CastPlan", "QuantizePlan", "install_bridges", "install_dtype_bridge",
-           "remove_bridges", "find_aliases", "skip_init_on_meta"]
+           "remove_bridges", "find_aliases", "skip_init_on_meta", "parameters_on_meta"]
 
 
 @dataclass
@@ -267,3 +267,25 @@ def skip_init_on_meta() -> torch.overrides.TorchFunctionMode:
     constructor computes) are initialised as usual."""
     return _SkipInitOnMeta()
 
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Build modules whose parameters live on the meta device: no memory, and no initialisation (their values come
+    from a file: an artifact being loaded, a source being streamed).
+
+    Buffers stay real: non-persistent ones (e.g. BERT's position_ids, rotary inv_freq) are not in the file and must
+    be computed by the module's own constructor, so only tensors on meta skip initialisation.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        with skip_init_on_meta():
+            yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]

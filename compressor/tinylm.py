@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["NAME", "EOS", "LMTraining", "TRAINING", "corpus", "corpus_sha256", "held_out_texts", "training_texts",
-           "tiny_lm_path", "train_tiny_lm", "perplexity"]
+           "tiny_lm_path", "train_tiny_lm", "perplexity", "bpe_tokenizer", "save_tokenizer"]
 
 NAME = "tiny-lm"
 EOS = "<|endoftext|>"
@@ -170,7 +170,7 @@ def _stderr(message: str) -> None:
     progress(message)
 
 
-def _tokenizer(texts: list[str], vocab_size: int) -> Any:
+def bpe_tokenizer(texts: list[str], vocab_size: int) -> Any:
     """A byte-level BPE tokenizer trained on ``texts`` (any text encodes; nothing is unknown)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -181,6 +181,17 @@ def _tokenizer(texts: list[str], vocab_size: int) -> Any:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
     return tok
+
+
+def save_tokenizer(tok: Any, out: Path, max_positions: int) -> None:
+    """Save a tokenizer from ``bpe_tokenizer`` into the model directory ``out`` as transformers reads it (EOS doubling
+    as BOS, padding and unknown)."""
+    from transformers import PreTrainedTokenizerFast
+
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS,
+                                      pad_token=EOS, model_max_length=max_positions,
+                                      model_input_names=["input_ids", "attention_mask"])
+    wrapped.save_pretrained(out)
 
 
 def _ids(tok: Any, texts: list[str]) -> Any:
@@ -198,11 +209,11 @@ def train_tiny_lm(out: Path, plan: LMTraining = TRAINING, log: Callable[[str], N
                   ) -> dict[str, Any]:
     """Train the tokenizer and the model into the directory ``out``; returns what training.json records."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     say = log or _stderr
     start = time.perf_counter()
-    tok = _tokenizer(training_texts(), plan.vocab_size)
+    tok = bpe_tokenizer(training_texts(), plan.vocab_size)
     train, held = _ids(tok, training_texts()), _ids(tok, held_out_texts())
     eos = tok.token_to_id(EOS)
     config = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=plan.hidden_size,
@@ -225,10 +236,7 @@ def train_tiny_lm(out: Path, plan: LMTraining = TRAINING, log: Callable[[str], N
         torch.set_num_threads(threads)
     unigram = _unigram_perplexity(train, held, config.vocab_size)
     model.save_pretrained(out, safe_serialization=True)
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS,
-                                      pad_token=EOS, model_max_length=plan.max_positions,
-                                      model_input_names=["input_ids", "attention_mask"])
-    wrapped.save_pretrained(out)
+    save_tokenizer(tok, out, plan.max_positions)
     record = {"name": NAME, "training_version": TRAINING_VERSION, "corpus_sha256": corpus_sha256(),
               "documents": {"train": len(training_texts()), "held_out": len(held_out_texts())},
               "tokens": {"train": int(train.numel()), "held_out": int(held.numel())},

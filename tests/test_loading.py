@@ -18,7 +18,7 @@ from compressor.errors import ArtifactError
 from compressor.evaluate import pagecache
 from compressor.loading import readahead
 from compressor.loading import tensors as loading_tensors
-from compressor.loading.rebuild import parameters_on_meta
+from compressor.model import parameters_on_meta
 from compressor.pipeline import run_recipe
 from compressor.recipe import load_recipe
 from compressor.safetensors_io import map_file, read_header

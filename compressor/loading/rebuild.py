@@ -14,9 +14,9 @@ from torch import nn
 from ..encodings import encoding_from_json
 from ..errors import ArtifactError
 from ..manifest import Manifest, ModelEntry
-from ..model import skip_init_on_meta
+from ..model import parameters_on_meta, skip_init_on_meta
 
-__all__ = ["decode", "dequantize_on_the_fly", "keep_packed", "parameters_on_meta", "build_architecture", "restructure",
+__all__ = ["decode", "dequantize_on_the_fly", "keep_packed", "build_architecture", "restructure",
            "retie"]
 
 
@@ -102,29 +102,6 @@ def keep_packed(module: nn.Module, kept: dict[str, tuple[Any, dict[str, torch.Te
         rest = {k: v.to(device) for k, v in parts.items() if k != "_packed"}
         # unsafe: the parametrization changes shape and dtype (packed int32 -> float32 matrix), which is the point.
         parametrize.register_parametrization(owner, leaf, _IntGroupWeight(encoding, rest), unsafe=True)
-
-
-@contextmanager
-def parameters_on_meta() -> Iterator[None]:
-    """Build modules whose parameters live on the meta device: no memory, and no initialisation (their values come
-    from the artifact).
-
-    Buffers stay real: non-persistent ones (e.g. BERT's position_ids, rotary inv_freq) are not in the file and must
-    be computed by the module's own constructor, so only tensors on meta skip initialisation.
-    """
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(module, name, param)
-        if param is not None and not param.is_meta:
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
-    try:
-        with skip_init_on_meta():
-            yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
 def build_architecture(root: Path, manifest: Manifest) -> nn.Module:

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ArtifactError, UsageError
 from ..manifest import PLAN_FILE, Manifest, confined
-from .rebuild import build_architecture, decode, parameters_on_meta
+from ..model import parameters_on_meta
+from .rebuild import build_architecture, decode
 from .readahead import in_use_order
 from .readahead import read_ahead as start_read_ahead
 from .tensors import load_tensors

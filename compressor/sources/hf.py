@@ -262,10 +262,14 @@ def lazy(spec: HFModel, base_dir: Path, seed: int) -> tuple[Model, dict[str, tup
     CompressorError naming the file for a weight file that cannot be read."""
     import torch
 
+    from ..model import parameters_on_meta
+
     transformers = import_transformers()
     path = resolve_path(spec.path, base_dir)
     config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-    with torch.device("meta"), _uninitialised():
+    # Parameters on meta, buffers real: a constructor's computed buffers (rotary frequencies) are in no file, and
+    # passes that run layers of a streamed model (compressor/passes/layerwise.py) need them.
+    with parameters_on_meta(), _uninitialised(skip_on_meta=False):
         module = getattr(transformers, spec.auto_class).from_config(config).eval()
     module.tie_weights()  # what from_config does after initialising: the ties say which tensors are stored once
     found = _source_tensors(path)
