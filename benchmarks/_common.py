@@ -47,4 +47,9 @@ def make_llama(where: Path, size: str) -> Path:
         model = LlamaForCausalLM(config).eval()
     model.save_pretrained(str(where), safe_serialization=True, max_shard_size="2GB")
     del model
+    # A byte-level BPE tokenizer (tiny-lm's texts, 1,000 tokens: ids within every size's vocabulary), for the
+    # passes that calibrate on text; the model's weights are random either way.
+    from compressor.tinylm import bpe_tokenizer, save_tokenizer, training_texts
+
+    save_tokenizer(bpe_tokenizer(training_texts()[:300], 1000), where, 2048)
     return where

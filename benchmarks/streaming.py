@@ -48,6 +48,8 @@ RECIPES = {
     "int8": "  - quantize: {mode: weight-only}\n",
     "int8-tp2": "  - quantize: {mode: weight-only}\n  - shard: {tensor_parallel: 2}\n",
     "int4": "  - quantize: {mode: weight-only, bits: 4, method: rtn}\n",  # NNCF's round to nearest, groups of 128
+    # NNCF's AWQ and scale estimation on the built-in calibration text, one decoder layer at a time when streamed
+    "int4-awq": "  - quantize: {mode: weight-only, bits: 4, symmetric: false, method: [awq, scale-estimation]}\n",
 }
 
 # The yardstick: read every tensor of the source with safetensors, convert it as the recipe would, write it.
@@ -67,7 +69,7 @@ for i, file in enumerate(sorted(src.glob("*.safetensors"))):
             elif how.startswith("int8") and t.dim() == 2:
                 scale = t.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
                 t = torch.round(t / scale).to(torch.int8)
-            elif how == "int4" and t.dim() == 2 and t.shape[1] % 256 == 0:  # groups of 128, two values a byte
+            elif how.startswith("int4") and t.dim() == 2 and t.shape[1] % 256 == 0:  # groups of 128, two values a byte
                 g = t.reshape(t.shape[0], -1, 128)
                 scale = g.abs().amax(2, keepdim=True).clamp_min(1e-12) / 7
                 q = (torch.round(g / scale).clamp(-8, 7) + 8).to(torch.uint8).reshape(t.shape[0], -1)
@@ -106,11 +108,15 @@ def estimate(recipe_file: Path, streamed: bool) -> int:
     from compressor.recipe import load_recipe
 
     recipe = load_recipe(recipe_file)
+    passes = [get_pass(step.name)(step.config, step.index) for step in recipe.steps]
     if streamed:
+        from compressor.sources import lazy_source
+
         spans = [v["data_offsets"][1] - v["data_offsets"][0] for f in Path(recipe.model.path).glob("*.safetensors")
                  for k, v in read_header(f)[0].items() if k != "__metadata__"]
-        return estimate_stream(sum(spans), spans, 2 if (os.cpu_count() or 1) > 1 else 1).peak
-    passes = [get_pass(step.name)(step.config, step.index) for step in recipe.steps]
+        model, _ = lazy_source(recipe.model, recipe.base_dir, recipe.seed)  # on meta: what a layer-wise pass holds
+        by_layer = max([p.stream_memory(model) for p in passes] or [0])
+        return estimate_stream(sum(spans), spans, 2 if (os.cpu_count() or 1) > 1 else 1, by_layer=by_layer).peak
     return estimate_run(_source_bytes(recipe) or 0, passes, recipe.export.onnx is not None).peak
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from .errors import UsageError
 from .memory import LIMIT_ENV, available_memory, human_bytes
 
-__all__ = ["FIXED_BYTES", "LOAD_FACTOR", "ONNX_FACTORS", "EVAL_FACTOR", "EVAL_APART_FACTOR", "MARGIN", "STREAM_FACTOR",
+__all__ = ["FIXED_BYTES", "LOAD_FACTOR", "ONNX_FACTORS", "EVAL_FACTOR", "EVAL_APART_FACTOR", "MARGIN", "STREAM_FACTOR", "LAYER_EXTRA_BYTES",
            "Estimate", "estimate_run", "estimate_stream", "fits", "check_fits"]
 
 FIXED_BYTES = 500_000_000  # torch, transformers and compressor imported: about 0.45 GB measured
@@ -35,6 +35,9 @@ EVAL_APART_FACTOR = 2.3
 # Streaming (compressor/stream.py) holds each tensor in flight as read, its value after each pass, its stored parts
 # and, under `shard`, the per-rank slices: at most 3x its bytes as read (2.5x measured, int8 then shard, 1.1B Llama).
 STREAM_FACTOR = 3.0
+# Running decoder layers through NNCF (compressor/passes/layerwise.py): its modules and a traced graph, beside the
+# bytes the pass names itself (a layer three times, the embeddings, the activations).
+LAYER_EXTRA_BYTES = 300_000_000
 MARGIN = 1.1  # the estimate is a floor of what is needed: 10 % on top
 
 
@@ -84,15 +87,20 @@ def estimate_run(model_bytes: int, passes: list[Any], onnx: bool, evaluate: bool
 
 
 def estimate_stream(model_bytes: int, sizes: list[int], workers: int = 1, evaluate: bool = False,
-                    processes: int = 1) -> Estimate:
+                    processes: int = 1, by_layer: int = 0) -> Estimate:
     """The peak memory of streaming a model of ``model_bytes`` tensor by tensor (``sizes``: each tensor's bytes as
     read), ``workers`` tensors at a time (the largest ones may be in flight together), in each of ``processes``
-    processes on this machine (torchrun's ``--nproc-per-node``); then evaluating it when ``evaluate`` (the
+    processes on this machine (torchrun's ``--nproc-per-node``); before that, ``by_layer`` bytes for passes that
+    run the model a decoder layer at a time (``Pass.stream_memory``); then evaluating it when ``evaluate`` (the
     evaluator loads the baseline and the artifact whole)."""
     est = Estimate(model_bytes)
     held = sum(sorted(sizes, reverse=True)[:workers])
-    name = "streaming tensor by tensor" + (f" ({processes} processes on this machine)" if processes > 1 else "")
-    est.phases.append((name, int(processes * (FIXED_BYTES + STREAM_FACTOR * held) * MARGIN)))
+    on = f" ({processes} processes on this machine)" if processes > 1 else ""
+    if by_layer:
+        est.phases.append((f"passes one decoder layer at a time{on}",
+                           int(processes * (FIXED_BYTES + LAYER_EXTRA_BYTES + by_layer) * MARGIN)))
+    est.phases.append((f"streaming tensor by tensor{on}",
+                       int(processes * (FIXED_BYTES + STREAM_FACTOR * held) * MARGIN)))
     if evaluate:
         est.phases.append(("evaluating", int((FIXED_BYTES + EVAL_APART_FACTOR * model_bytes) * MARGIN)))
     return est
@@ -117,7 +125,7 @@ def check_fits(est: Estimate, where: str, hint: str = "") -> None:
         hint += " Without `export.onnx` the run fits: export ONNX on a larger machine from the artifact's safetensors."
     elif est.peak_phase == "evaluating" and len(fitting) == len(est.phases) - 1:
         hint += " Without `evaluate` the run fits: evaluate the artifact with `compress eval` on a larger machine."
-    how = ("streams the model one tensor at a time" if est.phases[0][0].startswith("streaming")
+    how = ("streams the model one tensor at a time" if any(n.startswith("streaming") for n, _ in est.phases)
            else f"holds the whole model ({human_bytes(est.model_bytes)}) in memory while it works")
     raise UsageError(
         f"{where}: this run would need about {human_bytes(est.peak)} of memory at its peak ({est.peak_phase}), and "

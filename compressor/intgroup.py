@@ -96,6 +96,23 @@ class IntGroup(Encoding):
         self._parts = parts
         return self
 
+    def stored_suffixes(self) -> list[str]:
+        """The suffixes of the stored parts (``_packed``, ``_scale``...), as written."""
+        return list(self._part_layout())
+
+    def with_stored(self, stored: dict[str, torch.Tensor]) -> IntGroup:
+        """Attach parts as ``encode_parts`` gave them (read back from a file); ValueError where one does not fit
+        this encoding. Returns self."""
+        layout = self._part_layout()
+        if set(stored) != set(layout):
+            raise ValueError(f"parts {sorted(stored)}, expected {sorted(layout)}")
+        for suffix, (shape, dtype) in layout.items():
+            if list(stored[suffix].shape) != shape or stored[suffix].dtype != dtype:
+                raise ValueError(f"part {suffix} is {stored[suffix].dtype} {list(stored[suffix].shape)}, expected "
+                                 f"{dtype} {shape}")
+        self._parts = dict(stored)
+        return self
+
     def integers(self, stored: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(q, scale, zero_point) from the stored tensors: signed int8 rows x columns, float16 rows x groups, and
         signed int8 rows x groups or None; ValueError where a part does not fit this encoding."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import shutil
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,9 +57,8 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, reporter: Reporter |
 def _run(recipe: Recipe, out_dir: Path | None, log: Reporter, stream: str) -> RunResult | None:
     import torch
 
-    from .errors import CompressorError
-    from .passes import Context, get_pass
-    from .staging import prepare_target, staged_dir
+    from .passes import get_pass
+    from .staging import prepare_target
     from .stream import Group
 
     out = out_dir or default_output(recipe)
@@ -71,8 +70,28 @@ def _run(recipe: Recipe, out_dir: Path | None, log: Reporter, stream: str) -> Ru
     _eval_data_file(recipe)
     torch.manual_seed(recipe.seed)
     passes = [get_pass(step.name)(step.config, step.index) for step in recipe.steps]
+    with ExitStack() as scratch:  # a streamed run's scratch directory lives until its weights are written
+        return _compress(recipe, passes, stream, group, out, log, scratch)
+
+
+def _compress(recipe: Recipe, passes: list[Any], stream: str, group: Any, out: Path, log: Reporter,
+              scratch: ExitStack) -> RunResult | None:
+    """The model loaded (or laid out, to stream), the passes, the artifact (staged, then put in place) and its
+    evaluation; rank 0's result."""
+    from functools import partial
+
+    from .errors import CompressorError
+    from .passes import Context
+    from .staging import staged_dir
+
     model, streamed = _source(recipe, passes, stream, group, log)
     ctx = Context(seed=recipe.seed, log=log, base_dir=recipe.base_dir)
+    history: dict[str, list[Any]] = {}  # each tensor's encodings, pass by pass: what streaming replays
+    if streamed is not None:
+        from .staging import scratch_dir
+
+        ctx.read = partial(streamed.read, history=history)
+        ctx.scratch = scratch.enter_context(scratch_dir(out))
     for pass_ in passes:  # every pass's model-dependent check before the first one works
         pass_.check(model)
     if recipe.export.onnx is not None:
@@ -83,15 +102,13 @@ def _run(recipe: Recipe, out_dir: Path | None, log: Reporter, stream: str) -> Ru
         import copy
 
         ctx.original = copy.deepcopy(model.module).eval()
-    reports, history = _passes(recipe, passes, model, ctx, log)
+    reports = _passes(recipe, passes, model, ctx, log, history)
     if recipe.steps and streamed is None:
         chain = " -> ".join(s.name for s in recipe.steps)
         _smoke(model, f"the model no longer runs after the passes ({chain}); this is a bug in a pass, please report it")
 
     fill = None
     if streamed is not None:
-        from functools import partial
-
         from .stream import fill as stream_fill
 
         fill = partial(stream_fill, model, streamed, history, group=group, log=log)
@@ -114,7 +131,7 @@ def _run(recipe: Recipe, out_dir: Path | None, log: Reporter, stream: str) -> Ru
                 # The source model may still map the original weight files; cold-load timing must be able to
                 # evict them.
                 del model, history
-                ctx.original = None
+                ctx.original = ctx.read = None
                 gc.collect()
                 phase = "evaluating"
                 report = _evaluate(recipe, tmp, out, log)
@@ -170,13 +187,14 @@ def _lazy(recipe: Recipe, passes: list[Any], streaming: str, log: Reporter) -> t
     sizes = [e["data_offsets"][1] - e["data_offsets"][0] for _, e, _ in where.values()]
     evaluate = recipe.evaluation is not None
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # torchrun's processes on this machine share it
-    streamed = estimate_stream(sum(sizes), sizes, evaluate=evaluate, processes=local)
+    by_layer = max([p.stream_memory(model) for p in passes] or [0])  # the passes run one after another
+    streamed = estimate_stream(sum(sizes), sizes, evaluate=evaluate, processes=local, by_layer=by_layer)
     whole = estimate_run(sum(sizes), passes, False, evaluate).peak
     check_fits(streamed, "streaming the model", "" if streamed.peak_phase == "evaluating" else
                f"Loading the model whole would need about {human_bytes(whole)}.")
     # Two tensors in flight overlap one's reading and writing with the other's encoding, where memory and cores allow.
     cores = (os.cpu_count() or 1) // local
-    workers = 2 if cores > 1 and fits(estimate_stream(sum(sizes), sizes, 2, processes=local)) else 1
+    workers = 2 if cores > 1 and fits(estimate_stream(sum(sizes), sizes, 2, processes=local, by_layer=by_layer)) else 1
     log.info(f"{len(model.tensors())} tensors, {model.numel():,} parameters, {model.stored_nbytes():,} bytes, "
              f"streamed {workers} tensor{'s' if workers > 1 else ''} at a time ({streaming})")
     return model, Source(where, workers)
@@ -206,12 +224,13 @@ def _streams(recipe: Recipe, passes: list[Any], stream: str, group: Any, log: Re
     return "the whole model would not fit in memory"
 
 
-def _passes(recipe: Recipe, passes: list[Any], model: Any, ctx: Any, log: Reporter) -> tuple[list[Any], dict]:
-    """Run the passes; (their reports for the manifest, each tensor's encodings pass by pass, for streaming)."""
+def _passes(recipe: Recipe, passes: list[Any], model: Any, ctx: Any, log: Reporter,
+            history: dict[str, list[Any]]) -> list[Any]:
+    """Run the passes; their reports for the manifest. Each tensor's new encodings go to ``history``, pass by pass
+    (streaming replays them)."""
     from .stream import history_of
 
     reports = []
-    history: dict[str, list[Any]] = {}
     for step, pass_ in zip(recipe.steps, passes):
         before = dict(model.encodings)
         with log.step(f"pass {step.index + 1}/{len(recipe.steps)}: {step.name}"):
@@ -221,7 +240,7 @@ def _passes(recipe: Recipe, passes: list[Any], model: Any, ctx: Any, log: Report
         # Wall time goes to the log, not the manifest: two runs of one recipe give identical manifests.
         reports.append(report.model_dump(mode="json", exclude={"seconds"}))
         log.info(f"{step.name}: {report.bytes_before:,} -> {report.bytes_after:,} bytes in {report.seconds:.2f}s")
-    return reports, history
+    return reports
 
 
 def _evaluate(recipe: Recipe, staged: Path, out: Path, log: Reporter) -> Report:

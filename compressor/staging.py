@@ -21,7 +21,7 @@ from pathlib import Path
 from .errors import CompressorError, EXIT_USAGE
 from .manifest import MANIFEST, REPORT_FILES, is_artifact
 
-__all__ = ["staged_dir", "check_target", "prepare_target", "clean_stale", "TargetError"]
+__all__ = ["staged_dir", "scratch_dir", "check_target", "prepare_target", "clean_stale", "TargetError"]
 
 _MARK = ".compress-tmp-"
 
@@ -139,3 +139,17 @@ def staged_dir(target: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def scratch_dir(target: Path) -> Iterator[Path]:
+    """A fresh temporary directory beside ``target`` for a run's intermediate files, removed on exit (and, after
+    a run killed outright, by the next run's clean_stale, like the staging directory)."""
+    target = target.absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}{_MARK}{os.getpid()}-scratch-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

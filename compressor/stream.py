@@ -41,6 +41,26 @@ class Source:
     where: dict[str, tuple[Path, dict[str, Any], int]]
     workers: int = 1
 
+    def read(self, name: str, history: dict[str, list[Encoding]]) -> Any:
+        """One tensor's value as the passes that ran so far left it (each encoding in ``history`` replayed), for a
+        pass that needs values (compressor/passes/layerwise.py). A new CPU tensor; the caller releases it."""
+        from .errors import CompressorError
+        from .intgroup import IntGroup
+        from .safetensors_io import read_tensor
+
+        file, entry, data_start = self.where[name]
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            value = read_tensor(fd, entry, data_start, f"{name} in {file}")
+        finally:
+            os.close(fd)
+        for enc in history.get(name, []):
+            if isinstance(enc, IntGroup):  # its computed integers are kept for the write that follows the encode
+                raise CompressorError(f"{name} was quantized by an earlier pass, and a later one reads its values; "
+                                      "quantize once, in the last pass that changes values")
+            value = enc.decode(enc.encode(value))
+        return value
+
 
 class Group:
     """This process's place in a torchrun launch (``RANK``/``WORLD_SIZE``, gloo), or a group of one."""

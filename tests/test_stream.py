@@ -23,13 +23,18 @@ RECIPES = {
     # NNCF's round to nearest, one Linear at a time when streamed; the tables int8 per row
     "int4-sym": "  - quantize: {mode: weight-only, bits: 4, group_size: 32}\n",
     "int4-asym": "  - quantize: {mode: weight-only, bits: 4, group_size: 32, symmetric: false}\n",
+    # NNCF's data-aware methods on the shipped calibration text, one decoder layer at a time when streamed
+    "int4-awq-se": "  - quantize: {mode: weight-only, bits: 4, group_size: 32, symmetric: false, "
+                   "method: [awq, scale-estimation], calibration: {limit: 4}}\n",
+    "int4-se-sym": "  - quantize: {mode: weight-only, bits: 4, group_size: 32, method: scale-estimation, "
+                   "calibration: {limit: 4}}\n",
 }
 
 
 def _llama(where: Path, layers: int = 2, hidden: int = 64, intermediate: int = 128, vocab: int = 512,
-           tied: bool = False) -> Path:
+           tied: bool = False, tokenizer: bool = False) -> Path:
     """A small Llama with seeded random weights, saved as float32 safetensors (memory and bytes are what these tests
-    measure, not what it says)."""
+    measure, not what it says), with a byte-level BPE tokenizer when ``tokenizer``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -38,6 +43,10 @@ def _llama(where: Path, layers: int = 2, hidden: int = 64, intermediate: int = 1
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=64, tie_word_embeddings=tied)
     LlamaForCausalLM(config).eval().save_pretrained(where, safe_serialization=True)
+    if tokenizer:  # for the passes that calibrate on text
+        from compressor.tinylm import bpe_tokenizer, save_tokenizer, training_texts
+
+        save_tokenizer(bpe_tokenizer(training_texts()[:100], vocab), where, 64)
     return where
 
 
@@ -55,7 +64,7 @@ def _digest(path: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _llama(tmp_path_factory.mktemp("stream") / "llama")
+    return _llama(tmp_path_factory.mktemp("stream") / "llama", tokenizer=True)
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
@@ -67,6 +76,9 @@ def test_a_streamed_artifact_is_byte_identical_to_a_whole_model_run(tmp_path, ll
     assert proc.returncode == 0, proc.stderr
     assert "tensor by tensor" in proc.stderr and "streamed" in proc.stderr  # it did stream, and said so
     assert _digest(streamed) == _digest(whole)  # weights, manifest (pass reports included), plan, index
+    if "calibration" in RECIPES[recipe]:  # one decoder layer at a time, and its scratch files are gone
+        assert "one decoder layer at a time (2 layers)" in proc.stderr and "layer 2/2 done" in proc.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m.yaml", "streamed", "whole"]
 
 
 def test_tied_embeddings_and_shards_stream_to_the_same_bytes(tmp_path):
@@ -123,8 +135,8 @@ def test_a_recipe_that_cannot_stream_says_why(tmp_path, llama):
                    name="q")
     proc = run_cli("run", str(four), "-o", str(tmp_path / "out"), "-q", "--stream", "always")
     message = " ".join(proc.stderr.split())
-    assert proc.returncode == 2 and "method rtn with ratio 0.8 decides from the whole model" in message
-    assert "bits 4 streams with method rtn and ratio 1" in message
+    assert proc.returncode == 2 and "ratio 0.8 ranks every layer's sensitivity together" in message
+    assert "bits 4 streams with ratio 1" in message and "one decoder layer at a time" in message
 
 
 # Linux counts a forked child's memory from before its exec in the child's peak (ru_maxrss): a child of this

@@ -66,6 +66,10 @@ class Context:
     log: Any = None  # compressor.log.Reporter; Any keeps this module free of rich
     base_dir: Any = None  # the recipe's directory (pathlib.Path): data files are relative to it
     original: Any = None  # a copy of the uncompressed module, kept when a pass has `needs_original` (distillation)
+    # A streamed model (on the meta device): read(name) gives one tensor's value as the passes so far left it, and
+    # scratch is a directory beside the artifact for what a pass computes ahead of the write (removed after it).
+    read: Any = None
+    scratch: Any = None
 
     def info(self, message: str) -> None:
         if self.log is not None:
@@ -122,6 +126,12 @@ class Pass(ABC):
         one that will not fit (compressor/budget.py). Default, for passes that do not say: a whole copy while it
         runs, the same size after."""
         return 1.0, 1.0
+
+    def stream_memory(self, model: Model) -> int:
+        """Bytes this pass holds beside the stream's tensors in flight when ``model`` (on the meta device) is
+        streamed: a pass that runs the model a decoder layer at a time holds a layer and the calibration
+        activations. Default: nothing (a per-tensor pass works on the tensors in flight)."""
+        return 0
 
     def stream_problem(self) -> str | None:
         """None when this pass can stream a model larger than memory (compressor/stream.py): ``apply`` decides from

@@ -13,15 +13,13 @@ tied embedding's lookup): they are int8 per row here (``embeddings: int8``) or k
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import fnmatch
-import os
-import sys
 from typing import TYPE_CHECKING, Any
 
 from ..encodings import IntGroup
-from ..errors import CompressorError, Problem, RecipeError
+from ..errors import Problem, RecipeError
+from .nncf_weights import compress, from_decompressor, integers_from_hooks, out_of_scope
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -122,33 +120,7 @@ def _rtn_integers(config: Any, weight: torch.Tensor) -> IntGroup:
               "result_dtype": weight.dtype}
     hook = (layers.INT4SymmetricWeightsDecompressor(**common) if config.symmetric
             else layers.INT4AsymmetricWeightsDecompressor(zero_point=found.zero_point.data, **common))
-    return _from_decompressor(hook, hook.pack_weight(found.tensor.data), list(weight.shape))
-
-
-def _from_decompressor(hook: Any, packed: torch.Tensor, shape: list[int]) -> IntGroup:
-    """The IntGroup of one NNCF-compressed weight: its decompressor's integers, scales and zero points."""
-    import torch
-    from nncf.torch.quantization import layers
-    from nncf.torch.quantization.quantize_functions import unpack_int4, unpack_uint4
-
-    rows, cols = shape
-    scale = hook._scale.detach().reshape(rows, -1)
-    groups = scale.shape[1]
-    group_size = None if groups == 1 and not hasattr(hook, "compressed_weight_shape") else cols // groups
-    if isinstance(hook, layers.INT4SymmetricWeightsDecompressor):
-        q = unpack_int4(packed).reshape(rows, cols)
-        return IntGroup(shape, 4, group_size, True).with_parts(q.to(torch.int8), scale)
-    if isinstance(hook, layers.INT4AsymmetricWeightsDecompressor):
-        q = unpack_uint4(packed).reshape(rows, cols).to(torch.int16) - 8
-        zp = unpack_uint4(hook._zero_point).reshape(rows, groups).to(torch.int16) - 8
-        return IntGroup(shape, 4, group_size, False).with_parts(q.to(torch.int8), scale, zp.to(torch.int8))
-    if isinstance(hook, layers.INT8SymmetricWeightsDecompressor):
-        return IntGroup(shape, 8, None, True).with_parts(packed.reshape(rows, cols).to(torch.int8), scale)
-    if isinstance(hook, layers.INT8AsymmetricWeightsDecompressor):
-        q = packed.reshape(rows, cols).to(torch.int16) - 128
-        zp = hook._zero_point.reshape(rows, 1).to(torch.int16) - 128
-        return IntGroup(shape, 8, None, False).with_parts(q.to(torch.int8), scale, zp.to(torch.int8))
-    raise CompressorError(f"NNCF compressed a weight with {type(hook).__name__}, which compressor cannot store yet")
+    return from_decompressor(hook, hook.pack_weight(found.tensor.data), list(weight.shape))
 
 
 def quantize_lowbit(model: Model, config: Any, index: int, ctx: Context) -> dict[str, Any]:
@@ -199,8 +171,18 @@ def quantize_lowbit(model: Model, config: Any, index: int, ctx: Context) -> dict
                                   + ("; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:3]) or "none matched"),
                                   path=where, hint="check `modules`, `exclude` and `group_size` against the model"))
     methods = config.weight_methods
-    if next(iter(chosen.values()))[1].weight.is_meta:  # streamed: each weight is rounded when it is written
+    if next(iter(chosen.values()))[1].weight.is_meta and methods == ["rtn"]:  # streamed: rounded when written
         details = _plan_streamed(model, config, chosen)
+    elif next(iter(chosen.values()))[1].weight.is_meta:  # streamed, data-aware: one decoder layer at a time
+        from .layerwise import quantize_by_layer
+
+        if model.task != "text-generation":
+            raise RecipeError(Problem(f"method {'+'.join(methods)} calibrates on text, which compressor provides for "
+                                      "causal language models only so far", path="quantize.method",
+                                      hint="use method rtn for this model"))
+        batches = calibration_windows(model, config.calibration, ctx.base_dir)
+        found, rescaled = quantize_by_layer(model, config, chosen, methods, batches, where, ctx)
+        details = _details(config, methods, chosen, found, rescaled)
     else:
         data_aware = bool({"awq", "scale-estimation"} & set(methods)) or config.ratio < 1
         details = _run_nncf(model, config, chosen, _dataset(model, config, ctx, data_aware), methods, where, ctx)
@@ -244,9 +226,9 @@ def _run_nncf(model: Model, config: Any, chosen: dict[str, tuple[str, Any]], dat
               where: str, ctx: Context) -> dict[str, Any]:
     """Compress a copy of the module with NNCF, then move its integers into ``model`` (module and encodings)."""
     work = copy.deepcopy(model.module).eval()
-    ignored = _out_of_scope(work, next(iter(dataset.get_inference_data())), chosen)
-    compressed = _compress(work, config, dataset, methods, ignored, where, ctx)
-    found = _integers_from_hooks(compressed, {n: list(model.tensors()[n].shape) for n in chosen})
+    ignored = out_of_scope(work, next(iter(dataset.get_inference_data())), chosen)
+    compressed = compress(work, config, dataset, methods, ignored, where, ctx)
+    found = integers_from_hooks(compressed, {n: list(model.tensors()[n].shape) for n in chosen})
     changed = _write_back(model, compressed.state_dict(), found, where)
     return _details(config, methods, chosen, found, changed)
 
@@ -278,81 +260,6 @@ def _details(config: Any, methods: list[str], chosen: dict[str, Any], found: dic
             "int8_by_sensitivity": sorted(n for n, e in found.items() if e.bits == 8),
             "rescaled_by_awq": sorted(changed),
             "not_compressed_by_nncf": sorted(set(chosen) - set(found))}
-
-
-def _out_of_scope(work: Any, example: Any, chosen: dict[str, tuple[str, Any]]) -> list[str]:
-    """NNCF's names of every operation that reads a parameter not in ``chosen`` (the tables, the LM head, excluded
-    and skipped modules), of any op type. NNCF names operations by call site, so they are found by their weight."""
-    from nncf.torch.function_hook.nncf_graph.nncf_graph_builder import build_nncf_graph
-
-    graph = build_nncf_graph(work, example)
-    params = set(work.state_dict(keep_vars=True))
-    ignored = []
-    for node in graph.get_all_nodes():
-        weights = [e.from_node.node_name for e in graph.get_input_edges(node)]
-        if any(w in params for w in weights) and not any(w in chosen for w in weights):
-            ignored.append(node.node_name)
-    return ignored
-
-
-def _compress(work: Any, config: Any, dataset: Any, methods: list[str], ignored: list[str], where: str,
-              ctx: Context) -> Any:
-    """NNCF's ``compress_weights`` on ``work``, its output kept off standard output; its failures as one-paragraph
-    errors naming the pass."""
-    import logging
-
-    import nncf
-    import torch
-
-    mode = nncf.CompressWeightsMode.INT4_SYM if config.symmetric else nncf.CompressWeightsMode.INT4_ASYM
-    backup = nncf.BackupMode.INT8_SYM if config.symmetric else nncf.BackupMode.INT8_ASYM
-    nncf_logger = logging.getLogger("nncf")
-    level = nncf_logger.level
-    nncf_logger.setLevel(logging.ERROR)  # its statistics tables are not this run's output
-    quiet = getattr(ctx.log, "quiet", True)
-    # NNCF draws its progress bars on standard output, which belongs to the command's result: they go to stderr
-    # (where compressor's own progress goes), or nowhere under --quiet.
-    sink = open(os.devnull, "w") if quiet else sys.stderr  # noqa: SIM115 - closed below
-    try:
-        with torch.no_grad(), contextlib.redirect_stdout(sink):
-            return nncf.compress_weights(
-                work, mode=mode, group_size=config.group_size, ratio=config.ratio, all_layers=True,
-                dataset=dataset, awq="awq" in methods or None,
-                scale_estimation="scale-estimation" in methods or None, backup_mode=backup,
-                ignored_scope=nncf.IgnoredScope(names=ignored, validate=False) if ignored else None,
-                subset_size=len(list(dataset.get_inference_data())))
-    except (nncf.ParameterNotSupportedError, nncf.ValidationError) as exc:
-        raise RecipeError(Problem(f"NNCF refuses these settings: {exc}", path=where)) from exc
-    except Exception as exc:  # noqa: BLE001 - NNCF's tracing and algorithms raise whatever their code raises
-        raise CompressorError(f"{where}: NNCF's weight compression failed on this model: {type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}; exclude the module it names, or "
-                              "try method rtn") from exc
-    finally:
-        nncf_logger.setLevel(level)
-        if sink is not sys.stderr:
-            sink.close()
-
-
-def _integers_from_hooks(compressed: Any, shapes: dict[str, list[int]]) -> dict[str, IntGroup]:
-    """The IntGroup encoding of every weight NNCF compressed, from its decompressor hooks; ``shapes``: those of the
-    weights it was given."""
-    from nncf.torch.function_hook.wrapper import get_hook_storage
-    from nncf.torch.quantization.layers import BaseWeightsDecompressor
-
-    packed_state = compressed.state_dict()
-    found: dict[str, IntGroup] = {}
-    for key, hook in get_hook_storage(compressed).named_modules():
-        if not key or "." not in key or key.count(".") < 2:
-            continue
-        if not isinstance(hook, BaseWeightsDecompressor):
-            raise CompressorError(f"NNCF inserted {type(hook).__name__} at {key}: AWQ could not fold its scales into "
-                                  "a preceding layer (it folds only into a gated MLP's up projection), and compressor "
-                                  "stores weights only. Use method scale-estimation (or rtn) for this model.")
-        name = key.split(".", 1)[1].rsplit("__", 1)[0].replace(":", ".")
-        if name not in shapes:
-            raise CompressorError(f"NNCF compressed {name}, which was out of its scope")
-        found[name] = _from_decompressor(hook, packed_state[name], shapes[name])
-    return found
 
 
 def _write_back(model: Model, packed_state: dict[str, Any], found: dict[str, IntGroup], where: str) -> list[str]:

@@ -247,14 +247,24 @@ class QuantizePass(Pass):
             return 2.6, 1.15
         return 1.0, 1.25
 
+    def stream_memory(self, model: Model) -> int:
+        config: QuantizeConfig = self.config  # type: ignore[assignment]
+        if config.mode != "weight-only" or config.bits != 4 or config.weight_methods == ["rtn"]:
+            return 0
+        from .layerwise import held_bytes
+
+        return held_bytes(model, config.calibration.limit or 128)
+
     def stream_problem(self) -> str | None:
         config: QuantizeConfig = self.config  # type: ignore[assignment]
         if config.mode != "weight-only":
             return f"mode {config.mode} quantizes the ONNX graph, which is exported whole"
-        if config.bits == 4 and (config.weight_methods != ["rtn"] or config.ratio < 1):
-            return (f"method {'+'.join(config.weight_methods)} with ratio {config.ratio} decides from the whole "
-                    "model (its activations, or every layer's sensitivity); bits 4 streams with method rtn and ratio "
-                    "1, each weight rounded when it is read")
+        if config.bits == 4 and config.ratio < 1:
+            return (f"ratio {config.ratio} ranks every layer's sensitivity together, which needs the whole model; "
+                    "bits 4 streams with ratio 1 (method rtn rounds each weight when it is read; awq and "
+                    "scale-estimation run one decoder layer at a time)")
+        if config.bits == 4 and "gptq" in config.weight_methods:
+            return "method gptq does not stream yet; rtn, awq and scale-estimation do (with ratio 1)"
         if not config.per_channel:  # per channel, rows are encoded in blocks (compressor/encodings.py)
             return "per_channel false scales each weight as a whole, holding several float copies of the largest"
         return None  # int8 by module type, name and size; each weight becomes Int8.decode(encode(value))
