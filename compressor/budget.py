@@ -16,8 +16,8 @@ from typing import Any
 from .errors import UsageError
 from .memory import LIMIT_ENV, available_memory, human_bytes
 
-__all__ = ["FIXED_BYTES", "LOAD_FACTOR", "ONNX_FACTORS", "EVAL_FACTOR", "EVAL_APART_FACTOR", "MARGIN", "STREAM_FACTOR", "LAYER_EXTRA_BYTES",
-           "Estimate", "estimate_run", "estimate_stream", "fits", "check_fits"]
+__all__ = ["FIXED_BYTES", "LOAD_FACTOR", "ONNX_FACTORS", "EVAL_FACTOR", "EVAL_APART_FACTOR", "MARGIN", "STREAM_FACTOR",
+           "LAYER_EXTRA_BYTES", "Estimate", "estimate_run", "estimate_stream", "fits", "check_fits"]
 
 FIXED_BYTES = 500_000_000  # torch, transformers and compressor imported: about 0.45 GB measured
 LOAD_FACTOR = 1.1  # the model itself, plus what loading and writing the safetensors files hold beside it

@@ -70,7 +70,7 @@ def _run(recipe: Recipe, out_dir: Path | None, log: Reporter, stream: str) -> Ru
     _eval_data_file(recipe)
     torch.manual_seed(recipe.seed)
     passes = [get_pass(step.name)(step.config, step.index) for step in recipe.steps]
-    with ExitStack() as scratch:  # a streamed run's scratch directory lives until its weights are written
+    with ExitStack() as scratch:  # a streamed run's scratch directory, removed once its weights are written
         return _compress(recipe, passes, stream, group, out, log, scratch)
 
 
@@ -90,8 +90,9 @@ def _compress(recipe: Recipe, passes: list[Any], stream: str, group: Any, out: P
     if streamed is not None:
         from .staging import scratch_dir
 
-        ctx.read = partial(streamed.read, history=history)
-        ctx.scratch = scratch.enter_context(scratch_dir(out))
+        ctx.read, ctx.group = partial(streamed.read, history=history), group
+        if group.rank == 0:  # one scratch directory for the launch: rank 0's (torchrun: on the shared filesystem)
+            ctx.scratch = scratch.enter_context(scratch_dir(out))
     for pass_ in passes:  # every pass's model-dependent check before the first one works
         pass_.check(model)
     if recipe.export.onnx is not None:
@@ -126,6 +127,7 @@ def _compress(recipe: Recipe, passes: list[Any], stream: str, group: Any, out: P
             group.share(str(tmp))
             with log.step(f"writing artifact to {out}" + (" tensor by tensor" if fill else "")):
                 manifest = _write(recipe, model, reports, tmp, log, fill)
+            scratch.close()  # every rank has written its weights (fill ends with a collective)
             group.close()
             if spec is not None:
                 # The source model may still map the original weight files; cold-load timing must be able to
@@ -180,7 +182,8 @@ def _lazy(recipe: Recipe, passes: list[Any], streaming: str, log: Reporter) -> t
 
     with log.step(f"reading the model's layout ({_describe_source(recipe)}) onto the meta device"):
         try:
-            model, where = lazy_source(recipe.model, recipe.base_dir, recipe.seed)
+            model, where = lazy_source(recipe.model, recipe.base_dir, recipe.seed,
+                                       buffers=any(p.runs_layers() for p in passes))
         except ValueError as exc:
             raise UsageError(f"this run must stream the model ({streaming}), and its weights cannot be: "
                              f"{exc}") from None
@@ -194,7 +197,8 @@ def _lazy(recipe: Recipe, passes: list[Any], streaming: str, log: Reporter) -> t
                f"Loading the model whole would need about {human_bytes(whole)}.")
     # Two tensors in flight overlap one's reading and writing with the other's encoding, where memory and cores allow.
     cores = (os.cpu_count() or 1) // local
-    workers = 2 if cores > 1 and fits(estimate_stream(sum(sizes), sizes, 2, processes=local, by_layer=by_layer)) else 1
+    two = estimate_stream(sum(sizes), sizes, 2, processes=local, by_layer=by_layer)
+    workers = 2 if cores > 1 and fits(two) else 1
     log.info(f"{len(model.tensors())} tensors, {model.numel():,} parameters, {model.stored_nbytes():,} bytes, "
              f"streamed {workers} tensor{'s' if workers > 1 else ''} at a time ({streaming})")
     return model, Source(where, workers)

@@ -81,6 +81,55 @@ def test_a_streamed_artifact_is_byte_identical_to_a_whole_model_run(tmp_path, ll
         assert sorted(p.name for p in tmp_path.iterdir()) == ["m.yaml", "streamed", "whole"]
 
 
+def test_layer_by_layer_4bit_handles_tied_embeddings_and_says_what_it_needs(tmp_path):
+    from compressor.passes.layerwise import held_bytes
+    from compressor.recipe import load_recipe
+    from compressor.sources import lazy_source
+
+    src = _llama(tmp_path / "tied", layers=3, tied=True, tokenizer=True)
+    path = _recipe(tmp_path, src, RECIPES["int4-awq-se"])
+    whole, streamed = tmp_path / "whole", tmp_path / "streamed"
+    assert run_cli("run", str(path), "-o", str(whole), "-q", "--stream", "never").returncode == 0
+    proc = run_cli("run", str(path), "-o", str(streamed), "--stream", "always")
+    assert proc.returncode == 0, proc.stderr
+    assert "layer 3/3 done" in proc.stderr and _digest(streamed) == _digest(whole)
+
+    # The up-front estimate counts a layer three times, the embeddings read to catch the first layer's inputs and
+    # the windows' hidden states; a limit below it refuses before anything is read, naming that phase.
+    model, _ = lazy_source(load_recipe(path).model, tmp_path, 0)
+    layer = sum(t.numel() * 4 for n, t in model.tensors().items() if n.startswith("model.layers.0."))
+    assert held_bytes(model, 4) == 3 * layer + (512 * 64 + 64) * 4 + 2 * 4 * 128 * 64 * 4  # + the final norm
+    proc = run_cli("run", str(path), "-o", str(tmp_path / "none"), "-q", "--stream", "always",
+                   env={LIMIT_ENV: "700MB"})  # streaming alone would fit (0.55 GB)
+    message = " ".join(proc.stderr.split())
+    assert proc.returncode == 2 and "passes one decoder layer at a time" in message, message
+    assert not (tmp_path / "none").exists()
+
+
+def test_layers_called_with_different_arguments_get_their_own(tmp_path):
+    # Qwen2 with sliding-window and full-attention layers: the model gives each layer the mask of its kind, so a
+    # layer run alone must get the arguments the model gave it, not the first layer's.
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from compressor.tinylm import bpe_tokenizer, save_tokenizer, training_texts
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         use_sliding_window=True, sliding_window=32, max_window_layers=1,
+                         layer_types=["full_attention", "sliding_attention"])
+    src = tmp_path / "qwen2"
+    Qwen2ForCausalLM(config).eval().save_pretrained(src, safe_serialization=True)
+    save_tokenizer(bpe_tokenizer(training_texts()[:100], 512), src, 256)
+    path = _recipe(tmp_path, src, RECIPES["int4-awq-se"])
+    whole, streamed = tmp_path / "whole", tmp_path / "streamed"
+    assert run_cli("run", str(path), "-o", str(whole), "-q", "--stream", "never").returncode == 0
+    proc = run_cli("run", str(path), "-o", str(streamed), "-q", "--stream", "always")
+    assert proc.returncode == 0, proc.stderr
+    assert _digest(streamed) == _digest(whole)
+
+
 def test_tied_embeddings_and_shards_stream_to_the_same_bytes(tmp_path):
     src = _llama(tmp_path / "tied", tied=True)
     path = _recipe(tmp_path, src, RECIPES["cast"], extra="export: {safetensors: {max_shard_size: 100KB}}\n")
@@ -175,14 +224,16 @@ def _torchrun(nproc: int, recipe: Path, out: Path, port: int) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_one_and_two_torchrun_processes_write_the_same_bytes(tmp_path, llama):
+@pytest.mark.parametrize("recipe", ["int8-tp2", "int4-awq-se"])
+def test_one_and_two_torchrun_processes_write_the_same_bytes(tmp_path, llama, recipe):
     from torch.distributed.elastic.utils.distributed import get_free_port
 
-    path = _recipe(tmp_path, llama, RECIPES["int8-tp2"])
+    path = _recipe(tmp_path, llama, RECIPES[recipe])
     _torchrun(1, path, tmp_path / "one", get_free_port())
-    _torchrun(2, path, tmp_path / "two", get_free_port())
+    _torchrun(2, path, tmp_path / "two", get_free_port())  # layer by layer: rank 0 runs the layers, rank 1 waits
     one, two = _digest(tmp_path / "one"), _digest(tmp_path / "two")
     assert len(one) > 5 and one == two  # every file's sha256, rank files and manifest included
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.yaml", "one", "two"]  # no scratch left behind
 
 
 def test_a_bfloat16_checkpoint_streams_to_the_same_bytes(tmp_path):

@@ -70,6 +70,7 @@ class Context:
     # scratch is a directory beside the artifact for what a pass computes ahead of the write (removed after it).
     read: Any = None
     scratch: Any = None
+    group: Any = None  # compressor.stream.Group: this process's place in a torchrun launch (streamed runs)
 
     def info(self, message: str) -> None:
         if self.log is not None:
@@ -126,6 +127,11 @@ class Pass(ABC):
         one that will not fit (compressor/budget.py). Default, for passes that do not say: a whole copy while it
         runs, the same size after."""
         return 1.0, 1.0
+
+    def runs_layers(self) -> bool:
+        """Whether, streamed, this pass runs the model's decoder layers (it reads values with ``ctx.read``): the
+        streamed model is then built with the buffers its constructor computes. Default: no."""
+        return False
 
     def stream_memory(self, model: Model) -> int:
         """Bytes this pass holds beside the stream's tensors in flight when ``model`` (on the meta device) is

@@ -42,66 +42,112 @@ WINDOW = 128  # tokens in a calibration window (compressor.passes.lowbit.calibra
 
 
 class _Caught(Exception):
-    """Raised by the hook on the first decoder layer once its inputs are recorded: nothing after it runs."""
+    """Raised by the last decoder layer's stand-in once its arguments are recorded: nothing after it runs."""
 
 
 def quantize_by_layer(model: Model, config: Any, chosen: dict[str, tuple[str, Any]], methods: list[str],
-                      batches: list[dict[str, Any]], where: str, ctx: Context) -> tuple[dict[str, IntGroup], list[str]]:
+                      batches: list[dict[str, Any]], where: str, ctx: Context) -> dict[str, IntGroup]:
     """NNCF's data-aware 4-bit compression of the streamed ``model``'s ``chosen`` weights on the calibration
-    ``batches`` (the model's keyword arguments), decoder layer by decoder layer; gives each its encoding (integers read back from ``ctx.scratch`` when written). Returns (the encodings
-    by weight name, the names of the tensors AWQ rescaled)."""
-    import nncf
-    from safetensors.torch import save_file
-
-    from .nncf_weights import compress, integers_from_hooks, out_of_scope
-
-    if ctx.read is None or ctx.scratch is None:
+    ``batches`` (the model's keyword arguments), decoder layer by decoder layer. Gives each weight its encoding,
+    whose integers are read back from rank 0's ``ctx.scratch`` when the stream writes it; returns those encodings
+    by name. Under torchrun rank 0 computes them and the other ranks wait: one set of integers for every rank."""
+    if ctx.read is None:
         raise CompressorError("a streamed model's values were not made readable to its passes; please report this bug")
-    module = model.module
-    stack, layers = _decoder_layers(module, where)
+    stack, layers = _decoder_layers(model.module, where)
     outside = sorted(n for n in chosen if not n.startswith(stack + "."))
     if outside:
         raise RecipeError(Problem(f"streamed, method {'+'.join(methods)} compresses the Linear weights of the decoder "
                                   f"layers ({stack}.N) one layer at a time, and {', '.join(outside[:3])} "
                                   "are outside them", path=where,
                                   hint="exclude those modules, or run with --stream never where memory allows"))
-    ctx.info(f"4-bit calibration on {len(batches)} windows of {batches[0]['input_ids'].shape[1]} tokens, one "
-             f"decoder layer at a time ({len(layers)} layers)")
-    inputs = _first_inputs(model, layers, batches, ctx.read)
+    group = ctx.group
+    plans = None
+    if group is None or group.rank == 0:
+        ctx.info(f"4-bit calibration on {len(batches)} windows of {batches[0]['input_ids'].shape[1]} tokens, one "
+                 f"decoder layer at a time ({len(layers)} layers)")
+        try:
+            plans = _by_layer(model, config, chosen, methods, batches, stack, layers, where, ctx)
+        finally:
+            if group is not None and group.world > 1:
+                group.share(plans)  # None tells the waiting ranks that rank 0 failed
+    else:
+        plans = group.share(None)
+        if plans is None:
+            raise CompressorError("rank 0 failed while compressing the decoder layers (its error is above)")
     found: dict[str, IntGroup] = {}
-    rescaled: list[str] = []
+    for name, (form, file) in plans.items():
+        planned = IntGroup(form["shape"], form["bits"], form["group_size"], form["symmetric"])
+        found[name] = planned.computed_by(partial(_spilled, Path(file), name[len(_prefix(name, stack)):], planned))
+        model.encodings[name] = found[name]
+    return found
+
+
+def _prefix(name: str, stack: str) -> str:
+    """``<stack>.<i>.`` of a weight inside decoder layer i."""
+    return stack + "." + name[len(stack) + 1:].split(".", 1)[0] + "."
+
+
+def _by_layer(model: Model, config: Any, chosen: dict[str, tuple[str, Any]], methods: list[str],
+              batches: list[dict[str, Any]], stack: str, layers: torch.nn.ModuleList, where: str, ctx: Context
+              ) -> dict[str, tuple[dict[str, Any], str]]:
+    """Run the layers and write each one's integers to the scratch directory; {weight name: (its IntGroup's form,
+    the file holding its parts)}."""
+    import nncf
+    from safetensors.torch import save_file
+
+    from .nncf_weights import compress, integers_from_hooks, out_of_scope
+
+    if ctx.scratch is None:
+        raise CompressorError("a streamed run has no scratch directory for its layers' integers; please report this bug")
+    inputs = _layer_inputs(model, layers, batches, ctx.read, where)
+    hidden = [kwargs[0][_first_argument(layers[0])] for kwargs in inputs]  # each window's input to the next layer
+    for window in inputs:  # the stand-ins passed the first layer's input on: only ``hidden`` holds it now
+        for layer, kwargs in zip(layers, window):
+            kwargs.pop(_first_argument(layer), None)
+    plans: dict[str, tuple[dict[str, Any], str]] = {}
     start = time.perf_counter()
     for i, layer in enumerate(layers):
         prefix = f"{stack}.{i}."
-        real = _materialised(layer, prefix, ctx.read)
-        mine = {n[len(prefix):]: v for n, v in chosen.items() if n.startswith(prefix)}
-        if mine:
-            work = copy.deepcopy(real)
-            ignored = out_of_scope(work, inputs[0], mine)
-            compressed = compress(work, config, nncf.Dataset(inputs), methods, ignored, f"{where} (layer {i})", ctx)
-            shapes = {n: list(real.get_parameter(n).shape) for n in mine}
-            layer_found = integers_from_hooks(compressed, shapes)
-            changed = _rescaled(real, compressed, layer_found)
-            kept = [n for n in changed if n not in layer_found]
-            if kept:
-                raise RecipeError(Problem(f"AWQ rescaled {', '.join(prefix + n for n in kept)}, which stays in float; "
-                                          "streamed, only 4-bit weights are written from the layer's results",
-                                          path=where, hint="use method scale-estimation, or --stream never"))
-            rescaled += [prefix + n for n in changed]
-            file = Path(ctx.scratch) / f"layer-{i}.safetensors"
-            save_file({n + suffix: part.contiguous() for n, enc in layer_found.items()
-                       for suffix, part in enc.encode_parts().items()},
-                      str(file))
-            for n, enc in layer_found.items():
-                planned = IntGroup(enc.shape, enc.bits, enc.group_size, enc.symmetric)
-                found[prefix + n] = planned.computed_by(partial(_spilled, file, n, planned))
-                model.encodings[prefix + n] = found[prefix + n]
-            del work, compressed
-        inputs = _next_inputs(real, inputs)
+        step = "reading"
+        try:
+            real = _materialised(layer, prefix, ctx.read, model.aliases)
+            first = _first_argument(real)
+            data = [dict(kwargs[i], **{first: h}) for kwargs, h in zip(inputs, hidden)]
+            mine = {n[len(prefix):]: v for n, v in chosen.items() if n.startswith(prefix)}
+            if mine:
+                step = "compressing"
+                work = copy.deepcopy(real)
+                ignored = out_of_scope(work, data[0], mine)
+                compressed = compress(work, config, nncf.Dataset(data), methods, ignored, where, ctx)
+                layer_found = integers_from_hooks(compressed, {n: list(real.get_parameter(n).shape) for n in mine})
+                changed = _rescaled(real, compressed, layer_found)
+                if changed:  # AWQ folded its scales into a tensor that is not one of the layer's 4-bit weights
+                    raise RecipeError(Problem(
+                        f"AWQ rescaled {', '.join(prefix + n for n in changed)}, which stays in float; streamed, only "
+                        "a layer's 4-bit weights are written from its results", path=where,
+                        hint="use method scale-estimation, or --stream never where memory allows"))
+                step = "writing the integers of"
+                file = Path(ctx.scratch) / f"layer-{i}.safetensors"
+                save_file({n + suffix: part.contiguous() for n, enc in layer_found.items()
+                           for suffix, part in enc.encode_parts().items()}, str(file))
+                for n, enc in layer_found.items():
+                    plans[prefix + n] = (enc.to_json(), str(file))
+                del work, compressed
+            step = "running"
+            hidden = _outputs(real, data)
+        except (CompressorError, KeyboardInterrupt):
+            raise
+        except OSError as exc:
+            raise CompressorError(f"{where}: {step} decoder layer {i} failed: {exc} (scratch directory "
+                                  f"{ctx.scratch}); free disk space beside the artifact, or choose another -o") from exc
+        except Exception as exc:  # noqa: BLE001 - a model's own forward, or NNCF's tracing, raise what they raise
+            raise CompressorError(f"{where}: {step} decoder layer {i} one layer at a time failed: "
+                                  f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; run with "
+                                  "--stream never where memory allows, or use method rtn") from exc
         del real
         gc.collect()  # NNCF's wrapped copy holds reference cycles (hooks on modules): a layer's worth each time
         ctx.info(f"layer {i + 1}/{len(layers)} done in {time.perf_counter() - start:.0f}s")
-    return found, rescaled
+    return plans
 
 
 def held_bytes(model: Model, windows: int) -> int:
@@ -109,18 +155,36 @@ def held_bytes(model: Model, windows: int) -> int:
     times (as read, NNCF's copy and its compressed state), the tensors before the layers that catching their
     inputs reads (the embeddings), and each window's hidden states in and out of a layer."""
     try:
-        stack, layers = _decoder_layers(model.module, "")
+        _, layers = _decoder_layers(model.module, "")
     except RecipeError:
         return 0  # refused when the pass runs
-    def nbytes(tensors: Any) -> int:
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-    layer = max(nbytes(m.state_dict().values()) for m in layers)
-    head = getattr(model.module, "get_output_embeddings", lambda: None)()
-    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
-    before = nbytes(t for n, t in model.tensors().items() if not n.startswith(stack + ".") and id(t) not in head_ids)
+    layer = max(sum(t.numel() * t.element_size() for t in m.state_dict().values()) for m in layers)
+    before = sum(t.numel() * t.element_size() for *_, t in _before_layers(model, layers))
     hidden = int(getattr(getattr(model.module, "config", None), "hidden_size", 0) or 0)
     return 3 * layer + before + 2 * windows * WINDOW * hidden * 4
+
+
+def _stored_names(model: Model) -> dict[int, str]:
+    """{id of a parameter or buffer: the name it is stored under} (a tied tensor: its first name)."""
+    return {id(t): n for n, t in model.module.state_dict(keep_vars=True).items() if n not in model.aliases}
+
+
+def _before_layers(model: Model, layers: torch.nn.ModuleList) -> list[tuple[Any, str, str, torch.Tensor]]:
+    """(module, "_parameters" or "_buffers", key, meta tensor) of every stored tensor outside the decoder layers and
+    the output head: what the model may read before its first layer (the embeddings, a final norm)."""
+    module = model.module
+    head = getattr(module, "get_output_embeddings", lambda: None)()
+    skip = {id(m) for m in layers.modules()} | ({id(m) for m in head.modules()} if head is not None else set())
+    stored = set(_stored_names(model))
+    out = []
+    for owner in module.modules():
+        if id(owner) in skip:
+            continue
+        for kind in ("_parameters", "_buffers"):
+            for key, t in getattr(owner, kind).items():
+                if t is not None and t.is_meta and id(t) in stored:
+                    out.append((owner, kind, key, t))
+    return out
 
 
 def _decoder_layers(module: torch.nn.Module, where: str) -> tuple[str, torch.nn.ModuleList]:
@@ -134,31 +198,37 @@ def _decoder_layers(module: torch.nn.Module, where: str) -> tuple[str, torch.nn.
             if n > size:
                 best, size = (name, m), n
     total = sum(p.numel() for p in module.parameters())
-    if best is None or size < total / 2:
+    if best is None or size < total / 3:
         raise RecipeError(Problem("streamed, data-aware 4-bit methods run a model one decoder layer at a time, and "
                                   "this model has no stack of layers holding most of its weights", path=where,
                                   hint="use method rtn, or --stream never where memory allows"))
     return best
 
 
-def _first_inputs(model: Model, layers: torch.nn.ModuleList, batches: list[dict[str, Any]], read: Any
-                  ) -> list[dict[str, Any]]:
-    """The keyword arguments each calibration window gives the first decoder layer, caught by running the model
-    with the values of every tensor outside the layers and the output head (the embeddings, the final norm) read
-    in, then put back on the meta device."""
+def _first_argument(layer: torch.nn.Module) -> str:
+    """The name of a layer's first argument: the hidden states."""
+    return next(iter(inspect.signature(layer.forward).parameters))
+
+
+def _layer_inputs(model: Model, layers: torch.nn.ModuleList, batches: list[dict[str, Any]], read: Any, where: str
+                  ) -> list[list[dict[str, Any]]]:
+    """For each calibration window, the keyword arguments the model gives each decoder layer (``[window][layer]``),
+    caught by running the model with every layer standing in as the identity: each records its arguments and
+    passes the hidden states on, the last one stops the forward. Layers may be called with different arguments
+    (sliding-window and full attention layers get different masks). Only the tensors before the layers are read
+    (the embeddings, the final norm), then put back on the meta device."""
     import torch
 
     module = model.module
-    head = getattr(module, "get_output_embeddings", lambda: None)()
-    skip = {id(m) for m in layers.modules()} | ({id(m) for m in head.modules()} if head is not None else set())
-    names = {id(t): n for n, t in module.state_dict(keep_vars=True).items()}
-    swapped: list[tuple[Any, str, str, Any]] = []  # (module, "_parameters"/"_buffers", key, the meta tensor)
-    caught: list[dict[str, Any]] = []
+    names = _stored_names(model)
+    swapped = _before_layers(model, layers)
+    caught: list[list[dict[str, Any]]] = []
 
-    def catch(layer: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        bound = inspect.signature(layer.forward).bind(*args, **kwargs)
-        arguments = dict(bound.arguments)  # by name: NNCF calls the layer with a dict as keyword arguments
-        arguments.update(arguments.pop("kwargs", {}) or {})
+    def stand_in(i: int, signature: inspect.Signature, *args: Any, **kwargs: Any) -> Any:
+        arguments = dict(signature.bind(*args, **kwargs).arguments)  # by name: NNCF calls with keyword arguments
+        for p in signature.parameters.values():
+            if p.kind is inspect.Parameter.VAR_KEYWORD:
+                arguments.update(arguments.pop(p.name, {}) or {})
         # NNCF's whole-model run gives each forward a fresh cache, filled by that very call: a layer's attention
         # sees its own window's keys alone, which is what no cache gives a layer run on its own.
         for key in ("past_key_values", "past_key_value"):
@@ -166,39 +236,45 @@ def _first_inputs(model: Model, layers: torch.nn.ModuleList, batches: list[dict[
                 arguments[key] = None
         if "use_cache" in arguments:
             arguments["use_cache"] = False
-        caught.append(arguments)
-        raise _Caught
+        if i == 0:
+            caught.append([])
+        caught[-1].append(arguments)
+        if i == len(layers) - 1:
+            raise _Caught
+        return args[0] if args else kwargs[next(iter(signature.parameters))]
 
-    hook = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
     try:
-        for owner in module.modules():
-            if id(owner) in skip:
-                continue
-            for kind in ("_parameters", "_buffers"):
-                for key, t in getattr(owner, kind).items():
-                    if t is None or not t.is_meta or id(t) not in names:
-                        continue
-                    value = read(names[id(t)])
-                    swapped.append((owner, kind, key, t))
-                    getattr(owner, kind)[key] = torch.nn.Parameter(value, requires_grad=False) \
-                        if kind == "_parameters" else value
+        for owner, kind, key, _ in swapped:
+            value = read(names[id(getattr(owner, kind)[key])])
+            getattr(owner, kind)[key] = torch.nn.Parameter(value, requires_grad=False) \
+                if kind == "_parameters" else value
+        for i, layer in enumerate(layers):
+            layer.forward = partial(stand_in, i, inspect.signature(layer.forward))
         with torch.no_grad():
             for batch in batches:
                 try:
                     module(**batch)
                 except _Caught:
                     continue
-                raise CompressorError("the model ran to its end without reaching its first decoder layer; "
+                raise CompressorError("the model ran to its end without calling its last decoder layer; "
                                       "please report this bug")
+    except (CompressorError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the model's own forward raises what it raises
+        raise CompressorError(f"{where}: running the calibration windows up to the decoder layers failed: "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; run with "
+                              "--stream never where memory allows, or use method rtn") from exc
     finally:
-        hook.remove()
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
         for owner, kind, key, t in swapped:
             getattr(owner, kind)[key] = t
     return caught
 
 
-def _materialised(layer: torch.nn.Module, prefix: str, read: Any) -> torch.nn.Module:
-    """A copy of the meta ``layer`` holding its values (each read as the passes so far left it)."""
+def _materialised(layer: torch.nn.Module, prefix: str, read: Any, aliases: dict[str, str]) -> torch.nn.Module:
+    """A copy of the meta ``layer`` holding its values (each read as the passes so far left it; a tied tensor under
+    the name it is stored by)."""
     import torch
 
     real = copy.deepcopy(layer)
@@ -210,7 +286,8 @@ def _materialised(layer: torch.nn.Module, prefix: str, read: Any) -> torch.nn.Mo
                 if kind == "_buffers" and key in sub._non_persistent_buffers_set:
                     raise CompressorError(f"{prefix}{sub_name}: buffer {key} is computed by its module's constructor "
                                           "and was not built; please report this bug")
-                value = read(prefix + (f"{sub_name}." if sub_name else "") + key)
+                name = prefix + (f"{sub_name}." if sub_name else "") + key
+                value = read(aliases.get(name, name))
                 getattr(sub, kind)[key] = torch.nn.Parameter(value, requires_grad=False) \
                     if kind == "_parameters" else value
     return real.eval()
@@ -225,16 +302,15 @@ def _rescaled(real: torch.nn.Module, compressed: torch.nn.Module, found: dict[st
                   if n in mine and torch.is_floating_point(t) and n not in found and not torch.equal(mine[n], t))
 
 
-def _next_inputs(real: torch.nn.Module, inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each window's inputs to the next layer: ``real``'s outputs (the layer as read), the other arguments kept."""
+def _outputs(real: torch.nn.Module, data: list[dict[str, Any]]) -> list[torch.Tensor]:
+    """``real``'s hidden states out (the layer as read) for each window's arguments: the next layer's inputs."""
     import torch
 
     out = []
     with torch.no_grad():
-        for kwargs in inputs:
+        for kwargs in data:
             result = real(**kwargs)
-            hidden = result[0] if isinstance(result, (tuple, list)) else result
-            out.append(dict(kwargs, **{next(iter(kwargs)): hidden}))  # the first argument: the hidden states
+            out.append(result[0] if isinstance(result, (tuple, list)) else result)
     return out
 
 

@@ -176,13 +176,9 @@ def quantize_lowbit(model: Model, config: Any, index: int, ctx: Context) -> dict
     elif next(iter(chosen.values()))[1].weight.is_meta:  # streamed, data-aware: one decoder layer at a time
         from .layerwise import quantize_by_layer
 
-        if model.task != "text-generation":
-            raise RecipeError(Problem(f"method {'+'.join(methods)} calibrates on text, which compressor provides for "
-                                      "causal language models only so far", path="quantize.method",
-                                      hint="use method rtn for this model"))
         batches = calibration_windows(model, config.calibration, ctx.base_dir)
-        found, rescaled = quantize_by_layer(model, config, chosen, methods, batches, where, ctx)
-        details = _details(config, methods, chosen, found, rescaled)
+        found = quantize_by_layer(model, config, chosen, methods, batches, where, ctx)
+        details = _details(config, methods, chosen, found, [])  # AWQ rescaled only 4-bit weights, or it refused
     else:
         data_aware = bool({"awq", "scale-estimation"} & set(methods)) or config.ratio < 1
         details = _run_nncf(model, config, chosen, _dataset(model, config, ctx, data_aware), methods, where, ctx)

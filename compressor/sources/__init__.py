@@ -59,14 +59,16 @@ def load_source(spec: Any, base_dir: Path, seed: int) -> Model:
     return kind(spec.source).load(spec, base_dir, seed)
 
 
-def lazy_source(spec: Any, base_dir: Path, seed: int) -> tuple[Model, dict[str, tuple[Path, dict[str, Any], int]]]:
+def lazy_source(spec: Any, base_dir: Path, seed: int, buffers: bool = False
+                ) -> tuple[Model, dict[str, tuple[Path, dict[str, Any], int]]]:
     """The model a recipe's ``model`` section names on the meta device, and where each stored tensor's values are
-    in its safetensors files; ValueError saying why when this source cannot be streamed."""
+    in its safetensors files; ValueError saying why when this source cannot be streamed. ``buffers``: the buffers
+    its constructor computes (in no file) are built for real, for passes that run its layers."""
     owner = kind(spec.source)
     if not hasattr(owner, "lazy"):
         raise ValueError(f"a {spec.source} source builds its model in memory; streaming reads a Hugging Face "
                          "directory's safetensors files (source: hf)")
-    return owner.lazy(spec, base_dir, seed)
+    return owner.lazy(spec, base_dir, seed, buffers)
 
 
 def architecture(root: Path, source: dict[str, Any]) -> nn.Module:

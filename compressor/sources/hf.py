@@ -254,12 +254,15 @@ def _as_model(path: Path, module: nn.Module, auto_class: str, max_length: int, s
     return Model(module=module, source=source, example_inputs=inputs, task=task, files_dir=path)
 
 
-def lazy(spec: HFModel, base_dir: Path, seed: int) -> tuple[Model, dict[str, tuple[Path, dict[str, Any], int]]]:
+def lazy(spec: HFModel, base_dir: Path, seed: int, buffers: bool = False
+         ) -> tuple[Model, dict[str, tuple[Path, dict[str, Any], int]]]:
     """The model a recipe's `hf` section names with its module on the meta device (names, shapes, dtypes, no
     values), and where each stored tensor's values are: {state-dict name: (weight file, header entry, data start)},
     for streaming (compressor/stream.py). The dtypes are those ``load`` would give (transformers' dtype "auto").
     ValueError, saying why, where the directory's weights cannot be streamed exactly as ``load`` would load them;
-    CompressorError naming the file for a weight file that cannot be read."""
+    CompressorError naming the file for a weight file that cannot be read. ``buffers``: the buffers the constructors
+    compute (rotary frequencies; in no file) are real, for passes that run the model's layers
+    (compressor/passes/layerwise.py); otherwise on meta too (some models' are large: GPT-2's causal masks)."""
     import torch
 
     from ..model import parameters_on_meta
@@ -267,9 +270,7 @@ def lazy(spec: HFModel, base_dir: Path, seed: int) -> tuple[Model, dict[str, tup
     transformers = import_transformers()
     path = resolve_path(spec.path, base_dir)
     config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-    # Parameters on meta, buffers real: a constructor's computed buffers (rotary frequencies) are in no file, and
-    # passes that run layers of a streamed model (compressor/passes/layerwise.py) need them.
-    with parameters_on_meta(), _uninitialised(skip_on_meta=False):
+    with parameters_on_meta() if buffers else torch.device("meta"), _uninitialised(skip_on_meta=not buffers):
         module = getattr(transformers, spec.auto_class).from_config(config).eval()
     module.tie_weights()  # what from_config does after initialising: the ties say which tensors are stored once
     found = _source_tensors(path)
