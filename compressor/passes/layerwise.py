@@ -114,11 +114,19 @@ def _by_layer(model: Model, config: Any, chosen: dict[str, tuple[str, Any]], met
             first = _first_argument(real)
             data = [dict(kwargs[i], **{first: h}) for kwargs, h in zip(inputs, hidden)]
             mine = {n[len(prefix):]: v for n, v in chosen.items() if n.startswith(prefix)}
+            seen: dict[int, Any] = {}
             if mine:
                 step = "compressing"
                 work = copy.deepcopy(real)
                 ignored = out_of_scope(work, data[0], mine)
-                compressed = compress(work, config, nncf.Dataset(data), methods, ignored, where, ctx)
+                # NNCF's statistics run the layer, unchanged until then, on every window: what it gives back the
+                # first time it sees a window is that window's output, which need not be computed again.
+                watch = work.register_forward_hook(partial(_first_output, seen, first), with_kwargs=True)
+                try:
+                    # Its progress bars, four a layer, would bury the layers' own progress lines.
+                    compressed = compress(work, config, nncf.Dataset(data), methods, ignored, where, ctx, bars=False)
+                finally:
+                    watch.remove()
                 layer_found = integers_from_hooks(compressed, {n: list(real.get_parameter(n).shape) for n in mine})
                 changed = _rescaled(real, compressed, layer_found)
                 if changed:  # AWQ folded its scales into a tensor that is not one of the layer's 4-bit weights
@@ -134,7 +142,7 @@ def _by_layer(model: Model, config: Any, chosen: dict[str, tuple[str, Any]], met
                     plans[prefix + n] = (enc.to_json(), str(file))
                 del work, compressed
             step = "running"
-            hidden = _outputs(real, data)
+            hidden = _outputs(real, data, seen, first)
         except (CompressorError, KeyboardInterrupt):
             raise
         except OSError as exc:
@@ -146,7 +154,9 @@ def _by_layer(model: Model, config: Any, chosen: dict[str, tuple[str, Any]], met
                                   "--stream never where memory allows, or use method rtn") from exc
         del real
         gc.collect()  # NNCF's wrapped copy holds reference cycles (hooks on modules): a layer's worth each time
-        ctx.info(f"layer {i + 1}/{len(layers)} done in {time.perf_counter() - start:.0f}s")
+        spent = time.perf_counter() - start
+        ctx.info(f"layer {i + 1}/{len(layers)} done in {spent:.0f}s"
+                 + (f" (about {spent / (i + 1) * (len(layers) - i - 1):.0f}s left)" if i + 1 < len(layers) else ""))
     return plans
 
 
@@ -302,13 +312,27 @@ def _rescaled(real: torch.nn.Module, compressed: torch.nn.Module, found: dict[st
                   if n in mine and torch.is_floating_point(t) and n not in found and not torch.equal(mine[n], t))
 
 
-def _outputs(real: torch.nn.Module, data: list[dict[str, Any]]) -> list[torch.Tensor]:
-    """``real``'s hidden states out (the layer as read) for each window's arguments: the next layer's inputs."""
+def _first_output(seen: dict[int, Any], first: str, _module: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                  output: Any) -> None:
+    """A forward hook: the output of the first call on each hidden-states tensor (by identity)."""
+    hidden = kwargs.get(first, args[0] if args else None)
+    if hidden is not None and id(hidden) not in seen:
+        seen[id(hidden)] = (hidden, output[0] if isinstance(output, (tuple, list)) else output)
+
+
+def _outputs(real: torch.nn.Module, data: list[dict[str, Any]], seen: dict[int, Any], first: str
+             ) -> list[torch.Tensor]:
+    """``real``'s hidden states out (the layer as read) for each window's arguments: the next layer's inputs. Those
+    NNCF's statistics already computed (``seen``, by the identity of the input tensor) are taken from there."""
     import torch
 
     out = []
     with torch.no_grad():
         for kwargs in data:
+            hit = seen.get(id(kwargs[first]))
+            if hit is not None and hit[0] is kwargs[first] and isinstance(hit[1], torch.Tensor):
+                out.append(hit[1])
+                continue
             result = real(**kwargs)
             out.append(result[0] if isinstance(result, (tuple, list)) else result)
     return out

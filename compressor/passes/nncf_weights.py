@@ -63,9 +63,9 @@ def out_of_scope(work: Any, example: Any, chosen: dict[str, tuple[str, Any]]) ->
 
 
 def compress(work: Any, config: Any, dataset: Any, methods: list[str], ignored: list[str], where: str,
-              ctx: Context) -> Any:
-    """NNCF's ``compress_weights`` on ``work``, its output kept off standard output; its failures as one-paragraph
-    errors naming the pass."""
+              ctx: Context, bars: bool = True) -> Any:
+    """NNCF's ``compress_weights`` on ``work``, its output kept off standard output (its progress bars on standard
+    error unless quiet or not ``bars``); its failures as one-paragraph errors naming the pass."""
     import logging
 
     import nncf
@@ -76,7 +76,7 @@ def compress(work: Any, config: Any, dataset: Any, methods: list[str], ignored: 
     nncf_logger = logging.getLogger("nncf")
     level = nncf_logger.level
     nncf_logger.setLevel(logging.ERROR)  # its statistics tables are not this run's output
-    quiet = getattr(ctx.log, "quiet", True)
+    quiet = getattr(ctx.log, "quiet", True) or not bars
     # NNCF draws its progress bars on standard output, which belongs to the command's result: they go to stderr
     # (where compressor's own progress goes), or nowhere under --quiet.
     sink = open(os.devnull, "w") if quiet else sys.stderr  # noqa: SIM115 - closed below
