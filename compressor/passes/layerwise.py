@@ -2,19 +2,22 @@
 
 A model streamed from its safetensors files (compressor/stream.py) holds no values when its passes run, and the
 activation-driven methods need them, and the activations that reach each layer. As peers' sequential pipelines
-do, the calibration windows go through the model one decoder layer at a time: the tensors before the first layer
-(the embeddings) are read and the windows' inputs to the first layer caught there; then each layer is read from
-the source, compressed by NNCF on its own with those inputs as its calibration data, run on them to give the next
-layer's inputs, and released. Memory holds one layer (three copies: as read, NNCF's, and its compressed form) and
-the calibration activations, whatever the depth.
+do, the calibration windows go through the model one decoder layer at a time: the tensors before the layers (the
+embeddings, the final norm) are read and the arguments the model gives each layer caught, every layer standing in
+as the identity; then each layer is read from the source, compressed by NNCF on its own with its arguments and the
+current hidden states as its calibration data, its outputs on them become the next layer's hidden states, and it
+is released. Memory holds one layer (three copies: as read, NNCF's, and its compressed form) and the calibration
+activations, whatever the depth.
 
 The next layer's inputs are the outputs of the layer *as read*, not as compressed: NNCF's whole-model run collects
 every statistic in one pass of the unquantized model, so each layer sees the very activations it would see there,
-and its integers are the same (tests/test_stream.py compares the files). Mixed precision (``ratio`` < 1) ranks all
-the layers' sensitivities together and does not stream; pass.stream_problem says so before anything is read.
+and its integers are the same (tests/test_stream.py compares the files). NNCF's statistics pass runs the unchanged
+layer on every window, so its outputs are taken from there rather than computed twice. Mixed precision (``ratio``
+< 1) ranks all the layers' sensitivities together and does not stream; pass.stream_problem says so before anything
+is read.
 
 Each layer's integers go to a file in the run's scratch directory (beside the artifact), from which the stream
-writes them: memory does not grow with the layers done.
+writes them: memory does not grow with the layers done. Under torchrun rank 0 runs the layers; the others wait.
 """
 
 from __future__ import annotations
@@ -98,7 +101,8 @@ def _by_layer(model: Model, config: Any, chosen: dict[str, tuple[str, Any]], met
     from .nncf_weights import compress, integers_from_hooks, out_of_scope
 
     if ctx.scratch is None:
-        raise CompressorError("a streamed run has no scratch directory for its layers' integers; please report this bug")
+        raise CompressorError("a streamed run has no scratch directory for its layers' integers; "
+                              "please report this bug")
     inputs = _layer_inputs(model, layers, batches, ctx.read, where)
     hidden = [kwargs[0][_first_argument(layers[0])] for kwargs in inputs]  # each window's input to the next layer
     for window in inputs:  # the stand-ins passed the first layer's input on: only ``hidden`` holds it now
@@ -163,7 +167,8 @@ def _by_layer(model: Model, config: Any, chosen: dict[str, tuple[str, Any]], met
 def held_bytes(model: Model, windows: int) -> int:
     """What ``quantize_by_layer`` holds at its peak, from the meta model's shapes: the largest decoder layer three
     times (as read, NNCF's copy and its compressed state), the tensors before the layers that catching their
-    inputs reads (the embeddings), and each window's hidden states in and out of a layer."""
+    arguments reads (the embeddings), and per window: the hidden states in, out and as NNCF's statistics pass gave
+    them, and NNCF's statistics of the widest input twice (2.63 GB measured at 1.1B, 1.46 GB at 0.25B)."""
     try:
         _, layers = _decoder_layers(model.module, "")
     except RecipeError:
@@ -171,7 +176,8 @@ def held_bytes(model: Model, windows: int) -> int:
     layer = max(sum(t.numel() * t.element_size() for t in m.state_dict().values()) for m in layers)
     before = sum(t.numel() * t.element_size() for *_, t in _before_layers(model, layers))
     hidden = int(getattr(getattr(model.module, "config", None), "hidden_size", 0) or 0)
-    return 3 * layer + before + 2 * windows * WINDOW * hidden * 4
+    widest = max([t.shape[1] for m in layers for t in m.state_dict().values() if t.dim() == 2] or [hidden])
+    return 3 * layer + before + windows * WINDOW * 4 * (3 * hidden + 2 * widest)
 
 
 def _stored_names(model: Model) -> dict[int, str]:
