@@ -166,6 +166,10 @@ def _source(recipe: Recipe, passes: list[Any], stream: str, group: Any, log: Rep
 
         config = getattr(model.module, "config", None)
         check_sequence_lengths(recipe.evaluation, config.to_dict() if hasattr(config, "to_dict") else None)
+        if model.task == "text-generation":  # the evaluator checks these too, but only after the passes' work
+            from .evaluate.lm_speed import check_prompt_lengths
+
+            check_prompt_lengths(recipe.evaluation.generation, config.to_dict() if hasattr(config, "to_dict") else None)
     if streamed is None:
         _smoke(model, "the source model fails on its example inputs; for a python source check `model.inputs` "
                       "against forward()'s arguments")

@@ -132,6 +132,17 @@ def test_layers_called_with_different_arguments_get_their_own(tmp_path):
     assert _digest(streamed) == _digest(whole)
 
 
+def test_evaluation_settings_the_model_cannot_take_are_refused_before_the_layers_run(tmp_path, llama):
+    # The default generation window (512 tokens) exceeds this model's 64 positions: refused up front, not after
+    # the layers' minutes of work, whether streamed or whole.
+    path = _recipe(tmp_path, llama, LAYERWISE["int4-awq-se"], extra="evaluate: {}\n")
+    for stream in ("always", "never"):
+        proc = run_cli("run", str(path), "-o", str(tmp_path / "out"), "--stream", stream)
+        message = " ".join(proc.stderr.split())
+        assert proc.returncode == 2 and "exceed the model's 64 positions" in message, message
+        assert "pass 1/1" not in message and not (tmp_path / "out").exists()
+
+
 def test_tied_embeddings_and_shards_stream_to_the_same_bytes(tmp_path):
     src = _llama(tmp_path / "tied", tied=True)
     path = _recipe(tmp_path, src, RECIPES["cast"], extra="export: {safetensors: {max_shard_size: 100KB}}\n")
