@@ -100,7 +100,7 @@ def test_layer_by_layer_4bit_handles_tied_embeddings_and_says_what_it_needs(tmp_
     model, _ = lazy_source(load_recipe(path).model, tmp_path, 0)
     layer = sum(t.numel() * 4 for n, t in model.tensors().items() if n.startswith("model.layers.0."))
     # the embeddings and the final norm; the hidden states three times, the widest input (128) twice
-    assert held_bytes(model, 4) == 3 * layer + (512 * 64 + 64) * 4 + 4 * 128 * 4 * (3 * 64 + 2 * 128)
+    assert held_bytes(model, 4, 128) == 3 * layer + (512 * 64 + 64) * 4 + 4 * 128 * 4 * (3 * 64 + 2 * 128)
     proc = run_cli("run", str(path), "-o", str(tmp_path / "none"), "-q", "--stream", "always",
                    env={LIMIT_ENV: "700MB"})  # streaming alone would fit (0.55 GB)
     message = " ".join(proc.stderr.split())

@@ -39,9 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..model import Model
     from .base import Context
 
-__all__ = ["quantize_by_layer", "held_bytes", "WINDOW"]
-
-WINDOW = 128  # tokens in a calibration window (compressor.passes.lowbit.calibration_windows)
+__all__ = ["quantize_by_layer", "held_bytes"]
 
 
 class _Caught(Exception):
@@ -80,14 +78,9 @@ def quantize_by_layer(model: Model, config: Any, chosen: dict[str, tuple[str, An
     found: dict[str, IntGroup] = {}
     for name, (form, file) in plans.items():
         planned = IntGroup(form["shape"], form["bits"], form["group_size"], form["symmetric"])
-        found[name] = planned.computed_by(partial(_spilled, Path(file), name[len(_prefix(name, stack)):], planned))
+        found[name] = planned.computed_by(partial(_spilled, Path(file), name, planned))
         model.encodings[name] = found[name]
     return found
-
-
-def _prefix(name: str, stack: str) -> str:
-    """``<stack>.<i>.`` of a weight inside decoder layer i."""
-    return stack + "." + name[len(stack) + 1:].split(".", 1)[0] + "."
 
 
 def _by_layer(model: Model, config: Any, chosen: dict[str, tuple[str, Any]], methods: list[str],
@@ -104,10 +97,11 @@ def _by_layer(model: Model, config: Any, chosen: dict[str, tuple[str, Any]], met
         raise CompressorError("a streamed run has no scratch directory for its layers' integers; "
                               "please report this bug")
     inputs = _layer_inputs(model, layers, batches, ctx.read, where)
-    hidden = [kwargs[0][_first_argument(layers[0])] for kwargs in inputs]  # each window's input to the next layer
+    firsts = [_first_argument(layer) for layer in layers]  # each layer's hidden-states argument
+    hidden = [kwargs[0][firsts[0]] for kwargs in inputs]  # each window's input to the next layer
     for window in inputs:  # the stand-ins passed the first layer's input on: only ``hidden`` holds it now
-        for layer, kwargs in zip(layers, window):
-            kwargs.pop(_first_argument(layer), None)
+        for first, kwargs in zip(firsts, window):
+            kwargs.pop(first, None)
     plans: dict[str, tuple[dict[str, Any], str]] = {}
     start = time.perf_counter()
     for i, layer in enumerate(layers):
@@ -115,7 +109,7 @@ def _by_layer(model: Model, config: Any, chosen: dict[str, tuple[str, Any]], met
         step = "reading"
         try:
             real = _materialised(layer, prefix, ctx.read, model.aliases)
-            first = _first_argument(real)
+            first = firsts[i]
             data = [dict(kwargs[i], **{first: h}) for kwargs, h in zip(inputs, hidden)]
             mine = {n[len(prefix):]: v for n, v in chosen.items() if n.startswith(prefix)}
             seen: dict[int, Any] = {}
@@ -140,7 +134,7 @@ def _by_layer(model: Model, config: Any, chosen: dict[str, tuple[str, Any]], met
                         hint="use method scale-estimation, or --stream never where memory allows"))
                 step = "writing the integers of"
                 file = Path(ctx.scratch) / f"layer-{i}.safetensors"
-                save_file({n + suffix: part.contiguous() for n, enc in layer_found.items()
+                save_file({prefix + n + suffix: part.contiguous() for n, enc in layer_found.items()
                            for suffix, part in enc.encode_parts().items()}, str(file))
                 for n, enc in layer_found.items():
                     plans[prefix + n] = (enc.to_json(), str(file))
@@ -164,7 +158,7 @@ def _by_layer(model: Model, config: Any, chosen: dict[str, tuple[str, Any]], met
     return plans
 
 
-def held_bytes(model: Model, windows: int) -> int:
+def held_bytes(model: Model, windows: int, window: int) -> int:
     """What ``quantize_by_layer`` holds at its peak, from the meta model's shapes: the largest decoder layer three
     times (as read, NNCF's copy and its compressed state), the tensors before the layers that catching their
     arguments reads (the embeddings), and per window: the hidden states in, out and as NNCF's statistics pass gave
@@ -177,7 +171,7 @@ def held_bytes(model: Model, windows: int) -> int:
     before = sum(t.numel() * t.element_size() for *_, t in _before_layers(model, layers))
     hidden = int(getattr(getattr(model.module, "config", None), "hidden_size", 0) or 0)
     widest = max([t.shape[1] for m in layers for t in m.state_dict().values() if t.dim() == 2] or [hidden])
-    return 3 * layer + before + windows * WINDOW * 4 * (3 * hidden + 2 * widest)
+    return 3 * layer + before + windows * window * 4 * (3 * hidden + 2 * widest)
 
 
 def _stored_names(model: Model) -> dict[int, str]:
@@ -261,9 +255,7 @@ def _layer_inputs(model: Model, layers: torch.nn.ModuleList, batches: list[dict[
 
     try:
         for owner, kind, key, _ in swapped:
-            value = read(names[id(getattr(owner, kind)[key])])
-            getattr(owner, kind)[key] = torch.nn.Parameter(value, requires_grad=False) \
-                if kind == "_parameters" else value
+            _put(owner, kind, key, read(names[id(getattr(owner, kind)[key])]))
         for i, layer in enumerate(layers):
             layer.forward = partial(stand_in, i, inspect.signature(layer.forward))
         with torch.no_grad():
@@ -284,8 +276,15 @@ def _layer_inputs(model: Model, layers: torch.nn.ModuleList, batches: list[dict[
         for layer in layers:
             layer.__dict__.pop("forward", None)
         for owner, kind, key, t in swapped:
-            getattr(owner, kind)[key] = t
+            getattr(owner, kind)[key] = t  # the meta tensor itself, as it was
     return caught
+
+
+def _put(owner: torch.nn.Module, kind: str, key: str, value: torch.Tensor) -> None:
+    """Make ``value`` the module's parameter (frozen) or buffer ``key`` (``kind``: "_parameters" or "_buffers")."""
+    import torch
+
+    getattr(owner, kind)[key] = torch.nn.Parameter(value, requires_grad=False) if kind == "_parameters" else value
 
 
 def _materialised(layer: torch.nn.Module, prefix: str, read: Any, aliases: dict[str, str]) -> torch.nn.Module:
@@ -303,9 +302,7 @@ def _materialised(layer: torch.nn.Module, prefix: str, read: Any, aliases: dict[
                     raise CompressorError(f"{prefix}{sub_name}: buffer {key} is computed by its module's constructor "
                                           "and was not built; please report this bug")
                 name = prefix + (f"{sub_name}." if sub_name else "") + key
-                value = read(aliases.get(name, name))
-                getattr(sub, kind)[key] = torch.nn.Parameter(value, requires_grad=False) \
-                    if kind == "_parameters" else value
+                _put(sub, kind, key, read(aliases.get(name, name)))
     return real.eval()
 
 
@@ -318,12 +315,17 @@ def _rescaled(real: torch.nn.Module, compressed: torch.nn.Module, found: dict[st
                   if n in mine and torch.is_floating_point(t) and n not in found and not torch.equal(mine[n], t))
 
 
+def _hidden_out(result: Any) -> Any:
+    """A decoder layer's hidden states from what it returns (a tensor, or a tuple led by one)."""
+    return result[0] if isinstance(result, (tuple, list)) else result
+
+
 def _first_output(seen: dict[int, Any], first: str, _module: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                   output: Any) -> None:
     """A forward hook: the output of the first call on each hidden-states tensor (by identity)."""
     hidden = kwargs.get(first, args[0] if args else None)
     if hidden is not None and id(hidden) not in seen:
-        seen[id(hidden)] = (hidden, output[0] if isinstance(output, (tuple, list)) else output)
+        seen[id(hidden)] = (hidden, _hidden_out(output))
 
 
 def _outputs(real: torch.nn.Module, data: list[dict[str, Any]], seen: dict[int, Any], first: str
@@ -339,13 +341,12 @@ def _outputs(real: torch.nn.Module, data: list[dict[str, Any]], seen: dict[int, 
             if hit is not None and hit[0] is kwargs[first] and isinstance(hit[1], torch.Tensor):
                 out.append(hit[1])
                 continue
-            result = real(**kwargs)
-            out.append(result[0] if isinstance(result, (tuple, list)) else result)
+            out.append(_hidden_out(real(**kwargs)))
     return out
 
 
 def _spilled(file: Path, name: str, planned: IntGroup, value: torch.Tensor) -> IntGroup:
-    """The integers NNCF gave weight ``name`` of a layer, read back from its scratch ``file`` (``value``, the weight
+    """The integers NNCF gave weight ``name``, read back from its layer's scratch ``file`` (``value``, the weight
     as read, does not enter: AWQ may have rescaled it)."""
     from safetensors import safe_open
 

@@ -27,9 +27,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..model import Model
     from .base import Context
 
-__all__ = ["quantize_lowbit", "WEIGHT_METHODS", "calibration_windows"]
+__all__ = ["quantize_lowbit", "WEIGHT_METHODS", "WINDOW", "WINDOWS", "calibration_windows"]
 
 WEIGHT_METHODS = ("rtn", "awq", "scale-estimation", "gptq")
+WINDOW = 128  # tokens in a calibration window of a causal LM
+WINDOWS = 128  # calibration windows when `calibration.limit` is unset
 
 
 def _tables(module: torch.nn.Module, state_names: dict[int, str]) -> set[str]:
@@ -44,7 +46,8 @@ def _tables(module: torch.nn.Module, state_names: dict[int, str]) -> set[str]:
     return out
 
 
-def calibration_windows(model: Model, spec: Any, base_dir: Any, window: int = 128) -> list[dict[str, torch.Tensor]]:
+def calibration_windows(model: Model, spec: Any, base_dir: Any, window: int = WINDOW
+                        ) -> list[dict[str, torch.Tensor]]:
     """Calibration batches of a causal LM, one window of ``window`` tokens each: the zoo LM's training documents
     (never its held-out ones) by default, else the shipped calibration sentences, or the user's text file."""
     import torch
@@ -71,12 +74,12 @@ def calibration_windows(model: Model, spec: Any, base_dir: Any, window: int = 12
         raise UsageError("4-bit calibration of a language model needs its tokenizer, and the model directory has "
                          "none; use method rtn (data-free)")
     stream: list[int] = []
-    limit = (spec.limit or 128) * window
+    limit = (spec.limit or WINDOWS) * window
     for ids in tok(docs, add_special_tokens=False, verbose=False)["input_ids"]:
         stream += ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
         if len(stream) >= limit:
             break
-    count = min(len(stream) // window, spec.limit or 128)
+    count = min(len(stream) // window, spec.limit or WINDOWS)
     if count < 1:
         raise UsageError(f"the calibration text has {len(stream)} tokens, fewer than one window of {window}")
     ids = torch.tensor(stream[: count * window], dtype=torch.long).reshape(count, window)

@@ -259,8 +259,9 @@ class QuantizePass(Pass):
         if not self.runs_layers():
             return 0
         from .layerwise import held_bytes
+        from .lowbit import WINDOW, WINDOWS
 
-        return held_bytes(model, config.calibration.limit or 128)
+        return held_bytes(model, config.calibration.limit or WINDOWS, WINDOW)
 
     def stream_problem(self) -> str | None:
         config: QuantizeConfig = self.config  # type: ignore[assignment]
