@@ -98,9 +98,9 @@ def validate(recipe: Path) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Print only warnings, errors and the result line.")
 @click.option("--stream", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
               help="Stream the model tensor by tensor from its safetensors files instead of loading it whole: memory "
-                   "bounded by the largest tensor (by a decoder layer for 4-bit AWQ and scale estimation, which run "
-                   "one layer at a time), same bytes. auto: when the whole model would not fit in memory and the "
-                   "recipe can stream (an hf source; cast, weight-only int8, 4-bit with ratio 1 and shard; no ONNX "
+                   "bounded by the largest tensor (by a decoder layer for 4-bit AWQ, scale estimation and ratio < 1, "
+                   "which run one layer at a time), same bytes. auto: when the whole model would not fit in memory "
+                   "and the recipe can stream (an hf source; cast, weight-only int8 and 4-bit, and shard; no ONNX "
                    "export); "
                    "always: stream or say why not (exit 2). Under torchrun the run always streams, the tensors "
                    "divided between the processes.")

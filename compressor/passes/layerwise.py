@@ -12,9 +12,13 @@ activations, whatever the depth.
 The next layer's inputs are the outputs of the layer *as read*, not as compressed: NNCF's whole-model run collects
 every statistic in one pass of the unquantized model, so each layer sees the very activations it would see there,
 and its integers are the same (tests/test_stream.py compares the files). NNCF's statistics pass runs the unchanged
-layer on every window, so its outputs are taken from there rather than computed twice. Mixed precision (``ratio``
-< 1) ranks all the layers' sensitivities together and does not stream; pass.stream_problem says so before anything
-is read.
+layer on every window, so its outputs are taken from there rather than computed twice.
+
+Mixed precision (``ratio`` < 1) ranks the sensitivities of all the layers' weights together. The layers then run
+twice: the first time NNCF's statistics and its criterion score each layer's weights (and stop there), the scores
+are ranked as NNCF ranks them, and the second time NNCF compresses each layer with the precision that ranking gave
+each weight in place of its own decision (compressor/passes/nncf_weights.py). Everything else NNCF does works
+weight by weight, so the integers are again the whole run's.
 
 Each layer's integers go to a file in the run's scratch directory (beside the artifact), from which the stream
 writes them: memory does not grow with the layers done. Under torchrun rank 0 runs the layers; the others wait.
@@ -87,22 +91,77 @@ def _by_layer(model: Model, config: Any, chosen: dict[str, tuple[str, Any]], met
               batches: list[dict[str, Any]], stack: str, layers: torch.nn.ModuleList, where: str, ctx: Context
               ) -> dict[str, tuple[dict[str, Any], str]]:
     """Run the layers and write each one's integers to the scratch directory; {weight name: (its IntGroup's form,
-    the file holding its parts)}."""
+    the file holding its parts)}. With ``ratio`` < 1 the layers run twice: first for every weight's sensitivity
+    (NNCF's criterion on its statistics), ranked across the model as NNCF's whole run ranks them, then to compress
+    each layer with the precisions that ranking gave its weights."""
     import nncf
     from safetensors.torch import save_file
 
-    from .nncf_weights import compress, integers_from_hooks, out_of_scope
+    from .nncf_weights import Decided, compress, forced, integers_from_hooks, primary_by_sensitivity, sensitivities
 
     if ctx.scratch is None:
         raise CompressorError("a streamed run has no scratch directory for its layers' integers; "
                               "please report this bug")
     inputs = _layer_inputs(model, layers, batches, ctx.read, where)
     firsts = [_first_argument(layer) for layer in layers]  # each layer's hidden-states argument
-    hidden = [kwargs[0][firsts[0]] for kwargs in inputs]  # each window's input to the next layer
+    hidden = [kwargs[0][firsts[0]] for kwargs in inputs]  # each window's input to the first layer
     for window in inputs:  # the stand-ins passed the first layer's input on: only ``hidden`` holds it now
         for first, kwargs in zip(firsts, window):
             kwargs.pop(first, None)
+    walk = partial(_walk, model, chosen, stack, layers, inputs, hidden, firsts, where, ctx)
+
+    primary: set[str] | None = None
+    if config.ratio < 1:
+        scores: list[tuple[str, float, int]] = []
+
+        def score(_: int, prefix: str, real: Any, work: Any, data: list[dict[str, Any]], ignored: list[str]) -> None:
+            found: list[tuple[str, float, int]] = []
+            try:  # the statistics alone: NNCF stops once its criterion has scored the layer's weights
+                compress(work, config, nncf.Dataset(data), ["rtn"], ignored, where, ctx, bars=False,
+                         decide=partial(sensitivities, found))
+            except Decided:
+                pass
+            scores.extend((prefix + name, value, size) for name, value, size in found)
+
+        walk(score, "sensitivities of layer")
+        primary = primary_by_sensitivity(scores, config.ratio)
+        ctx.info(f"mixed precision: {len(primary)} of {len(scores)} weights at 4 bits, the rest int8 per channel")
+
     plans: dict[str, tuple[dict[str, Any], str]] = {}
+
+    def quantize(i: int, prefix: str, real: Any, work: Any, data: list[dict[str, Any]], ignored: list[str]) -> None:
+        mine = {n[len(prefix):] for n in chosen if n.startswith(prefix)}
+        decide = None if primary is None else partial(forced, {n[len(prefix):] for n in primary
+                                                               if n.startswith(prefix)})
+        # Its progress bars, four a layer, would bury the layers' own progress lines.
+        compressed = compress(work, config, nncf.Dataset(data), methods, ignored, where, ctx, bars=False,
+                              decide=decide)
+        layer_found = integers_from_hooks(compressed, {n: list(real.get_parameter(n).shape) for n in mine})
+        changed = _rescaled(real, compressed, layer_found)
+        if changed:  # AWQ folded its scales into a tensor that is not one of the layer's 4-bit weights
+            raise RecipeError(Problem(
+                f"AWQ rescaled {', '.join(prefix + n for n in changed)}, which stays in float; streamed, only "
+                "a layer's 4-bit weights are written from its results", path=where,
+                hint="use method scale-estimation, or --stream never where memory allows"))
+        file = Path(ctx.scratch) / f"layer-{i}.safetensors"
+        save_file({prefix + n + suffix: part.contiguous() for n, enc in layer_found.items()
+                   for suffix, part in enc.encode_parts().items()}, str(file))
+        for n, enc in layer_found.items():
+            plans[prefix + n] = (enc.to_json(), str(file))
+
+    walk(quantize, "layer")
+    return plans
+
+
+def _walk(model: Model, chosen: dict[str, tuple[str, Any]], stack: str, layers: torch.nn.ModuleList,
+          inputs: list[list[dict[str, Any]]], hidden: list[Any], firsts: list[str], where: str, ctx: Context,
+          work_on: Any, label: str) -> None:
+    """Read each decoder layer in turn and call ``work_on(index, prefix, layer as read, a copy for NNCF, its calibration
+    data, NNCF's names of the operations out of scope)`` where it has weights in ``chosen``; the layer's outputs
+    (taken from NNCF's statistics pass where it ran the copy unchanged) are the next layer's inputs. One progress
+    line a layer, ``label`` leading it."""
+    from .nncf_weights import out_of_scope
+
     start = time.perf_counter()
     for i, layer in enumerate(layers):
         prefix = f"{stack}.{i}."
@@ -121,24 +180,10 @@ def _by_layer(model: Model, config: Any, chosen: dict[str, tuple[str, Any]], met
                 # first time it sees a window is that window's output, which need not be computed again.
                 watch = work.register_forward_hook(partial(_first_output, seen, first), with_kwargs=True)
                 try:
-                    # Its progress bars, four a layer, would bury the layers' own progress lines.
-                    compressed = compress(work, config, nncf.Dataset(data), methods, ignored, where, ctx, bars=False)
+                    work_on(i, prefix, real, work, data, ignored)
                 finally:
                     watch.remove()
-                layer_found = integers_from_hooks(compressed, {n: list(real.get_parameter(n).shape) for n in mine})
-                changed = _rescaled(real, compressed, layer_found)
-                if changed:  # AWQ folded its scales into a tensor that is not one of the layer's 4-bit weights
-                    raise RecipeError(Problem(
-                        f"AWQ rescaled {', '.join(prefix + n for n in changed)}, which stays in float; streamed, only "
-                        "a layer's 4-bit weights are written from its results", path=where,
-                        hint="use method scale-estimation, or --stream never where memory allows"))
-                step = "writing the integers of"
-                file = Path(ctx.scratch) / f"layer-{i}.safetensors"
-                save_file({prefix + n + suffix: part.contiguous() for n, enc in layer_found.items()
-                           for suffix, part in enc.encode_parts().items()}, str(file))
-                for n, enc in layer_found.items():
-                    plans[prefix + n] = (enc.to_json(), str(file))
-                del work, compressed
+                del work
             step = "running"
             hidden = _outputs(real, data, seen, first)
         except (CompressorError, KeyboardInterrupt):
@@ -153,9 +198,8 @@ def _by_layer(model: Model, config: Any, chosen: dict[str, tuple[str, Any]], met
         del real
         gc.collect()  # NNCF's wrapped copy holds reference cycles (hooks on modules): a layer's worth each time
         spent = time.perf_counter() - start
-        ctx.info(f"layer {i + 1}/{len(layers)} done in {spent:.0f}s"
+        ctx.info(f"{label} {i + 1}/{len(layers)} done in {spent:.0f}s"
                  + (f" (about {spent / (i + 1) * (len(layers) - i - 1):.0f}s left)" if i + 1 < len(layers) else ""))
-    return plans
 
 
 def held_bytes(model: Model, windows: int, window: int) -> int:

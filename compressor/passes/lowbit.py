@@ -174,9 +174,10 @@ def quantize_lowbit(model: Model, config: Any, index: int, ctx: Context) -> dict
                                   + ("; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:3]) or "none matched"),
                                   path=where, hint="check `modules`, `exclude` and `group_size` against the model"))
     methods = config.weight_methods
-    if next(iter(chosen.values()))[1].weight.is_meta and methods == ["rtn"]:  # streamed: rounded when written
+    if next(iter(chosen.values()))[1].weight.is_meta and methods == ["rtn"] and config.ratio == 1:
+        # streamed, data-free: each weight rounded when it is written
         details = _plan_streamed(model, config, chosen)
-    elif next(iter(chosen.values()))[1].weight.is_meta:  # streamed, data-aware: one decoder layer at a time
+    elif next(iter(chosen.values()))[1].weight.is_meta:  # streamed, data-aware or mixed: one layer at a time
         from .layerwise import quantize_by_layer
 
         batches = calibration_windows(model, config.calibration, ctx.base_dir)
@@ -234,7 +235,7 @@ def _run_nncf(model: Model, config: Any, chosen: dict[str, tuple[str, Any]], dat
 
 def _plan_streamed(model: Model, config: Any, chosen: dict[str, tuple[str, Any]]) -> dict[str, Any]:
     """Every chosen weight's encoding on a model on the meta device, its integers computed when its value is read
-    (compressor/stream.py allows round to nearest with ratio 1 only: nothing else is decided weight by weight)."""
+    (round to nearest with ratio 1: nothing else is decided weight by weight)."""
     from functools import partial
 
     # NNCF's modules are imported here, once, not first by two of the stream's writer threads at the same time.

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..encodings import IntGroup
@@ -18,7 +19,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .base import Context
 
-__all__ = ["from_decompressor", "out_of_scope", "compress", "integers_from_hooks"]
+__all__ = ["from_decompressor", "out_of_scope", "compress", "integers_from_hooks", "Decided", "sensitivities",
+           "forced", "primary_by_sensitivity"]
+
+
+class Decided(Exception):
+    """Raised by a ``decide`` given to ``compress`` once it has what it needs: NNCF stops there."""
 
 
 def from_decompressor(hook: Any, packed: torch.Tensor, shape: list[int]) -> IntGroup:
@@ -63,9 +69,13 @@ def out_of_scope(work: Any, example: Any, chosen: dict[str, tuple[str, Any]]) ->
 
 
 def compress(work: Any, config: Any, dataset: Any, methods: list[str], ignored: list[str], where: str,
-              ctx: Context, bars: bool = True) -> Any:
+             ctx: Context, bars: bool = True, decide: Callable[..., None] | None = None) -> Any:
     """NNCF's ``compress_weights`` on ``work``, its output kept off standard output (its progress bars on standard
-    error unless quiet or not ``bars``); its failures as one-paragraph errors naming the pass."""
+    error unless quiet or not ``bars``); its failures as one-paragraph errors naming the pass.
+
+    ``decide``, when given, takes the place of NNCF's mixed-precision step (``ratio`` < 1), called as NNCF calls
+    that step: with the algorithm, the weights whose precision it sets, the model, its graph and the statistics
+    (``sensitivities`` and ``forced`` are the two used; a ``Decided`` it raises goes through)."""
     import logging
 
     import nncf
@@ -81,7 +91,7 @@ def compress(work: Any, config: Any, dataset: Any, methods: list[str], ignored: 
     # (where compressor's own progress goes), or nowhere under --quiet.
     sink = open(os.devnull, "w") if quiet else sys.stderr  # noqa: SIM115 - closed below
     try:
-        with torch.no_grad(), contextlib.redirect_stdout(sink):
+        with torch.no_grad(), contextlib.redirect_stdout(sink), _mixed_precision(decide):
             return nncf.compress_weights(
                 work, mode=mode, group_size=config.group_size, ratio=config.ratio, all_layers=True,
                 dataset=dataset, awq="awq" in methods or None,
@@ -90,6 +100,8 @@ def compress(work: Any, config: Any, dataset: Any, methods: list[str], ignored: 
                 subset_size=len(list(dataset.get_inference_data())))
     except (nncf.ParameterNotSupportedError, nncf.ValidationError) as exc:
         raise RecipeError(Problem(f"NNCF refuses these settings: {exc}", path=where)) from exc
+    except Decided:
+        raise
     except Exception as exc:  # noqa: BLE001 - NNCF's tracing and algorithms raise whatever their code raises
         raise CompressorError(f"{where}: NNCF's weight compression failed on this model: {type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}; exclude the module it names, or "
@@ -120,3 +132,66 @@ def integers_from_hooks(compressed: Any, shapes: dict[str, list[int]]) -> dict[s
             raise CompressorError(f"NNCF compressed {name}, which was out of its scope")
         found[name] = from_decompressor(hook, packed_state[name], shapes[name])
     return found
+
+
+@contextlib.contextmanager
+def _mixed_precision(decide: Callable[..., None] | None) -> Iterator[None]:
+    """NNCF's mixed-precision step (``WeightCompression.apply_mixed_precision``) replaced by ``decide`` while NNCF
+    runs, when one is given. That step alone ranks weights across the model; everything NNCF does before it
+    (statistics) and after it (AWQ, scale estimation, the integers) works weight by weight, so a model compressed
+    one decoder layer at a time gets the whole run's results when the decision is made once for all the layers."""
+    if decide is None:
+        yield
+        return
+    from nncf.quantization.algorithms.weight_compression.algorithm import WeightCompression
+
+    original = WeightCompression.apply_mixed_precision
+
+    def step(algorithm: Any, params: list[Any], model: Any, graph: Any, statistic_points: Any) -> None:
+        if algorithm._ratio < 1 and params:  # as NNCF's own step: nothing to decide at ratio 1
+            decide(algorithm, params, model, graph, statistic_points)
+
+    WeightCompression.apply_mixed_precision = step  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        WeightCompression.apply_mixed_precision = original  # type: ignore[method-assign]
+
+
+def sensitivities(found: list[tuple[str, float, int]], algorithm: Any, params: list[Any], model: Any, graph: Any,
+                  statistic_points: Any) -> None:
+    """A ``decide`` that appends (weight name, NNCF's sensitivity score, size) of every weight whose precision the
+    ratio sets to ``found`` (NNCF's own criterion, on the statistics it collected), then stops NNCF."""
+    criterion = algorithm._mixed_precision_algo
+    criterion._set_backend_entity(model)
+    scores = criterion._calc_sensitivity(model, graph, params, statistic_points)
+    found.extend((p.weight_name, float(s), int(p.num_weights)) for p, s in zip(params, scores))
+    raise Decided
+
+
+def forced(primary: set[str], algorithm: Any, params: list[Any], model: Any, graph: Any,
+           statistic_points: Any) -> None:
+    """A ``decide`` that keeps the weights named in ``primary`` at 4 bits and gives the others NNCF's backup
+    precision (int8 per channel), as NNCF's step does with the weights its criterion chose."""
+    unknown = primary - {p.weight_name for p in params}
+    if unknown:  # the names the first run scored by are not this run's: the decision would be silently wrong
+        raise CompressorError(f"mixed precision chose {', '.join(sorted(unknown)[:3])}, which NNCF does not find "
+                              "among this layer's weights; please report this bug")
+    for p in params:
+        if p.weight_name not in primary:
+            p.compression_config = algorithm._get_backup_config(p.weight_dtype)
+
+
+def primary_by_sensitivity(found: list[tuple[str, float, int]], ratio: float) -> set[str]:
+    """The weights NNCF's mixed precision keeps at 4 bits, from every weight's (name, score, size) in the model's
+    order: the least sensitive first (ties in order), while the 4-bit share stays below ``ratio`` of the sizes —
+    NNCF's ``MixedPrecisionCriterion.apply``, given the scores."""
+    total = sum(size for *_, size in found)
+    primary: set[str] = set()
+    count = 0
+    for name, _, size in sorted(found, key=lambda f: f[1]):
+        if (count + size) / total >= ratio:
+            break
+        primary.add(name)
+        count += size
+    return primary

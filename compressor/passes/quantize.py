@@ -57,8 +57,10 @@ class QuantizeConfig(PassConfig):
     )
     ratio: float = Field(
         1.0, gt=0, le=1, description="bits 4: the fraction of the Linear layers (by size) at 4 bits; the rest, the "
-        "layers NNCF finds most sensitive (by their activations on the calibration data when the method is "
-        "data-aware, else by their weights' quantization error), are int8 per channel.",
+        "layers NNCF finds most sensitive (its default criterion on the calibration data, `calibration`: the "
+        "largest variance of a layer's input activations over its weights' 8-bit rounding error), are int8 per "
+        "channel. "
+        "Streamed, the decoder layers run twice: once for the sensitivities, once to compress.",
     )
     activations: Literal["int8", "float"] = Field(
         "int8", description="bits 4, ONNX: how ONNX Runtime's MatMulNBits multiplies. int8: activations quantized "
@@ -252,7 +254,8 @@ class QuantizePass(Pass):
 
     def runs_layers(self) -> bool:
         config: QuantizeConfig = self.config  # type: ignore[assignment]
-        return config.mode == "weight-only" and config.bits == 4 and config.weight_methods != ["rtn"]
+        return config.mode == "weight-only" and config.bits == 4 and (config.weight_methods != ["rtn"]
+                                                                      or config.ratio < 1)
 
     def stream_memory(self, model: Model) -> int:
         config: QuantizeConfig = self.config  # type: ignore[assignment]
@@ -267,10 +270,6 @@ class QuantizePass(Pass):
         config: QuantizeConfig = self.config  # type: ignore[assignment]
         if config.mode != "weight-only":
             return f"mode {config.mode} quantizes the ONNX graph, which is exported whole"
-        if config.bits == 4 and config.ratio < 1:
-            return (f"ratio {config.ratio} ranks every layer's sensitivity together, which needs the whole model; "
-                    "bits 4 streams with ratio 1 (method rtn rounds each weight when it is read; awq and "
-                    "scale-estimation run one decoder layer at a time)")
         if not config.per_channel:  # per channel, rows are encoded in blocks (compressor/encodings.py)
             return "per_channel false scales each weight as a whole, holding several float copies of the largest"
         return None  # int8 by module type, name and size; each weight becomes Int8.decode(encode(value))
