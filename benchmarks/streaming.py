@@ -50,6 +50,9 @@ RECIPES = {
     "int4": "  - quantize: {mode: weight-only, bits: 4, method: rtn}\n",  # NNCF's round to nearest, groups of 128
     # NNCF's AWQ and scale estimation on the built-in calibration text, one decoder layer at a time when streamed
     "int4-awq": "  - quantize: {mode: weight-only, bits: 4, symmetric: false, method: [awq, scale-estimation]}\n",
+    # the same with mixed precision: the layers run twice, first for NNCF's sensitivities, ranked across the model
+    "int4-awq-mixed": "  - quantize: {mode: weight-only, bits: 4, symmetric: false, method: [awq, scale-estimation], "
+                      "ratio: 0.8}\n",
 }
 
 # The yardstick: read every tensor of the source with safetensors, convert it as the recipe would, write it.
