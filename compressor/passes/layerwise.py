@@ -21,7 +21,9 @@ each weight in place of its own decision (compressor/passes/nncf_weights.py). Ev
 weight by weight, so the integers are again the whole run's.
 
 Each layer's integers go to a file in the run's scratch directory (beside the artifact), from which the stream
-writes them: memory does not grow with the layers done. Under torchrun rank 0 runs the layers; the others wait.
+writes them: memory does not grow with the layers done. Under torchrun every process runs the calibration forward
+through every layer and compresses the layers that fall to it in turn (layer i: process i mod their number): each
+layer's compression needs only its own inputs, the uncompressed layers' outputs, which each process computes.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import copy
 import gc
 import inspect
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,7 +58,8 @@ def quantize_by_layer(model: Model, config: Any, chosen: dict[str, tuple[str, An
     """NNCF's data-aware 4-bit compression of the streamed ``model``'s ``chosen`` weights on the calibration
     ``batches`` (the model's keyword arguments), decoder layer by decoder layer. Gives each weight its encoding,
     whose integers are read back from rank 0's ``ctx.scratch`` when the stream writes it; returns those encodings
-    by name. Under torchrun rank 0 computes them and the other ranks wait: one set of integers for every rank."""
+    by name. Under torchrun every rank runs every layer's calibration forward and compresses the layers that fall
+    to it in turn (layer i: rank i mod the processes); the ranks then exchange what they found."""
     if ctx.read is None:
         raise CompressorError("a streamed model's values were not made readable to its passes; please report this bug")
     stack, layers = _decoder_layers(model.module, where)
@@ -66,19 +70,16 @@ def quantize_by_layer(model: Model, config: Any, chosen: dict[str, tuple[str, An
                                   "are outside them", path=where,
                                   hint="exclude those modules, or run with --stream never where memory allows"))
     group = ctx.group
-    plans = None
-    if group is None or group.rank == 0:
-        ctx.info(f"4-bit calibration on {len(batches)} windows of {batches[0]['input_ids'].shape[1]} tokens, one "
-                 f"decoder layer at a time ({len(layers)} layers)")
-        try:
-            plans = _by_layer(model, config, chosen, methods, batches, stack, layers, where, ctx)
-        finally:
-            if group is not None and group.world > 1:
-                group.share(plans)  # None tells the waiting ranks that rank 0 failed
-    else:
-        plans = group.share(None)
-        if plans is None:
-            raise CompressorError("rank 0 failed while compressing the decoder layers (its error is above)")
+    rank, world = (group.rank, group.world) if group is not None else (0, 1)
+    scratch = group.share(ctx.scratch) if group is not None and world > 1 else ctx.scratch  # rank 0's, shared
+    if scratch is None:
+        raise CompressorError("a streamed run has no scratch directory for its layers' integers; "
+                              "please report this bug")
+    ctx.info(f"4-bit calibration on {len(batches)} windows of {batches[0]['input_ids'].shape[1]} tokens, one "
+             f"decoder layer at a time ({len(layers)} layers"
+             + (f", compressed by {world} processes in turn)" if world > 1 else ")"))
+    plans = _by_layer(model, config, chosen, methods, batches, stack, layers, where, ctx, Path(scratch),
+                      partial(_together, group), lambda i: i % world == rank)
     found: dict[str, IntGroup] = {}
     for name, (form, file) in plans.items():
         planned = IntGroup(form["shape"], form["bits"], form["group_size"], form["symmetric"])
@@ -88,44 +89,45 @@ def quantize_by_layer(model: Model, config: Any, chosen: dict[str, tuple[str, An
 
 
 def _by_layer(model: Model, config: Any, chosen: dict[str, tuple[str, Any]], methods: list[str],
-              batches: list[dict[str, Any]], stack: str, layers: torch.nn.ModuleList, where: str, ctx: Context
+              batches: list[dict[str, Any]], stack: str, layers: torch.nn.ModuleList, where: str, ctx: Context,
+              scratch: Path, together: Callable[[Callable[[], Any]], list[Any]], owns: Callable[[int], bool]
               ) -> dict[str, tuple[dict[str, Any], str]]:
-    """Run the layers and write each one's integers to the scratch directory; {weight name: (its IntGroup's form,
-    the file holding its parts)}. With ``ratio`` < 1 the layers run twice: first for every weight's sensitivity
-    (NNCF's criterion on its statistics), ranked across the model as NNCF's whole run ranks them, then to compress
-    each layer with the precisions that ranking gave its weights."""
+    """Run the layers and write the integers of each one this process ``owns`` to ``scratch``; {weight name: (its
+    IntGroup's form, the file holding its parts)} of every layer, from every process (``together`` runs a walk
+    over the layers on each and gathers what each found). With ``ratio`` < 1 the layers run twice: first for every
+    weight's sensitivity (NNCF's criterion on its statistics), ranked across the model as NNCF's whole run ranks
+    them, then to compress each layer with the precisions that ranking gave its weights."""
     import nncf
     from safetensors.torch import save_file
 
     from .nncf_weights import Decided, compress, forced, integers_from_hooks, primary_by_sensitivity, sensitivities
 
-    if ctx.scratch is None:
-        raise CompressorError("a streamed run has no scratch directory for its layers' integers; "
-                              "please report this bug")
     inputs = _layer_inputs(model, layers, batches, ctx.read, where)
     firsts = [_first_argument(layer) for layer in layers]  # each layer's hidden-states argument
     hidden = [kwargs[0][firsts[0]] for kwargs in inputs]  # each window's input to the first layer
     for window in inputs:  # the stand-ins passed the first layer's input on: only ``hidden`` holds it now
         for first, kwargs in zip(firsts, window):
             kwargs.pop(first, None)
-    walk = partial(_walk, model, chosen, stack, layers, inputs, hidden, firsts, where, ctx)
+    walk = partial(_walk, model, chosen, stack, layers, inputs, hidden, firsts, owns, where, ctx)
 
     primary: set[str] | None = None
     if config.ratio < 1:
-        scores: list[tuple[str, float, int]] = []
+        scores: dict[int, list[tuple[str, float, int]]] = {}
 
-        def score(_: int, prefix: str, real: Any, work: Any, data: list[dict[str, Any]], ignored: list[str]) -> None:
+        def score(i: int, prefix: str, real: Any, work: Any, data: list[dict[str, Any]], ignored: list[str]) -> None:
             found: list[tuple[str, float, int]] = []
             try:  # the statistics alone: NNCF stops once its criterion has scored the layer's weights
                 compress(work, config, nncf.Dataset(data), ["rtn"], ignored, where, ctx, bars=False,
                          decide=partial(sensitivities, found))
             except Decided:
                 pass
-            scores.extend((prefix + name, value, size) for name, value, size in found)
+            scores[i] = [(prefix + name, value, size) for name, value, size in found]
 
-        walk(score, "sensitivities of layer")
-        primary = primary_by_sensitivity(scores, config.ratio)
-        ctx.info(f"mixed precision: {len(primary)} of {len(scores)} weights at 4 bits, the rest int8 per channel")
+        everyone = together(lambda: walk(score, "sensitivities of layer") or scores)
+        ranked = [s for i, s in sorted((i, s) for part in everyone for i, s in part.items())]
+        primary = primary_by_sensitivity([one for layer in ranked for one in layer], config.ratio)
+        ctx.info(f"mixed precision: {len(primary)} of {sum(map(len, ranked))} weights at 4 bits, the rest int8 per "
+                 "channel")
 
     plans: dict[str, tuple[dict[str, Any], str]] = {}
 
@@ -143,23 +145,42 @@ def _by_layer(model: Model, config: Any, chosen: dict[str, tuple[str, Any]], met
                 f"AWQ rescaled {', '.join(prefix + n for n in changed)}, which stays in float; streamed, only "
                 "a layer's 4-bit weights are written from its results", path=where,
                 hint="use method scale-estimation, or --stream never where memory allows"))
-        file = Path(ctx.scratch) / f"layer-{i}.safetensors"
+        file = scratch / f"layer-{i}.safetensors"
         save_file({prefix + n + suffix: part.contiguous() for n, enc in layer_found.items()
                    for suffix, part in enc.encode_parts().items()}, str(file))
         for n, enc in layer_found.items():
             plans[prefix + n] = (enc.to_json(), str(file))
 
-    walk(quantize, "layer")
-    return plans
+    return {k: v for part in together(lambda: walk(quantize, "layer") or plans) for k, v in part.items()}
+
+
+def _together(group: Any, work: Callable[[], Any]) -> list[Any]:
+    """``work()`` on this process and what it returned on each (rank order); one process: its own alone. When any
+    process fails, every one raises (its own error, or one naming the process that failed, whose error that
+    process reports), rather than leaving the others waiting for it."""
+    if group is None or group.world == 1:
+        return [work()]
+    error: Exception | None = None
+    try:
+        mine = work()
+    except Exception as exc:  # noqa: BLE001 - raised again below, once the other processes know
+        mine, error = None, exc
+    everyone = group.gather(None if error is not None else (mine,))
+    if error is not None:
+        raise error
+    failed = [rank for rank, got in enumerate(everyone) if got is None]
+    if failed:
+        raise CompressorError(f"process {failed[0]} failed while compressing the decoder layers (its error is above)")
+    return [got[0] for got in everyone]
 
 
 def _walk(model: Model, chosen: dict[str, tuple[str, Any]], stack: str, layers: torch.nn.ModuleList,
-          inputs: list[list[dict[str, Any]]], hidden: list[Any], firsts: list[str], where: str, ctx: Context,
-          work_on: Any, label: str) -> None:
+          inputs: list[list[dict[str, Any]]], hidden: list[Any], firsts: list[str], owns: Callable[[int], bool],
+          where: str, ctx: Context, work_on: Any, label: str) -> None:
     """Read each decoder layer in turn and call ``work_on(index, prefix, layer as read, a copy for NNCF, its calibration
     data, NNCF's names of the operations out of scope)`` where it has weights in ``chosen``; the layer's outputs
-    (taken from NNCF's statistics pass where it ran the copy unchanged) are the next layer's inputs. One progress
-    line a layer, ``label`` leading it."""
+    (taken from NNCF's statistics pass where it ran the copy unchanged) are the next layer's inputs. A layer this
+    process does not ``own`` is only run. One progress line a layer, ``label`` leading it."""
     from .nncf_weights import out_of_scope
 
     start = time.perf_counter()
@@ -172,7 +193,7 @@ def _walk(model: Model, chosen: dict[str, tuple[str, Any]], stack: str, layers: 
             data = [dict(kwargs[i], **{first: h}) for kwargs, h in zip(inputs, hidden)]
             mine = {n[len(prefix):]: v for n, v in chosen.items() if n.startswith(prefix)}
             seen: dict[int, Any] = {}
-            if mine:
+            if mine and owns(i):
                 step = "compressing"
                 work = copy.deepcopy(real)
                 ignored = out_of_scope(work, data[0], mine)
@@ -189,8 +210,9 @@ def _walk(model: Model, chosen: dict[str, tuple[str, Any]], stack: str, layers: 
         except (CompressorError, KeyboardInterrupt):
             raise
         except OSError as exc:
-            raise CompressorError(f"{where}: {step} decoder layer {i} failed: {exc} (scratch directory "
-                                  f"{ctx.scratch}); free disk space beside the artifact, or choose another -o") from exc
+            raise CompressorError(f"{where}: {step} decoder layer {i} failed: {exc}; free disk space beside the "
+                                  "artifact (its scratch directory holds each layer's integers), or choose another "
+                                  "-o") from exc
         except Exception as exc:  # noqa: BLE001 - a model's own forward, or NNCF's tracing, raise what they raise
             raise CompressorError(f"{where}: {step} decoder layer {i} one layer at a time failed: "
                                   f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; run with "
@@ -198,7 +220,8 @@ def _walk(model: Model, chosen: dict[str, tuple[str, Any]], stack: str, layers: 
         del real
         gc.collect()  # NNCF's wrapped copy holds reference cycles (hooks on modules): a layer's worth each time
         spent = time.perf_counter() - start
-        ctx.info(f"{label} {i + 1}/{len(layers)} done in {spent:.0f}s"
+        ctx.info(f"{label} {i + 1}/{len(layers)} {'done' if owns(i) else 'run (another process compresses it)'} "
+                 f"in {spent:.0f}s"
                  + (f" (about {spent / (i + 1) * (len(layers) - i - 1):.0f}s left)" if i + 1 < len(layers) else ""))
 
 

@@ -6,6 +6,7 @@ and for one decoder layer at a time, compressor/passes/layerwise.py).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -75,7 +76,9 @@ def compress(work: Any, config: Any, dataset: Any, methods: list[str], ignored: 
 
     ``decide``, when given, takes the place of NNCF's mixed-precision step (``ratio`` < 1), called as NNCF calls
     that step: with the algorithm, the weights whose precision it sets, the model, its graph and the statistics
-    (``sensitivities`` and ``forced`` are the two used; a ``Decided`` it raises goes through)."""
+    (``sensitivities`` and ``forced`` are the two used; a ``Decided`` it raises goes through). ``forced`` needs no
+    statistics for the decision, so NNCF is not asked to collect them (they cost more than AWQ and scale
+    estimation together)."""
     import logging
 
     import nncf
@@ -87,6 +90,7 @@ def compress(work: Any, config: Any, dataset: Any, methods: list[str], ignored: 
     level = nncf_logger.level
     nncf_logger.setLevel(logging.ERROR)  # its statistics tables are not this run's output
     quiet = getattr(ctx.log, "quiet", True) or not bars
+    given = isinstance(decide, functools.partial) and decide.func is forced  # the ratio's decision, made already
     # NNCF draws its progress bars on standard output, which belongs to the command's result: they go to stderr
     # (where compressor's own progress goes), or nowhere under --quiet.
     sink = open(os.devnull, "w") if quiet else sys.stderr  # noqa: SIM115 - closed below
@@ -97,6 +101,9 @@ def compress(work: Any, config: Any, dataset: Any, methods: list[str], ignored: 
                 dataset=dataset, awq="awq" in methods or None,
                 scale_estimation="scale-estimation" in methods or None, backup_mode=backup,
                 ignored_scope=nncf.IgnoredScope(names=ignored, validate=False) if ignored else None,
+                # NNCF's criterion with data (its default) collects activation statistics for the ratio alone; with
+                # the decision forced it is never asked, and the data-free one collects none.
+                sensitivity_metric=nncf.SensitivityMetric.WEIGHT_QUANTIZATION_ERROR if given else None,
                 subset_size=len(list(dataset.get_inference_data())))
     except (nncf.ParameterNotSupportedError, nncf.ValidationError) as exc:
         raise RecipeError(Problem(f"NNCF refuses these settings: {exc}", path=where)) from exc
