@@ -77,8 +77,8 @@ def compress(work: Any, config: Any, dataset: Any, methods: list[str], ignored: 
     ``decide``, when given, takes the place of NNCF's mixed-precision step (``ratio`` < 1), called as NNCF calls
     that step: with the algorithm, the weights whose precision it sets, the model, its graph and the statistics
     (``sensitivities`` and ``forced`` are the two used; a ``Decided`` it raises goes through). ``forced`` needs no
-    statistics for the decision, so NNCF is not asked to collect them (they cost more than AWQ and scale
-    estimation together)."""
+    statistics for the decision, so NNCF is not asked to collect them (another pass over the calibration
+    windows)."""
     import logging
 
     import nncf
