@@ -47,6 +47,12 @@ class Encoding(ABC):
     def decode(self, stored: dict[str, torch.Tensor]) -> torch.Tensor:
         """The effective tensor from its stored tensors; exact."""
 
+    def reproduces(self, stored: dict[str, torch.Tensor]) -> bool:
+        """Whether encoding the effective value of ``stored`` (``encode(decode(stored))``) is known to give
+        ``stored`` back bit for bit, without decoding it. A streamed tensor whose last pass's encoding is also its
+        stored one then writes the parts as they are (compressor/stream.py). Default: not known."""
+        return False
+
     def stored_nbytes(self, tensor: torch.Tensor) -> int:
         """Bytes stored for ``tensor``. Default: encode it and count; encodings whose size follows from the shape
         say so without encoding (a pass's report counts every tensor before and after it)."""

@@ -127,6 +127,18 @@ class Int8(Encoding):
             q[rows_moved] = torch.round(rows[rows_moved] / best[rows_moved]).clamp(-127, 127)
         return q.to(torch.int8), best
 
+    def reproduces(self, stored: dict[str, torch.Tensor]) -> bool:
+        """True when every scale is a finite, normal float32 (the rows are finite and not vanishingly small).
+        ``encode`` then finds each row's very scale again: the row's largest value is ``127 * scale`` rounded, which
+        no other scale within the few ulps it tries gives back (127 ulps of the scale apart, against half an ulp of
+        the product), and ``round(q * scale / scale)`` is ``q`` for ``|q| <= 127``. tests/test_encodings.py holds
+        it to the computation."""
+        import torch
+
+        scale = stored[".__scale"]
+        return scale.dtype == torch.float32 and bool(
+            (torch.isfinite(scale) & (scale >= torch.finfo(torch.float32).tiny)).all())
+
     def stored_nbytes(self, tensor: torch.Tensor) -> int:
         rows = tensor.shape[0] if self.per_channel and tensor.dim() >= 1 else 1
         return tensor.numel() + 4 * rows

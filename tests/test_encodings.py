@@ -175,3 +175,28 @@ def test_int8_encode_finds_each_rows_exact_scale_when_rows_need_different_neighb
     effective = q * nudged
     stored = Int8(True).encode(effective)
     assert torch.equal(Int8(True).decode(stored), effective)
+
+
+@PROPERTY
+@given(rows=st.integers(1, 6), cols=st.integers(1, 40), seed=st.integers(0, 2**31 - 1),
+       exponent=st.integers(-120, 120), per_channel=st.booleans())
+def test_int8_parts_it_says_it_reproduces_come_back_bit_for_bit(rows, cols, seed, exponent, per_channel):
+    # What a stream writes without decoding (Int8.reproduces) must be what encoding the effective value gives.
+    gen = torch.Generator().manual_seed(seed)
+    raw = torch.randn(rows, cols, generator=gen) * 2.0 ** exponent
+    raw[0] = 0.0  # a zero row
+    enc = Int8(per_channel)
+    parts = enc.encode(raw)
+    if enc.reproduces(parts):
+        again = enc.encode(enc.decode(parts))
+        assert all(torch.equal(again[k], parts[k]) for k in parts)
+    else:  # only rows whose scale leaves float32's normal range are left to the computation
+        assert not bool((parts[".__scale"] >= torch.finfo(torch.float32).tiny).all())
+
+
+def test_int8_does_not_vouch_for_vanishing_or_non_finite_rows():
+    enc = Int8(True)
+    tiny = torch.full((2, 8), 1e-38)  # its scale, 1e-38 / 127, is subnormal
+    assert not enc.reproduces(enc.encode(tiny))
+    assert not enc.reproduces(enc.encode(torch.tensor([[1.0, float("inf")], [1.0, 2.0]])))
+    assert enc.reproduces(enc.encode(torch.tensor([[0.0, 0.0], [1.0, -3.5]])))
