@@ -128,16 +128,22 @@ class Int8(Encoding):
         return q.to(torch.int8), best
 
     def reproduces(self, stored: dict[str, torch.Tensor]) -> bool:
-        """True when every scale is a finite, normal float32 (the rows are finite and not vanishingly small).
-        ``encode`` then finds each row's very scale again: the row's largest value is ``127 * scale`` rounded, which
-        no other scale within the few ulps it tries gives back (127 ulps of the scale apart, against half an ulp of
-        the product), and ``round(q * scale / scale)`` is ``q`` for ``|q| <= 127``. tests/test_encodings.py holds
-        it to the computation."""
+        """For parts ``encode`` gave: True when every row either reaches +-127 with a finite, normal float32 scale
+        or is all zero with scale 1 (a row of NaN is stored as zeros with scale 1 and is not vouched for, nor is a
+        row whose scale is subnormal). ``encode`` then finds each row's very scale again from its effective value:
+        the scale it computed, ``amax / 127`` rounded, is among the candidates it tries first and gives the row back
+        exactly, and ``round(q * scale / scale)`` is ``q`` for ``|q| <= 127``. tests/test_encodings.py holds it to
+        the computation over random rows, scales and edge rows."""
         import torch
 
-        scale = stored[".__scale"]
-        return scale.dtype == torch.float32 and bool(
-            (torch.isfinite(scale) & (scale >= torch.finfo(torch.float32).tiny)).all())
+        q, scale = stored[".__q"], stored[".__scale"]
+        if scale.dtype != torch.float32 or q.dtype != torch.int8 or not q.numel():
+            return False
+        rows = self._rows(q)
+        reach = rows.abs().amax(dim=1)  # int8: |q| <= 127, so abs cannot overflow
+        scale = scale.reshape(-1).expand(reach.shape[0]) if scale.numel() == 1 else scale.reshape(-1)
+        normal = torch.isfinite(scale) & (scale >= torch.finfo(torch.float32).tiny)
+        return bool((((reach == 127) & normal) | ((reach == 0) & (scale == 1))).all())
 
     def stored_nbytes(self, tensor: torch.Tensor) -> int:
         rows = tensor.shape[0] if self.per_channel and tensor.dim() >= 1 else 1

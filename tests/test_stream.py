@@ -250,7 +250,8 @@ def test_one_and_two_torchrun_processes_write_the_same_bytes(tmp_path, llama, re
     said = _torchrun(2, path, tmp_path / "two", get_free_port())
     if recipe in LAYERWISE:  # each process compresses every other layer, their sensitivities ranked together
         assert "compressed by 2 processes in turn" in said, said[-3000:]
-        assert "layer 2/2 run (another process compresses it)" in said and "layer 1/2 done" in said
+        assert "layer 2/2 run, compressed by another process" in said and "layer 1/2 done" in said
+        assert "sensitivities of layer 2/2 run, scored by another process" in said
     one, two = _digest(tmp_path / "one"), _digest(tmp_path / "two")
     assert len(one) > 5 and one == two  # every file's sha256, rank files and manifest included
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.yaml", "one", "two"]  # no scratch left behind

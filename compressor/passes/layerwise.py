@@ -49,6 +49,11 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["quantize_by_layer", "held_bytes"]
 
 
+_UNREACHED = ("NNCF compressed a decoder layer without reaching its mixed-precision step, which streamed ratio < 1 "
+              "replaces (this NNCF version works otherwise than the one compressor was built on); run with --stream "
+              "never where memory allows, or use ratio 1")
+
+
 class _Caught(Exception):
     """Raised by the last decoder layer's stand-in once its arguments are recorded: nothing after it runs."""
 
@@ -104,11 +109,13 @@ def _by_layer(model: Model, config: Any, chosen: dict[str, tuple[str, Any]], met
 
     inputs = _layer_inputs(model, layers, batches, ctx.read, where)
     firsts = [_first_argument(layer) for layer in layers]  # each layer's hidden-states argument
-    hidden = [kwargs[0][firsts[0]] for kwargs in inputs]  # each window's input to the first layer
-    for window in inputs:  # the stand-ins passed the first layer's input on: only ``hidden`` holds it now
+    # Each window's input to the first layer, in a box the walk empties (kept for a second walk only): the stand-ins
+    # passed it on, so only the box holds it now.
+    start = [[kwargs[0][firsts[0]] for kwargs in inputs]]
+    for window in inputs:
         for first, kwargs in zip(firsts, window):
             kwargs.pop(first, None)
-    walk = partial(_walk, model, chosen, stack, layers, inputs, hidden, firsts, owns, where, ctx)
+    walk = partial(_walk, model, chosen, stack, layers, inputs, start, firsts, owns, where, ctx)
 
     primary: set[str] | None = None
     if config.ratio < 1:
@@ -120,24 +127,29 @@ def _by_layer(model: Model, config: Any, chosen: dict[str, tuple[str, Any]], met
                 compress(work, config, nncf.Dataset(data), ["rtn"], ignored, where, ctx, bars=False,
                          decide=partial(sensitivities, found))
             except Decided:
-                pass
-            scores[i] = [(prefix + name, value, size) for name, value, size in found]
+                scores[i] = [(prefix + name, value, size) for name, value, size in found]
+            else:
+                raise CompressorError(_UNREACHED)
 
-        everyone = together(lambda: walk(score, "sensitivities of layer") or scores)
+        everyone = together(lambda: walk(score, "sensitivities of layer", "scored by another process", keep=True)
+                            or scores)
         ranked = [s for i, s in sorted((i, s) for part in everyone for i, s in part.items())]
         primary = primary_by_sensitivity([one for layer in ranked for one in layer], config.ratio)
-        ctx.info(f"mixed precision: {len(primary)} of {sum(map(len, ranked))} weights at 4 bits, the rest int8 per "
-                 "channel")
+        ctx.info(f"mixed precision: {len(primary)} of {sum(map(len, ranked))} weights at 4 bits, the rest at NNCF's "
+                 "backup precision (int8 per channel)")
 
     plans: dict[str, tuple[dict[str, Any], str]] = {}
 
     def quantize(i: int, prefix: str, real: Any, work: Any, data: list[dict[str, Any]], ignored: list[str]) -> None:
         mine = {n[len(prefix):] for n in chosen if n.startswith(prefix)}
+        done: list[bool] = []
         decide = None if primary is None else partial(forced, {n[len(prefix):] for n in primary
-                                                               if n.startswith(prefix)})
+                                                               if n.startswith(prefix)}, done)
         # Its progress bars, four a layer, would bury the layers' own progress lines.
         compressed = compress(work, config, nncf.Dataset(data), methods, ignored, where, ctx, bars=False,
                               decide=decide)
+        if decide is not None and not done:
+            raise CompressorError(_UNREACHED)
         layer_found = integers_from_hooks(compressed, {n: list(real.get_parameter(n).shape) for n in mine})
         changed = _rescaled(real, compressed, layer_found)
         if changed:  # AWQ folded its scales into a tensor that is not one of the layer's 4-bit weights
@@ -151,7 +163,8 @@ def _by_layer(model: Model, config: Any, chosen: dict[str, tuple[str, Any]], met
         for n, enc in layer_found.items():
             plans[prefix + n] = (enc.to_json(), str(file))
 
-    return {k: v for part in together(lambda: walk(quantize, "layer") or plans) for k, v in part.items()}
+    return {k: v for part in together(lambda: walk(quantize, "layer", "compressed by another process") or plans)
+            for k, v in part.items()}
 
 
 def _together(group: Any, work: Callable[[], Any]) -> list[Any]:
@@ -175,15 +188,18 @@ def _together(group: Any, work: Callable[[], Any]) -> list[Any]:
 
 
 def _walk(model: Model, chosen: dict[str, tuple[str, Any]], stack: str, layers: torch.nn.ModuleList,
-          inputs: list[list[dict[str, Any]]], hidden: list[Any], firsts: list[str], owns: Callable[[int], bool],
-          where: str, ctx: Context, work_on: Any, label: str) -> None:
+          inputs: list[list[dict[str, Any]]], start: list[list[Any]], firsts: list[str], owns: Callable[[int], bool],
+          where: str, ctx: Context, work_on: Any, label: str, elsewhere: str, keep: bool = False) -> None:
     """Read each decoder layer in turn and call ``work_on(index, prefix, layer as read, a copy for NNCF, its calibration
     data, NNCF's names of the operations out of scope)`` where it has weights in ``chosen``; the layer's outputs
     (taken from NNCF's statistics pass where it ran the copy unchanged) are the next layer's inputs. A layer this
-    process does not ``own`` is only run. One progress line a layer, ``label`` leading it."""
+    process does not ``own`` is only run (``elsewhere`` says what another does with it). The first layer's inputs
+    come from the box ``start``, emptied unless ``keep`` (a second walk follows). One progress line a layer,
+    ``label`` leading it."""
     from .nncf_weights import out_of_scope
 
-    start = time.perf_counter()
+    hidden = start[0] if keep else start.pop()
+    began = time.perf_counter()
     for i, layer in enumerate(layers):
         prefix = f"{stack}.{i}."
         step = "reading"
@@ -216,20 +232,21 @@ def _walk(model: Model, chosen: dict[str, tuple[str, Any]], stack: str, layers: 
         except Exception as exc:  # noqa: BLE001 - a model's own forward, or NNCF's tracing, raise what they raise
             raise CompressorError(f"{where}: {step} decoder layer {i} one layer at a time failed: "
                                   f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; run with "
-                                  "--stream never where memory allows, or use method rtn") from exc
+                                  "--stream never where memory allows, or use method rtn with ratio 1") from exc
         del real
         gc.collect()  # NNCF's wrapped copy holds reference cycles (hooks on modules): a layer's worth each time
-        spent = time.perf_counter() - start
-        ctx.info(f"{label} {i + 1}/{len(layers)} {'done' if owns(i) else 'run (another process compresses it)'} "
+        spent = time.perf_counter() - began
+        ctx.info(f"{label} {i + 1}/{len(layers)} {'done' if owns(i) else 'run, ' + elsewhere} "
                  f"in {spent:.0f}s"
                  + (f" (about {spent / (i + 1) * (len(layers) - i - 1):.0f}s left)" if i + 1 < len(layers) else ""))
 
 
-def held_bytes(model: Model, windows: int, window: int) -> int:
+def held_bytes(model: Model, windows: int, window: int, twice: bool = False) -> int:
     """What ``quantize_by_layer`` holds at its peak, from the meta model's shapes: the largest decoder layer three
     times (as read, NNCF's copy and its compressed state), the tensors before the layers that catching their
     arguments reads (the embeddings), and per window: the hidden states in, out and as NNCF's statistics pass gave
-    them, and NNCF's statistics of the widest input twice (2.63 GB measured at 1.1B, 1.46 GB at 0.25B)."""
+    them, and NNCF's statistics of the widest input twice (2.63 GB measured at 1.1B, 1.46 GB at 0.25B); when the
+    layers run ``twice`` (mixed precision), the first layer's inputs kept for the second run too."""
     try:
         _, layers = _decoder_layers(model.module, "")
     except RecipeError:
@@ -238,7 +255,7 @@ def held_bytes(model: Model, windows: int, window: int) -> int:
     before = sum(t.numel() * t.element_size() for *_, t in _before_layers(model, layers))
     hidden = int(getattr(getattr(model.module, "config", None), "hidden_size", 0) or 0)
     widest = max([t.shape[1] for m in layers for t in m.state_dict().values() if t.dim() == 2] or [hidden])
-    return 3 * layer + before + windows * window * 4 * (3 * hidden + 2 * widest)
+    return 3 * layer + before + windows * window * 4 * ((4 if twice else 3) * hidden + 2 * widest)
 
 
 def _stored_names(model: Model) -> dict[int, str]:
@@ -338,7 +355,7 @@ def _layer_inputs(model: Model, layers: torch.nn.ModuleList, batches: list[dict[
     except Exception as exc:  # noqa: BLE001 - the model's own forward raises what it raises
         raise CompressorError(f"{where}: running the calibration windows up to the decoder layers failed: "
                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; run with "
-                              "--stream never where memory allows, or use method rtn") from exc
+                              "--stream never where memory allows, or use method rtn with ratio 1") from exc
     finally:
         for layer in layers:
             layer.__dict__.pop("forward", None)

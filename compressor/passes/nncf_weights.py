@@ -9,6 +9,7 @@ import contextlib
 import functools
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -107,7 +108,7 @@ def compress(work: Any, config: Any, dataset: Any, methods: list[str], ignored: 
                 subset_size=len(list(dataset.get_inference_data())))
     except (nncf.ParameterNotSupportedError, nncf.ValidationError) as exc:
         raise RecipeError(Problem(f"NNCF refuses these settings: {exc}", path=where)) from exc
-    except Decided:
+    except (Decided, CompressorError):  # the decision's own refusals, and its early stop
         raise
     except Exception as exc:  # noqa: BLE001 - NNCF's tracing and algorithms raise whatever their code raises
         raise CompressorError(f"{where}: NNCF's weight compression failed on this model: {type(exc).__name__}: "
@@ -153,8 +154,11 @@ def _mixed_precision(decide: Callable[..., None] | None) -> Iterator[None]:
     from nncf.quantization.algorithms.weight_compression.algorithm import WeightCompression
 
     original = WeightCompression.apply_mixed_precision
+    owner = threading.get_ident()
 
     def step(algorithm: Any, params: list[Any], model: Any, graph: Any, statistic_points: Any) -> None:
+        if threading.get_ident() != owner:  # another thread's NNCF run (the patch is the class's): NNCF's own step
+            return original(algorithm, params, model, graph, statistic_points)
         if algorithm._ratio < 1 and params:  # as NNCF's own step: nothing to decide at ratio 1
             decide(algorithm, params, model, graph, statistic_points)
 
@@ -176,10 +180,12 @@ def sensitivities(found: list[tuple[str, float, int]], algorithm: Any, params: l
     raise Decided
 
 
-def forced(primary: set[str], algorithm: Any, params: list[Any], model: Any, graph: Any,
+def forced(primary: set[str], done: list[bool], algorithm: Any, params: list[Any], model: Any, graph: Any,
            statistic_points: Any) -> None:
     """A ``decide`` that keeps the weights named in ``primary`` at 4 bits and gives the others NNCF's backup
-    precision (int8 per channel), as NNCF's step does with the weights its criterion chose."""
+    precision (int8 per channel), as NNCF's step does with the weights its criterion chose; appends to ``done``
+    (an NNCF that never reached the step would otherwise have made its own decision unnoticed)."""
+    done.append(True)
     unknown = primary - {p.weight_name for p in params}
     if unknown:  # the names the first run scored by are not this run's: the decision would be silently wrong
         raise CompressorError(f"mixed precision chose {', '.join(sorted(unknown)[:3])}, which NNCF does not find "

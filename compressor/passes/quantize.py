@@ -264,7 +264,7 @@ class QuantizePass(Pass):
         from .layerwise import held_bytes
         from .lowbit import WINDOW, WINDOWS
 
-        return held_bytes(model, config.calibration.limit or WINDOWS, WINDOW)
+        return held_bytes(model, config.calibration.limit or WINDOWS, WINDOW, twice=config.ratio < 1)
 
     def stream_problem(self) -> str | None:
         config: QuantizeConfig = self.config  # type: ignore[assignment]
