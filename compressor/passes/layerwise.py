@@ -147,7 +147,7 @@ def _by_layer(model: Model, config: Any, chosen: dict[str, tuple[str, Any]], met
                                                                if n.startswith(prefix)}, done)
         # Its progress bars, four a layer, would bury the layers' own progress lines.
         compressed = compress(work, config, nncf.Dataset(data), methods, ignored, where, ctx, bars=False,
-                              decide=decide)
+                              decide=decide, given=decide is not None)
         if decide is not None and not done:
             raise CompressorError(_UNREACHED)
         layer_found = integers_from_hooks(compressed, {n: list(real.get_parameter(n).shape) for n in mine})

@@ -6,7 +6,6 @@ and for one decoder layer at a time, compressor/passes/layerwise.py).
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import sys
 import threading
@@ -71,15 +70,15 @@ def out_of_scope(work: Any, example: Any, chosen: dict[str, tuple[str, Any]]) ->
 
 
 def compress(work: Any, config: Any, dataset: Any, methods: list[str], ignored: list[str], where: str,
-             ctx: Context, bars: bool = True, decide: Callable[..., None] | None = None) -> Any:
+             ctx: Context, bars: bool = True, decide: Callable[..., None] | None = None, given: bool = False) -> Any:
     """NNCF's ``compress_weights`` on ``work``, its output kept off standard output (its progress bars on standard
     error unless quiet or not ``bars``); its failures as one-paragraph errors naming the pass.
 
     ``decide``, when given, takes the place of NNCF's mixed-precision step (``ratio`` < 1), called as NNCF calls
     that step: with the algorithm, the weights whose precision it sets, the model, its graph and the statistics
-    (``sensitivities`` and ``forced`` are the two used; a ``Decided`` it raises goes through). ``forced`` needs no
-    statistics for the decision, so NNCF is not asked to collect them (another pass over the calibration
-    windows)."""
+    (``sensitivities`` and ``forced`` are the two used; a ``Decided`` it raises goes through). ``given``: the
+    decision needs no statistics (``forced``), so NNCF is not asked to collect them (another pass over the
+    calibration windows)."""
     import logging
 
     import nncf
@@ -91,7 +90,6 @@ def compress(work: Any, config: Any, dataset: Any, methods: list[str], ignored: 
     level = nncf_logger.level
     nncf_logger.setLevel(logging.ERROR)  # its statistics tables are not this run's output
     quiet = getattr(ctx.log, "quiet", True) or not bars
-    given = isinstance(decide, functools.partial) and decide.func is forced  # the ratio's decision, made already
     # NNCF draws its progress bars on standard output, which belongs to the command's result: they go to stderr
     # (where compressor's own progress goes), or nowhere under --quiet.
     sink = open(os.devnull, "w") if quiet else sys.stderr  # noqa: SIM115 - closed below
