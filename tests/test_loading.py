@@ -18,7 +18,7 @@ from compressor.errors import ArtifactError
 from compressor.evaluate import pagecache
 from compressor.loading import readahead
 from compressor.loading import tensors as loading_tensors
-from compressor.model import parameters_on_meta
+from compressor.model import build_empty, parameters_on_meta
 from compressor.pipeline import run_recipe
 from compressor.recipe import load_recipe
 from compressor.safetensors_io import map_file, read_header
@@ -82,6 +82,65 @@ def test_parameters_are_built_on_meta_without_initialisation_and_buffers_are_com
         with torch.device("meta"):
             _Initialised()
     assert {"normal_", "uniform_"} <= set(outside.seen) or "kaiming_uniform_" in outside.seen
+
+
+def test_build_empty_gives_what_parameters_on_meta_gives_with_the_ties_kept():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_utils import no_init_weights
+
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+
+    def build() -> nn.Module:
+        with no_init_weights():
+            model = LlamaForCausalLM(config)
+        model.tie_weights()
+        model.model.norm.weight = model.model.layers[0].input_layernorm.weight  # a tie of a torch.ones parameter
+        return model
+
+    with _MetaInits() as outside:
+        fast = build_empty(build)
+    with parameters_on_meta():
+        plain = build()
+    assert outside.seen == []
+    assert [(n, p.shape, p.dtype, p.is_meta) for n, p in fast.named_parameters()] == \
+        [(n, p.shape, p.dtype, p.is_meta) for n, p in plain.named_parameters()]
+    assert all(p.is_meta for p in fast.parameters())
+    assert fast.lm_head.weight is fast.model.embed_tokens.weight
+    assert fast.model.norm.weight is fast.model.layers[0].input_layernorm.weight
+    assert all(isinstance(p, nn.Parameter) for p in fast.parameters())
+    fast_buffers, plain_buffers = dict(fast.named_buffers()), dict(plain.named_buffers())
+    assert set(fast_buffers) == set(plain_buffers) and fast_buffers
+    for name, buf in fast_buffers.items():  # the rotary frequencies: computed, not on meta
+        assert not buf.is_meta and torch.equal(buf, plain_buffers[name]), name
+
+
+class _FromEmpty(nn.Module):
+    """Keeps values computed from torch.empty: what build_empty's first try cannot give."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 2)
+        self.register_buffer("offset", torch.empty(2).fill_(2.0), persistent=False)
+        self.steps = torch.empty(3).fill_(1.0)  # a plain attribute
+        self.count = int(torch.empty(4).fill_(1.0).sum().item())  # fails on meta
+
+
+def test_build_empty_builds_the_plain_way_where_a_kept_tensor_came_from_torch_empty():
+    module = build_empty(_FromEmpty)
+    assert module.linear.weight.is_meta and module.count == 4
+    assert torch.equal(module.offset, torch.full((2,), 2.0)) and torch.equal(module.steps, torch.ones(3))
+
+    class _OnlyBuffer(_FromEmpty):  # the first try succeeds, but leaves a meta buffer
+        def __init__(self) -> None:
+            nn.Module.__init__(self)
+            self.linear = nn.Linear(3, 2)
+            self.register_buffer("offset", torch.empty(2).fill_(2.0), persistent=False)
+
+    module = build_empty(_OnlyBuffer)
+    assert module.linear.weight.is_meta and torch.equal(module.offset, torch.full((2,), 2.0))
+    with pytest.raises(ZeroDivisionError):  # an error of the plain build is the caller's
+        build_empty(lambda: 1 // 0)
 
 
 def test_loading_an_artifact_initialises_nothing_and_gives_the_stored_values(llama_artifact):

@@ -119,16 +119,22 @@ def _advise(address: int, length: int, advice: int) -> bool:
                                            ctypes.c_int(advice)) == 0
 
 
+_SAMPLED_SPANS = 16
+
+
 def _looks_cached(spans: list[Span]) -> bool:
-    """The page cache holds the first and the last page of every span (``mincore`` on those pages alone: over every
-    page it took 12 ms for 492 MB, a third of a warm load). False where it cannot tell."""
+    """The page cache holds the first and the last page of ``_SAMPLED_SPANS`` spans spread evenly from the first
+    to the last (``mincore`` on those pages alone: over every page it took 12 ms for 492 MB, a third of a warm
+    load; on both pages of each of MiniLM's 100 spans, 0.6 ms of its 11). False where it cannot tell."""
     import ctypes
 
     mincore = _libc_function("mincore")
     if mincore is None:
         return False
     vec = ctypes.c_ubyte(0)
-    for _, lo, hi, address in spans:
+    last = len(spans) - 1
+    sampled = sorted({round(i * last / (_SAMPLED_SPANS - 1)) for i in range(_SAMPLED_SPANS)}) if last > 0 else [0]
+    for _, lo, hi, address in (spans[i] for i in sampled):
         for at in (address, address + hi - lo - 1):
             if mincore(ctypes.c_void_p(at & ~(PAGE - 1)), ctypes.c_size_t(PAGE), ctypes.byref(vec)) != 0 \
                     or not vec.value & 1:

@@ -14,7 +14,7 @@ from torch import nn
 from ..encodings import encoding_from_json
 from ..errors import ArtifactError
 from ..manifest import Manifest, ModelEntry
-from ..model import parameters_on_meta, skip_init_on_meta
+from ..model import build_empty, parameters_on_meta, skip_init_on_meta
 
 __all__ = ["decode", "dequantize_on_the_fly", "keep_packed", "build_architecture", "restructure",
            "retie"]
@@ -106,12 +106,15 @@ def keep_packed(module: nn.Module, kept: dict[str, tuple[Any, dict[str, torch.Te
 
 def build_architecture(root: Path, manifest: Manifest) -> nn.Module:
     """An empty module of the artifact's architecture (parameters on meta), built by the source kind its manifest
-    records (compressor.sources)."""
+    records (compressor.sources). Modules transformers builds skip even allocating their parameters
+    (``build_empty``); a user's build function runs once, the plain way, since a retry would repeat what it does."""
     from ..sources import architecture
 
     source = manifest.source
     if not source:
         raise ArtifactError(f"{root}: manifest.json records no model source")
+    if source.get("kind") in ("hf", "zoo"):
+        return build_empty(lambda: architecture(root, source))
     with parameters_on_meta():
         return architecture(root, source)
 
