@@ -5,6 +5,7 @@ per file sliced into views, tensors assigned directly, and the weights read ahea
 from __future__ import annotations
 
 import json
+from functools import partial
 import struct
 import time
 from pathlib import Path
@@ -247,25 +248,34 @@ def test_read_ahead_reads_the_weights_in_the_background_and_only_when_asked(llam
         model(input_ids=torch.tensor([[1, 2, 3]]))
 
 
-def test_an_embedding_table_is_not_read_ahead(tmp_path):
-    """A large vocabulary's table (32 MB here, a tenth of a small LM's bytes): read ahead, it would be read whole
-    for a few tokens' rows. Also: the read-ahead of the LM head beside it does not spill into it."""
+@pytest.fixture(scope="module")
+def big_table_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-layer Llama with a large vocabulary's table (32 MB, rows of 1 KiB), compressed with no passes."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    tmp = tmp_path_factory.mktemp("table")
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=32768, hidden_size=256, intermediate_size=256, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    LlamaForCausalLM(config).eval().save_pretrained(tmp_path / "src", safe_serialization=True)
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"name: l\nmodel: {{source: hf, path: {tmp_path / 'src'}, auto_class: AutoModelForCausalLM}}\n"
+    LlamaForCausalLM(config).eval().save_pretrained(tmp / "src", safe_serialization=True)
+    recipe = tmp / "r.yaml"
+    recipe.write_text(f"name: l\nmodel: {{source: hf, path: {tmp / 'src'}, auto_class: AutoModelForCausalLM}}\n"
                       "passes: []\n")
-    run_recipe(load_recipe(recipe), tmp_path / "art")
-    weights = tmp_path / "art" / "model.safetensors"
+    run_recipe(load_recipe(recipe), tmp / "art")
+    return tmp / "art"
+
+
+def test_an_embedding_table_is_not_read_ahead(big_table_artifact):
+    """A large vocabulary's table (32 MB here, a tenth of a small LM's bytes): read ahead, it would be read whole
+    for a few tokens' rows. Also: the read-ahead of the LM head beside it does not spill into it."""
+    art = big_table_artifact
+    weights = art / "model.safetensors"
     header, start = read_header(weights)
     table = tuple(start + o for o in header["model.embed_tokens.weight"]["data_offsets"])
     head = tuple(start + o for o in header["lm_head.weight"]["data_offsets"])
     _cold(weights)
-    model = compressor.load(tmp_path / "art")
+    model = compressor.load(art)
+    assert model.model.embed_tokens._forward_pre_hooks  # its lookups' rows are queued while the thread reads
     deadline = time.monotonic() + 30
     while pagecache.resident_fraction([weights], head) < 0.99 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -275,6 +285,44 @@ def test_an_embedding_table_is_not_read_ahead(tmp_path):
     with torch.inference_mode():
         model(input_ids=torch.tensor([[1, 2, 3]]))
     assert pagecache.resident_fraction([weights], table) < 0.4  # its rows, and the kernel's read-around of them
+
+
+def test_a_lookup_queues_the_reads_of_its_rows_while_the_read_ahead_thread_runs(big_table_artifact):
+    """The rows a lookup needs are queued together when it is called (its page faults would otherwise each wait
+    behind the read-ahead's queue); the hook does nothing for indices the lookup refuses, and goes once the
+    thread has finished."""
+    import threading
+
+    weights = big_table_artifact / "model.safetensors"
+    header, start = read_header(weights)
+    table = start + header["model.embed_tokens.weight"]["data_offsets"][0]
+
+    def rows(*indices: int) -> float:
+        return min(pagecache.resident_fraction([weights], (table + i * 1024, table + (i + 1) * 1024))
+                   for i in indices)
+
+    _cold(weights)
+    model = compressor.load(big_table_artifact, read_ahead=False)
+    embed = model.model.embed_tokens
+    running = threading.Event()
+    reader = threading.Thread(target=running.wait, daemon=True)  # stands for a read-ahead thread still reading
+    reader.start()
+    handle: list = []
+    handle.append(embed.register_forward_pre_hook(partial(readahead._queue_rows, reader, handle)))
+    readahead._queue_rows(reader, handle, embed, (torch.tensor([[40000, -1]]),))  # the lookup will refuse these
+    readahead._queue_rows(reader, handle, embed, (torch.tensor([[5, 30000, 5]]),))
+    deadline = time.monotonic() + 10
+    while rows(5, 30000) < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert rows(5, 30000) == 1  # queued without a fault, nothing copied
+    assert rows(16000) == 0 and rows(7232) == 0  # not the rest of the table
+    running.set()
+    reader.join()
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([[7]]))
+    assert not embed._forward_pre_hooks  # removed once the thread had finished
+    loaded = compressor.load(big_table_artifact, read_ahead=False)
+    assert not loaded.model.embed_tokens._forward_pre_hooks  # none without a read-ahead thread
 
 
 def test_only_an_embedding_no_other_module_uses_is_left_to_its_lookups():

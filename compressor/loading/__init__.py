@@ -18,8 +18,7 @@ from torch import nn
 from ..errors import ArtifactError
 from ..manifest import Manifest, ModelEntry, check_files, read_manifest
 from .rebuild import build_architecture, decode, dequantize_on_the_fly, keep_packed, restructure, retie
-from .readahead import in_use_order
-from .readahead import read_ahead as start_read_ahead
+from .readahead import read_module_ahead
 from .tensors import load_example_inputs, load_tensors, load_tensors_cuda
 
 __all__ = ["load", "load_tensors", "load_tensors_cuda", "load_example_inputs", "build_architecture"]
@@ -90,7 +89,7 @@ def load(artifact_dir: str | Path, *, device: str | torch.device = "cpu", verify
     except (KeyError, AttributeError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{root}: manifest.json has a malformed model.dtype_bridges entry ({exc!r})") from None
     if read_ahead and dev.type == "cpu":
-        start_read_ahead(in_use_order(module), maps)
+        read_module_ahead(module, maps)
     return module.eval()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,13 @@ import torch
 from ..memory import available_memory
 from ..safetensors_io import PAGE
 
-__all__ = ["in_use_order", "read_ahead", "READ_AHEAD_SHARE", "READ_AHEAD_WINDOW"]
+__all__ = ["in_use_order", "read_ahead", "read_module_ahead", "READ_AHEAD_SHARE", "READ_AHEAD_WINDOW"]
 
 READ_AHEAD_SHARE = 0.5  # of the memory available: beyond it, read-ahead would evict what it read before use
 READ_AHEAD_WINDOW = 64 << 20  # bytes queued beyond the tensor being read
 _MERGE_GAP = 1 << 20
+_MADV_WILLNEED = 3  # queue the reads of a mapped range, without waiting
+_LOOKUP_ROWS = 4096  # more distinct rows than this in one lookup: the whole table is queued instead
 _MADV_POPULATE_READ = 22  # Linux 5.14+: fault the range in (reading it), without copying it anywhere
 _ADVICE_FLOOR = 128 << 10  # the kernel's default read-ahead, where the device's own limit cannot be found
 
@@ -85,6 +88,58 @@ def read_ahead(tensors: Iterable[torch.Tensor], maps: dict[int, Path]) -> thread
     thread = threading.Thread(target=_read_in_order, args=(spans,), name="compressor-read-ahead", daemon=True)
     thread.start()
     return thread
+
+
+def read_module_ahead(module: torch.nn.Module, maps: dict[int, Path]) -> threading.Thread | None:
+    """``read_ahead`` of the module's tensors in the order it uses them (``in_use_order``), and, while that thread
+    reads, the rows that a lookup table it leaves out gives a forward pass are queued the moment the lookup is
+    called (``_queue_rows``; the hook removes itself once the thread has finished); returns the thread, or None."""
+    ordered = in_use_order(module)
+    thread = read_ahead(ordered, maps)
+    if thread is None:
+        return None
+    read = {id(t) for t in ordered}
+    for sub in module.modules():
+        weight = sub._parameters.get("weight") if isinstance(sub, torch.nn.Embedding) else None
+        # a plain tensor's rows only: a tensor-parallel DTensor's local shard is not indexed by the token ids
+        if type(weight) is torch.nn.Parameter and id(weight) not in read and weight.dim() == 2 \
+                and _span(weight, maps) is not None:
+            handle: list[Any] = []
+            handle.append(sub.register_forward_pre_hook(partial(_queue_rows, thread, handle)))
+    return thread
+
+
+def _queue_rows(thread: threading.Thread, handle: list[Any], table: torch.nn.Module, args: tuple[Any, ...]) -> None:
+    """Queue the reads of the rows of ``table`` that the indices in ``args[0]`` name (``madvise(WILLNEED)``, which
+    does not wait), all at once. A lookup's page faults would otherwise each wait, one after the other, behind the
+    reads the read-ahead thread keeps queued: a 16-token prompt's first layer started up to 0.27 s late on a 0.25B
+    Llama. Does nothing for indices it cannot read (the lookup itself raises), and once the thread has finished
+    removes itself (``handle``)."""
+    if not thread.is_alive():
+        handle[0].remove()
+        return
+    ids = args[0] if args else None
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex():
+        return
+    weight = table.weight
+    rows = torch.unique(ids.detach().reshape(-1).cpu())
+    if rows.numel() == 0 or int(rows[0]) < 0 or int(rows[-1]) >= weight.shape[0]:
+        return
+    row_bytes = weight.stride(0) * weight.element_size()
+    start = weight.data_ptr()
+    if rows.numel() > _LOOKUP_ROWS:
+        _advise(start, weight.shape[0] * row_bytes, _MADV_WILLNEED)
+        return
+    lo = hi = -1
+    for row in rows.tolist():  # ascending: adjacent rows in one call
+        at = start + row * row_bytes
+        if lo >= 0 and at - hi > PAGE:
+            _advise(lo, hi - lo, _MADV_WILLNEED)
+            lo = -1
+        if lo < 0:
+            lo = at
+        hi = at + row_bytes
+    _advise(lo, hi - lo, _MADV_WILLNEED)
 
 
 def _span(tensor: torch.Tensor, maps: dict[int, Path]) -> Span | None:

@@ -11,8 +11,7 @@ from ..errors import ArtifactError, UsageError
 from ..manifest import PLAN_FILE, Manifest, confined
 from ..model import parameters_on_meta
 from .rebuild import build_architecture, decode
-from .readahead import in_use_order
-from .readahead import read_ahead as start_read_ahead
+from .readahead import read_module_ahead
 from .tensors import load_tensors
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -100,7 +99,7 @@ def load_rank(root: Path, manifest: Manifest, rank: int, world: int, device: tor
 
     install_bridges(module, manifest.model.dtype_bridges)
     if read_ahead and device.type == "cpu":  # this rank's slices, in the order its forward uses them
-        start_read_ahead(in_use_order(module), maps)
+        read_module_ahead(module, maps)
     return module.eval()
 
 
