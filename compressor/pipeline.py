@@ -278,15 +278,19 @@ def _evaluate(recipe: Recipe, staged: Path, out: Path, log: Reporter) -> Report:
 
 
 def _weight_files(recipe: Recipe, model: Any, stored: dict[str, Any]) -> Any:
-    """The artifact's weight files, planned from the stored tensors (on the meta device when streaming)."""
+    """The artifact's weight files, planned from the stored tensors (on the meta device when streaming), laid out
+    in the order the model reads them: ``stored`` follows its state dict, whose order is that of the modules'
+    registration, which is how a layered model's forward pass goes (compressor.loading.readahead reads the files
+    ahead in that order)."""
     plan = model.export.tensor_parallel
     if plan is not None:
         from .export.tp import RankFiles
 
-        return RankFiles(stored, plan, {n: e.to_json() for n, e in model.encodings.items()}, model.aliases)
+        return RankFiles(stored, plan, {n: e.to_json() for n, e in model.encodings.items()}, model.aliases,
+                         use_order=list(stored))
     from .export.safetensors import WeightFiles
 
-    return WeightFiles(stored, int(recipe.export.safetensors.max_shard_size))
+    return WeightFiles(stored, int(recipe.export.safetensors.max_shard_size), use_order=list(stored))
 
 
 def _write(recipe: Recipe, model: Any, reports: list[dict[str, Any]], tmp: Path, log: Reporter,

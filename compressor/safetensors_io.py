@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,11 +63,23 @@ class Layout:
     """One file: its header bytes and where each tensor's bytes go, from ``{name: (dtype code, shape)}``."""
 
     def __init__(self, specs: Mapping[str, tuple[str, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None) -> None:
+                 metadata: dict[str, str] | None = None, use_order: Sequence[str] | None = None) -> None:
+        """``use_order``: names in the order a forward pass reads them; the tensors whose sizes are multiples of 64
+        bytes (nearly every weight) are then laid out in that order, so that reading a model as it computes reads
+        its file from start to end. Otherwise (and after those named): largest element size first, then by name.
+        Either way the bytes do not depend on the order of ``specs``."""
         if metadata and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise TypeError("safetensors metadata maps strings to strings")
         sizes = {name: _numel(shape) * ITEMSIZE[code] for name, (code, shape) in specs.items()}
-        order = sorted(specs, key=lambda n: (0 if sizes[n] % LINE == 0 else 1, -ITEMSIZE[specs[n][0]], n))
+        rank = {n: i for i, n in enumerate(use_order or ())}
+        unranked = len(rank)
+
+        def key(n: str) -> tuple[int, int, int, str]:
+            if sizes[n] % LINE == 0:  # aligned wherever they go: in use order where there is one
+                return 0, rank.get(n, unranked) if rank else 0, -ITEMSIZE[specs[n][0]], n
+            return 1, -ITEMSIZE[specs[n][0]], rank.get(n, unranked), n  # element size first keeps them aligned
+
+        order = sorted(specs, key=key)
         header: dict[str, Any] = {"__metadata__": dict(sorted((metadata or {"format": "pt"}).items()))}
         offset = 0
         for name in order:
@@ -83,9 +95,10 @@ class Layout:
         self.size = start + offset
 
     @classmethod
-    def of(cls, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Layout:
+    def of(cls, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None,
+           use_order: Sequence[str] | None = None) -> Layout:
         """The layout of these tensors (real or on the meta device: only names, shapes and dtypes are read)."""
-        return cls({n: (dtype_code(t.dtype, n), tuple(t.shape)) for n, t in tensors.items()}, metadata)
+        return cls({n: (dtype_code(t.dtype, n), tuple(t.shape)) for n, t in tensors.items()}, metadata, use_order)
 
     def create(self, path: Path) -> None:
         """Write the header and size the file; the tensors' bytes are written by ``write``."""

@@ -163,6 +163,14 @@ def test_loading_an_artifact_initialises_nothing_and_gives_the_stored_values(lla
     assert not any(p.requires_grad is False and p.is_floating_point() for p in model.parameters())
 
 
+def test_an_artifact_lays_its_weights_out_in_the_order_the_model_reads_them(llama_artifact):
+    header, _ = read_header(llama_artifact / "model.safetensors")
+    by_offset = [n for _, n in sorted((i["data_offsets"][0], n) for n, i in header.items() if n != "__metadata__")]
+    model = compressor.load(llama_artifact, read_ahead=False)
+    assert by_offset == [n for n in model.state_dict() if n in header]
+    assert by_offset[:2] == ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"]
+
+
 def test_a_tensor_of_another_shape_is_refused_naming_it(llama_artifact, tmp_path):
     import shutil
 
@@ -240,10 +248,13 @@ def test_read_ahead_reads_the_weights_in_the_background_and_only_when_asked(llam
     del model
     _cold(weights)
     model = compressor.load(llama_artifact)
+    header, start = read_header(weights)
+    # The embedding table comes first (the model's order) and is left to its lookups: everything after it.
+    rest = (start + header["model.embed_tokens.weight"]["data_offsets"][1], weights.stat().st_size)
     deadline = time.monotonic() + 30
-    while _resident(weights) < 0.99 and time.monotonic() < deadline:
+    while pagecache.resident_fraction([weights], rest) < 0.99 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _resident(weights) >= 0.99  # every weight read, with no forward pass to fault them in
+    assert pagecache.resident_fraction([weights], rest) >= 0.99  # every weight read, with no forward pass
     with torch.inference_mode():
         model(input_ids=torch.tensor([[1, 2, 3]]))
 
@@ -284,7 +295,10 @@ def test_an_embedding_table_is_not_read_ahead(big_table_artifact):
     assert pagecache.resident_fraction([weights], table) < 0.05
     with torch.inference_mode():
         model(input_ids=torch.tensor([[1, 2, 3]]))
-    assert pagecache.resident_fraction([weights], table) < 0.4  # its rows, and the kernel's read-around of them
+    # Its rows, and the kernel's read-around of them (up to read_ahead_kb, 8 MB here, from the table's start now
+    # that it comes first), not the whole table.
+    assert pagecache.resident_fraction([weights], (table[0], table[0] + 4096)) == 1
+    assert pagecache.resident_fraction([weights], (table[1] - (1 << 20), table[1])) == 0
 
 
 def test_a_lookup_queues_the_reads_of_its_rows_while_the_read_ahead_thread_runs(big_table_artifact):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +35,8 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def layout_order(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Names in file order: 64-byte-multiple tensors first, then by element size, largest first; ties by name."""
+    """Names in file order (given no use order): 64-byte-multiple tensors first, then by element size, largest
+    first; ties by name."""
     return list(Layout.of(tensors).spans)
 
 
@@ -58,11 +59,14 @@ def shard_names(count: int) -> list[str]:
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
-def plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
-    """Split names into shards of at most ``max_bytes`` each, in name order; a larger tensor gets its own shard."""
+def plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int,
+                use_order: Sequence[str] | None = None) -> list[list[str]]:
+    """Split names into shards of at most ``max_bytes`` each, in ``use_order`` (the rest after it, and all without
+    one, in name order); a larger tensor gets its own shard."""
     shards: list[list[str]] = [[]]
     used = 0
-    for name in sorted(tensors):
+    rank = {n: i for i, n in enumerate(use_order or ())}
+    for name in sorted(tensors, key=lambda n: (rank.get(n, len(rank)), n)):
         size = _nbytes(tensors[name])
         if shards[-1] and used + size > max_bytes:
             shards.append([])
@@ -75,15 +79,18 @@ def plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[s
 class WeightFiles:
     """An artifact's weight files, planned from the stored tensors (real or on the meta device) before any value is
     written: ``create`` writes every header, ``write`` puts one stored tensor's bytes in place, ``finish`` writes
-    the index. This one: one file, or shards of at most ``max_shard_size`` bytes in name order plus
-    ``model.safetensors.index.json`` (Hugging Face's convention); compressor.export.tp splits per rank instead."""
+    the index. This one: one file, or shards of at most ``max_shard_size`` bytes plus
+    ``model.safetensors.index.json`` (Hugging Face's convention); compressor.export.tp splits per rank instead.
+    ``use_order``: the stored names in the order a forward pass reads them, which the shards and each file's
+    tensors follow (``Layout``); name order without it."""
 
     def __init__(self, stored: dict[str, torch.Tensor], max_shard_size: int,
-                 metadata: dict[str, str] | None = None) -> None:
-        shards = plan_shards(stored, max_shard_size)
+                 metadata: dict[str, str] | None = None, use_order: Sequence[str] | None = None) -> None:
+        shards = plan_shards(stored, max_shard_size, use_order)
         names = shard_names(len(shards))
         meta = {"format": "pt", **(metadata or {})}
-        self.layouts = {file: Layout.of({n: stored[n] for n in members}, meta) for file, members in zip(names, shards)}
+        self.layouts = {file: Layout.of({n: stored[n] for n in members}, meta, use_order)
+                        for file, members in zip(names, shards)}
         self.home = {n: file for file, members in zip(names, shards) for n in members}
         self.total = sum(_nbytes(t) for t in stored.values())
 
@@ -135,6 +142,6 @@ class WeightFiles:
 
 
 def export_safetensors(stored: dict[str, torch.Tensor], out_dir: Path, max_shard_size: int,
-                       metadata: dict[str, str] | None = None) -> list[str]:
+                       metadata: dict[str, str] | None = None, use_order: Sequence[str] | None = None) -> list[str]:
     """Write stored tensors as one file or as shards plus ``model.safetensors.index.json``; returns file names."""
-    return WeightFiles(stored, max_shard_size, metadata).fill(out_dir, stored)[0]
+    return WeightFiles(stored, max_shard_size, metadata, use_order).fill(out_dir, stored)[0]

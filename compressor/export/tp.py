@@ -4,6 +4,7 @@ tensors (stored once), and the plan file the loader reads."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,10 +41,11 @@ def _pieces(t: torch.Tensor, dim: int, parts: int, world: int, uneven: bool) -> 
 
 class RankFiles(WeightFiles):
     """Tensor-parallel weight files: one per rank holding its slices of the split tensors, one of the replicated
-    tensors (stored once), and the plan file the loader reads; planned before any value is written (WeightFiles)."""
+    tensors (stored once), and the plan file the loader reads; planned before any value is written (WeightFiles),
+    each file's tensors in ``use_order`` (``Layout``)."""
 
     def __init__(self, stored: dict[str, torch.Tensor], plan: TPPlan, encodings: dict[str, dict[str, Any]],
-                 aliases: dict[str, str]) -> None:
+                 aliases: dict[str, str], use_order: Sequence[str] | None = None) -> None:
         # Not WeightFiles.__init__: the layouts are per rank, and ``pieces`` below routes each tensor's slices.
         self.plan, self.aliases = plan, aliases
         self.specs = split_specs(plan, list(stored), encodings, aliases=aliases)
@@ -57,8 +59,9 @@ class RankFiles(WeightFiles):
             for r, piece in enumerate(self._split(name, tensor)):
                 ranks[r][name] = piece
         self.layouts = {rank_file(r, world): Layout.of(ranks[r], {"format": "pt", "tp_rank": str(r),
-                                                                   "tp_world": str(world)}) for r in range(world)}
-        self.layouts[REPLICATED_FILE] = Layout.of(replicated, {"format": "pt", "tp_world": str(world)})
+                                                                   "tp_world": str(world)}, use_order)
+                        for r in range(world)}
+        self.layouts[REPLICATED_FILE] = Layout.of(replicated, {"format": "pt", "tp_world": str(world)}, use_order)
         self.home: dict[str, str] = {}  # WeightFiles' single home per tensor: not how rank files route
         self.total = sum(t.numel() * t.element_size() for t in stored.values())
 

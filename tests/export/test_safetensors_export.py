@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from compressor.errors import ArtifactError
-from compressor.export.safetensors import export_safetensors, shard_names, write_safetensors
-from compressor.safetensors_io import PAGE, read_header
+from compressor.export.safetensors import export_safetensors, plan_shards, shard_names, write_safetensors
+from compressor.safetensors_io import PAGE, Layout, read_header
 
 PROPERTY = settings(
     derandomize=True,
@@ -139,6 +139,35 @@ def test_mixed_layout_example(tmp_path):
     # The 64-byte multiples come first.
     first = sorted((i["data_offsets"][0], n) for n, i in header.items() if n != "__metadata__")
     assert {n for _, n in first[:3]} == {"c_f16_64", "g_i64_128", "h_empty"}
+
+
+def test_a_use_order_lays_the_aligned_tensors_out_in_it_and_splits_shards_by_it(tmp_path):
+    """With the order a forward pass reads them, the 64-byte multiples follow it (reading ahead then reads the
+    file from start to end); the others keep their element-size order after them; the dict's order still does
+    not matter."""
+    tensors = {
+        "z.weight": make_tensor((32,), torch.float16, 0),  # 64 bytes
+        "a.bias": make_tensor((5,), torch.float32, 1),  # 20 bytes
+        "m.weight": make_tensor((4, 4), torch.int64, 2),  # 128 bytes
+        "b.weight": make_tensor((64,), torch.int8, 3),  # 64 bytes
+        "c.q": make_tensor((3,), torch.int8, 4),  # 3 bytes
+        "extra": make_tensor((16,), torch.float32, 5),  # 64 bytes, in no use order
+    }
+    order = ["z.weight", "a.bias", "b.weight", "c.q", "m.weight"]
+    path = tmp_path / "ordered.safetensors"
+    export_safetensors(tensors, tmp_path, 1 << 30, use_order=order)
+    (tmp_path / "model.safetensors").rename(path)
+    check_layout(path, tensors)
+    check_reads_back(path, tensors)
+    header, _ = parse(path)
+    by_offset = [n for _, n in sorted((i["data_offsets"][0], n) for n, i in header.items() if n != "__metadata__")]
+    assert by_offset == ["z.weight", "b.weight", "m.weight", "extra", "a.bias", "c.q"]
+    again = Layout.of(dict(reversed(list(tensors.items()))), {"format": "pt"}, order)
+    assert again.header == path.read_bytes()[:len(again.header)]
+    assert list(Layout.of(tensors).spans) == ["m.weight", "extra", "z.weight", "b.weight", "a.bias", "c.q"]
+    # Shards split in the same order: the first shard holds the first tensors a forward pass reads.
+    assert plan_shards(tensors, 150, order) == [["z.weight", "a.bias", "b.weight"], ["c.q", "m.weight"], ["extra"]]
+    assert plan_shards(tensors, 150) == [["a.bias", "b.weight", "c.q"], ["extra"], ["m.weight"], ["z.weight"]]
 
 
 def test_non_contiguous_and_grad_tensors_are_written_by_value(tmp_path):
