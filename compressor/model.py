@@ -273,24 +273,17 @@ class _EmptyOnMeta(torch.overrides.TorchFunctionMode):
 
 
 def build_empty(build: Callable[[], nn.Module]) -> nn.Module:
-    """What ``parameters_on_meta`` gives for ``build()``, a fifth faster for a BERT: the layers' ``torch.empty``
-    allocations are made on meta instead of being allocated and then moved there, the parameters made otherwise
-    (``torch.ones``) are moved afterwards (a tie kept), and no mode skips initialisation, since transformers' own
-    ``no_init_weights`` (which ``build`` must enter) does. That is only right when every tensor the constructors
-    compute for keeps (a buffer, a plain tensor attribute) came from elsewhere: a module with a meta tensor that is
-    not a parameter, or a build that fails this way, is built again the plain way, whose result (or error) is
-    returned."""
+    """What ``parameters_on_meta`` gives for ``build()``, faster (a BERT's build 7.5 -> 6 ms): the layers'
+    ``torch.empty`` allocations are made on meta in the first place instead of being allocated and then moved there,
+    and no mode skips initialisation; for a transformers module, the ``no_init_weights`` that ``build`` enters
+    already does (``sources.hf``). Parameters made otherwise (``torch.ones``) still move to meta as they are
+    registered. That is only right when every tensor the constructors compute for keeps came from elsewhere: a
+    module with a buffer or plain tensor attribute on meta, or a build that fails this way, is built again the
+    plain way, whose result (or error) is returned."""
     try:
-        with _EmptyOnMeta():
+        with _parameters_moved(_EmptyOnMeta()):
             module = build()
         if not _meta_besides_parameters(module):
-            moved: dict[int, nn.Parameter] = {}
-            for sub in module.modules():
-                for name, param in sub._parameters.items():
-                    if param is not None and not param.is_meta:
-                        if id(param) not in moved:
-                            moved[id(param)] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-                        sub._parameters[name] = moved[id(param)]
             return module
     except Exception:  # noqa: BLE001 - rebuilt below, where a real error is raised again
         pass
@@ -322,6 +315,14 @@ def parameters_on_meta() -> Iterator[None]:
     Buffers stay real: non-persistent ones (e.g. BERT's position_ids, rotary inv_freq) are not in the file and must
     be computed by the module's own constructor, so only tensors on meta skip initialisation.
     """
+    with _parameters_moved(skip_init_on_meta()):
+        yield
+
+
+@contextmanager
+def _parameters_moved(mode: torch.overrides.TorchFunctionMode) -> Iterator[None]:
+    """Every parameter registered inside moves to meta as it is registered (so that a constructor's own later
+    references see the meta one), with ``mode`` pushed."""
     original = nn.Module.register_parameter
 
     def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
@@ -331,7 +332,7 @@ def parameters_on_meta() -> Iterator[None]:
 
     nn.Module.register_parameter = register  # type: ignore[method-assign]
     try:
-        with skip_init_on_meta():
+        with mode:
             yield
     finally:
         nn.Module.register_parameter = original  # type: ignore[method-assign]

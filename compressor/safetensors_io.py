@@ -66,8 +66,9 @@ class Layout:
                  metadata: dict[str, str] | None = None, use_order: Sequence[str] | None = None) -> None:
         """``use_order``: names in the order a forward pass reads them; the tensors whose sizes are multiples of 64
         bytes (nearly every weight) are then laid out in that order, so that reading a model as it computes reads
-        its file from start to end. Otherwise (and after those named): largest element size first, then by name.
-        Either way the bytes do not depend on the order of ``specs``."""
+        its file from start to end, and the others follow by element size, largest first, then in that order.
+        Without one, both groups go by element size, then by name. Either way the bytes do not depend on the order
+        of ``specs``."""
         if metadata and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise TypeError("safetensors metadata maps strings to strings")
         sizes = {name: _numel(shape) * ITEMSIZE[code] for name, (code, shape) in specs.items()}

@@ -5,7 +5,7 @@ per file sliced into views, tensors assigned directly, and the weights read ahea
 from __future__ import annotations
 
 import json
-from functools import partial
+import threading
 import struct
 import time
 from pathlib import Path
@@ -85,7 +85,7 @@ def test_parameters_are_built_on_meta_without_initialisation_and_buffers_are_com
     assert {"normal_", "uniform_"} <= set(outside.seen) or "kaiming_uniform_" in outside.seen
 
 
-def test_build_empty_gives_what_parameters_on_meta_gives_with_the_ties_kept():
+def test_build_empty_gives_what_parameters_on_meta_gives_with_the_ties_kept(monkeypatch):
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.modeling_utils import no_init_weights
 
@@ -99,8 +99,12 @@ def test_build_empty_gives_what_parameters_on_meta_gives_with_the_ties_kept():
         model.model.norm.weight = model.model.layers[0].input_layernorm.weight  # a tie of a torch.ones parameter
         return model
 
-    with _MetaInits() as outside:
-        fast = build_empty(build)
+    import compressor.model as model_module
+
+    with monkeypatch.context() as patch:  # the first way must do: building again the plain way would raise
+        patch.setattr(model_module, "parameters_on_meta", None)
+        with _MetaInits() as outside:
+            fast = build_empty(build)
     with parameters_on_meta():
         plain = build()
     assert outside.seen == []
@@ -286,7 +290,11 @@ def test_an_embedding_table_is_not_read_ahead(big_table_artifact):
     head = tuple(start + o for o in header["lm_head.weight"]["data_offsets"])
     _cold(weights)
     model = compressor.load(art)
-    assert model.model.embed_tokens._forward_pre_hooks  # its lookups' rows are queued while the thread reads
+    readers = [t for t in threading.enumerate() if t.name == "compressor-read-ahead"]
+    assert model.model.embed_tokens._forward_pre_hooks or not any(t.is_alive() for t in readers)  # while it reads
+    for reader in readers:
+        reader.join(30)
+    assert not model.model.embed_tokens._forward_pre_hooks  # no hook left once it has finished
     deadline = time.monotonic() + 30
     while pagecache.resident_fraction([weights], head) < 0.99 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -303,40 +311,44 @@ def test_an_embedding_table_is_not_read_ahead(big_table_artifact):
 
 def test_a_lookup_queues_the_reads_of_its_rows_while_the_read_ahead_thread_runs(big_table_artifact):
     """The rows a lookup needs are queued together when it is called (its page faults would otherwise each wait
-    behind the read-ahead's queue); the hook does nothing for indices the lookup refuses, and goes once the
-    thread has finished."""
-    import threading
+    behind the read-ahead's queue); the hook does nothing for indices the lookup refuses, leaves the model
+    copyable and picklable, and goes when the thread finishes."""
+    import copy
+    import pickle
 
     weights = big_table_artifact / "model.safetensors"
     header, start = read_header(weights)
-    table = start + header["model.embed_tokens.weight"]["data_offsets"][0]
+    lo, hi = (start + o for o in header["model.embed_tokens.weight"]["data_offsets"])
 
     def rows(*indices: int) -> float:
-        return min(pagecache.resident_fraction([weights], (table + i * 1024, table + (i + 1) * 1024))
-                   for i in indices)
+        return min(pagecache.resident_fraction([weights], (lo + i * 1024, lo + (i + 1) * 1024)) for i in indices)
 
     _cold(weights)
     model = compressor.load(big_table_artifact, read_ahead=False)
+    assert not model.model.embed_tokens._forward_pre_hooks  # none without a read-ahead thread
     embed = model.model.embed_tokens
-    running = threading.Event()
-    reader = threading.Thread(target=running.wait, daemon=True)  # stands for a read-ahead thread still reading
-    reader.start()
-    handle: list = []
-    handle.append(embed.register_forward_pre_hook(partial(readahead._queue_rows, reader, handle)))
-    readahead._queue_rows(reader, handle, embed, (torch.tensor([[40000, -1]]),))  # the lookup will refuse these
-    readahead._queue_rows(reader, handle, embed, (torch.tensor([[5, 30000, 5]]),))
+    hooks = readahead._Hooks()  # what a read-ahead thread still reading holds
+    hooks.add(embed, embed.weight.data_ptr())
+    (hook,) = embed._forward_pre_hooks.values()
+    before = pagecache.resident_fraction([weights], (lo, hi))  # a page or two, read with the header
+    hook(embed, (torch.tensor([[40000, -1]]),))  # indices the lookup refuses: nothing queued, nothing raised
+    hook(embed, (torch.tensor([[0.5]]),))
+    time.sleep(0.2)
+    assert pagecache.resident_fraction([weights], (lo, hi)) == before < 0.01
+    hook(embed, (torch.tensor([[5, 30000, 5]]),))
     deadline = time.monotonic() + 10
     while rows(5, 30000) < 1 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert rows(5, 30000) == 1  # queued without a fault, nothing copied
     assert rows(16000) == 0 and rows(7232) == 0  # not the rest of the table
-    running.set()
-    reader.join()
+    twin = copy.deepcopy(model)  # the hook holds integers only
+    assert pickle.loads(pickle.dumps(model)).model.embed_tokens.weight.shape == embed.weight.shape
     with torch.inference_mode():
-        model(input_ids=torch.tensor([[7]]))
-    assert not embed._forward_pre_hooks  # removed once the thread had finished
-    loaded = compressor.load(big_table_artifact, read_ahead=False)
-    assert not loaded.model.embed_tokens._forward_pre_hooks  # none without a read-ahead thread
+        assert torch.equal(twin(input_ids=torch.tensor([[7, 9]])).logits, model(input_ids=torch.tensor([[7, 9]])).logits)
+    hooks.close()  # the thread finishing
+    assert not embed._forward_pre_hooks and embed.weight.data_ptr() not in readahead._READING
+    hooks.add(embed, embed.weight.data_ptr())  # too late: not registered
+    assert not embed._forward_pre_hooks
 
 
 def test_only_an_embedding_no_other_module_uses_is_left_to_its_lookups():

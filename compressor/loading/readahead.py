@@ -57,19 +57,23 @@ def in_use_order(module: torch.nn.Module) -> list[torch.Tensor]:
             if not (table and uses[id(t)] == 1)]
 
 
-def read_ahead(tensors: Iterable[torch.Tensor], maps: dict[int, Path]) -> threading.Thread | None:
+def read_ahead(tensors: Iterable[torch.Tensor], maps: dict[int, Path],
+               hooks: _Hooks | None = None) -> threading.Thread | None:
     """Read, in a background thread and in the order given, the file bytes behind those ``tensors`` that are
     views on the memory maps ``maps`` (from ``load_tensors``); returns the thread, or None when there is nothing
-    to read (the page cache holds the ends of every tensor: a warm load, whose first forward pass would only
-    compete with the thread for the cores and the memory map's lock) or the platform cannot. The thread reads
+    to read (the page cache holds pages sampled over the tensors' bytes: a warm load, whose first forward pass
+    would only compete with the thread for the cores and the memory map's lock) or the platform cannot. ``hooks``:
+    removed by the thread when it finishes. The thread reads
     nothing when the bytes exceed ``READ_AHEAD_SHARE`` of the memory available (later reads would evict earlier
     ones before their use); it checks that itself, since reading /proc and the cgroup's files takes a millisecond
     a warm load need not wait for.
 
     The thread queues the reads of the next ``READ_AHEAD_WINDOW`` bytes (``posix_fadvise(WILLNEED)``, in pieces
-    the kernel takes whole: ``advice_limit``) and maps the current tensor's pages in (``madvise(MADV_POPULATE_READ)``,
-    which waits for them). Queuing everything at once would not do: the I/O scheduler sorts a deep queue by disk
-    position, and the first layer would wait behind the last."""
+    the kernel takes whole: ``advice_limit``) and maps the current span's pages in (``madvise(MADV_POPULATE_READ)``,
+    which waits for them). Tensors next to each other both in use and in the file make one span: in a file laid out
+    in use order (compressor's), nearly the whole file, which the populate then walks from start to end with the
+    kernel's own sequential read-ahead. Queuing everything at once would not do: the I/O scheduler sorts a deep
+    queue by disk position, and the first layer would wait behind the last."""
     if not maps or not hasattr(os, "posix_fadvise"):
         return None
     spans: list[Span] = []
@@ -85,7 +89,8 @@ def read_ahead(tensors: Iterable[torch.Tensor], maps: dict[int, Path]) -> thread
             spans.append(span)
     if not spans or _looks_cached(spans):
         return None
-    thread = threading.Thread(target=_read_in_order, args=(spans,), name="compressor-read-ahead", daemon=True)
+    thread = threading.Thread(target=_read_in_order, args=(spans, hooks or _Hooks()),
+                              name="compressor-read-ahead", daemon=True)
     thread.start()
     return thread
 
@@ -93,53 +98,85 @@ def read_ahead(tensors: Iterable[torch.Tensor], maps: dict[int, Path]) -> thread
 def read_module_ahead(module: torch.nn.Module, maps: dict[int, Path]) -> threading.Thread | None:
     """``read_ahead`` of the module's tensors in the order it uses them (``in_use_order``), and, while that thread
     reads, the rows that a lookup table it leaves out gives a forward pass are queued the moment the lookup is
-    called (``_queue_rows``; the hook removes itself once the thread has finished); returns the thread, or None."""
+    called (``_queue_rows``, a forward pre-hook the thread removes when it finishes); returns the thread, or
+    None."""
     ordered = in_use_order(module)
-    thread = read_ahead(ordered, maps)
+    read = {id(t) for t in ordered}
+    tables: list[tuple[torch.nn.Module, int]] = []
+    for sub in module.modules():
+        # nn.Embedding's own lookup only: a subclass may index by something else (OPT's positions: the mask)
+        weight = sub._parameters.get("weight") if type(sub).forward is torch.nn.Embedding.forward else None
+        if type(weight) is torch.nn.Parameter and id(weight) not in read and weight.dim() == 2 \
+                and weight.is_contiguous() and _span(weight, maps) is not None:
+            tables.append((sub, weight.data_ptr()))
+    hooks = _Hooks()
+    thread = read_ahead(ordered, maps, hooks)
     if thread is None:
         return None
-    read = {id(t) for t in ordered}
-    for sub in module.modules():
-        weight = sub._parameters.get("weight") if isinstance(sub, torch.nn.Embedding) else None
-        # a plain tensor's rows only: a tensor-parallel DTensor's local shard is not indexed by the token ids
-        if type(weight) is torch.nn.Parameter and id(weight) not in read and weight.dim() == 2 \
-                and _span(weight, maps) is not None:
-            handle: list[Any] = []
-            handle.append(sub.register_forward_pre_hook(partial(_queue_rows, thread, handle)))
+    for table, address in tables:
+        hooks.add(table, address)
     return thread
 
 
-def _queue_rows(thread: threading.Thread, handle: list[Any], table: torch.nn.Module, args: tuple[Any, ...]) -> None:
-    """Queue the reads of the rows of ``table`` that the indices in ``args[0]`` name (``madvise(WILLNEED)``, which
-    does not wait), all at once. A lookup's page faults would otherwise each wait, one after the other, behind the
-    reads the read-ahead thread keeps queued: a 16-token prompt's first layer started up to 0.27 s late on a 0.25B
-    Llama. Does nothing for indices it cannot read (the lookup itself raises), and once the thread has finished
-    removes itself (``handle``)."""
-    if not thread.is_alive():
-        handle[0].remove()
+_READING: set[int] = set()  # the tables (by address) whose rows a running read-ahead thread leaves to their lookups
+
+
+class _Hooks:
+    """The lookup hooks of one read-ahead thread, which removes them when it finishes (``close``); one added after
+    that is not registered at all."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.closed = False
+        self.added: list[tuple[int, Any]] = []
+
+    def add(self, table: torch.nn.Module, address: int) -> None:
+        with self.lock:
+            if not self.closed:
+                _READING.add(address)
+                self.added.append((address, table.register_forward_pre_hook(partial(_queue_rows, address))))
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            for address, handle in self.added:
+                _READING.discard(address)
+                handle.remove()
+
+
+def _queue_rows(address: int, table: torch.nn.Module, args: tuple[Any, ...]) -> None:
+    """Queue the reads of the rows of ``table`` (mapped at ``address``) that the indices in ``args[0]`` name
+    (``madvise(WILLNEED)``, which does not wait), all at once. A lookup's page faults would otherwise each wait,
+    one after the other, behind the reads the read-ahead thread keeps queued: a 16-token prompt's first layer
+    started up to 0.27 s late on a 0.25B Llama. Advice only: it never raises, and does nothing once the thread has
+    finished, for a weight no longer the mapped one (moved, replaced) or for indices the lookup refuses. Its only
+    state is integers, so the module still copies and pickles."""
+    try:
+        weight = table.weight
+        ids = args[0] if args else None
+        if address not in _READING or weight.device.type != "cpu" or weight.data_ptr() != address \
+                or not isinstance(ids, torch.Tensor) or ids.device.type != "cpu" or ids.is_floating_point() \
+                or ids.is_complex():
+            return
+        rows = torch.unique(ids.detach().reshape(-1))
+        if rows.numel() == 0 or int(rows[0]) < 0 or int(rows[-1]) >= weight.shape[0]:
+            return
+        row_bytes = weight.stride(0) * weight.element_size()
+        if rows.numel() > _LOOKUP_ROWS:
+            _advise(address, weight.shape[0] * row_bytes, _MADV_WILLNEED)
+            return
+        lo = hi = -1
+        for row in rows.tolist():  # ascending: nearby rows in one call
+            at = address + row * row_bytes
+            if lo >= 0 and at - hi > PAGE:
+                _advise(lo, hi - lo, _MADV_WILLNEED)
+                lo = -1
+            if lo < 0:
+                lo = at
+            hi = at + row_bytes
+        _advise(lo, hi - lo, _MADV_WILLNEED)
+    except Exception:  # noqa: BLE001 - advice: the lookup itself reads its rows either way
         return
-    ids = args[0] if args else None
-    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex():
-        return
-    weight = table.weight
-    rows = torch.unique(ids.detach().reshape(-1).cpu())
-    if rows.numel() == 0 or int(rows[0]) < 0 or int(rows[-1]) >= weight.shape[0]:
-        return
-    row_bytes = weight.stride(0) * weight.element_size()
-    start = weight.data_ptr()
-    if rows.numel() > _LOOKUP_ROWS:
-        _advise(start, weight.shape[0] * row_bytes, _MADV_WILLNEED)
-        return
-    lo = hi = -1
-    for row in rows.tolist():  # ascending: adjacent rows in one call
-        at = start + row * row_bytes
-        if lo >= 0 and at - hi > PAGE:
-            _advise(lo, hi - lo, _MADV_WILLNEED)
-            lo = -1
-        if lo < 0:
-            lo = at
-        hi = at + row_bytes
-    _advise(lo, hi - lo, _MADV_WILLNEED)
 
 
 def _span(tensor: torch.Tensor, maps: dict[int, Path]) -> Span | None:
@@ -174,26 +211,30 @@ def _advise(address: int, length: int, advice: int) -> bool:
                                            ctypes.c_int(advice)) == 0
 
 
-_SAMPLED_SPANS = 16
+_SAMPLED_PAGES = 32
 
 
 def _looks_cached(spans: list[Span]) -> bool:
-    """The page cache holds the first and the last page of ``_SAMPLED_SPANS`` spans spread evenly from the first
-    to the last (``mincore`` on those pages alone: over every page it took 12 ms for 492 MB, a third of a warm
-    load; on both pages of each of MiniLM's 100 spans, 0.6 ms of its 11). False where it cannot tell."""
+    """The page cache holds ``_SAMPLED_PAGES`` pages spread evenly over the spans' bytes, the first and the last
+    included (``mincore`` on those pages alone: over every page it took 12 ms for 492 MB, a third of a warm load;
+    on both ends of each of MiniLM's 100 tensors, 0.6 ms of its 11). Spread by bytes, not by span: in a file laid
+    out in use order the spans merge into one. False where it cannot tell."""
     import ctypes
 
     mincore = _libc_function("mincore")
     if mincore is None:
         return False
     vec = ctypes.c_ubyte(0)
-    last = len(spans) - 1
-    sampled = sorted({round(i * last / (_SAMPLED_SPANS - 1)) for i in range(_SAMPLED_SPANS)}) if last > 0 else [0]
-    for _, lo, hi, address in (spans[i] for i in sampled):
-        for at in (address, address + hi - lo - 1):
+    total = sum(hi - lo for _, lo, hi, _ in spans)
+    wanted = sorted({round(k * (total - 1) / (_SAMPLED_PAGES - 1)) for k in range(_SAMPLED_PAGES)})
+    passed = 0
+    for _, lo, hi, address in spans:
+        while wanted and wanted[0] < passed + hi - lo:
+            at = address + wanted.pop(0) - passed
             if mincore(ctypes.c_void_p(at & ~(PAGE - 1)), ctypes.c_size_t(PAGE), ctypes.byref(vec)) != 0 \
                     or not vec.value & 1:
                 return False
+        passed += hi - lo
     return True
 
 
@@ -222,7 +263,15 @@ def _pieces(spans: list[Span]) -> Iterable[tuple[Path, int, int]]:
             yield path, at, min(hi, at + limits[path])
 
 
-def _read_in_order(spans: list[Span]) -> None:
+def _read_in_order(spans: list[Span], hooks: _Hooks) -> None:
+    """The thread: reads ``spans`` in order, then removes the lookup ``hooks`` that only matter while it reads."""
+    try:
+        _read_spans(spans)
+    finally:
+        hooks.close()
+
+
+def _read_spans(spans: list[Span]) -> None:
     room, _ = available_memory()
     if room is not None and sum(hi - lo for _, lo, hi, _ in spans) > READ_AHEAD_SHARE * room:
         return
