@@ -344,7 +344,8 @@ def test_a_lookup_queues_the_reads_of_its_rows_while_the_read_ahead_thread_runs(
     twin = copy.deepcopy(model)  # the hook holds integers only
     assert pickle.loads(pickle.dumps(model)).model.embed_tokens.weight.shape == embed.weight.shape
     with torch.inference_mode():
-        assert torch.equal(twin(input_ids=torch.tensor([[7, 9]])).logits, model(input_ids=torch.tensor([[7, 9]])).logits)
+        ids = torch.tensor([[7, 9]])
+        assert torch.equal(twin(input_ids=ids).logits, model(input_ids=ids).logits)
     hooks.close()  # the thread finishing
     assert not embed._forward_pre_hooks and embed.weight.data_ptr() not in readahead._READING
     hooks.add(embed, embed.weight.data_ptr())  # too late: not registered

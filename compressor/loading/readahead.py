@@ -8,6 +8,7 @@ by the private maps until written).
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 from collections.abc import Iterable
@@ -18,10 +19,10 @@ from typing import Any
 import torch
 
 from ..memory import available_memory
-from ..safetensors_io import PAGE
 
 __all__ = ["in_use_order", "read_ahead", "read_module_ahead", "READ_AHEAD_SHARE", "READ_AHEAD_WINDOW"]
 
+PAGE = mmap.PAGESIZE  # the kernel's page (not the file format's 4096 alignment): madvise and mincore want it
 READ_AHEAD_SHARE = 0.5  # of the memory available: beyond it, read-ahead would evict what it read before use
 READ_AHEAD_WINDOW = 64 << 20  # bytes queued beyond the tensor being read
 _MERGE_GAP = 1 << 20

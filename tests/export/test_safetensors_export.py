@@ -117,6 +117,30 @@ def test_written_file_is_aligned_readable_and_reproducible(specs, tmp_path):
         assert start % 64 == 0 and set(header) - {"__metadata__"} == set(tensors)
 
 
+@PROPERTY
+@given(specs=tensor_specs, data=st.data())
+def test_a_use_order_keeps_the_layout_aligned_readable_and_independent_of_the_dict_order(specs, data, tmp_path):
+    tensors = build(specs)
+    order = data.draw(st.permutations(sorted(tensors)))
+    order = order[:data.draw(st.integers(0, len(order)))]  # possibly naming only some of them
+    with tempfile.TemporaryDirectory(dir=tmp_path) as d:
+        out_a, out_b = Path(d) / "a", Path(d) / "b"
+        out_a.mkdir()
+        out_b.mkdir()
+        export_safetensors(tensors, out_a, 1 << 30, use_order=order)
+        path = out_a / "model.safetensors"
+        check_layout(path, tensors)
+        check_reads_back(path, tensors)
+        export_safetensors(dict(reversed(list(build(specs).items()))), out_b, 1 << 30, use_order=order)
+        assert path.read_bytes() == (out_b / "model.safetensors").read_bytes()
+        header, _ = parse(path)
+        # the header lists the tensors in file order (offsets alone cannot order empty tensors)
+        aligned = [n for n in header if n != "__metadata__"
+                   and tensors[n].numel() * tensors[n].element_size() % 64 == 0]
+        named = [n for n in aligned if n in order]
+        assert named == [n for n in order if n in named] and aligned[:len(named)] == named  # in use order, first
+
+
 def test_mixed_layout_example(tmp_path):
     """A fixed mix where naive name order would misalign: 1-byte tensors before 64-multiples and wider types."""
     tensors = {
