@@ -77,7 +77,7 @@ class Layout:
 
         def key(n: str) -> tuple[int, int, int, str]:
             if sizes[n] % LINE == 0:  # aligned wherever they go: in use order where there is one
-                return 0, rank.get(n, unranked) if rank else 0, -ITEMSIZE[specs[n][0]], n
+                return 0, rank.get(n, unranked), -ITEMSIZE[specs[n][0]], n
             return 1, -ITEMSIZE[specs[n][0]], rank.get(n, unranked), n  # element size first keeps them aligned
 
         order = sorted(specs, key=key)
