@@ -230,9 +230,11 @@ def test_peak_memory_does_not_grow_with_depth(tmp_path):
     assert peaks[16] <= 1.10 * peaks[8], peaks
 
 
-def _torchrun(nproc: int, recipe: Path, out: Path, port: int) -> str:
-    """Run ``recipe`` under torchrun with ``nproc`` processes; rank 0's progress (standard error)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def _torchrun(nproc: int, recipe: Path, out: Path, port: int, scratch: Path) -> str:
+    """Run ``recipe`` under torchrun with ``nproc`` processes; rank 0's progress (standard error). torchrun's own
+    log directory (a ``torchelastic_*`` it never removes) goes under ``scratch``, not the machine's /tmp."""
+    scratch.mkdir(exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(scratch))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node",
                            str(nproc), "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "compressor",
                            "run", str(recipe), "-o", str(out), "--stream", "always"],
@@ -242,12 +244,13 @@ def _torchrun(nproc: int, recipe: Path, out: Path, port: int) -> str:
 
 
 @pytest.mark.parametrize("recipe", ["int8-tp2", "int4-awq-se-mixed"])
-def test_one_and_two_torchrun_processes_write_the_same_bytes(tmp_path, llama, recipe):
+def test_one_and_two_torchrun_processes_write_the_same_bytes(tmp_path, tmp_path_factory, llama, recipe):
     from torch.distributed.elastic.utils.distributed import get_free_port
 
     path = _recipe(tmp_path, llama, {**RECIPES, **LAYERWISE}[recipe])
-    _torchrun(1, path, tmp_path / "one", get_free_port())
-    said = _torchrun(2, path, tmp_path / "two", get_free_port())
+    scratch = tmp_path_factory.mktemp("torchrun")
+    _torchrun(1, path, tmp_path / "one", get_free_port(), scratch)
+    said = _torchrun(2, path, tmp_path / "two", get_free_port(), scratch)
     if recipe in LAYERWISE:  # each process compresses every other layer, their sensitivities ranked together
         assert "compressed by 2 processes in turn" in said, said[-3000:]
         assert "layer 2/2 run, compressed by another process" in said and "layer 1/2 done" in said
