@@ -8,7 +8,9 @@ Subjects (built into a temporary directory first, or `--keep DIR`):
   recovery, which moves centroids but not the layout: the loader decodes the same encodings
   (`--deep-compression DIR` measures a built artifact instead);
 - `minilm-sparse`: magnitude pruning to 50 % (the `sparse` encoding);
-- `llama-0.25b`, `llama-1b`: config-sized Llamas (benchmarks/_common.py, random weights), cast to float16.
+- `llama-0.25b`, `llama-1b`: config-sized Llamas (benchmarks/_common.py, random weights), cast to float16;
+- `llama-0.25b-bf16`, `llama-1b-bf16`: the same cast to bfloat16 (torch's CPU float16 matrix product has no fast
+  kernel on CPUs without avx512_fp16 or AMX: a float16 forward pass there can take longer than the disk's read).
 
 Loaders, each in a fresh process with torch, transformers, compressor and the model's modeling code imported
 before the clock starts:
@@ -69,7 +71,12 @@ for _size in ("tiny", "0.25b", "1b"):
     SUBJECTS[f"llama-{_size}"] = {"recipe": LLAMA, "size": _size, "passes": "  - cast: {dtype: float16}\n",
                                   "loaders": ["compressor", "compressor-no-read-ahead", "from_pretrained",
                                               "load_file", "safe_open", "torch_load_mmap", "read"]}
-DEFAULT = ["minilm", "minilm-fp16", "minilm-codebook", "minilm-sparse", "llama-0.25b", "llama-1b"]
+    # The same weights in bfloat16: the dtype CPUs without float16 kernels compute fast (this loader's own time,
+    # apart from a float16 forward pass that is slower than the disk)
+    SUBJECTS[f"llama-{_size}-bf16"] = {"recipe": LLAMA, "size": _size, "passes": "  - cast: {dtype: bfloat16}\n",
+                                       "loaders": ["compressor", "load_file", "safe_open", "read"]}
+DEFAULT = ["minilm", "minilm-fp16", "minilm-codebook", "minilm-sparse", "llama-0.25b", "llama-1b", "llama-0.25b-bf16",
+           "llama-1b-bf16"]
 
 CHILD = r"""
 import json, os, sys, time
@@ -270,7 +277,8 @@ def _ratios(subjects: dict[str, Any]) -> dict[str, Any]:
             out[name] = {"ratio_of_medians": round(r, 2), "median_of_paired_ratios": round(paired, 2),
                          "at_most": limit, "met": max(r, paired) <= limit}
 
-    for s in ("minilm", "llama-0.25b", "llama-1b", "llama-tiny"):
+    for s in ("minilm", "llama-0.25b", "llama-1b", "llama-tiny", "llama-0.25b-bf16", "llama-1b-bf16",
+              "llama-tiny-bf16"):
         ratio(f"{s}: warm ready, compressor / from_pretrained", med(s, "warm", "compressor", "ready_ms"),
               med(s, "warm", "from_pretrained", "ready_ms"), 0.5)
         # The disk's time: the fastest of the loaders that read every byte (read, load_file, safe_open), by median.
