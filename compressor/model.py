@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -320,20 +321,40 @@ def parameters_on_meta() -> Iterator[None]:
         yield
 
 
+_MOVING = threading.local()  # .depth: how many _parameters_moved contexts this thread is inside
+_PATCH_LOCK = threading.Lock()
+_PATCH: list[Any] = []  # [the register_parameter replaced, the number of contexts open in all threads]
+_REGISTER = nn.Module.register_parameter  # torch's, for a replacement someone else put back after the last one out
+
+
+def _register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    """nn.Module.register_parameter while a thread is inside ``_parameters_moved``: in that thread, the parameter
+    moves to meta as it is registered; in every other thread, the method replaced, unchanged."""
+    (_PATCH[0] if _PATCH else _REGISTER)(module, name, param)
+    if getattr(_MOVING, "depth", 0) and param is not None and not param.is_meta:
+        module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+
 @contextmanager
 def _parameters_moved(mode: torch.overrides.TorchFunctionMode) -> Iterator[None]:
-    """Every parameter registered inside moves to meta as it is registered (so that a constructor's own later
-    references see the meta one), with ``mode`` pushed."""
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(module, name, param)
-        if param is not None and not param.is_meta:
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    """Every parameter registered inside, by this thread, moves to meta as it is registered (so that a
+    constructor's own later references see the meta one), with ``mode`` pushed (a torch function mode is this
+    thread's alone too). The method is replaced once for all the threads inside at a time, and put back by the
+    last one out: each thread replacing and restoring it alone left it replaced for good when two loads overlapped
+    (the second saved the first's replacement as the original), and moved other threads' parameters meanwhile."""
+    with _PATCH_LOCK:
+        if not _PATCH:
+            _PATCH[:] = [nn.Module.register_parameter, 0]
+            nn.Module.register_parameter = _register_parameter  # type: ignore[method-assign]
+        _PATCH[1] += 1
+    _MOVING.depth = getattr(_MOVING, "depth", 0) + 1
     try:
         with mode:
             yield
     finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
+        _MOVING.depth -= 1
+        with _PATCH_LOCK:
+            _PATCH[1] -= 1
+            if not _PATCH[1]:
+                nn.Module.register_parameter = _PATCH[0]  # type: ignore[method-assign]
+                _PATCH.clear()
