@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -264,13 +265,29 @@ class _SkipInitOnMeta(torch.overrides.TorchFunctionMode):
 
 class _EmptyOnMeta(torch.overrides.TorchFunctionMode):
     """``torch.empty`` with no device makes a meta tensor: torch's layers allocate their parameters with it, and
-    for a module whose values come from a file those bytes were allocated only to be moved to meta."""
+    for a module whose values come from a file those bytes were allocated only to be moved to meta. Every meta
+    tensor a torch function returns, other than a parameter, is remembered weakly (``kept``): one still alive once
+    the build is over was kept somewhere, maybe where no attribute or buffer shows it (a list, a dict, a helper
+    object, a cache)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: list[weakref.ref[torch.Tensor]] = []
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if func is torch.empty and kwargs.get("device") is None and "out" not in kwargs:
             kwargs = {**kwargs, "device": "meta"}
-        return func(*args, **kwargs)
+        result = func(*args, **kwargs)
+        for t in (result if isinstance(result, (tuple, list)) else (result,)):
+            if isinstance(t, torch.Tensor) and t.is_meta and not isinstance(t, nn.Parameter):
+                self.made.append(weakref.ref(t))
+        return result
+
+    def kept(self, module: nn.Module) -> bool:
+        """Whether a meta tensor made during the build, other than a parameter's, is still alive."""
+        params = {id(p) for _, p in module.named_parameters(remove_duplicate=False)}
+        return any((t := ref()) is not None and id(t) not in params for ref in self.made)
 
 
 def build_empty(build: Callable[[], nn.Module]) -> nn.Module:
@@ -280,12 +297,14 @@ def build_empty(build: Callable[[], nn.Module]) -> nn.Module:
     and no mode skips initialisation; for a transformers module, the ``no_init_weights`` that ``build`` enters
     already does (``sources.hf``). Parameters made otherwise (``torch.ones``) still move to meta as they are
     registered. That is only right when every tensor the constructors compute for keeps came from elsewhere: a
-    module with a buffer or plain tensor attribute on meta, or a build that fails this way, is built again the
-    plain way, whose result (or error) is returned."""
+    module with a buffer or plain tensor attribute on meta, a meta tensor made during the build that is still held
+    anywhere but as a parameter (in a list, a dict, a helper object), or a build that fails this way, is built
+    again the plain way, whose result (or error) is returned."""
     try:
-        with _parameters_moved(_EmptyOnMeta()):
+        mode = _EmptyOnMeta()
+        with _parameters_moved(mode):
             module = build()
-        if not _meta_besides_parameters(module):
+        if not _meta_besides_parameters(module) and not mode.kept(module):
             return module
     except Exception:  # noqa: BLE001 - rebuilt below, where a real error is raised again
         pass

@@ -49,3 +49,49 @@ def test_overlapping_builds_in_two_threads_leave_register_parameter_as_it_was_an
         assert not nn.Linear(2, 2).weight.is_meta
     finally:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+class _Helper:
+    def __init__(self) -> None:
+        self.table = torch.empty(4).fill_(1.0)
+
+
+class _KeptInContainers(nn.Module):
+    """Keeps tensors made by torch.empty where no attribute or buffer shows them: a list, a dict, a helper."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.cache = [torch.empty(4).fill_(2.0)]
+        self.state = {"k": torch.empty(2).fill_(3.0)}
+        self.helper = _Helper()
+
+
+def test_build_empty_builds_the_plain_way_where_a_tensor_from_torch_empty_is_kept_in_a_container():
+    module = build_empty(_KeptInContainers)
+    assert module.linear.weight.is_meta  # still no parameter allocated
+    assert torch.equal(module.cache[0], torch.full((4,), 2.0))  # was a meta tensor: no values at all
+    assert torch.equal(module.state["k"], torch.full((2,), 3.0))
+    assert torch.equal(module.helper.table, torch.ones(4))
+
+
+def test_build_empty_of_transformers_models_still_takes_the_fast_way(monkeypatch):
+    """The check above must not send every transformers model to the plain build."""
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+    import compressor.model as model
+
+    plain_builds: list[int] = []
+    real = model.parameters_on_meta
+    monkeypatch.setattr(model, "parameters_on_meta", lambda: plain_builds.append(1) or real())
+    configs = [
+        (LlamaForCausalLM, LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1)),
+        (BertModel, BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32)),
+    ]
+    for cls, config in configs:
+        module = build_empty(lambda: cls(config))
+        assert all(p.is_meta for p in module.parameters())
+        assert not any(b.is_meta for b in module.buffers())
+    assert not plain_builds
