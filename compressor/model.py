@@ -6,6 +6,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,11 +150,18 @@ class Model:
 def install_bridges(module: nn.Module, bridges: dict[str, dict[str, str]]) -> None:
     """Install dtype bridges as recorded in a Model / manifest: ``{module name: {"run": dtype, "out": dtype}}``.
 
-    "out" absent means: give outputs back in the float dtype the inputs came in (used at the root)."""
+    "out" absent means: give outputs back in the float dtype the inputs came in (used at the root). The bridges
+    follow the model's narrow tensors: once ``module.float()``, ``.half()`` or ``.to(dtype)`` has converted them,
+    every bridge runs in, and hands on, the dtype they were converted to (``install_dtype_bridge``'s ``follow``)."""
     modules = dict(module.named_modules())
+    root = bridges.get("")
+    narrow = dtype_from_name(root["run"]) if root else None
+    follow = next((t for t in (*module.parameters(), *module.buffers())
+                   if t.is_floating_point() and t.dtype == narrow), None) if narrow is not None else None
     for name, spec in bridges.items():
         out = spec.get("out")
-        install_dtype_bridge(modules[name], dtype_from_name(spec["run"]), dtype_from_name(out) if out else None)
+        install_dtype_bridge(modules[name], dtype_from_name(spec["run"]), dtype_from_name(out) if out else None,
+                             follow=follow)
 
 
 def remove_bridges(module: nn.Module) -> None:
@@ -207,27 +215,53 @@ def _first_float_dtype(obj: Any) -> torch.dtype | None:
 _BRIDGE_ATTR = "_compressor_bridge"
 
 
-def install_dtype_bridge(module: nn.Module, dtype: torch.dtype, out_dtype: torch.dtype | None = None) -> None:
+class _Bridge:
+    """One module's dtype bridge: what it runs in and hands on, and the dtypes its calls came in. The hooks are
+    partials of module-level functions over it, so a bridged model still deep-copies (the copy's bridges follow
+    the copy's tensors) and pickles."""
+
+    def __init__(self, run: torch.dtype, out: torch.dtype | None, follow: torch.Tensor | None) -> None:
+        self.run, self.out, self.follow = run, out, follow
+        self.narrow = follow.dtype if follow is not None else None
+        self.incoming: list[torch.dtype | None] = []
+
+    def now(self) -> tuple[torch.dtype, torch.dtype | None]:
+        """(run, out): as installed, or, once the followed tensor was converted to another dtype (the whole model
+        was: ``model.float()``), that dtype for both (``out`` stays None: back to the caller's dtype)."""
+        if self.follow is None or self.follow.dtype == self.narrow:
+            return self.run, self.out
+        converted = self.follow.dtype
+        return converted, converted if self.out is not None else None
+
+
+def _bridge_in(bridge: _Bridge, _mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    run, _ = bridge.now()
+    bridge.incoming.append(_first_float_dtype((args, kwargs)))
+    return _cast_floats(args, run), _cast_floats(kwargs, run)
+
+
+def _bridge_out(bridge: _Bridge, _mod: nn.Module, _args: Any, _kwargs: Any, output: Any) -> Any:
+    run, out = bridge.now()
+    back = bridge.incoming.pop() if bridge.incoming else None
+    target = out or back
+    return output if target is None or target == run else _cast_floats(output, target)
+
+
+def install_dtype_bridge(module: nn.Module, dtype: torch.dtype, out_dtype: torch.dtype | None = None,
+                         follow: torch.Tensor | None = None) -> None:
     """Run ``module`` in ``dtype``: cast its float inputs to ``dtype`` and its float outputs to ``out_dtype``,
-    or, when that is None, back to the dtype the inputs came in. Idempotent (a second call replaces the first)."""
+    or, when that is None, back to the dtype the inputs came in. Idempotent (a second call replaces the first).
+    ``follow``: a tensor of the model in its narrow dtype; once it has been converted to another dtype (with the
+    rest of the model: ``model.float()``), the bridge runs in and hands on that dtype instead, since the layers
+    between the bridges hold it now."""
     old = getattr(module, _BRIDGE_ATTR, None)
     if old is not None:
         for handle in old:
             handle.remove()
-    incoming: list[torch.dtype | None] = []
-
-    def pre(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
-        incoming.append(_first_float_dtype((args, kwargs)))
-        return _cast_floats(args, dtype), _cast_floats(kwargs, dtype)
-
-    def post(_mod: nn.Module, _args: Any, _kwargs: Any, output: Any) -> Any:
-        back = incoming.pop() if incoming else None
-        target = out_dtype or back
-        return output if target is None or target == dtype else _cast_floats(output, target)
-
+    bridge = _Bridge(dtype, out_dtype, follow)
     handles = (
-        module.register_forward_pre_hook(pre, with_kwargs=True),
-        module.register_forward_hook(post, with_kwargs=True, always_call=True),
+        module.register_forward_pre_hook(partial(_bridge_in, bridge), with_kwargs=True),
+        module.register_forward_hook(partial(_bridge_out, bridge), with_kwargs=True, always_call=True),
     )
     object.__setattr__(module, _BRIDGE_ATTR, handles)
 
