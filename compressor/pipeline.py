@@ -126,7 +126,7 @@ def _compress(recipe: Recipe, passes: list[Any], stream: str, group: Any, out: P
         with staged_dir(out) as tmp:
             group.share(str(tmp))
             with log.step(f"writing artifact to {out}" + (" tensor by tensor" if fill else "")):
-                manifest = _write(recipe, model, reports, tmp, log, fill)
+                manifest = _write(recipe, model, reports, tmp, log, fill, out)
             scratch.close()  # every rank has written its weights (fill ends with a collective)
             group.close()
             if spec is not None:
@@ -294,7 +294,7 @@ def _weight_files(recipe: Recipe, model: Any, stored: dict[str, Any]) -> Any:
 
 
 def _write(recipe: Recipe, model: Any, reports: list[dict[str, Any]], tmp: Path, log: Reporter,
-           fill: Any = None) -> Manifest:
+           fill: Any = None, out: Path | None = None) -> Manifest:
     """Write the artifact's files and manifest into the staging directory ``tmp``; ``fill(files, tmp)`` writes the
     weight files when the model is streamed."""
     from .export.safetensors import write_safetensors
@@ -307,7 +307,7 @@ def _write(recipe: Recipe, model: Any, reports: list[dict[str, Any]], tmp: Path,
     with log.step(f"writing {plan.world} tensor-parallel rank files") if plan is not None else nullcontext():
         files, tp_entry = fill(weights, tmp) if fill is not None else weights.fill(tmp, stored)
     write_safetensors(tmp / INPUTS_FILE, model.example_inputs, {"format": "pt", "role": "example-inputs"})
-    copied = _copy_source_files(model.files_dir, tmp, is_copied_file)
+    copied = _copy_source_files(model.files_dir, tmp, is_copied_file, out)
     if "config.json" in copied:
         from .export.compressed_tensors import add_quantization_config
 
@@ -418,12 +418,17 @@ def _describe_source(recipe: Recipe) -> str:
     return f"{spec.source}: {detail}"
 
 
-def _copy_source_files(src: Path | None, dst: Path, wanted: Any) -> list[str]:
+def _copy_source_files(src: Path | None, dst: Path, wanted: Any, out: Path | None = None) -> list[str]:
+    """Copy the source directory's ``wanted`` files into ``dst``; never those under the output directory ``out``
+    (an artifact written inside its source directory: a rerun would copy the previous artifact into the new one)."""
     if src is None:
         return []
     copied = []
+    skip = [d.resolve() for d in (out, dst) if d is not None]
     for path in sorted(src.rglob("*")):
         rel = path.relative_to(src)
+        if any(path.resolve() == d or d in path.resolve().parents for d in skip):
+            continue
         if path.is_file() and wanted(rel):
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, dst / rel)  # content only: mode and times would differ between runs

@@ -179,8 +179,12 @@ def model_files(path: Path) -> tuple[list[Path], list[Path]]:
     if index.is_file():
         try:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise UsageError(f"{index} is not a valid safetensors index ({exc})") from None
+        for name in names:  # shards are files of this directory: nothing elsewhere is read for it
+            if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+                raise UsageError(f"{index} names the weight file {name!r}, which is not a file name in {path}; "
+                                 "an index names the shards beside it, by file name only")
         weights = [path / n for n in names] + [index]
     else:
         weights = [path / "model.safetensors"] if (path / "model.safetensors").is_file() else sorted(
@@ -211,6 +215,7 @@ def load_hf_module(path: Path, auto_class: str) -> nn.Module:
     """The model of a Hugging Face directory, loaded strictly (offline, safetensors only), in eval mode."""
     transformers = import_transformers()
 
+    model_files(path)  # an index naming shards outside the directory is refused before transformers reads them
     cls = getattr(transformers, auto_class)
     try:
         module, info = cls.from_pretrained(str(path), local_files_only=True, use_safetensors=True, dtype="auto",
@@ -269,11 +274,24 @@ def lazy(spec: HFModel, base_dir: Path, seed: int, buffers: bool = False
 
     transformers = import_transformers()
     path = resolve_path(spec.path, base_dir)
-    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-    with parameters_on_meta() if buffers else torch.device("meta"), _uninitialised(skip_on_meta=not buffers):
-        module = getattr(transformers, spec.auto_class).from_config(config).eval()
-    module.tie_weights()  # what from_config does after initialising: the ties say which tensors are stored once
+    # The weight files' headers first: they bound what the config may ask for, before it builds any module.
     found = _source_tensors(path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+        layers = getattr(config, "num_hidden_layers", None)
+        if isinstance(layers, int) and layers > len(found):
+            # Every decoder layer stores at least one tensor: a config asking for more layers than the files hold
+            # tensors would only spend minutes (and memory) building modules on meta before the names disagree.
+            raise ValueError(f"config.json says num_hidden_layers={layers:,}, and its weight files hold only "
+                             f"{len(found):,} tensors; the config does not describe these weights")
+        with parameters_on_meta() if buffers else torch.device("meta"), _uninitialised(skip_on_meta=not buffers):
+            module = getattr(transformers, spec.auto_class).from_config(config).eval()
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a bad config.json raises OSError, TypeError, KeyError, ...
+        raise CompressorError(f"transformers could not build the model in {path} with {spec.auto_class} from its "
+                              f"config.json: {type(exc).__name__}: {exc}") from None
+    module.tie_weights()  # what from_config does after initialising: the ties say which tensors are stored once
     _check_dtypes(module, config, {e["dtype"] for _, e, _ in found.values()})
     prefix = getattr(module, "base_model_prefix", "")
     where: dict[str, tuple[Path, dict[str, Any], int]] = {}
@@ -289,6 +307,9 @@ def lazy(spec: HFModel, base_dir: Path, seed: int, buffers: bool = False
         _, entry, _ = found[key]
         if list(entry["shape"]) != list(tensor.shape):
             raise ValueError(f"{key} has shape {entry['shape']} in the files, {list(tensor.shape)} in the model")
+        if tensor.is_floating_point() and _DTYPES[entry["dtype"]] not in _FLOATS:
+            raise ValueError(f"{key} is {_DTYPES[entry['dtype']]} in the files, where the model has a "
+                             f"{str(tensor.dtype).removeprefix('torch.')} parameter (loading it whole fails too)")
         if id(tensor) not in seen:
             tensor.data = torch.empty(tuple(tensor.shape), dtype=getattr(torch, _DTYPES[entry["dtype"]]),
                                       device="meta")
@@ -310,6 +331,7 @@ def _source_tensors(path: Path) -> dict[str, tuple[Path, dict[str, Any], int]]:
     files, index = model_files(path)[1], path / "model.safetensors.index.json"
     owner = json.loads(index.read_text())["weight_map"] if index.is_file() else None
     found: dict[str, tuple[Path, dict[str, Any], int]] = {}
+    elsewhere: dict[str, Path] = {}  # tensors a file holds that the index says another file holds
     for file in files:
         if not file.name.endswith(".safetensors"):
             continue
@@ -318,8 +340,18 @@ def _source_tensors(path: Path) -> dict[str, tuple[Path, dict[str, Any], int]]:
         except (ArtifactError, OSError) as exc:
             raise CompressorError(f"the source model's weight file {file} cannot be read: {exc}") from None
         for name, entry in header.items():
-            if name != "__metadata__" and (owner is None or owner.get(name) == file.name):
-                found[name] = (file, entry, start)
+            if name == "__metadata__":
+                continue
+            if owner is not None and owner.get(name) != file.name:
+                elsewhere.setdefault(name, file)
+                continue
+            if name in found:  # without an index nothing says which copy loading would take
+                raise ValueError(f"{name} is in two weight files, {found[name][0].name} and {file.name}; keep one")
+            found[name] = (file, entry, start)
+    for name, shard in (owner or {}).items():
+        if name not in found:
+            held = f" (it is in {elsewhere[name].name})" if name in elsewhere else ""
+            raise ValueError(f"{index} maps {name} to {shard}, which does not hold it{held}; correct the index")
     return found
 
 
@@ -344,6 +376,7 @@ def _check_dtypes(module: nn.Module, config: Any, codes: set[str]) -> None:
 
 # safetensors dtype codes streaming reads -> torch dtype names (torch's unsigned 16-64-bit types have few kernels)
 _DTYPES = {code: name for name, code in DTYPE_CODES.items() if name not in ("uint16", "uint32", "uint64")}
+_FLOATS = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"}
 
 
 def example_text_inputs(path: Path, module: nn.Module, max_length: int) -> dict[str, torch.Tensor]:
