@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING, Any
 from .bitpack import (bit_pattern, encode_positions, from_bit_pattern, from_le, le_bytes, pack_bits,
                       position_indices, unpack_bits)
 from .encoding_base import ENCODINGS, Encoding, dtype_from_name, dtype_name
+from .errors import CompressorError
 from .intgroup import IntGroup
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = ["Encoding", "Dense", "Cast", "Int8", "IntGroup", "Sparse", "Codebook", "encoding_from_json", "ENCODINGS",
-           "dtype_from_name", "dtype_name", "stored_base"]
+           "dtype_from_name", "dtype_name", "stored_base", "NonFiniteWeight"]
 
 
 class Dense(Encoding):
@@ -59,6 +60,21 @@ class Cast(Encoding):
         return {"kind": self.kind, "dtype": self.dtype}
 
 
+class NonFiniteWeight(CompressorError):
+    """A weight holding NaN or infinite values, which int8 cannot encode: a row with a NaN would be stored as zeros
+    at scale 1 and a row with an infinity saturated, silently. ``named`` gives the same error with the tensor's
+    name, which the encoding does not know."""
+
+    def __init__(self, count: int, total: int, name: str | None = None) -> None:
+        self.count, self.total, self.name = count, total, name
+        super().__init__(f"{name or 'a weight'} holds {count:,} NaN or infinite values (of {total:,}), which int8 "
+                         "cannot represent; the model is damaged there. Repair the weights, or leave this module in "
+                         "float with the quantize pass's `exclude`")
+
+    def named(self, name: str) -> NonFiniteWeight:
+        return NonFiniteWeight(self.count, self.total, name)
+
+
 _TINY_ROW = 127 * 2.0 ** -126  # a row's largest magnitude below which its int8 scale is a subnormal float32
 
 
@@ -87,6 +103,8 @@ class Int8(Encoding):
         best = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=rows.device)
         step = max(1, (1 << 22) // max(1, rows.shape[1]))  # rows are independent: blocks bound the temporaries
         for i in range(0, rows.shape[0] if not rows.is_meta else 0, step):  # meta: a layout planned before values
+            if not bool(torch.isfinite(rows[i:i + step]).all()):  # per block: no tensor-sized temporary
+                raise NonFiniteWeight(int(rows.numel() - torch.isfinite(rows).sum()), rows.numel())
             q[i:i + step], best[i:i + step] = self._encode_rows(rows[i:i + step])
         scale = best.reshape(-1) if self.per_channel and tensor.dim() >= 1 else best.reshape(())
         return {".__q": q.reshape(tensor.shape), ".__scale": scale.contiguous()}
@@ -129,8 +147,8 @@ class Int8(Encoding):
 
     def reproduces(self, stored: dict[str, torch.Tensor]) -> bool:
         """For parts ``encode`` gave: True when every row either reaches +-127 with a finite, normal float32 scale
-        or is all zero with scale 1 (a row of NaN is stored as zeros with scale 1 and is not vouched for, nor is a
-        row whose scale is subnormal). ``encode`` then finds each row's very scale again from its effective value:
+        or is all zero with scale 1 (a row whose scale is subnormal is not vouched for; ``encode`` refuses
+        non-finite values). ``encode`` then finds each row's very scale again from its effective value:
         the scale it computed, ``amax / 127`` rounded, is among the candidates it tries first and gives the row back
         exactly, and ``round(q * scale / scale)`` is ``q`` for ``|q| <= 127``. tests/test_encodings.py holds it to
         the computation over random rows, scales and edge rows."""

@@ -58,7 +58,7 @@ class Source:
             if isinstance(enc, IntGroup):  # its computed integers are kept for the write that follows the encode
                 raise CompressorError(f"{name} was quantized by an earlier pass, and a later one reads its values; "
                                       "quantize once, in the last pass that changes values")
-            value = enc.decode(enc.encode(value))
+            value = enc.decode(_encode(enc, value, name))
         return value
 
 
@@ -223,7 +223,7 @@ def _write_one(name: str, model: Model, where: dict[str, tuple[Path, dict[str, A
     steps, final = history.get(name, []), model.encodings[name]
     stored = None
     for k, enc in enumerate(steps):
-        parts = enc.encode(value)
+        parts = _encode(enc, value, name)
         value = None  # the value as read goes before its decoded successor comes: one copy of a large table at a time
         if k == len(steps) - 1 and enc is final and enc.reproduces(parts):
             # Encoding its effective value would give these very parts back: not decoded for that (each part's size
@@ -236,7 +236,7 @@ def _write_one(name: str, model: Model, where: dict[str, tuple[Path, dict[str, A
         if value.dtype != want.dtype or value.shape != want.shape:
             raise AssertionError(f"{name} streamed as {value.dtype} {tuple(value.shape)}, planned as "
                                  f"{want.dtype} {tuple(want.shape)}; please report this bug")
-        stored = final.encode(value)
+        stored = _encode(final, value, name)
         del value
     written = 0
     for suffix, part in stored.items():
@@ -267,3 +267,13 @@ def _sources(where: dict[str, tuple[Path, dict[str, Any], int]]) -> Iterator[dic
     finally:
         for fd in fds.values():
             os.close(fd)
+
+
+def _encode(enc: Encoding, value: Any, name: str) -> dict[str, Any]:
+    """``enc.encode(value)``; a weight it cannot encode is named in the error."""
+    from .encodings import NonFiniteWeight
+
+    try:
+        return enc.encode(value)
+    except NonFiniteWeight as exc:
+        raise exc.named(name) from None

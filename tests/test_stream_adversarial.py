@@ -134,3 +134,21 @@ def test_an_artifact_inside_its_source_directory_is_not_copied_into_the_next_one
     assert not (out / "artifact").exists()
     manifest = json.loads((out / "manifest.json").read_text())
     assert not [f for f in manifest["model"]["copied_files"] if f.startswith("artifact/")]
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+@pytest.mark.parametrize("mode", ["always", "never"])
+def test_a_weight_with_nan_or_inf_is_refused_by_int8_naming_it(tmp_path, models, bad, mode):
+    """A NaN row used to be stored as zeros at scale 1 and an infinite one saturated, with exit 0 and no word."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = _copy(models[0], tmp_path / "src")
+    state = load_file(src / "model.safetensors")
+    state["model.layers.1.mlp.up_proj.weight"][3, 7] = float(bad)
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    proc, said = _run(tmp_path, src, mode=mode)
+    assert proc.returncode == 1, said
+    assert "model.layers.1.mlp.up_proj.weight holds 1 NaN or infinite values" in said and "exclude" in said
+    assert not (tmp_path / "out").exists()
+    assert torch.isfinite(load_file(models[0] / "model.safetensors")["model.layers.1.mlp.up_proj.weight"]).all()

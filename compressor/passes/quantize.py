@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from ..cpu import TARGETS, Target
-from ..encodings import Int8
+from ..encodings import Int8, NonFiniteWeight
 from ..errors import Problem, RecipeError
 from ..data.spec import CalibrationSpec
 from .base import Context, Pass, PassConfig, PassResult, register_pass
@@ -353,8 +353,13 @@ class QuantizePass(Pass):
             elif weight.dim() < 2 or weight.numel() < config.min_elements:
                 skipped[full] = f"{weight.numel()} elements (< min_elements {config.min_elements})"
             else:
+                try:
+                    stored = encoding.encode(weight)
+                except NonFiniteWeight as exc:
+                    raise exc.named(full) from None
                 with torch.no_grad():
-                    weight.copy_(encoding.decode(encoding.encode(weight)))
+                    weight.copy_(encoding.decode(stored))
+                del stored
                 model.encodings[full] = encoding
                 touched.append(full)
         if not touched:
