@@ -220,17 +220,25 @@ class _Bridge:
     partials of module-level functions over it, so a bridged model still deep-copies (the copy's bridges follow
     the copy's tensors) and pickles."""
 
-    def __init__(self, run: torch.dtype, out: torch.dtype | None, follow: torch.Tensor | None) -> None:
-        self.run, self.out, self.follow = run, out, follow
+    def __init__(self, run: torch.dtype, out: torch.dtype | None, follow: torch.Tensor | None,
+                 own: torch.Tensor | None) -> None:
+        self.run, self.out, self.follow, self.own = run, out, follow, own
         self.narrow = follow.dtype if follow is not None else None
+        self.own_dtype = own.dtype if own is not None else None
         self.incoming: list[torch.dtype | None] = []
 
     def now(self) -> tuple[torch.dtype, torch.dtype | None]:
-        """(run, out): as installed, or, once the followed tensor was converted to another dtype (the whole model
-        was: ``model.float()``), that dtype for both (``out`` stays None: back to the caller's dtype)."""
-        if self.follow is None or self.follow.dtype == self.narrow:
+        """(run, out): as installed, or, once the model was converted whole (``model.float()``, ``.half()``), the
+        dtype it was converted to, for both (``out`` stays None: back to the caller's dtype). Converted: the
+        followed narrow tensor has another dtype (``.float()`` leaves the float32 modules as they were), or the
+        module's own first float tensor has (``.half()`` of a float16 model leaves the narrow tensors as they
+        were)."""
+        if self.follow is not None and self.follow.dtype != self.narrow:
+            converted = self.follow.dtype
+        elif self.own is not None and self.own.dtype != self.own_dtype:
+            converted = self.own.dtype
+        else:
             return self.run, self.out
-        converted = self.follow.dtype
         return converted, converted if self.out is not None else None
 
 
@@ -258,7 +266,8 @@ def install_dtype_bridge(module: nn.Module, dtype: torch.dtype, out_dtype: torch
     if old is not None:
         for handle in old:
             handle.remove()
-    bridge = _Bridge(dtype, out_dtype, follow)
+    own = next((t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()), None)
+    bridge = _Bridge(dtype, out_dtype, follow, own)
     handles = (
         module.register_forward_pre_hook(partial(_bridge_in, bridge), with_kwargs=True),
         module.register_forward_hook(partial(_bridge_out, bridge), with_kwargs=True, always_call=True),

@@ -73,3 +73,30 @@ def test_a_copy_follows_its_own_tensors_and_the_model_pickles(cast_llama):
     again = pickle.loads(pickle.dumps(model))
     torch.testing.assert_close(_logits(again), before, rtol=0, atol=0)
     assert _logits(again.float()).dtype == torch.float32
+
+
+@pytest.fixture(scope="module")
+def cast_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A two-layer GPT-2 cast to float16, its LayerNorms kept in float32: unlike Llama's RMSNorm, F.layer_norm
+    refuses an input whose dtype differs from its weight's."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    root = tmp_path_factory.mktemp("bridges-gpt2")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)).save_pretrained(
+        root / "src")
+    recipe = root / "r.yaml"
+    recipe.write_text(f"name: r\nmodel: {{source: hf, path: {root / 'src'}, auto_class: AutoModelForCausalLM}}\n"
+                      "passes:\n  - cast: {dtype: float16}\n")
+    run_recipe(load_recipe(recipe), root / "art")
+    return root / "art"
+
+
+@pytest.mark.parametrize("convert", ["half", "float", "bfloat16"])
+def test_a_cast_model_with_layer_norms_converts_whole(cast_gpt2, convert):
+    model = compressor.load(cast_gpt2)
+    assert model.transformer.ln_f.weight.dtype == torch.float32
+    logits = _logits(getattr(model, convert)())  # each failed: the bridges kept running LayerNorms in float32
+    expected = {"half": torch.float16, "float": torch.float32, "bfloat16": torch.bfloat16}[convert]
+    assert model.transformer.ln_f.weight.dtype == expected and logits.dtype == expected
+    assert torch.isfinite(logits).all()
