@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = ["Encoding", "Dense", "Cast", "Int8", "IntGroup", "Sparse", "Codebook", "encoding_from_json", "ENCODINGS",
-           "dtype_from_name", "dtype_name", "stored_base", "NonFiniteWeight"]
+           "dtype_from_name", "dtype_name", "stored_base", "NonFiniteWeight", "encode_named"]
 
 
 class Dense(Encoding):
@@ -73,6 +73,15 @@ class NonFiniteWeight(CompressorError):
 
     def named(self, name: str) -> NonFiniteWeight:
         return NonFiniteWeight(self.count, self.total, name)
+
+
+def encode_named(encoding: Encoding, tensor: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
+    """``encoding.encode(tensor)``, a weight it refuses named in the error (the pass and the stream both call
+    this)."""
+    try:
+        return encoding.encode(tensor)
+    except NonFiniteWeight as exc:
+        raise exc.named(name) from None
 
 
 _TINY_ROW = 127 * 2.0 ** -126  # a row's largest magnitude below which its int8 scale is a subnormal float32

@@ -427,7 +427,8 @@ def _copy_source_files(src: Path | None, dst: Path, wanted: Any, out: Path | Non
     skip = [d.resolve() for d in (out, dst) if d is not None]
     for path in sorted(src.rglob("*")):
         rel = path.relative_to(src)
-        if any(path.resolve() == d or d in path.resolve().parents for d in skip):
+        resolved = path.resolve()
+        if any(resolved == d or d in resolved.parents for d in skip):
             continue
         if path.is_file() and wanted(rel):
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)

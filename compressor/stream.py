@@ -44,6 +44,7 @@ class Source:
     def read(self, name: str, history: dict[str, list[Encoding]]) -> Any:
         """One tensor's value as the passes that ran so far left it (each encoding in ``history`` replayed), for a
         pass that needs values (compressor/passes/layerwise.py). A new CPU tensor; the caller releases it."""
+        from .encodings import encode_named
         from .errors import CompressorError
         from .intgroup import IntGroup
         from .safetensors_io import read_tensor
@@ -58,7 +59,7 @@ class Source:
             if isinstance(enc, IntGroup):  # its computed integers are kept for the write that follows the encode
                 raise CompressorError(f"{name} was quantized by an earlier pass, and a later one reads its values; "
                                       "quantize once, in the last pass that changes values")
-            value = enc.decode(_encode(enc, value, name))
+            value = enc.decode(encode_named(enc, value, name))
         return value
 
 
@@ -216,6 +217,7 @@ def _write_one(name: str, model: Model, where: dict[str, tuple[Path, dict[str, A
                want: Any) -> int:
     """Read one tensor, replay each pass's encoding on it, and write its stored parts at their places; the bytes
     written."""
+    from .encodings import encode_named
     from .safetensors_io import read_tensor
 
     file, entry, data_start = where[name]
@@ -223,7 +225,7 @@ def _write_one(name: str, model: Model, where: dict[str, tuple[Path, dict[str, A
     steps, final = history.get(name, []), model.encodings[name]
     stored = None
     for k, enc in enumerate(steps):
-        parts = _encode(enc, value, name)
+        parts = encode_named(enc, value, name)
         value = None  # the value as read goes before its decoded successor comes: one copy of a large table at a time
         if k == len(steps) - 1 and enc is final and enc.reproduces(parts):
             # Encoding its effective value would give these very parts back: not decoded for that (each part's size
@@ -236,7 +238,7 @@ def _write_one(name: str, model: Model, where: dict[str, tuple[Path, dict[str, A
         if value.dtype != want.dtype or value.shape != want.shape:
             raise AssertionError(f"{name} streamed as {value.dtype} {tuple(value.shape)}, planned as "
                                  f"{want.dtype} {tuple(want.shape)}; please report this bug")
-        stored = _encode(final, value, name)
+        stored = encode_named(final, value, name)
         del value
     written = 0
     for suffix, part in stored.items():
@@ -267,13 +269,3 @@ def _sources(where: dict[str, tuple[Path, dict[str, Any], int]]) -> Iterator[dic
     finally:
         for fd in fds.values():
             os.close(fd)
-
-
-def _encode(enc: Encoding, value: Any, name: str) -> dict[str, Any]:
-    """``enc.encode(value)``; a weight it cannot encode is named in the error."""
-    from .encodings import NonFiniteWeight
-
-    try:
-        return enc.encode(value)
-    except NonFiniteWeight as exc:
-        raise exc.named(name) from None

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from ..cpu import TARGETS, Target
-from ..encodings import Int8, NonFiniteWeight
+from ..encodings import Int8, encode_named
 from ..errors import Problem, RecipeError
 from ..data.spec import CalibrationSpec
 from .base import Context, Pass, PassConfig, PassResult, register_pass
@@ -353,10 +353,7 @@ class QuantizePass(Pass):
             elif weight.dim() < 2 or weight.numel() < config.min_elements:
                 skipped[full] = f"{weight.numel()} elements (< min_elements {config.min_elements})"
             else:
-                try:
-                    stored = encoding.encode(weight)
-                except NonFiniteWeight as exc:
-                    raise exc.named(full) from None
+                stored = encode_named(encoding, weight, full)
                 with torch.no_grad():
                     weight.copy_(encoding.decode(stored))
                 del stored
