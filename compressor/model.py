@@ -347,21 +347,14 @@ def build_empty(build: Callable[[], nn.Module]) -> nn.Module:
         mode = _EmptyOnMeta()
         with _parameters_moved(mode):
             module = build()
-        if not _meta_besides_parameters(module) and not mode.kept(module):
+        # A buffer or attribute left on meta was made during the build, so ``kept`` sees it: no walk over every
+        # module's attributes (0.6 ms of MiniLM's 12 ms warm load)
+        if not mode.kept(module):
             return module
     except Exception:  # noqa: BLE001 - rebuilt below, where a real error is raised again
         pass
     with parameters_on_meta():
         return build()
-
-
-def _meta_besides_parameters(module: nn.Module) -> bool:
-    """Whether a buffer or a plain tensor attribute of ``module`` or its submodules is on meta."""
-    for sub in module.modules():
-        if any(isinstance(v, torch.Tensor) and v.is_meta for v in sub.__dict__.values()) \
-                or any(b is not None and b.is_meta for b in sub._buffers.values()):
-            return True
-    return False
 
 
 def skip_init_on_meta() -> torch.overrides.TorchFunctionMode:
