@@ -211,3 +211,20 @@ def test_int8_does_not_vouch_for_vanishing_rows_and_refuses_non_finite_ones():
                 Int8(False).encode(torch.tensor(bad))
             except NonFiniteWeight as exc:
                 raise exc.named("w.q") from None
+
+
+def test_int8_encodes_the_same_in_blocks_of_any_size_and_finds_a_non_finite_value_in_any_block():
+    class Small(Int8):
+        _BLOCK = 7  # a row or two at a time: every block boundary is crossed
+
+    gen = torch.Generator().manual_seed(3)
+    t = torch.randn(50, 6, generator=gen)
+    t[4] = 0.0
+    t[9] = torch.round(t[9] * 5) / 5  # on a coarse grid
+    t[20] = Int8(True).decode(Int8(True).encode(t[20:21]))[0]  # an effective row, its exact scale found again
+    for per_channel in (True, False):
+        whole, blocked = Int8(per_channel).encode(t), Small(per_channel).encode(t)
+        assert all(torch.equal(whole[k], blocked[k]) for k in whole)
+    t[47, 5] = float("nan")
+    with pytest.raises(NonFiniteWeight, match=r"holds 1 NaN or infinite values \(of 300\)"):
+        Small(True).encode(t)
