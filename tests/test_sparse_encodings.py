@@ -499,3 +499,34 @@ def test_a_very_sparse_layer_is_far_smaller_on_disk(tmp_path):
     b = load_file(tmp_path / "b.safetensors")
     assert torch.equal(sparse.decode({k[1:]: v for k, v in a.items()}), w)
     assert torch.equal(shared.decode({k[1:]: v for k, v in b.items()}), q)
+
+
+@PROPERTY
+@given(numel=st.integers(1, 300), density=st.floats(0.2, 0.8), seed=st.integers(0, 2**31 - 1),
+       flip=st.integers(-1, 2400), cut=st.integers(0, 2))
+def test_one_bit_position_streams_decode_as_the_general_steps_do(numel, density, seed, flip, cut):
+    """The 1-bit relative form (about half pruned) has its own decoder: the same positions, and for a damaged
+    stream (a bit flipped, bytes cut, a wrong count) the same refusal, as the general relative steps give."""
+    from compressor import bitpack
+
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(numel, generator=gen) < density
+    stream = encode_positions(mask)
+    body = stream[1:].clone()
+    if 0 <= flip < body.numel() * 8:
+        body[flip // 8] ^= 1 << (flip % 8)
+    body = body[:max(0, body.numel() - cut)] if cut < 2 else body
+    nnz = int(mask.sum()) + (1 if cut == 2 else 0)
+
+    def general() -> torch.Tensor:  # what position_indices computes for forms 2-8, run on form 1
+        return bitpack._relative_positions(1, body, numel, nnz)
+
+    results = []
+    for decoder in (general, lambda: bitpack._one_bit_positions(body, numel, nnz)):
+        try:
+            results.append(decoder())
+        except ValueError:
+            results.append(None)
+    assert (results[0] is None) == (results[1] is None)
+    if results[0] is not None:
+        assert torch.equal(results[0], results[1])
