@@ -530,3 +530,30 @@ def test_one_bit_position_streams_decode_as_the_general_steps_do(numel, density,
     assert (results[0] is None) == (results[1] is None)
     if results[0] is not None:
         assert torch.equal(results[0], results[1])
+
+
+@PROPERTY
+@given(bits=st.integers(1, 8), nnz=st.integers(0, 70), seed=st.integers(0, 2**31 - 1), short=st.booleans())
+def test_centroids_are_looked_up_by_whole_bytes_as_unpacking_the_indices_gives(bits, nnz, seed, short):
+    """A codebook's values come from a table of what each byte decodes to (widths 1, 2, 4, 8): the values unpacking
+    every index gives, and the same refusal, naming the same largest index, for an index beyond the book (a
+    book shorter than the indices need); the padding after the last index is never read as one."""
+    from compressor.encodings import _centroids
+
+    gen = torch.Generator().manual_seed(seed)
+    index = torch.randint(0, 1 << bits, (nnz,), generator=gen)
+    k = max(1, int(index.max()) + 1 if nnz else 1) - (1 if short and nnz and int(index.max()) > 0 else 0)
+    book = torch.randn(k, generator=gen)
+    packed = pack_bits(index, bits)
+    if nnz * bits % 8:  # padding bits set: never an index
+        packed[-1] |= (0xFF << (nnz * bits % 8)) & 0xFF
+    try:
+        want = book.index_select(0, unpack_bits(packed, bits, nnz, torch.int32))
+        if nnz and int(index.max()) >= k:
+            raise ValueError(f"centroid index {int(index.max())} beyond the {k} centroids")
+    except (ValueError, IndexError, RuntimeError) as exc:
+        with pytest.raises(ValueError, match=f"centroid index {int(index.max())} beyond the {k} centroids"):
+            _centroids(book, packed, bits, nnz)
+        assert nnz and short, exc
+        return
+    assert torch.equal(_centroids(book, packed, bits, nnz), want)
