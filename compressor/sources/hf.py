@@ -121,7 +121,7 @@ def read_config(config_dir: Path) -> Any:
     it is shown (it compares the config with a default one: 0.9 ms of MiniLM's 12 ms warm load). The config class
     is called on the file's dictionary as ``from_dict`` calls it; a file it would treat specially (remote code,
     version-specific config files, an unknown or missing model type, a file it cannot parse, a path in the hub's
-    cache) goes through ``from_pretrained`` itself, whose errors are the user's to read. tests/test_loading.py
+    cache) goes through ``from_pretrained`` itself, whose errors are the user's to read. tests/test_hf_config.py
     holds the two to the same config for every architecture the project uses."""
     transformers = import_transformers()
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
