@@ -109,6 +109,10 @@ def position_indices(stream: torch.Tensor, numel: int, nnz: int) -> torch.Tensor
     stream = stream.reshape(-1)
     if stream.numel() < 1:
         raise ValueError("empty position stream")
+    if stream.dtype != torch.uint8:
+        raise ValueError(f"position stream of {stream.dtype}, not bytes (uint8)")
+    if nnz < 0:
+        raise ValueError(f"position stream asked for {nnz} positions")
     form, body = int(stream[0]), stream[1:]
     if form == _BITMASK:
         if body.numel() * 8 < numel:

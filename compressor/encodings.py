@@ -267,6 +267,8 @@ class Codebook(Encoding):
         import torch
 
         blob = stored[".__shared"].reshape(-1)
+        if blob.dtype != torch.uint8:
+            raise ValueError(f"codebook tensor of {blob.dtype}, not bytes (uint8)")
         k, nnz = from_le(blob[0:2]), from_le(blob[2:6])
         book_dtype = dtype_from_name(self.codebook_dtype)
         size = torch.empty((), dtype=book_dtype).element_size()
@@ -300,6 +302,10 @@ def _centroids(book: torch.Tensor, packed: torch.Tensor, bits: int, nnz: int) ->
     import torch
 
     k = book.shape[0]
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"centroid indices stored as {packed.dtype}, not bytes (uint8)")
+    if packed.numel() * 8 < nnz * bits:
+        raise ValueError(f"{packed.numel()} bytes cannot hold {nnz} values of {bits} bits")
     if not nnz:
         return book.new_zeros(0)
     if 8 % bits or not k:

@@ -58,3 +58,13 @@ def test_what_from_pretrained_treats_specially_goes_through_it(tmp_path: Path) -
         read_config(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**data, "auto_map": {"AutoConfig": "x.Config"}}))
     _same(tmp_path)  # transformers' own class, remote code not trusted
+
+
+def test_a_mistral_config_with_layer_types_is_read_as_transformers_reads_it(tmp_path: Path) -> None:
+    """AutoConfig reads it as a Ministral config (alternating sliding windows): read_config leaves it to AutoConfig."""
+    config = transformers.MistralConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=64)
+    config.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**data, "layer_types": ["full_attention"] * 2}))
+    _same(tmp_path)

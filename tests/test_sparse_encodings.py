@@ -557,3 +557,25 @@ def test_centroids_are_looked_up_by_whole_bytes_as_unpacking_the_indices_gives(b
         assert nnz and short, exc
         return
     assert torch.equal(_centroids(book, packed, bits, nnz), want)
+
+
+def test_position_and_codebook_parts_that_are_not_bytes_are_refused_as_corrupt():
+    """A hostile file may store a part in another dtype: a ValueError (an ArtifactError when loading), never another
+    exception type or a misread."""
+    from compressor.encodings import Codebook, _centroids
+
+    mask = torch.rand(64, generator=torch.Generator().manual_seed(1)) < 0.5
+    stream = encode_positions(mask)
+    for dtype in (torch.int8, torch.int16, torch.float32):
+        with pytest.raises(ValueError, match="not bytes"):
+            decode_positions(stream.to(dtype), 64, int(mask.sum()))
+    with pytest.raises(ValueError, match="asked for -1 positions"):
+        decode_positions(stream, 64, -1)
+    enc = Codebook([8, 8], bits=4)
+    blob = enc.encode(torch.randint(-8, 8, (8, 8)).float())[".__shared"]
+    with pytest.raises(ValueError, match="not bytes"):
+        enc.decode({".__shared": blob.to(torch.int16)})
+    with pytest.raises(ValueError, match="1 bytes cannot hold 8 values of 2 bits"):
+        _centroids(torch.arange(4.0), torch.tensor([0xE4], dtype=torch.uint8), 2, 8)
+    with pytest.raises(ValueError, match="not bytes"):
+        _centroids(torch.arange(4.0), torch.tensor([100, -28], dtype=torch.int8), 2, 8)

@@ -132,7 +132,8 @@ def read_config(config_dir: Path) -> Any:
         raw = None
     kind = raw.get("model_type") if isinstance(raw, dict) else None
     if not isinstance(kind, str) or kind not in CONFIG_MAPPING or "snapshots" in Path(config_dir).parts \
-            or raw.keys() & {"auto_map", "configuration_files"}:
+            or raw.keys() & {"auto_map", "configuration_files"} or (kind == "mistral" and "layer_types" in raw):
+        # (the last: AutoConfig reads a Mistral config with layer types as a Ministral one)
         return transformers.AutoConfig.from_pretrained(str(config_dir), local_files_only=True)
     config = CONFIG_MAPPING[kind](**{**raw, "_commit_hash": None, "attn_implementation": None})
     if hasattr(config, "pruned_heads"):  # JSON keys are strings: from_dict makes them layer numbers again
