@@ -144,6 +144,18 @@ def test_build_empty_builds_the_plain_way_where_a_kept_tensor_came_from_torch_em
 
     module = build_empty(_OnlyBuffer)
     assert module.linear.weight.is_meta and torch.equal(module.offset, torch.full((2,), 2.0))
+
+    class _Rewrapped(nn.Module):  # buffers the mode never sees returned as they are kept: built the plain way
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(3, 2)
+            self.register_buffer("as_parameter", nn.Parameter(torch.empty(2).fill_(3.0), requires_grad=False))
+            self.register_buffer("subclass", torch.Tensor._make_subclass(torch.Tensor, torch.empty(2).fill_(4.0)))
+
+    module = build_empty(_Rewrapped)
+    assert module.linear.weight.is_meta
+    assert torch.equal(module.as_parameter, torch.full((2,), 3.0))
+    assert torch.equal(module.subclass, torch.full((2,), 4.0))
     with pytest.raises(ZeroDivisionError):  # an error of the plain build is the caller's
         build_empty(lambda: 1 // 0)
 
