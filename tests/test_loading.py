@@ -303,11 +303,10 @@ def test_an_embedding_table_is_not_read_ahead(big_table_artifact):
     _cold(weights)
     model = compressor.load(art)
     readers = [t for t in threading.enumerate() if t.name == "compressor-read-ahead"]
-    address = model.model.embed_tokens.weight.data_ptr()
-    assert address in readahead._READING or not any(t.is_alive() for t in readers)  # its lookups watched meanwhile
+    assert model.model.embed_tokens._forward_pre_hooks or not any(t.is_alive() for t in readers)  # while it reads
     for reader in readers:
         reader.join(30)
-    assert readahead._HOOK is None and address not in readahead._READING  # no hook left once it has finished
+    assert not model.model.embed_tokens._forward_pre_hooks  # no hook left once it has finished
     deadline = time.monotonic() + 30
     while pagecache.resident_fraction([weights], head) < 0.99 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -324,9 +323,8 @@ def test_an_embedding_table_is_not_read_ahead(big_table_artifact):
 
 def test_a_lookup_queues_the_reads_of_its_rows_while_the_read_ahead_thread_runs(big_table_artifact):
     """The rows a lookup needs are queued together when it is called (its page faults would otherwise each wait
-    behind the read-ahead's queue), by a process-wide hook that exists only while a thread reads: nothing is queued
-    for indices the lookup refuses, and a copy made meanwhile carries no hook (nothing would ever remove it) and
-    is not watched."""
+    behind the read-ahead's queue); the hook does nothing for indices the lookup refuses, leaves the model
+    copyable and picklable, and goes when the thread finishes."""
     import copy
     import pickle
 
@@ -338,56 +336,32 @@ def test_a_lookup_queues_the_reads_of_its_rows_while_the_read_ahead_thread_runs(
         return min(pagecache.resident_fraction([weights], (lo + i * 1024, lo + (i + 1) * 1024)) for i in indices)
 
     _cold(weights)
-    for reader in threading.enumerate():  # an earlier load's thread still reading keeps the hook
-        if reader.name == "compressor-read-ahead":
-            reader.join(30)
     model = compressor.load(big_table_artifact, read_ahead=False)
+    assert not model.model.embed_tokens._forward_pre_hooks  # none without a read-ahead thread
     embed = model.model.embed_tokens
-    assert readahead._HOOK is None and not embed._forward_pre_hooks  # none without a read-ahead thread
     hooks = readahead._Hooks()  # what a read-ahead thread still reading holds
-    try:
-        hooks.add(embed, embed.weight.data_ptr())
-        assert readahead._HOOK is not None and not embed._forward_pre_hooks  # process-wide, not on the table
-        before = pagecache.resident_fraction([weights], (lo, hi))  # a page or two, read with the header
-        for refused in (torch.tensor([[40000, -1]]), torch.tensor([[0.5]])):  # nothing queued, nothing raised
-            readahead._on_forward(embed, (refused,))
-        time.sleep(0.2)
-        assert pagecache.resident_fraction([weights], (lo, hi)) == before < 0.01
-        readahead._on_forward(embed, (torch.tensor([[5, 30000, 5]]),))  # what a lookup's call does first
-        deadline = time.monotonic() + 10
-        while rows(5, 30000) < 1 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert rows(5, 30000) == 1  # queued without a fault, nothing copied
-        assert rows(16000) == 0 and rows(7232) == 0  # not the rest of the table
-        twin = copy.deepcopy(model)  # its own copy of the table, at another address: its lookups are not watched
-        assert not twin.model.embed_tokens._forward_pre_hooks
-        assert twin.model.embed_tokens.weight.data_ptr() not in readahead._READING
-        assert pickle.loads(pickle.dumps(model)).model.embed_tokens.weight.shape == embed.weight.shape
-        with torch.inference_mode():
-            ids = torch.tensor([[7, 9]])
-            assert torch.equal(twin(input_ids=ids).logits, model(input_ids=ids).logits)
-    finally:
-        hooks.close()  # the thread finishing (or this test skipped or failing: no hook left behind)
-    assert readahead._HOOK is None and embed.weight.data_ptr() not in readahead._READING
-    hooks.add(embed, embed.weight.data_ptr())  # too late: not watched
-    assert readahead._HOOK is None and not readahead._READING
-
-
-def test_the_lookup_hook_leaves_when_the_last_of_two_threads_finishes(big_table_artifact):
-    """Two read-ahead threads over the same table (two loads of one file share no address, but one model read
-    twice does): the process-wide hook stays until both have finished."""
-    for reader in threading.enumerate():  # an earlier load's thread still reading keeps the hook too
-        if reader.name == "compressor-read-ahead":
-            reader.join(30)
-    model = compressor.load(big_table_artifact, read_ahead=False)
-    embed = model.model.embed_tokens
-    first, second = readahead._Hooks(), readahead._Hooks()
-    first.add(embed, embed.weight.data_ptr())
-    second.add(embed, embed.weight.data_ptr())
-    first.close()
-    assert readahead._HOOK is not None and embed.weight.data_ptr() in readahead._READING
-    second.close()
-    assert readahead._HOOK is None and not readahead._READING
+    hooks.add(embed, embed.weight.data_ptr())
+    (hook,) = embed._forward_pre_hooks.values()
+    before = pagecache.resident_fraction([weights], (lo, hi))  # a page or two, read with the header
+    hook(embed, (torch.tensor([[40000, -1]]),))  # indices the lookup refuses: nothing queued, nothing raised
+    hook(embed, (torch.tensor([[0.5]]),))
+    time.sleep(0.2)
+    assert pagecache.resident_fraction([weights], (lo, hi)) == before < 0.01
+    hook(embed, (torch.tensor([[5, 30000, 5]]),))
+    deadline = time.monotonic() + 10
+    while rows(5, 30000) < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert rows(5, 30000) == 1  # queued without a fault, nothing copied
+    assert rows(16000) == 0 and rows(7232) == 0  # not the rest of the table
+    twin = copy.deepcopy(model)  # the hook holds integers only
+    assert pickle.loads(pickle.dumps(model)).model.embed_tokens.weight.shape == embed.weight.shape
+    with torch.inference_mode():
+        ids = torch.tensor([[7, 9]])
+        assert torch.equal(twin(input_ids=ids).logits, model(input_ids=ids).logits)
+    hooks.close()  # the thread finishing
+    assert not embed._forward_pre_hooks and embed.weight.data_ptr() not in readahead._READING
+    hooks.add(embed, embed.weight.data_ptr())  # too late: not registered
+    assert not embed._forward_pre_hooks
 
 
 def test_only_an_embedding_no_other_module_uses_is_left_to_its_lookups():

@@ -12,6 +12,7 @@ import mmap
 import os
 import threading
 from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,7 @@ def read_ahead(tensors: Iterable[torch.Tensor], maps: dict[int, Path],
 def read_module_ahead(module: torch.nn.Module, maps: dict[int, Path]) -> threading.Thread | None:
     """``read_ahead`` of the module's tensors in the order it uses them (``in_use_order``), and, while that thread
     reads, the rows that a lookup table it leaves out gives a forward pass are queued the moment the lookup is
-    called (``_queue_rows``, from a process-wide forward pre-hook while the thread reads); returns the thread, or
+    called (``_queue_rows``, a forward pre-hook the thread removes when it finishes); returns the thread, or
     None."""
     ordered = in_use_order(module)
     read = {id(t) for t in ordered}
@@ -118,62 +119,30 @@ def read_module_ahead(module: torch.nn.Module, maps: dict[int, Path]) -> threadi
     return thread
 
 
-_READING: dict[int, int] = {}  # table address -> how many running read-ahead threads leave its rows to its lookups
-_GLOBAL = threading.Lock()  # guards _READING and _HOOK
-_HOOK: Any = None  # the process-wide forward pre-hook's handle, while any table is in _READING
+_READING: set[int] = set()  # the tables (by address) whose rows a running read-ahead thread leaves to their lookups
 
 
 class _Hooks:
-    """The lookup tables of one read-ahead thread, whose rows are queued when they are looked up until it finishes
-    (``close``); one added after that is not watched at all.
-
-    The lookups are seen by one process-wide forward pre-hook (``_on_forward``), registered while any thread reads,
-    rather than a hook on each table: a module copied or scripted while the thread reads would otherwise carry a
-    copy of the hook that nothing removes (``torch.jit.script`` refuses a Python hook). A copy's weight has another
-    address, so the hook leaves it alone."""
+    """The lookup hooks of one read-ahead thread, which removes them when it finishes (``close``); one added after
+    that is not registered at all."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.closed = False
-        self.added: list[int] = []
+        self.added: list[tuple[int, Any]] = []
 
     def add(self, table: torch.nn.Module, address: int) -> None:
-        global _HOOK
         with self.lock:
-            if self.closed:
-                return
-            with _GLOBAL:
-                _READING[address] = _READING.get(address, 0) + 1
-                if _HOOK is None:
-                    _HOOK = torch.nn.modules.module.register_module_forward_pre_hook(_on_forward)
-            self.added.append(address)
+            if not self.closed:
+                _READING.add(address)
+                self.added.append((address, table.register_forward_pre_hook(partial(_queue_rows, address))))
 
     def close(self) -> None:
-        global _HOOK
         with self.lock:
             self.closed = True
-            with _GLOBAL:
-                for address in self.added:
-                    left = _READING.pop(address, 1) - 1
-                    if left > 0:
-                        _READING[address] = left
-                if not _READING and _HOOK is not None:
-                    _HOOK.remove()
-                    _HOOK = None
-            self.added.clear()
-
-
-def _on_forward(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-    """The process-wide forward pre-hook: a plain ``nn.Embedding`` lookup into a table being read ahead queues its
-    rows (``_queue_rows``). Every module call passes here while a thread reads, so it returns at once for others."""
-    if type(module).forward is not torch.nn.Embedding.forward or not _READING:
-        return
-    try:
-        weight = module._parameters.get("weight")
-        if weight is not None and weight.device.type == "cpu" and weight.data_ptr() in _READING:
-            _queue_rows(weight.data_ptr(), module, args)
-    except Exception:  # noqa: BLE001 - advice, in the way of every module's call: never its caller's problem
-        return
+            for address, handle in self.added:
+                _READING.discard(address)
+                handle.remove()
 
 
 def _queue_rows(address: int, table: torch.nn.Module, args: tuple[Any, ...]) -> None:
@@ -181,7 +150,8 @@ def _queue_rows(address: int, table: torch.nn.Module, args: tuple[Any, ...]) -> 
     (``madvise(WILLNEED)``, which does not wait), all at once. A lookup's page faults would otherwise each wait,
     one after the other, behind the reads the read-ahead thread keeps queued: a 16-token prompt's first layer
     started up to 0.27 s late on a 0.25B Llama. Advice only: it never raises, and does nothing once the thread has
-    finished, for a weight no longer the mapped one (moved, replaced) or for indices the lookup refuses."""
+    finished, for a weight no longer the mapped one (moved, replaced) or for indices the lookup refuses. Its only
+    state is integers, so the module still copies and pickles."""
     try:
         weight = table.weight
         ids = args[0] if args else None
