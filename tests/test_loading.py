@@ -364,6 +364,30 @@ def test_a_lookup_queues_the_reads_of_its_rows_while_the_read_ahead_thread_runs(
     assert not embed._forward_pre_hooks
 
 
+def test_a_copy_made_while_the_thread_reads_drops_its_copy_of_the_lookup_hook():
+    """A deep copy made during the read carries a copy of the table's hook, which nothing would remove: it removes
+    itself at its first call (the copy's table lies elsewhere), and the copy computes as the original does; the
+    original's goes when the thread finishes. The model compiles meanwhile too."""
+    import copy
+
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3))
+    embed = model[0]
+    hooks = readahead._Hooks()
+    hooks.add(embed, embed.weight.data_ptr())
+    try:
+        twin = copy.deepcopy(model)
+        assert len(twin[0]._forward_pre_hooks) == 1
+        ids = torch.tensor([[1, 2, 3]])
+        with torch.no_grad():
+            assert torch.equal(twin(ids), model(ids))
+            assert not twin[0]._forward_pre_hooks and len(embed._forward_pre_hooks) == 1
+            assert torch.equal(torch.compile(model, backend="eager")(ids), twin(ids))
+    finally:
+        hooks.close()
+        torch._dynamo.reset()
+    assert not embed._forward_pre_hooks and embed.weight.data_ptr() not in readahead._READING
+
+
 def test_only_an_embedding_no_other_module_uses_is_left_to_its_lookups():
     from transformers import LlamaConfig, LlamaForCausalLM
 

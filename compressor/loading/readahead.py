@@ -12,7 +12,6 @@ import mmap
 import os
 import threading
 from collections.abc import Iterable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +134,10 @@ class _Hooks:
         with self.lock:
             if not self.closed:
                 _READING.add(address)
-                self.added.append((address, table.register_forward_pre_hook(partial(_queue_rows, address))))
+                hook = _LookupHook(address)
+                handle = table.register_forward_pre_hook(hook)
+                hook.key = handle.id
+                self.added.append((address, handle))
 
     def close(self) -> None:
         with self.lock:
@@ -143,6 +145,25 @@ class _Hooks:
             for address, handle in self.added:
                 _READING.discard(address)
                 handle.remove()
+
+
+class _LookupHook:
+    """The forward pre-hook on one table: ``_queue_rows`` while its thread reads. A copy of it (in a deep copy of
+    the model made meanwhile, whose table lies elsewhere) or one left after its thread finished removes itself
+    from its table at its first call: nothing else would, and a Python hook left on a module is in the way of
+    tools that refuse one. Integers only: the module still copies and pickles."""
+
+    def __init__(self, address: int) -> None:
+        self.address = address
+        self.key = -1  # its handle's id: its key in the table's _forward_pre_hooks
+
+    def __call__(self, table: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        weight = table._parameters.get("weight")
+        if self.address not in _READING or weight is None or weight.device.type != "cpu" \
+                or weight.data_ptr() != self.address:
+            table._forward_pre_hooks.pop(self.key, None)  # _call_impl iterates over a copy of the hooks
+            return
+        _queue_rows(self.address, table, args)
 
 
 def _queue_rows(address: int, table: torch.nn.Module, args: tuple[Any, ...]) -> None:
