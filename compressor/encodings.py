@@ -302,8 +302,6 @@ def _centroids(book: torch.Tensor, packed: torch.Tensor, bits: int, nnz: int) ->
     import torch
 
     k = book.shape[0]
-    if packed.dtype != torch.uint8:
-        raise ValueError(f"centroid indices stored as {packed.dtype}, not bytes (uint8)")
     if packed.numel() * 8 < nnz * bits:
         raise ValueError(f"{packed.numel()} bytes cannot hold {nnz} values of {bits} bits")
     if not nnz:
