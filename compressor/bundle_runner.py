@@ -74,6 +74,24 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+def _load_cuda_libraries() -> str:
+    """Load the CUDA and cuDNN libraries that onnxruntime-gpu's CUDA provider needs from pip's nvidia-* packages,
+    where the system's loader does not look (onnxruntime >= 1.21: preload_dlls; torch does the same when it is
+    imported first). Returns what it printed: its messages must not reach stdout, which holds the result."""
+    import contextlib
+    import io
+
+    preload = getattr(ort, "preload_dlls", None)
+    notes = io.StringIO()
+    if preload is not None:
+        with contextlib.redirect_stdout(notes):
+            try:
+                preload()
+            except Exception as exc:  # noqa: BLE001 - best effort: the session falls back to the CPU and says so
+                print(_first_line(exc))
+    return notes.getvalue()
+
+
 class Bundle:
     """An unpacked bundle: its ONNX Runtime session, tokenizer (text models) and settings (bundle.json)."""
 
@@ -92,16 +110,30 @@ class Bundle:
         # Only providers this onnxruntime build has: asking for CUDA where it is absent only prints errors.
         wanted = providers or self.info.get("providers") or ["CPUExecutionProvider"]
         self.providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+        cuda_notes = _load_cuda_libraries() if "CUDAExecutionProvider" in self.providers else None
         options = ort.SessionOptions()
         options.log_severity_level = 3
         level = self.info.get("graph_optimization", "all")
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS.get(level, "ORT_ENABLE_ALL"))
         model = self.path / self.info["model"]
+        if cuda_notes is not None:
+            ort.set_default_logger_severity(4)  # a CUDA provider that cannot start: our one note below, not its logs
         try:
             self.session = ort.InferenceSession(str(model), sess_options=options, providers=self.providers)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own classes for a missing or damaged model
             raise BundleError(f"ONNX Runtime cannot load {model} ({_first_line(exc)}); unpack the bundle again, or "
                               "pack it again with `compress pack`") from None
+        finally:
+            if cuda_notes is not None:
+                ort.set_default_logger_severity(2)  # ONNX Runtime's default again
+        started = self.session.get_providers()
+        if "CUDAExecutionProvider" in self.providers and "CUDAExecutionProvider" not in started:
+            # ONNX Runtime falls back to the CPU quietly: say so, once, on stderr (stdout is the result).
+            why = next((line for line in (cuda_notes or "").splitlines() if line.strip()), "no GPU or driver found")
+            print(f"note: ONNX Runtime could not start its CUDA provider ({why.strip()}); running on "
+                  f"{', '.join(started)}. On a GPU machine: pip install 'onnxruntime-gpu[cuda,cudnn]'.",
+                  file=sys.stderr)
+        self.providers = started  # what the session runs on, not what was asked for
         self.tokenizer = None
         spec = self.info.get("tokenizer")
         if spec and not isinstance(spec, dict):

@@ -218,6 +218,21 @@ def test_pack_for_cuda_narrows_a_float32_export_to_float16(cnn, tmp_path):
 
     model = onnx.load(str(tmp_path / "x" / "cnn" / "model.onnx"))
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    # run.py on this machine: on CUDA where ONNX Runtime can start it (it loads pip's CUDA libraries itself),
+    # else on the CPU with a note on stderr; stdout stays one JSON document, naming what the session runs on.
+    from compressor.zoo import digits_split
+
+    np.save(tmp_path / "x.npy", digits_split("digits-cnn")[1][:5])
+    proc = subprocess.run([sys.executable, str(tmp_path / "x" / "cnn" / "run.py"), "--input", str(tmp_path / "x.npy")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    ran = json.loads(proc.stdout)["providers"]
+    import torch
+
+    if torch.cuda.is_available():
+        assert ran[0] == "CUDAExecutionProvider", proc.stderr
+    else:
+        assert ran == ["CPUExecutionProvider"] and "could not start its CUDA provider" in proc.stderr
 
 
 @pytest.mark.slow
