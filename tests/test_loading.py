@@ -431,3 +431,17 @@ def test_read_ahead_starts_no_thread_when_every_page_is_already_cached(llama_art
     thread = readahead.read_ahead(list(stored.values()), maps)
     assert thread is not None
     thread.join(30)
+
+
+def test_the_cuda_threads_share_every_tensor_once_balanced_by_bytes(llama_artifact):
+    """The plan load_tensors_cuda gives its threads (the copies need a GPU; the plan is plain arithmetic)."""
+    weights = json.loads((llama_artifact / "manifest.json").read_text())["model"]["weights"]
+    header, _ = read_header(llama_artifact / weights[0])
+    sizes = {n: i["data_offsets"][1] - i["data_offsets"][0] for n, i in header.items() if n != "__metadata__"}
+    plan = loading_tensors._balanced(llama_artifact, weights)
+    assert 1 <= len(plan) <= loading_tensors.CUDA_THREADS
+    assigned = [(name, nbytes) for part in plan for _, name, nbytes in part]
+    assert sorted(assigned) == sorted(sizes.items())  # each tensor once, with its own byte count
+    loads = [sum(n for *_, n in part) for part in plan]
+    # Largest first onto the least-loaded thread: no thread carries more than the mean plus the largest tensor.
+    assert max(loads) <= sum(loads) / len(loads) + max(sizes.values())

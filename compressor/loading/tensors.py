@@ -58,8 +58,8 @@ def load_tensors_cuda(root: Path, files: list[str], device: torch.device, stop: 
     return result
 
 
-def _balanced(root: Path, files: list[str]) -> list[list[tuple[str, str]]]:
-    """The tensors of ``files`` as (file, name) lists for up to CUDA_THREADS threads, balanced by bytes."""
+def _balanced(root: Path, files: list[str]) -> list[list[tuple[str, str, int]]]:
+    """The tensors of ``files`` as (file, name, bytes) lists for up to CUDA_THREADS threads, balanced by bytes."""
     import os
 
     items: list[tuple[int, str, str]] = []
@@ -70,27 +70,30 @@ def _balanced(root: Path, files: list[str]) -> list[list[tuple[str, str]]]:
                 if name != "__metadata__":
                     items.append((info["data_offsets"][1] - info["data_offsets"][0], rel, name))
     workers = max(1, min(CUDA_THREADS, os.cpu_count() or 1, len(items)))
-    plan: list[list[tuple[str, str]]] = [[] for _ in range(workers)]
+    plan: list[list[tuple[str, str, int]]] = [[] for _ in range(workers)]
     load_per = [0] * workers
     for nbytes, rel, name in sorted(items, reverse=True):  # largest first onto the least-loaded thread
         i = load_per.index(min(load_per))
-        plan[i].append((rel, name))
+        plan[i].append((rel, name, nbytes))
         load_per[i] += nbytes
     return plan
 
 
 def _copy_to_cuda(root: Path, device: torch.device, stop: threading.Event | None, caller: torch.cuda.Stream,
-                  assigned: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+                  assigned: list[tuple[str, str, int]]) -> dict[str, torch.Tensor]:
     """One thread of load_tensors_cuda: its tensors through two pinned buffers onto ``device``."""
     out: dict[str, torch.Tensor] = {}
     stream = torch.cuda.Stream(device)
     handles: dict[str, Any] = {}
     current = "?"
     try:
-        staging = [torch.empty(CUDA_CHUNK_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        # Pinned memory is slow to allocate: no larger than this thread's largest tensor (a small model's threads
+        # would otherwise pin 128 MB each).
+        chunk = max(1, min(CUDA_CHUNK_BYTES, max((n for _, _, n in assigned), default=1)))
+        staging = [torch.empty(chunk, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
         done: list[torch.cuda.Event | None] = [None, None]
         k = 0
-        for rel, name in assigned:
+        for rel, name, _ in assigned:
             if stop is not None and stop.is_set():
                 break
             current = rel
@@ -102,8 +105,8 @@ def _copy_to_cuda(root: Path, device: torch.device, stop: threading.Event | None
             stream.wait_stream(caller)  # the block may have been in use by the caller's queued work
             src_bytes = src.reshape(-1).view(torch.uint8)
             dst_bytes = dst.reshape(-1).view(torch.uint8)
-            for start in range(0, src_bytes.numel(), CUDA_CHUNK_BYTES):
-                n = min(CUDA_CHUNK_BYTES, src_bytes.numel() - start)
+            for start in range(0, src_bytes.numel(), chunk):
+                n = min(chunk, src_bytes.numel() - start)
                 if done[k] is not None:
                     done[k].synchronize()  # the copy that last read this buffer has finished
                 staging[k][:n].copy_(src_bytes[start:start + n])  # page faults: the disk read
