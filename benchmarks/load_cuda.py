@@ -148,7 +148,8 @@ def main() -> None:
         root.mkdir(parents=True, exist_ok=True)
         for subject in subjects:
             artifact = build(subject, root, args.shard_size)
-            weights = json.loads((artifact / "manifest.json").read_text())["model"]["weights"]
+            weights = [w for w in json.loads((artifact / "manifest.json").read_text())["model"]["weights"]
+                       if w.endswith(".safetensors")]  # not the index of a sharded model
             entry: dict[str, Any] = {"weights_bytes": sum((artifact / w).stat().st_size for w in weights),
                                      "shards": len(weights)}
             for mode in [m for m in args.modes.split(",") if m]:

@@ -14,12 +14,11 @@ transformers: the bundle runs where only the inference runtime is installed.
 Causal LM bundles (generate.py and decoding.py beside this file) batch prompts with left padding; a single
 prompt's text streams to stderr as it comes (--no-stream: not), the JSON document holds every prompt's tokens.
 
-It follows the `compress` command's contract: exit 0 with one JSON document on stdout; on a problem, one
-paragraph on stderr saying what was wrong and what would work, and exit 2 when the input or the command line is
-at fault, 1 when the bundle or ONNX Runtime is (130 when interrupted). The JSON is always valid: non-finite
-output values are written as null and counted in `non_finite`. Inputs are checked against the model's graph
-first (names, rank, fixed sizes, number types, no NaN or infinity, at least one example); pickled arrays are
-never loaded.
+It follows the `compress` command's contract: exit 0 with one JSON document on stdout; on a problem, one paragraph on
+stderr saying what was wrong and what would work, and exit 2 when the input or the command line is at fault, 1 when
+the bundle or ONNX Runtime is (130 when interrupted). The JSON is always valid: non-finite output values are written
+as null and counted in `non_finite`. Inputs are checked against the model's graph first (names, rank, fixed sizes,
+number types, no NaN or infinity, at least one example); pickled arrays are never loaded.
 
 From Python:
 
@@ -33,10 +32,13 @@ From Python:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import sys
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -74,28 +76,30 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-def _load_cuda_libraries() -> str:
-    """Load the CUDA and cuDNN libraries that onnxruntime-gpu's CUDA provider needs from pip's nvidia-* packages,
-    where the system's loader does not look (onnxruntime >= 1.21: preload_dlls; torch does the same when it is
-    imported first). Returns what it printed: its messages must not reach stdout, which holds the result."""
-    import contextlib
-    import io
-
-    preload = getattr(ort, "preload_dlls", None)
-    notes = io.StringIO()
-    if preload is not None:
-        with contextlib.redirect_stdout(notes):
-            try:
-                preload()
-            except Exception as exc:  # noqa: BLE001 - best effort: the session falls back to the CPU and says so
-                print(_first_line(exc))
-    return notes.getvalue()
+def _session(model: Path, options: Any, providers: list[str], quiet: bool) -> tuple[Any, str | None]:
+    """ONNX Runtime's session, and a note when CUDA was asked for but could not start. CUDA first loads pip's
+    nvidia-* libraries (onnxruntime >= 1.21's preload_dlls; torch, imported first, would too). ``quiet`` (run.py's
+    own process): what they print, a CUDA fallback included, is kept off stdout, which holds the result."""
+    cuda, printed = "CUDAExecutionProvider" in providers, io.StringIO()
+    with contextlib.redirect_stdout(printed) if quiet and cuda else contextlib.nullcontext():
+        if cuda and hasattr(ort, "preload_dlls"):
+            with contextlib.suppress(Exception):  # best effort: a provider that cannot start is noted below
+                ort.preload_dlls()
+        session = ort.InferenceSession(str(model), sess_options=options, providers=providers)
+    if not cuda or "CUDAExecutionProvider" in session.get_providers():
+        return session, None
+    why = [x.strip() for x in printed.getvalue().splitlines() if "EP Error" in x or "Failed to load" in x] + [
+        'python -c "import onnxruntime; onnxruntime.print_debug_info()" may say why']
+    return session, (f"ONNX Runtime could not start its CUDA provider ({why[0]}); running on "
+                     f"{', '.join(session.get_providers())}. With a GPU: pip install 'onnxruntime-gpu[cuda,cudnn]'.")
 
 
 class Bundle:
     """An unpacked bundle: its ONNX Runtime session, tokenizer (text models) and settings (bundle.json)."""
 
-    def __init__(self, path: str | Path = HERE, providers: list[str] | None = None) -> None:
+    def __init__(self, path: str | Path = HERE, providers: list[str] | None = None, quiet: bool = False) -> None:
+        """``providers``: ONNX Runtime's, in order (default: the bundle's); ``quiet``: run.py's own process (see
+        _session). A CUDA provider that could not start is in ``notes`` (and a warning, unless ``quiet``)."""
         self.path = Path(path)
         try:
             info = json.loads((self.path / "bundle.json").read_text(encoding="utf-8"))
@@ -110,30 +114,20 @@ class Bundle:
         # Only providers this onnxruntime build has: asking for CUDA where it is absent only prints errors.
         wanted = providers or self.info.get("providers") or ["CPUExecutionProvider"]
         self.providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
-        cuda_notes = _load_cuda_libraries() if "CUDAExecutionProvider" in self.providers else None
         options = ort.SessionOptions()
         options.log_severity_level = 3
         level = self.info.get("graph_optimization", "all")
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS.get(level, "ORT_ENABLE_ALL"))
         model = self.path / self.info["model"]
-        if cuda_notes is not None:
-            ort.set_default_logger_severity(4)  # a CUDA provider that cannot start: our one note below, not its logs
         try:
-            self.session = ort.InferenceSession(str(model), sess_options=options, providers=self.providers)
+            self.session, note = _session(model, options, self.providers, quiet)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own classes for a missing or damaged model
             raise BundleError(f"ONNX Runtime cannot load {model} ({_first_line(exc)}); unpack the bundle again, or "
                               "pack it again with `compress pack`") from None
-        finally:
-            if cuda_notes is not None:
-                ort.set_default_logger_severity(2)  # ONNX Runtime's default again
-        started = self.session.get_providers()
-        if "CUDAExecutionProvider" in self.providers and "CUDAExecutionProvider" not in started:
-            # ONNX Runtime falls back to the CPU quietly: say so, once, on stderr (stdout is the result).
-            why = next((line for line in (cuda_notes or "").splitlines() if line.strip()), "no GPU or driver found")
-            print(f"note: ONNX Runtime could not start its CUDA provider ({why.strip()}); running on "
-                  f"{', '.join(started)}. On a GPU machine: pip install 'onnxruntime-gpu[cuda,cudnn]'.",
-                  file=sys.stderr)
-        self.providers = started  # what the session runs on, not what was asked for
+        self.notes = [note] if note else []
+        if note and not quiet:
+            warnings.warn(note, RuntimeWarning, stacklevel=2)
+        self.providers = self.session.get_providers()  # what the session runs on, not what was asked for
         self.tokenizer = None
         spec = self.info.get("tokenizer")
         if spec and not isinstance(spec, dict):
@@ -330,18 +324,14 @@ def read_inputs(path: str, bundle: Bundle) -> dict[str, np.ndarray]:
     return {names[0]: loaded}
 
 
-def _finite_list(values: np.ndarray) -> list[float | None]:
-    """Values for JSON: non-finite ones as null (JSON has no NaN or infinity)."""
-    return [float(v) if np.isfinite(v) else None for v in values.tolist()]
-
-
 def summarize(bundle: Bundle, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
     """What run.py prints: each output's shape, dtype, first values and how many values are not finite."""
     described = {}
     for name, value in outputs.items():
         flat = np.asarray(value, dtype=np.float64).reshape(-1)
         described[name] = {"shape": list(value.shape), "dtype": str(value.dtype),
-                           "head": _finite_list(flat[:8].round(6)), "non_finite": int((~np.isfinite(flat)).sum())}
+                           "head": [float(v) if np.isfinite(v) else None for v in flat[:8].round(6).tolist()],
+                           "non_finite": int((~np.isfinite(flat)).sum())}  # JSON has no NaN or infinity: null
     return {"bundle": bundle.info.get("name"), "target": bundle.info.get("target"), "providers": bundle.providers,
             "outputs": described}
 
@@ -354,8 +344,7 @@ def _save(path: str, outputs: dict[str, np.ndarray]) -> None:
         raise InputError(f"--save {path} exists and is not a file")
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}.npz")
     try:
-        # What numpy.savez writes, one .npy member per output, without its `file` keyword clashing with an
-        # output of that name.
+        # What numpy.savez writes, one .npy member per output, minus its `file` keyword clashing with an output's
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             for name, value in outputs.items():
                 with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
@@ -367,18 +356,19 @@ def _save(path: str, outputs: dict[str, np.ndarray]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-_GENERATION_OPTIONS = ("max_new_tokens", "sample", "seed", "top_k", "top_p", "temperature", "no_stream")
-
-
 def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.texts and args.input:
         parser.error("give texts or --input, not both")
     if not args.texts and not args.input:
         parser.error("give texts (text models; prompts for language models) or --input FILE.npy / FILE.npz")
-    bundle = Bundle(HERE, providers=args.provider)
+    ort.set_default_logger_severity(4)  # run.py's own process: a problem is one paragraph, not ONNX Runtime's logs
+    bundle = Bundle(HERE, providers=args.provider, quiet=True)
+    for note in bundle.notes:
+        print(f"note: {note}", file=sys.stderr)
     if bundle.generates:
         return _generate(bundle, args)
-    given = [f"--{n.replace('_', '-')}" for n in _GENERATION_OPTIONS if getattr(args, n) not in (None, False)]
+    options = ("max_new_tokens", "sample", "seed", "top_k", "top_p", "temperature", "no_stream")
+    given = [f"--{n.replace('_', '-')}" for n in options if getattr(args, n) not in (None, False)]
     if given:
         raise InputError(f"{', '.join(given)}: only bundles of causal language models generate, and this one's "
                          f"model does not (task {bundle.info.get('task')!r}); " + _what_works(bundle))

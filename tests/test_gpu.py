@@ -98,3 +98,26 @@ def test_float16_onnx_runs_on_the_cuda_provider_and_matches_the_cpu_run(tmp_path
     ref = OrtModule(out / "model.onnx")(**inputs).last_hidden_state.float()  # CPU: widens most float16 ops
     cos = torch.nn.functional.cosine_similarity(got.flatten(1), ref.flatten(1), dim=1)
     assert float(cos.min()) > 0.999
+
+
+def test_a_cuda_bundle_runs_on_the_cuda_provider(tmp_path):
+    """run.py alone (numpy and onnxruntime-gpu, no torch imported) finds pip's CUDA libraries and runs on CUDA."""
+    import subprocess
+    import sys
+    import zipfile
+
+    import numpy as np
+
+    from compressor.zoo import digits_split
+
+    (tmp_path / "r.yaml").write_text("name: cnn\nmodel: {source: zoo, name: digits-cnn}\nexport: {onnx: {}}\n")
+    assert run_cli("run", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "cnn")).returncode == 0
+    proc = run_cli("pack", str(tmp_path / "cnn"), "-o", str(tmp_path / "c.zip"), "--target", "cuda", "-q")
+    assert proc.returncode == 0, proc.stderr
+    with zipfile.ZipFile(tmp_path / "c.zip") as zf:
+        zf.extractall(tmp_path / "x")
+    np.save(tmp_path / "x.npy", digits_split("digits-cnn")[1][:5])
+    proc = subprocess.run([sys.executable, str(tmp_path / "x" / "cnn" / "run.py"), "--input", str(tmp_path / "x.npy")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["providers"][0] == "CUDAExecutionProvider", proc.stderr
