@@ -7,6 +7,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def run_child(code: str, *args: str) -> dict[str, float]:
@@ -22,6 +23,21 @@ def summarize(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     return {k: {"median": round(statistics.median(r[k] for r in runs), 2),
                 "min": round(min(r[k] for r in runs), 2), "max": round(max(r[k] for r in runs), 2)}
             for k in runs[0]}
+
+
+def spread(runs: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
+    """Median, min, max and each run's value of ``keys`` (runs without a value left out), and the largest share of
+    the files that stayed resident after eviction (cold runs)."""
+    out: dict[str, Any] = {}
+    for key in keys:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        if values:
+            out[key] = {"median": round(statistics.median(values), 1), "min": round(min(values), 1),
+                        "max": round(max(values), 1), "each": [round(v, 1) for v in values]}
+    resident = [r["resident_after_evict"] for r in runs if r.get("resident_after_evict") is not None]
+    if resident:
+        out["resident_after_evict"] = round(max(resident), 4)
+    return out
 
 
 # Config-sized Llama models (random weights: load time and memory are what is measured, the tokens mean nothing).

@@ -52,9 +52,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import make_llama  # noqa: E402
+from _common import make_llama, spread  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+KEYS = ("ready_ms", "first_forward_end_ms", "anon_mb_at_ready")  # what each measuring child reports
 MINILM = "name: {name}\nmodel: {{source: zoo, name: minilm}}\npasses:\n{passes}"
 LLAMA = "name: {name}\nmodel: {{source: hf, path: {path}, auto_class: AutoModelForCausalLM}}\npasses:\n{passes}"
 SUBJECTS: dict[str, dict[str, Any]] = {
@@ -238,7 +239,7 @@ def main() -> None:
             weights = json.loads((artifact / "manifest.json").read_text())["model"]["weights"]
             result["subjects"][subject] = {
                 "weights_bytes": sum((artifact / w).stat().st_size for w in weights if w.endswith(".safetensors")),
-                **{mode: {loader: _summary(r) for loader, r in by.items()} for mode, by in runs.items()}}
+                **{mode: {loader: spread(r, KEYS) for loader, r in by.items()} for mode, by in runs.items()}}
             if args.json:  # what is measured so far survives a later failure
                 args.json.write_text(json.dumps(result, indent=2))
     result["ratios"] = _ratios(result["subjects"])
@@ -247,19 +248,6 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
-
-
-def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key in ("ready_ms", "first_forward_end_ms", "anon_mb_at_ready"):
-        values = [r[key] for r in runs if r[key] is not None]
-        if values:
-            out[key] = {"median": round(statistics.median(values), 1), "min": round(min(values), 1),
-                        "max": round(max(values), 1), "each": [round(v, 1) for v in values]}
-    resident = [r["resident_after_evict"] for r in runs if r["resident_after_evict"] is not None]
-    if resident:
-        out["resident_after_evict"] = round(max(resident), 4)
-    return out
 
 
 def _ratios(subjects: dict[str, Any]) -> dict[str, Any]:

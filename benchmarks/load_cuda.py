@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import make_llama  # noqa: E402
+from _common import make_llama, spread  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+KEYS = ("ready_ms", "first_forward_end_ms", "peak_gpu_mb")  # what each measuring child reports
 LOADERS = ("compressor", "compressor-cpu-then-to", "from_pretrained", "load_file")
 SUBJECTS = ("minilm-fp16", "llama-tiny", "llama-0.25b", "llama-1b")
 
@@ -157,7 +158,7 @@ def main() -> None:
                 for i in range(args.rounds):
                     for loader in LOADERS if i % 2 == 0 else LOADERS[::-1]:
                         runs[loader].append(measure(artifact, loader, mode, args.device))
-                entry[mode] = {loader: _summary(r) for loader, r in runs.items()}
+                entry[mode] = {loader: spread(r, KEYS) for loader, r in runs.items()}
                 entry[mode]["ratios"] = _ratios(entry[mode])
             result["subjects"][subject] = entry
             if args.json:  # what is measured so far survives a later failure
@@ -166,19 +167,6 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
-
-
-def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key in ("ready_ms", "first_forward_end_ms", "peak_gpu_mb"):
-        values = [r[key] for r in runs if r[key] is not None]
-        if values:
-            out[key] = {"median": round(statistics.median(values), 1), "min": round(min(values), 1),
-                        "max": round(max(values), 1), "each": [round(v, 1) for v in values]}
-    resident = [r["resident_after_evict"] for r in runs if r["resident_after_evict"] is not None]
-    if resident:
-        out["resident_after_evict"] = round(max(resident), 4)
-    return out
 
 
 def _ratios(by: dict[str, Any]) -> dict[str, Any]:
