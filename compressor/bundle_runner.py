@@ -344,7 +344,7 @@ def _save(path: str, outputs: dict[str, np.ndarray]) -> None:
         raise InputError(f"--save {path} exists and is not a file")
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}.npz")
     try:
-        # What numpy.savez writes, one .npy member per output, minus its `file` keyword clashing with an output's
+        # numpy.savez's layout, one .npy member per output (savez itself takes `file`, which an output may be named)
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             for name, value in outputs.items():
                 with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
