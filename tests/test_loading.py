@@ -179,6 +179,24 @@ def test_loading_an_artifact_initialises_nothing_and_gives_the_stored_values(lla
     assert not any(p.requires_grad is False and p.is_floating_point() for p in model.parameters())
 
 
+def test_a_loaded_model_pickles_to_its_own_size_and_back(llama_artifact):
+    """Each mapped tensor has a storage of its own bytes: pickling one layer writes that layer, not the whole file
+    once per tensor (as views on one storage spanning the file did), and the unpickled model computes the same."""
+    import pickle
+
+    model = compressor.load(llama_artifact)
+    layer = model.model.layers[0]
+    own = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+    assert own < (llama_artifact / "model.safetensors").stat().st_size / 2
+    assert len(pickle.dumps(layer)) < own * 1.1 + 100_000
+    whole = pickle.dumps(model)
+    assert len(whole) < (llama_artifact / "model.safetensors").stat().st_size * 1.1 + 100_000
+    twin = pickle.loads(whole)
+    ids = torch.tensor([[1, 5, 9, 200, 7]])
+    with torch.inference_mode():
+        assert torch.equal(twin(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
 def test_an_artifact_lays_its_weights_out_in_the_order_the_model_reads_them(llama_artifact):
     header, _ = read_header(llama_artifact / "model.safetensors")
     by_offset = [n for _, n in sorted((i["data_offsets"][0], n) for n, i in header.items() if n != "__metadata__")]
@@ -226,11 +244,12 @@ def test_map_file_copies_unaligned_tensors_and_never_writes_to_the_file(tmp_path
     # Three bytes first: the float32 tensor starts at an offset no float32 view may take.
     _write_safetensors(path, [("a", "U8", [3], bytes([1, 2, 3])), ("b", "F32", [5], values.numpy().tobytes())])
     before = path.read_bytes()
-    tensors, address = map_file(path)
+    tensors, (address, length) = map_file(path)
     assert torch.equal(tensors["a"], torch.tensor([1, 2, 3], dtype=torch.uint8))
     assert torch.equal(tensors["b"], values)
-    assert tensors["a"].untyped_storage().data_ptr() == address  # a view on the map
-    assert tensors["b"].untyped_storage().data_ptr() != address  # unaligned: a copy, not in the map
+    assert address <= tensors["a"].data_ptr() < address + length  # a view on the map
+    assert tensors["a"].untyped_storage().nbytes() == 3  # with a storage of its own bytes only
+    assert not address <= tensors["b"].data_ptr() < address + length  # unaligned: a copy, not in the map
     tensors["a"].add_(1)  # a private map: the write stays in this process
     tensors["b"].mul_(2)
     assert path.read_bytes() == before

@@ -19,7 +19,7 @@ from ..errors import ArtifactError
 from ..manifest import Manifest, ModelEntry, check_files, read_manifest
 from .rebuild import build_architecture, decode, dequantize_on_the_fly, keep_packed, restructure, retie
 from .readahead import read_module_ahead
-from .tensors import load_example_inputs, load_tensors, load_tensors_cuda
+from .tensors import Maps, load_example_inputs, load_tensors, load_tensors_cuda
 
 __all__ = ["load", "load_tensors", "load_tensors_cuda", "load_example_inputs", "build_architecture"]
 
@@ -70,7 +70,7 @@ def load(artifact_dir: str | Path, *, device: str | torch.device = "cpu", verify
 
         return load_rank(root, manifest, int(tp_rank), int(tp_world), dev,  # type: ignore[arg-type]
                          read_ahead=read_ahead)
-    maps: dict[int, Path] = {}
+    maps: Maps = {}
     module, stored = _architecture_and_tensors(root, manifest, info, dev, maps)
     encodings = dict(info.encodings)
     kept = _keep_int8(stored, encodings, info) if int8 == "keep" else {}
@@ -113,7 +113,7 @@ def _model_entry(root: Path, manifest: Manifest) -> ModelEntry:
 
 
 def _architecture_and_tensors(root: Path, manifest: Manifest, info: ModelEntry, dev: torch.device,
-                              maps: dict[int, Path]) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+                              maps: Maps) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """The empty architecture and the stored tensors on ``dev`` (``maps``: the memory maps, for read_ahead)."""
     if manifest.tensor_parallel is not None:
         from .tp import assemble

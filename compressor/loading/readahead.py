@@ -13,11 +13,14 @@ import os
 import threading
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..memory import available_memory
+
+if TYPE_CHECKING:
+    from .tensors import Maps
 
 __all__ = ["in_use_order", "read_ahead", "read_module_ahead", "READ_AHEAD_SHARE", "READ_AHEAD_WINDOW"]
 
@@ -57,7 +60,7 @@ def in_use_order(module: torch.nn.Module) -> list[torch.Tensor]:
             if not (table and uses[id(t)] == 1)]
 
 
-def read_ahead(tensors: Iterable[torch.Tensor], maps: dict[int, Path],
+def read_ahead(tensors: Iterable[torch.Tensor], maps: Maps,
                hooks: _Hooks | None = None) -> threading.Thread | None:
     """Read, in a background thread and in the order given, the file bytes behind those ``tensors`` that are
     views on the memory maps ``maps`` (from ``load_tensors``); returns the thread, or None when there is nothing
@@ -95,7 +98,7 @@ def read_ahead(tensors: Iterable[torch.Tensor], maps: dict[int, Path],
     return thread
 
 
-def read_module_ahead(module: torch.nn.Module, maps: dict[int, Path]) -> threading.Thread | None:
+def read_module_ahead(module: torch.nn.Module, maps: Maps) -> threading.Thread | None:
     """``read_ahead`` of the module's tensors in the order it uses them (``in_use_order``), and, while that thread
     reads, the rows that a lookup table it leaves out gives a forward pass are queued the moment the lookup is
     called (``_queue_rows``, a forward pre-hook the thread removes when it finishes); returns the thread, or
@@ -205,14 +208,15 @@ def _queue_rows(address: int, table: torch.nn.Module, args: tuple[Any, ...]) -> 
         return
 
 
-def _span(tensor: torch.Tensor, maps: dict[int, Path]) -> Span | None:
+def _span(tensor: torch.Tensor, maps: Maps) -> Span | None:
     """(file, start, end, address) of a tensor that is a view on one of ``maps``, else None."""
-    base = tensor.untyped_storage().data_ptr()
-    path = maps.get(base)
-    if path is None or tensor.numel() == 0:
+    if tensor.numel() == 0 or tensor.device.type != "cpu":
         return None
-    lo = tensor.data_ptr() - base
-    return path, lo, lo + tensor.numel() * tensor.element_size(), tensor.data_ptr()
+    at, nbytes = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+    for base, (path, length) in maps.items():  # a handful of files: a scan costs nothing beside the advice
+        if base <= at and at + nbytes <= base + length:
+            return path, at - base, at - base + nbytes, at
+    return None
 
 
 _LIBC: list[Any] = []

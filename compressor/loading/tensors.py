@@ -14,18 +14,20 @@ from ..errors import ArtifactError
 from ..safetensors_io import map_file, read_header
 from ..manifest import read_manifest
 
-__all__ = ["load_tensors", "load_tensors_cuda", "load_example_inputs", "CUDA_CHUNK_BYTES", "CUDA_THREADS"]
+Maps = dict[int, tuple[Path, int]]  # the memory maps of a load: {address: (file, bytes mapped)}
+
+__all__ = ["Maps", "load_tensors", "load_tensors_cuda", "load_example_inputs", "CUDA_CHUNK_BYTES", "CUDA_THREADS"]
 
 
-def load_tensors(root: Path, files: list[str], maps: dict[int, Path] | None = None) -> dict[str, torch.Tensor]:
+def load_tensors(root: Path, files: list[str], maps: Maps | None = None) -> dict[str, torch.Tensor]:
     """All tensors of the given safetensors files, as views on private (copy-on-write) memory maps. ``maps``, when
-    given, receives each map's address and file ({storage address: path}) for ``read_ahead``."""
+    given, receives each map's address, file and length ({address: (path, bytes)}) for ``read_ahead``."""
     out: dict[str, torch.Tensor] = {}
     for rel in files:
         if rel.endswith(".safetensors"):
-            tensors, address = map_file(root / rel)
-            if maps is not None and address is not None:
-                maps[address] = root / rel
+            tensors, mapped = map_file(root / rel)
+            if maps is not None and mapped is not None:
+                maps[mapped[0]] = (root / rel, mapped[1])
             out.update(tensors)
     return out
 

@@ -12,7 +12,7 @@ from ..manifest import PLAN_FILE, Manifest, confined
 from ..model import parameters_on_meta
 from .rebuild import build_architecture, decode
 from .readahead import read_module_ahead
-from .tensors import load_tensors
+from .tensors import Maps, load_tensors
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -78,7 +78,7 @@ def load_rank(root: Path, manifest: Manifest, rank: int, world: int, device: tor
 
     plan = read_plan(root, manifest)
     _check_group(root, plan, rank, world)
-    maps: dict[int, Path] = {}
+    maps: Maps = {}
     stored = load_tensors(root, [plan["ranks"][rank], plan["replicated"]], maps)
     state = decode(stored, dict(manifest.model.encodings))
     aliases = plan.get("aliases", {})
