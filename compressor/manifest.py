@@ -170,15 +170,22 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def write_manifest(out_dir: Path, body: dict[str, Any]) -> Manifest:
+def write_manifest(out_dir: Path, body: dict[str, Any], known: dict[str, tuple[str, int]] | None = None) -> Manifest:
     """Hash every file under ``out_dir`` and write manifest.json there; returns the manifest written. ``body``
-    is validated as a :class:`Manifest`, so a writer that breaks the contract fails here, not in a reader."""
+    is validated as a :class:`Manifest`, so a writer that breaks the contract fails here, not in a reader.
+    ``known``: {relative path: (sha256, bytes)} of files hashed as they were written, taken where the size agrees."""
     from concurrent.futures import ThreadPoolExecutor
 
     paths = [p for p in sorted(out_dir.rglob("*")) if p.is_file() and p.relative_to(out_dir).as_posix() != MANIFEST]
+    known = known or {}
+
+    def digest(path: Path) -> str:
+        sha, size = known.get(path.relative_to(out_dir).as_posix(), ("", -1))
+        return sha if size == path.stat().st_size else sha256_file(path)
+
     # Files hashed side by side (hashlib and reads release the GIL): the shards of a large model take seconds each.
     with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
-        digests = list(pool.map(sha256_file, paths))
+        digests = list(pool.map(digest, paths))
     files = {path.relative_to(out_dir).as_posix(): {"sha256": digest, "bytes": path.stat().st_size}
              for path, digest in zip(paths, digests)}
     manifest = Manifest.model_validate({"format": FORMAT, "format_version": FORMAT_VERSION, **body, "files": files})

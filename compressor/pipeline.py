@@ -353,7 +353,7 @@ def _write(recipe: Recipe, model: Any, reports: list[dict[str, Any]], tmp: Path,
         body["onnx"] = onnx_info
     if tp_entry:
         body["tensor_parallel"] = tp_entry
-    manifest = write_manifest(tmp, body)
+    manifest = write_manifest(tmp, body, known=weights.digests)  # the weight files hashed as written
     return manifest
 
 

@@ -189,7 +189,9 @@ def fill(model: Model, source: Source, history: dict[str, list[Encoding]], files
     if workers > 1:
         torch.set_num_threads(max(1, threads // workers))  # the workers share the cores, not each take them all
     try:
-        with files.opened(out_dir) as fds, _sources(where) as fd_of, ThreadPoolExecutor(workers) as pool:
+        # One process writes every byte: it hashes the files as it goes (ranks write parts; rank 0 hashes after)
+        with files.opened(out_dir, digest=group.world == 1) as fds, _sources(where) as fd_of, \
+                ThreadPoolExecutor(workers) as pool:
             def one(i: int) -> tuple[int, int]:
                 return sizes[i], _write_one(names[i], model, where, history, files, fds, fd_of, expected[names[i]])
 

@@ -5,6 +5,7 @@ recipe that cannot stream says why."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -69,6 +70,13 @@ def _digest(path: Path) -> dict[str, str]:
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+def _manifest_holds(path: Path) -> bool:
+    """Every file's sha256 in the manifest is the file's (weight files are hashed while they are written)."""
+    files = json.loads((path / "manifest.json").read_text())["files"]
+    real = _digest(path)
+    return len(files) > 3 and all(real[rel] == entry["sha256"] for rel, entry in files.items())
+
+
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _llama(tmp_path_factory.mktemp("stream") / "llama", tokenizer=True)
@@ -83,6 +91,7 @@ def test_a_streamed_artifact_is_byte_identical_to_a_whole_model_run(tmp_path, ll
     assert proc.returncode == 0, proc.stderr
     assert "tensor by tensor" in proc.stderr and "streamed" in proc.stderr  # it did stream, and said so
     assert _digest(streamed) == _digest(whole)  # weights, manifest (pass reports included), plan, index
+    assert _manifest_holds(streamed)
 
 
 def test_layer_by_layer_4bit_mixed_precision_handles_tied_embeddings_and_says_what_it_needs(tmp_path):
@@ -160,6 +169,7 @@ def test_tied_embeddings_and_shards_stream_to_the_same_bytes(tmp_path):
     files = _digest(streamed)
     assert "model.safetensors.index.json" in files and len([f for f in files if f.startswith("model-")]) > 2
     assert files == _digest(whole)
+    assert _manifest_holds(streamed) and _manifest_holds(whole)
 
 
 def test_auto_streams_what_would_not_fit_whole_and_refuses_what_would_not_fit_at_all(tmp_path, llama):

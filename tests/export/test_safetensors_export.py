@@ -338,3 +338,37 @@ def test_small_model_is_one_file_without_index(tmp_path):
     assert export_safetensors(tensors, tmp_path, 1 << 20) == ["model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
     check_reads_back(tmp_path / "model.safetensors", tensors)
+
+
+def test_files_are_hashed_while_their_tensors_are_written_in_any_order_by_several_threads(tmp_path):
+    """``opened(digest=True)``: the sha256 of every shard, computed as its tensors arrive out of order from four
+    threads (empty tensors and a file's last tensor written first included), is the written file's; a block that
+    fails hands out no digests."""
+    import hashlib
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    from compressor.export.safetensors import WeightFiles
+
+    gen = torch.Generator().manual_seed(0)
+    stored = {f"t{i}": torch.randn(int(torch.randint(0, 40_000, (1,), generator=gen)), generator=gen)
+              for i in range(40)}
+    stored["empty"] = torch.empty(0, 3)
+    files = WeightFiles(stored, max_shard_size=300_000)
+    assert len(files.layouts) > 3
+    files.create(tmp_path)
+    names = list(stored)
+    random.Random(0).shuffle(names)
+    with files.opened(tmp_path, digest=True) as fds, ThreadPoolExecutor(4) as pool:
+        assert sum(pool.map(lambda n: files.write(fds, n, stored[n]), names)) == sum(
+            t.numel() * 4 for t in stored.values())
+    assert set(files.digests) == set(files.layouts)
+    for file, (sha, size) in files.digests.items():
+        data = (tmp_path / file).read_bytes()
+        assert (sha, size) == (hashlib.sha256(data).hexdigest(), len(data)), file
+
+    with pytest.raises(RuntimeError, match="stop"):
+        with files.opened(tmp_path, digest=True) as fds:
+            files.write(fds, names[0], stored[names[0]])
+            raise RuntimeError("stop")
+    assert files.digests == {}
