@@ -174,7 +174,8 @@ class _Digests:
         self.next = dict.fromkeys(layouts, 0)  # each file's first span not yet hashed
         self.done: dict[str, set[str]] = {file: set() for file in layouts}
         self.changed = threading.Condition()
-        self.stopped = False
+        self.stopped = False  # nothing more will be written
+        self.aborted = False  # nor hashed: the write failed
         self.failed: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="compressor-sha256", daemon=True)
         self.thread.start()
@@ -196,8 +197,9 @@ class _Digests:
                 if self.failed is None and self.next[file] == len(self.spans[file])}
 
     def stop(self) -> None:
+        """End the thread without hashing what is left (after ``result``, or when the writing failed)."""
         with self.changed:
-            self.stopped = True
+            self.stopped = self.aborted = True
             self.changed.notify()
         self.thread.join()
 
@@ -224,12 +226,12 @@ class _Digests:
                     while not ready and not self.stopped:
                         self.changed.wait()
                         ready = self._ready()
-                if not ready:
-                    return  # stopped, and nothing more was written
+                if not ready or self.aborted:
+                    return  # stopped, and nothing more was written; or aborted
                 for file, lo, hi in ready:
                     if file not in fds:
                         fds[file] = os.open(self.paths[file], os.O_RDONLY)
-                    while lo < hi:
+                    while lo < hi and not self.aborted:
                         got = os.preadv(fds[file], [view[:min(self._BLOCK, hi - lo)]], lo)
                         if got <= 0:
                             raise OSError(f"{self.paths[file]}: ended at byte {lo} while being hashed")
