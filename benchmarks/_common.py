@@ -18,6 +18,20 @@ def run_child(code: str, *args: str) -> dict[str, float]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def fresh_memory_rate(megabytes: int = 256) -> float:
+    """MB/s at which a fresh process gets new memory and writes it (``megabytes``, each page touched once).
+
+    Several GB/s on a machine of its own. On some virtual machines the host takes memory the guest has freed back
+    within seconds (free page reporting: 30 s after a child freed 8 GB, a fresh 1 GB took 12.4 s to touch, against
+    0.2 s right after) and hands it out again at about 100 MB/s; then every new page is slow, the page cache's
+    included, and a loader's or writer's time depends on how many fresh pages it takes more than on its own work.
+    The benchmarks print this at their start and end so that such runs can be told apart."""
+    code = (f"import time; t = time.perf_counter(); b = b'1' * ({megabytes} << 20); "
+            "print(time.perf_counter() - t)")
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True)
+    return round(megabytes / max(float(out.stdout.strip()), 1e-6), 1)
+
+
 def summarize(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     """Median, min and max of every measured key."""
     return {k: {"median": round(statistics.median(r[k] for r in runs), 2),

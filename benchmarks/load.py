@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import make_llama, spread  # noqa: E402
+from _common import fresh_memory_rate, make_llama, spread  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = ("ready_ms", "first_forward_end_ms", "anon_mb_at_ready")  # what each measuring child reports
@@ -221,7 +221,8 @@ def main() -> None:
     started = time.perf_counter()
     result: dict[str, Any] = {"cpu": machine_cpu(), "versions": {"torch": torch.__version__,
                                                                 "transformers": transformers.__version__},
-                              "rounds": args.rounds, "subjects": {}}
+                              "rounds": args.rounds, "fresh_memory_mb_per_s": {"start": fresh_memory_rate()},
+                              "subjects": {}}
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
         root = args.keep or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
@@ -243,6 +244,7 @@ def main() -> None:
             if args.json:  # what is measured so far survives a later failure
                 args.json.write_text(json.dumps(result, indent=2))
     result["ratios"] = _ratios(result["subjects"])
+    result["fresh_memory_mb_per_s"]["end"] = fresh_memory_rate()
     result["seconds"] = round(time.perf_counter() - started, 1)
     result["load_average_1min"] = round(os.getloadavg()[0], 2)
     if args.json:
