@@ -124,11 +124,13 @@ class WeightFiles:
             if self._digesting is not None:
                 self.digests = self._digesting.result()
         finally:
-            if self._digesting is not None:
-                self._digesting.stop()
-                self._digesting = None
-            for fd in fds.values():
-                os.close(fd)
+            try:
+                if self._digesting is not None:
+                    self._digesting.stop()
+                    self._digesting = None
+            finally:
+                for fd in fds.values():
+                    os.close(fd)
 
     def write(self, fds: dict[str, int], name: str, tensor: torch.Tensor) -> int:
         """Write one stored tensor (all its pieces) into the opened files; the bytes written."""
@@ -171,8 +173,10 @@ class _Digests:
         self.spans = {file: list(layout.spans.items()) for file, layout in layouts.items()}
         self.hashes = {file: hashlib.sha256(layout.header) for file, layout in layouts.items()}
         self.sizes = {file: layout.size for file, layout in layouts.items()}
-        self.next = dict.fromkeys(layouts, 0)  # each file's first span not yet hashed
+        self.next = dict.fromkeys(layouts, 0)  # each file's first span not yet taken to hash
         self.done: dict[str, set[str]] = {file: set() for file in layouts}
+        self.touched: set[str] = set(layouts)  # files written to since the thread last looked (all: headers)
+        self.complete: set[str] = set()  # files hashed to their end
         self.changed = threading.Condition()
         self.stopped = False  # nothing more will be written
         self.aborted = False  # nor hashed: the write failed
@@ -184,17 +188,17 @@ class _Digests:
         """``name``'s bytes are in ``file``."""
         with self.changed:
             self.done[file].add(name)
+            self.touched.add(file)
             self.changed.notify()
 
     def result(self) -> dict[str, tuple[str, int]]:
         """Once every tensor is written: {file: (sha256, bytes)} of the files hashed to their end (every file,
-        unless the thread failed: the manifest then hashes the files itself)."""
+        unless the thread failed on one: the manifest hashes the rest itself)."""
         with self.changed:
             self.stopped = True
             self.changed.notify()
         self.thread.join()
-        return {file: (h.hexdigest(), self.sizes[file]) for file, h in self.hashes.items()
-                if self.failed is None and self.next[file] == len(self.spans[file])}
+        return {file: (self.hashes[file].hexdigest(), self.sizes[file]) for file in self.complete}
 
     def stop(self) -> None:
         """End the thread without hashing what is left (after ``result``, or when the writing failed)."""
@@ -203,16 +207,21 @@ class _Digests:
             self.changed.notify()
         self.thread.join()
 
-    def _ready(self) -> list[tuple[str, int, int]]:
-        """(file, first byte, end) of the written spans next in their files, marked as taken; called locked."""
+    def _ready(self) -> list[tuple[str, int, int, bool]]:
+        """(file, first byte, end, whether it is the file's end) of the written spans next in the files written to
+        since the last call, marked as taken; called locked."""
         out = []
-        for file, spans in self.spans.items():
-            k = self.next[file]
+        for file in self.touched:
+            spans, k = self.spans[file], self.next[file]
+            if file in self.complete or (k == len(spans) and k):
+                continue
             while k < len(spans) and spans[k][0] in self.done[file]:
                 k += 1
-            if k > self.next[file]:
-                out.append((file, spans[self.next[file]][1][0], spans[k - 1][1][1]))
+            if k > self.next[file] or not spans:  # a file without tensors is its header alone
+                lo = spans[self.next[file]][1][0] if spans else self.sizes[file]
+                out.append((file, lo, spans[k - 1][1][1] if spans else lo, k == len(spans)))
                 self.next[file] = k
+        self.touched.clear()
         return out
 
     def _run(self) -> None:
@@ -228,8 +237,8 @@ class _Digests:
                         ready = self._ready()
                 if not ready or self.aborted:
                     return  # stopped, and nothing more was written; or aborted
-                for file, lo, hi in ready:
-                    if file not in fds:
+                for file, lo, hi, last in ready:
+                    if lo < hi and file not in fds:
                         fds[file] = os.open(self.paths[file], os.O_RDONLY)
                     while lo < hi and not self.aborted:
                         got = os.preadv(fds[file], [view[:min(self._BLOCK, hi - lo)]], lo)
@@ -237,6 +246,10 @@ class _Digests:
                             raise OSError(f"{self.paths[file]}: ended at byte {lo} while being hashed")
                         self.hashes[file].update(view[:got])  # releases the GIL: the writers go on
                         lo += got
+                    if last and lo == hi:
+                        self.complete.add(file)  # a shard at a time: one descriptor open per file being hashed
+                        if file in fds:
+                            os.close(fds.pop(file))
         except BaseException as exc:  # noqa: BLE001 - reported by result(): the manifest hashes the files instead
             self.failed = exc
         finally:
