@@ -41,7 +41,8 @@ def summarize(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
 
 def spread(runs: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
     """Median, min, max and each run's value of ``keys`` (runs without a value left out), and the largest share of
-    the files that stayed resident after eviction (cold runs)."""
+    the files that stayed resident after eviction and the smallest share resident when the clock stopped (cold
+    runs: what a loader had read by then)."""
     out: dict[str, Any] = {}
     for key in keys:
         values = [r[key] for r in runs if r.get(key) is not None]
@@ -51,6 +52,9 @@ def spread(runs: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
     resident = [r["resident_after_evict"] for r in runs if r.get("resident_after_evict") is not None]
     if resident:
         out["resident_after_evict"] = round(max(resident), 4)
+    read = [r["resident_at_end"] for r in runs if r.get("resident_at_end") is not None]
+    if read:  # the smallest share of the files in the page cache when the clock stopped (cold runs)
+        out["resident_at_end"] = round(min(read), 4)
     return out
 
 
