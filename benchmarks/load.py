@@ -17,8 +17,9 @@ before the clock starts:
 - `compressor`: compressor.load(artifact) (Llamas: also with `read_ahead=False`, to show what reading ahead gives);
 - `from_pretrained`: AutoModel / AutoModelForCausalLM.from_pretrained(artifact, torch_dtype="auto") (the same
   weights file: an artifact directory is a Hugging Face directory);
-- `load_file`: safetensors.torch.load_file (reads and copies every byte);
-- `safe_open`: safetensors.safe_open, get_tensor for every name;
+- `load_file`: safetensors.torch.load_file (safetensors 0.8: tensors on a private map of the file, read in part
+  when it returns: `resident_at_end` below);
+- `safe_open`: safetensors.safe_open, get_tensor for every name (the same);
 - `torch_load_mmap`: torch.load(mmap=True, weights_only=True) of the same state dict saved by torch.save;
 - `read`: the weight files' bytes, read in order through one 16 MB buffer with the next 64 MB always queued
   (posix_fadvise(WILLNEED)): the disk's own time as fast as one process gets it, the cold yardstick.
