@@ -2,8 +2,8 @@
 
 A memory-mapped model reads its file one page fault at a time as the first forward pass reaches each weight, so
 the disk idles while a layer computes, and the layer waits while the disk reads. ``read_ahead`` keeps the disk
-busy ahead of the computation from a background thread; nothing is copied (the pages are the page cache's, shared
-by the private maps until written).
+busy ahead of the computation from a background thread. It reads into the page cache through one small buffer
+of its own; the model's private maps share those pages until written, so the weights are not copied.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ READ_AHEAD_WINDOW = 64 << 20  # bytes queued beyond the tensor being read
 _MERGE_GAP = 1 << 20
 _MADV_WILLNEED = 3  # queue the reads of a mapped range, without waiting
 _LOOKUP_ROWS = 4096  # more distinct rows than this in one lookup: the whole table is queued instead
-_MADV_POPULATE_READ = 22  # Linux 5.14+: fault the range in (reading it), without copying it anywhere
+_READ_BUFFER = 4 << 20  # the thread's one buffer, which the bytes pass through on their way to the page cache
 _ADVICE_FLOOR = 128 << 10  # the kernel's default read-ahead, where the device's own limit cannot be found
 
 Span = tuple[Path, int, int, int]  # (file, start, end, address of start)
@@ -71,12 +71,11 @@ def read_ahead(tensors: Iterable[torch.Tensor], maps: Maps,
     ones before their use); it checks that itself, since reading /proc and the cgroup's files takes a millisecond
     a warm load need not wait for.
 
-    The thread queues the reads of the next ``READ_AHEAD_WINDOW`` bytes (``posix_fadvise(WILLNEED)``, in pieces
-    the kernel takes whole: ``advice_limit``) and maps the current span's pages in (``madvise(MADV_POPULATE_READ)``,
-    which waits for them). Tensors next to each other both in use and in the file make one span: in a file laid out
-    in use order (compressor's), nearly the whole file, which the populate then walks from start to end with the
-    kernel's own sequential read-ahead. Queuing everything at once would not do: the I/O scheduler sorts a deep
-    queue by disk position, and the first layer would wait behind the last."""
+    The thread reads the spans in order through one small buffer (``pread``) and keeps the next
+    ``READ_AHEAD_WINDOW`` bytes queued (``posix_fadvise(WILLNEED)``, in pieces the kernel takes whole:
+    ``advice_limit``). Tensors next to each other both in use and in the file make one span: in a file laid out in
+    use order (compressor's), nearly the whole file, read from start to end. Queuing everything at once would not
+    do: the I/O scheduler sorts a deep queue by disk position, and the first layer would wait behind the last."""
     if not maps or not hasattr(os, "posix_fadvise"):
         return None
     spans: list[Span] = []
@@ -302,28 +301,43 @@ def _read_in_order(spans: list[Span], hooks: _Hooks) -> None:
 
 
 def _read_spans(spans: list[Span]) -> None:
+    """Read the spans' bytes in order through one small buffer, the next ``READ_AHEAD_WINDOW`` bytes always queued.
+
+    The bytes land in the page cache, where the model's map finds them (its first forward pass then takes minor
+    faults only). Not ``madvise(MADV_POPULATE_READ)`` over the map itself, which this thread did first: while it
+    populated, the forward pass on the same address space computed 2-3x slower in some states of the machine
+    (a cold 1.1B Llama to the end of its first forward pass, six alternating rounds: 3.5-3.9 s populating, 1.3-1.6 s
+    reading, 1.4-1.6 s with no thread at all; docs/benchmarks.md)."""
     room, _ = available_memory()
     if room is not None and sum(hi - lo for _, lo, hi, _ in spans) > READ_AHEAD_SHARE * room:
         return
     fds: dict[Path, int] = {}
-    populate = True
+
+    def fd_of(path: Path) -> int:
+        if path not in fds:
+            fds[path] = os.open(path, os.O_RDONLY)
+        return fds[path]
+
     queued = done = 0
     pieces = iter(_pieces(spans))
+    buf = memoryview(bytearray(_READ_BUFFER))  # reused: fresh memory is slow to come by on some machines
     try:
-        for _, lo, hi, address in spans:
-            for path, plo, phi in pieces:
-                if path not in fds:
-                    fds[path] = os.open(path, os.O_RDONLY)
-                os.posix_fadvise(fds[path], plo, phi - plo, os.POSIX_FADV_WILLNEED)
-                queued += phi - plo
-                if queued - done >= READ_AHEAD_WINDOW:
-                    break
-            if populate:
-                # an older kernel refuses it: the window's advice alone keeps the disk busy
-                populate = _advise(address, hi - lo, _MADV_POPULATE_READ)
-            done += hi - lo
+        for path, lo, hi, _ in spans:
+            at = lo
+            while at < hi:
+                while queued - done < READ_AHEAD_WINDOW:
+                    piece = next(pieces, None)
+                    if piece is None:
+                        break
+                    os.posix_fadvise(fd_of(piece[0]), piece[1], piece[2] - piece[1], os.POSIX_FADV_WILLNEED)
+                    queued += piece[2] - piece[1]
+                n = os.preadv(fd_of(path), [buf[:min(len(buf), hi - at)]], at)
+                if n <= 0:
+                    break  # shorter than its header says: the model's own page fault will say so
+                at += n
+                done += n
     except OSError:
-        pass  # advice only: the page faults still read whatever was not read ahead
+        pass  # reading ahead only: the page faults still read whatever was not read ahead
     finally:
         for fd in fds.values():
             os.close(fd)
