@@ -85,6 +85,7 @@ def encode_named(encoding: Encoding, tensor: torch.Tensor, name: str) -> dict[st
 
 
 _TINY_ROW = 127 * 2.0 ** -126  # a row's largest magnitude below which its int8 scale is a subnormal float32
+_HEAD = 64  # columns of a row compared before the whole row is (Int8._reproduced)
 
 
 class Int8(Encoding):
@@ -140,10 +141,13 @@ class Int8(Encoding):
                 cand = torch.nextafter(cand, step)
             if ulps == 0:
                 q = torch.div(rows, cand).round_().clamp_(-127, 127)  # in place: one block-sized temporary
-                ok = torch.eq(q * cand, rows).all(dim=1, keepdim=True)
+                ok = Int8._reproduced(rows, cand, q)
             else:  # a row's largest value has q = +-127, so 127 * cand must give it back: only those rows are tried
                 # (and rows so small that amax / 127 is subnormal, where that does not hold)
                 maybe = (~exact & ((cand * 127 == amax) | (amax < _TINY_ROW))).reshape(-1).nonzero().reshape(-1)
+                head = rows[maybe, :_HEAD]  # first their first columns, where raw weights already fail
+                c = cand[maybe]
+                maybe = maybe[((torch.round(head / c).clamp(-127, 127) * c) == head).all(dim=1)]
                 if not maybe.numel():
                     continue
                 sub, c = rows[maybe], cand[maybe]
@@ -158,6 +162,22 @@ class Int8(Encoding):
             rows_moved = moved.reshape(-1).nonzero().reshape(-1)
             q[rows_moved] = torch.round(rows[rows_moved] / best[rows_moved]).clamp(-127, 127)
         return q.to(torch.int8), best
+
+    @staticmethod
+    def _reproduced(rows: torch.Tensor, scale: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """Which rows ``q * scale`` gives back exactly (a bool column). The first columns are compared first and the
+        rest only for rows that pass there: a row of raw weights (the first encoding of a model) fails in its first
+        few values, and comparing whole rows that cannot pass took half of the encoding's time."""
+        import torch
+
+        ok = torch.eq(q[:, :_HEAD] * scale, rows[:, :_HEAD]).all(dim=1, keepdim=True)
+        if rows.shape[1] <= _HEAD or not bool(ok.any()):
+            return ok
+        if bool(ok.all()):  # an effective tensor: every row, without gathering them
+            return torch.eq(q * scale, rows).all(dim=1, keepdim=True)
+        idx = ok.reshape(-1).nonzero().reshape(-1)
+        ok[idx] = torch.eq(q[idx] * scale[idx], rows[idx]).all(dim=1, keepdim=True)
+        return ok
 
     def reproduces(self, stored: dict[str, torch.Tensor]) -> bool:
         """For parts ``encode`` gave: True when every row either reaches +-127 with a finite, normal float32 scale

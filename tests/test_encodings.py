@@ -228,3 +228,33 @@ def test_int8_encodes_the_same_in_blocks_of_any_size_and_finds_a_non_finite_valu
     t[47, 5] = float("nan")
     with pytest.raises(NonFiniteWeight, match=r"holds 1 NaN or infinite values \(of 300\)"):
         Small(True).encode(t)
+
+
+@PROPERTY
+@given(rows=st.integers(1, 12), cols=st.integers(1, 300), seed=st.integers(0, 2**31 - 1), per_channel=st.booleans(),
+       share=st.sampled_from([0.0, 0.5, 1.0]))
+def test_int8_compares_first_columns_first_and_finds_what_comparing_whole_rows_finds(rows, cols, seed, per_channel,
+                                                                                   share):
+    # Rows that are exact (some at a neighbouring scale), raw ones, and ones exact in their first columns but not
+    # after: comparing the first columns first must not change a single byte against comparing whole rows.
+    import compressor.encodings as encodings
+
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (rows, cols), generator=gen).float()
+    q[:, 0] = 127
+    scale = torch.rand(rows, 1, generator=gen) + 0.01
+    scale = torch.where(torch.rand(rows, 1, generator=gen) < 0.5, torch.nextafter(scale, scale + 1), scale)
+    raw = torch.rand(rows, generator=gen) >= share
+    if cols > encodings._HEAD and rows > 2:
+        # zeros first: their first columns are exact at any scale, the whole row only at its own
+        q[2, :encodings._HEAD], q[2, encodings._HEAD] = 0, 127
+        raw[2] = False
+    t = q * scale
+    t[raw] = torch.randn(int(raw.sum()), cols, generator=gen)
+    if cols > encodings._HEAD and rows > 1:
+        t[1, -1] = torch.nextafter(t[1, -1], t[1, -1] + 1)  # exact up to its last value
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(encodings, "_HEAD", 10**9)  # every row compared whole at once
+        whole = Int8(per_channel).encode(t)
+    first = Int8(per_channel).encode(t)
+    assert all(torch.equal(first[k], whole[k]) for k in whole)
