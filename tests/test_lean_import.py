@@ -28,3 +28,13 @@ def test_compress_help_and_validate_need_no_torch():
                          "from compressor.recipe import load_recipe\n"
                          f"load_recipe({str(ROOT / 'recipes' / 'minilm-int8-onnx.yaml')!r})")
     assert heavy == "", f"`compress --help` and recipe validation pulled in {heavy}"
+
+
+def test_transformers_comes_without_scikit_learn_and_scipy_which_stay_importable():
+    # transformers imports both whenever installed, for generation tuning and detection losses compressor never runs
+    code = ("import sys\nfrom compressor.sources.hf import import_transformers\n"
+            "transformers = import_transformers()\ntransformers.LlamaForCausalLM, transformers.AutoModel\n"
+            "print('LOADED:' + ','.join(m for m in ('sklearn', 'scipy') if m in sys.modules))\n"
+            "import scipy.optimize, sklearn.datasets\nprint('IMPORTABLE')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert "LOADED:\n" in out and out.rstrip().endswith("IMPORTABLE"), out
