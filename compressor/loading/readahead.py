@@ -101,7 +101,10 @@ def read_module_ahead(module: torch.nn.Module, maps: Maps) -> threading.Thread |
     """``read_ahead`` of the module's tensors in the order it uses them (``in_use_order``), and, while that thread
     reads, the rows that a lookup table it leaves out gives a forward pass are queued the moment the lookup is
     called (``_queue_rows``, a forward pre-hook the thread removes when it finishes); returns the thread, or
-    None."""
+    None. A warm load (the maps' files sampled in the page cache) returns at once: ordering the tensors and
+    finding their spans took 0.6 ms of MiniLM's 11 ms warm load, only to find them cached too."""
+    if maps and _looks_cached([(path, 0, size, address) for address, (path, size) in maps.items()]):
+        return None
     ordered = in_use_order(module)
     read = {id(t) for t in ordered}
     tables: list[tuple[torch.nn.Module, int]] = []
