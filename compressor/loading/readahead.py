@@ -2,8 +2,8 @@
 
 A memory-mapped model reads its file one page fault at a time as the first forward pass reaches each weight, so
 the disk idles while a layer computes, and the layer waits while the disk reads. ``read_ahead`` keeps the disk
-busy ahead of the computation from a background thread. It reads into the page cache through one small buffer
-of its own; the model's private maps share those pages until written, so the weights are not copied.
+busy ahead of the computation from a background thread. It queues the reads into the page cache and waits for
+them one byte at a time, so nothing is copied; the model's private maps share those pages until written.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ READ_AHEAD_WINDOW = 64 << 20  # bytes queued beyond the tensor being read
 _MERGE_GAP = 1 << 20
 _MADV_WILLNEED = 3  # queue the reads of a mapped range, without waiting
 _LOOKUP_ROWS = 4096  # more distinct rows than this in one lookup: the whole table is queued instead
-_READ_BUFFER = 4 << 20  # the thread's one buffer, which the bytes pass through on their way to the page cache
+_READ_STEP = 4 << 20  # bytes the thread waits for at a time (reading the last of them) before queuing more
 _ADVICE_FLOOR = 128 << 10  # the kernel's default read-ahead, where the device's own limit cannot be found
 
 Span = tuple[Path, int, int, int]  # (file, start, end, address of start)
@@ -71,7 +71,7 @@ def read_ahead(tensors: Iterable[torch.Tensor], maps: Maps,
     ones before their use); it checks that itself, since reading /proc and the cgroup's files takes a millisecond
     a warm load need not wait for.
 
-    The thread reads the spans in order through one small buffer (``pread``) and keeps the next
+    The thread waits for the spans in order, 4 MB at a time (``pread`` of each step's last byte), and keeps the next
     ``READ_AHEAD_WINDOW`` bytes queued (``posix_fadvise(WILLNEED)``, in pieces the kernel takes whole:
     ``advice_limit``). Tensors next to each other both in use and in the file make one span: in a file laid out in
     use order (compressor's), nearly the whole file, read from start to end. Queuing everything at once would not
@@ -304,13 +304,16 @@ def _read_in_order(spans: list[Span], hooks: _Hooks) -> None:
 
 
 def _read_spans(spans: list[Span]) -> None:
-    """Read the spans' bytes in order through one small buffer, the next ``READ_AHEAD_WINDOW`` bytes always queued.
+    """Bring the spans' bytes into the page cache in order, the next ``READ_AHEAD_WINDOW`` bytes always queued.
 
-    The bytes land in the page cache, where the model's map finds them (its first forward pass then takes minor
-    faults only). Not ``madvise(MADV_POPULATE_READ)`` over the map itself, which this thread did first: while it
-    populated, the forward pass on the same address space computed 2-3x slower in some states of the machine
-    (a cold 1.1B Llama to the end of its first forward pass, six alternating rounds: 3.5-3.9 s populating, 1.3-1.6 s
-    reading, 1.4-1.6 s with no thread at all; docs/benchmarks.md)."""
+    The queued reads (``posix_fadvise(WILLNEED)``) bring the bytes; the thread waits for them a step at a time by
+    reading each step's last byte, which paces the queue. The model's map then finds them in the page cache (its
+    first forward pass takes minor faults only). Not ``madvise(MADV_POPULATE_READ)`` over the map itself, which
+    this thread did first: while it populated, the forward pass on the same address space computed 2-3x slower in
+    some states of the machine (a cold 1.1B Llama to the end of its first forward pass, six alternating rounds:
+    3.5-3.9 s populating, 1.3-1.6 s reading, 1.4-1.6 s with no thread at all; docs/benchmarks.md). Nor reading
+    every step whole through a buffer, which came next: the copy took CPU time from a forward pass whose kernels
+    are slow (float16 on a CPU without avx512_fp16: 1.96 s against 1.66 s for a cold 1.1B Llama)."""
     room, _ = available_memory()
     if room is not None and sum(hi - lo for _, lo, hi, _ in spans) > READ_AHEAD_SHARE * room:
         return
@@ -323,7 +326,7 @@ def _read_spans(spans: list[Span]) -> None:
 
     queued = done = 0
     pieces = iter(_pieces(spans))
-    buf = memoryview(bytearray(_READ_BUFFER))  # reused: fresh memory is slow to come by on some machines
+    last = memoryview(bytearray(1))
     try:
         for path, lo, hi, _ in spans:
             at = lo
@@ -334,8 +337,11 @@ def _read_spans(spans: list[Span]) -> None:
                         break
                     os.posix_fadvise(fd_of(piece[0]), piece[1], piece[2] - piece[1], os.POSIX_FADV_WILLNEED)
                     queued += piece[2] - piece[1]
-                n = os.preadv(fd_of(path), [buf[:min(len(buf), hi - at)]], at)
-                if n <= 0:
+                n = min(_READ_STEP, hi - at)
+                # The step's last byte alone: it waits for the queued read that brings it in, which paces the
+                # queue, without copying the step out of the page cache as reading it whole did (CPU time the
+                # first forward pass wants when its kernels are slow)
+                if os.preadv(fd_of(path), [last], at + n - 1) <= 0:
                     break  # shorter than its header says: the model's own page fault will say so
                 at += n
                 done += n
