@@ -38,6 +38,7 @@ tensor's first read-ahead window); the codebook and sparse MiniLM cold at most 2
 one (to the end of the first forward). Prints JSON with the CPU.
 
 Usage: python benchmarks/load.py [--only minilm,llama-0.25b,...] [--rounds 3] [--keep DIR] [--deep-compression DIR]
+       [--as-avx2]
 Quick check: python benchmarks/load.py --only llama-tiny --rounds 1
 """
 
@@ -58,6 +59,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import fresh_memory_rate, make_llama, spread  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+# --as-avx2: the libraries' own switches down to AVX2, for a machine that has more (no AVX2-only CPU was lent). A
+# float16 matrix product then has no fast kernel, as on such a CPU, and the first forward pass is bound by the cores.
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 FULL_READ = 0.99  # of the weight files in the page cache when the clock stops: a loader that read every byte
 KEYS = ("ready_ms", "first_forward_end_ms", "anon_mb_at_ready")  # what each measuring child reports
 MINILM = "name: {name}\nmodel: {{source: zoo, name: minilm}}\npasses:\n{passes}"
@@ -219,7 +223,12 @@ def main() -> None:
     parser.add_argument("--pause", type=float, default=2.0, help="seconds of rest before each cold run: a shared "
                         "virtual disk reads slower right after a burst of reads, which would charge one loader "
                         "for the one before it")
+    parser.add_argument("--as-avx2", action="store_true", help="compute as a CPU with AVX2 and nothing newer "
+                        "would: torch's, oneDNN's and MKL's own switches (AVX2_ONLY), set for every measured process. "
+                        "The arithmetic's speed only, not the memory or the disk of such a machine")
     args = parser.parse_args()
+    if args.as_avx2:
+        os.environ.update(AVX2_ONLY)  # before torch is imported here or in any child
     subjects = [s.strip() for s in args.only.split(",") if s.strip()]
     if set(subjects) - set(SUBJECTS):
         parser.error(f"subjects are {', '.join(SUBJECTS)}")
@@ -236,6 +245,10 @@ def main() -> None:
                                                                 "transformers": transformers.__version__},
                               "rounds": args.rounds, "fresh_memory_mb_per_s": {"start": fresh_memory_rate()},
                               "subjects": {}}
+    # The kernels torch picks on this machine (AVX2 with --as-avx2, whatever flags the CPU lists)
+    result["cpu"]["torch_capability"] = torch.backends.cpu.get_cpu_capability()
+    if args.as_avx2:
+        result["cpu"]["as_avx2"] = AVX2_ONLY
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
         root = args.keep or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
