@@ -452,6 +452,21 @@ def test_read_ahead_stays_off_when_the_weights_would_not_fit_in_memory(llama_art
     assert _resident(weights) >= 0.99
 
 
+def test_read_ahead_reads_itself_what_the_kernel_dropped_of_its_advice(llama_artifact, monkeypatch):
+    # The thread queues reads (posix_fadvise) and waits for a byte per step; the kernel may drop the advice
+    # silently (memory pressure, a file system without read-ahead), and then the thread reads the rest itself.
+    weights = llama_artifact / "model.safetensors"
+    maps: dict[int, Path] = {}
+    stored = loading_tensors.load_tensors(llama_artifact, ["model.safetensors"], maps)
+    _cold(weights)
+    monkeypatch.setattr(readahead.os, "posix_fadvise", lambda *args: None)  # every piece of advice dropped
+    thread = readahead.read_ahead(list(stored.values()), maps)
+    assert thread is not None
+    thread.join(30)
+    _, start = read_header(weights)
+    assert pagecache.resident_fraction([weights], (start, weights.stat().st_size)) >= 0.99
+
+
 def test_read_ahead_starts_no_thread_when_every_page_is_already_cached(llama_artifact):
     weights = llama_artifact / "model.safetensors"
     maps: dict[int, Path] = {}

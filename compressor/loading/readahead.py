@@ -3,7 +3,7 @@
 A memory-mapped model reads its file one page fault at a time as the first forward pass reaches each weight, so
 the disk idles while a layer computes, and the layer waits while the disk reads. ``read_ahead`` keeps the disk
 busy ahead of the computation from a background thread. It queues the reads into the page cache and waits for
-them one byte at a time, so nothing is copied; the model's private maps share those pages until written.
+them one byte per 4 MB, so nothing is copied; the model's private maps share those pages until written.
 """
 
 from __future__ import annotations
@@ -270,6 +270,51 @@ def _looks_cached(spans: list[Span]) -> bool:
     return True
 
 
+class _Missing:
+    """The pages of a mapped range that the page cache lacks (``mincore``), and their reading through one buffer,
+    made the first time it is needed."""
+
+    def __init__(self) -> None:
+        import ctypes
+
+        self.mincore = _libc_function("mincore")
+        self.vec = (ctypes.c_ubyte * (_READ_STEP // PAGE + 2))()
+        self.buf: memoryview | None = None
+
+    def ranges(self, address: int, length: int) -> list[tuple[int, int]]:
+        """[start, end) offsets from ``address`` of the bytes of [address, address + length) on pages not in the
+        page cache (none where mincore cannot tell)."""
+        import ctypes
+
+        first = address & ~(PAGE - 1)
+        pages = (address + length - first + PAGE - 1) // PAGE
+        if self.mincore is None or pages > len(self.vec) or self.mincore(
+                ctypes.c_void_p(first), ctypes.c_size_t(address + length - first), self.vec) != 0:
+            return []
+        resident = bytes(self.vec[:pages])
+        if b"\x00" not in resident:  # nearly always: the advice brought everything
+            return []
+        out: list[tuple[int, int]] = []
+        for k, flag in enumerate(resident):
+            if not flag & 1:
+                lo, hi = max(0, first + k * PAGE - address), min(length, first + (k + 1) * PAGE - address)
+                if out and out[-1][1] == lo:
+                    out[-1] = (out[-1][0], hi)
+                else:
+                    out.append((lo, hi))
+        return out
+
+    def read(self, fd: int, start: int, end: int) -> None:
+        """Read the file's bytes [start, end) into the page cache."""
+        if self.buf is None:
+            self.buf = memoryview(bytearray(_READ_STEP))
+        while start < end:
+            got = os.preadv(fd, [self.buf[:min(len(self.buf), end - start)]], start)
+            if got <= 0:
+                return
+            start += got
+
+
 def advice_limit(path: Path) -> int:
     """The most bytes one ``posix_fadvise(WILLNEED)`` reads on the device holding ``path``: Linux reads at most
     the larger of the device's read-ahead and its largest request (``read_ahead_kb``, ``max_sectors_kb``) and
@@ -327,8 +372,9 @@ def _read_spans(spans: list[Span]) -> None:
     queued = done = 0
     pieces = iter(_pieces(spans))
     last = memoryview(bytearray(1))
+    missing = _Missing()
     try:
-        for path, lo, hi, _ in spans:
+        for path, lo, hi, address in spans:
             at = lo
             while at < hi:
                 while queued - done < READ_AHEAD_WINDOW:
@@ -343,6 +389,10 @@ def _read_spans(spans: list[Span]) -> None:
                 # first forward pass wants when its kernels are slow)
                 if os.preadv(fd_of(path), [last], at + n - 1) <= 0:
                     break  # shorter than its header says: the model's own page fault will say so
+                # What the advice did not bring (the kernel drops it silently: memory pressure, a file system
+                # without read-ahead) is read here, through a buffer
+                for start, end in missing.ranges(address + at - lo, n):
+                    missing.read(fd_of(path), at + start, at + end)
                 at += n
                 done += n
     except OSError:
