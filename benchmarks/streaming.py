@@ -128,7 +128,8 @@ def estimate(recipe_file: Path, streamed: bool) -> int:
 # run does: `compress` skips the interpreter's teardown (compressor.cli.console; 0.45 s with transformers), the
 # yardstick does not.
 STARTUP = {
-    "compress_run": "from compressor.sources.hf import import_transformers; import compressor.pipeline, "
+    "compress_run": "import compressor.process; compressor.process.claim(); "
+                    "from compressor.sources.hf import import_transformers; import compressor.pipeline, "
                     "compressor.stream; import_transformers().LlamaForCausalLM; import os; os._exit(0)",
     "safetensors_alone": "import torch, safetensors.torch",
 }

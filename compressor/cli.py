@@ -338,6 +338,9 @@ def console() -> None:
     transformers imported that takes about a second, spent finalizing modules after every file is in place."""
     import os
 
+    from .process import claim
+
+    claim()
     try:
         main()
         code: Any = 0

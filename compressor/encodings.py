@@ -145,7 +145,7 @@ class Int8(Encoding):
             else:  # a row's largest value has q = +-127, so 127 * cand must give it back: only those rows are tried
                 # (and rows so small that amax / 127 is subnormal, where that does not hold)
                 maybe = (~exact & ((cand * 127 == amax) | (amax < _TINY_ROW))).reshape(-1).nonzero().reshape(-1)
-                head = rows[maybe, :_HEAD]  # first their first columns, where raw weights already fail
+                head = rows[maybe, :_HEAD]  # their first columns first: raw weights already fail there
                 c = cand[maybe]
                 maybe = maybe[((torch.round(head / c).clamp(-127, 127) * c) == head).all(dim=1)]
                 if not maybe.numel():

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "compressor"
 # Lowest first. A module may import modules of its own layer and of the layers below, never above.
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundations", ["compressor.errors", "compressor.log", "compressor.cpu", "compressor.yamlpos",
-                     "compressor.bitpack", "compressor.memory", "compressor.safetensors_io", "compressor.budget", "compressor.encodings", "compressor.encoding_base", "compressor.intgroup", "compressor.model", "compressor.zoo", "compressor.tinylm",
+                     "compressor.bitpack", "compressor.memory", "compressor.process", "compressor.safetensors_io", "compressor.budget", "compressor.encodings", "compressor.encoding_base", "compressor.intgroup", "compressor.model", "compressor.zoo", "compressor.tinylm",
                      "compressor.usercode", "compressor.ort", "compressor.decoding", "compressor.manifest",
                      "compressor.report_format", "compressor.version", "compressor.schema",
                      "compressor.bundle_runner", "compressor.bundle_generate"]),

@@ -31,10 +31,19 @@ def test_compress_help_and_validate_need_no_torch():
 
 
 def test_transformers_comes_without_scikit_learn_and_scipy_which_stay_importable():
-    # transformers imports both whenever installed, for generation tuning and detection losses compressor never runs
-    code = ("import sys\nfrom compressor.sources.hf import import_transformers\n"
+    # transformers imports both whenever installed, for generation tuning and detection losses compressor never
+    # runs; SciPy only where compressor owns the process (the `compress` command)
+    code = ("import sys\nimport compressor.process\ncompressor.process.claim()\n"
+            "from compressor.sources.hf import import_transformers\n"
             "transformers = import_transformers()\ntransformers.LlamaForCausalLM, transformers.AutoModel\n"
             "print('LOADED:' + ','.join(m for m in ('sklearn', 'scipy') if m in sys.modules))\n"
             "import scipy.optimize, sklearn.datasets\nprint('IMPORTABLE')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert "LOADED:\n" in out and out.rstrip().endswith("IMPORTABLE"), out
+
+
+def test_a_program_that_imports_compressor_keeps_transformers_scipy_paths():
+    code = ("from compressor.sources.hf import import_transformers\n"
+            "print('SCIPY:', import_transformers().utils.is_scipy_available())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert "SCIPY: True" in out, out

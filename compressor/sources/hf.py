@@ -84,17 +84,22 @@ def architecture(root: Path, source: dict[str, Any]) -> nn.Module:
 
 
 def import_transformers() -> Any:
-    """transformers, imported (the first time in this process) without scikit-learn and SciPy.
+    """transformers, imported (the first time in this process) without scikit-learn and, under the `compress`
+    command, without SciPy.
 
     transformers imports each whenever it is installed, for work compressor never does: scikit-learn for assisted
     generation's confidence-threshold tuning (a third of transformers' own import time, 1.3 s on these machines),
     SciPy's optimizers for the Hungarian matching of object-detection training losses (0.25-0.4 s of every
     ``compress run``). Hidden while transformers checks for them, so it records them as absent; importable again
-    afterwards (the digits data set uses scikit-learn, NNCF SciPy)."""
+    afterwards (the digits data set uses scikit-learn, NNCF SciPy). SciPy only where compressor owns the process
+    (``compressor.process``): a program that imports compressor may use transformers' SciPy paths itself (image
+    resizing, matching)."""
     import sys
 
-    hidden = [name for name in _HIDDEN_FROM_TRANSFORMERS if name not in sys.modules]
+    from ..process import owned
+
     if "transformers" not in sys.modules:
+        hidden = [name for name in ("sklearn", "scipy") if name not in sys.modules and (name != "scipy" or owned())]
         for name in hidden:
             sys.modules[name] = None  # type: ignore[assignment]  # importlib.util.find_spec: "not installed"
         try:
@@ -106,10 +111,6 @@ def import_transformers() -> Any:
     import transformers
 
     return transformers
-
-
-#: Packages transformers imports for work compressor never does, when they were not imported before it
-_HIDDEN_FROM_TRANSFORMERS = ("sklearn", "scipy")
 
 
 def hf_architecture(config_dir: Path, auto_class: str) -> nn.Module:
