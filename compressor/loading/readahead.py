@@ -274,21 +274,31 @@ def _looks_cached(spans: list[Span]) -> bool:
     out in use order the spans merge into one. False where it cannot tell."""
     import ctypes
 
-    mincore = _libc_function("mincore")
-    if mincore is None:
-        return False
-    vec = ctypes.c_ubyte(0)
+    vec = (ctypes.c_ubyte * 1)()
     total = sum(hi - lo for _, lo, hi, _ in spans)
     wanted = sorted({round(k * (total - 1) / (_SAMPLED_PAGES - 1)) for k in range(_SAMPLED_PAGES)})
     passed = 0
     for _, lo, hi, address in spans:
         while wanted and wanted[0] < passed + hi - lo:
-            at = address + wanted.pop(0) - passed
-            if mincore(ctypes.c_void_p(at & ~(PAGE - 1)), ctypes.c_size_t(PAGE), ctypes.byref(vec)) != 0 \
-                    or not vec.value & 1:
+            flags = _page_flags(address + wanted.pop(0) - passed, 1, vec)
+            if flags is None or not flags[0] & 1:
                 return False
         passed += hi - lo
     return True
+
+
+def _page_flags(address: int, length: int, vec: Any) -> bytes | None:
+    """``mincore``'s flags (bit 0: in the page cache) for the pages of the mapped range [address, address +
+    length), through ``vec`` (a ctypes byte array of at least that many pages); None where it cannot tell."""
+    import ctypes
+
+    mincore = _libc_function("mincore")
+    first = address & ~(PAGE - 1)
+    pages = (address + length - first + PAGE - 1) // PAGE
+    if mincore is None or pages > len(vec) or mincore(
+            ctypes.c_void_p(first), ctypes.c_size_t(address + length - first), vec) != 0:
+        return None
+    return bytes(vec[:pages])
 
 
 class _Missing:
@@ -298,23 +308,16 @@ class _Missing:
     def __init__(self) -> None:
         import ctypes
 
-        self.mincore = _libc_function("mincore")
         self.vec = (ctypes.c_ubyte * (_READ_STEP // PAGE + 2))()
         self.buf: memoryview | None = None
 
     def ranges(self, address: int, length: int) -> list[tuple[int, int]]:
         """[start, end) offsets from ``address`` of the bytes of [address, address + length) on pages not in the
         page cache (none where mincore cannot tell)."""
-        import ctypes
-
+        resident = _page_flags(address, length, self.vec)
+        if resident is None or b"\x00" not in resident:  # nearly always: the advice brought everything
+            return []
         first = address & ~(PAGE - 1)
-        pages = (address + length - first + PAGE - 1) // PAGE
-        if self.mincore is None or pages > len(self.vec) or self.mincore(
-                ctypes.c_void_p(first), ctypes.c_size_t(address + length - first), self.vec) != 0:
-            return []
-        resident = bytes(self.vec[:pages])
-        if b"\x00" not in resident:  # nearly always: the advice brought everything
-            return []
         out: list[tuple[int, int]] = []
         for k, flag in enumerate(resident):
             if not flag & 1:
