@@ -256,7 +256,14 @@ def _check_name(rel: Any, manifest: Path) -> None:
 def confined(artifact_dir: Path, rel: str) -> Path:
     """``artifact_dir / rel`` when it is reached without symbolic links and stays inside the directory (the one
     confinement check every reader calls); ArtifactError otherwise."""
-    root = artifact_dir.resolve()
+    return _confined(artifact_dir.resolve(), artifact_dir, rel)[0]
+
+
+def _confined(root: Path, artifact_dir: Path, rel: str) -> tuple[Path, os.stat_result | None]:
+    """``confined`` under ``root`` (``artifact_dir`` resolved), with the file's own ``lstat`` (None when it does
+    not exist): what check_files needs of it, without asking the file system again."""
+    import stat
+
     name = Path(rel)
     # With no `..` and no link on the way, the path cannot leave the directory: no resolve() needed (it would lstat
     # every part of the path again, for every file of every load).
@@ -264,30 +271,38 @@ def confined(artifact_dir: Path, rel: str) -> Path:
         raise ArtifactError(f"{artifact_dir}: {rel} lies outside the artifact")
     if "\x00" in rel:
         raise ArtifactError(f"{artifact_dir}: {rel!r} is not a usable file name (it holds a NUL byte)")
-    path = current = root
+    current, found = root, None
     try:
         for part in name.parts:
             current = current / part
-            if current.is_symlink():
-                raise ArtifactError(f"{artifact_dir}: {rel} is (or lies under) a symbolic link; an artifact holds "
-                                    "regular files only, and nothing outside it is read")
-        path = current
+            if found is not False:
+                try:
+                    found = os.lstat(current)
+                except (FileNotFoundError, NotADirectoryError):
+                    found = False  # nothing further down exists either: no link to find
+                    continue
+                if stat.S_ISLNK(found.st_mode):
+                    raise ArtifactError(f"{artifact_dir}: {rel} is (or lies under) a symbolic link; an artifact "
+                                        "holds regular files only, and nothing outside it is read")
     except (ValueError, OSError) as exc:  # a NUL byte, a name too long for the file system
         raise ArtifactError(f"{artifact_dir}: {rel!r} is not a usable file name ({exc})") from None
-    return path
+    return current, found or None
 
 
 def check_files(artifact_dir: Path, manifest: Manifest, *, hashes: bool = False) -> None:
     """Every file in the manifest exists with its recorded size (and sha256 when ``hashes``)."""
+    import stat
+
     problems = []
     if (artifact_dir / MANIFEST).is_symlink():
         raise ArtifactError(f"{artifact_dir}: {MANIFEST} is a symbolic link; an artifact holds regular files only")
+    root = artifact_dir.resolve()
     for rel, info in manifest.files.items():
-        path = confined(artifact_dir, rel)
-        if not path.is_file():
+        path, found = _confined(root, artifact_dir, rel)
+        if found is None or not stat.S_ISREG(found.st_mode):
             problems.append(f"{rel}: missing")
             continue
-        size = path.stat().st_size
+        size = found.st_size
         if size != info.bytes:
             problems.append(f"{rel}: {size} bytes, manifest says {info.bytes} (truncated or modified)")
         elif hashes and sha256_file(path) != info.sha256:
