@@ -354,6 +354,33 @@ def test_an_embedding_table_is_not_read_ahead(big_table_artifact):
     assert pagecache.resident_fraction([weights], (table[1] - (1 << 20), table[1])) == 0
 
 
+def test_a_model_used_before_loads_warm_with_its_table_mostly_on_disk(big_table_artifact, monkeypatch):
+    """After a first use the page cache holds the weights and only the rows the lookups read: a warm load, which
+    returns without ordering the model's tensors for a read-ahead it will not start."""
+    from compressor.loading import readahead
+
+    weights = big_table_artifact / "model.safetensors"
+    header, start = read_header(weights)
+    lo, hi = (start + o for o in header["model.embed_tokens.weight"]["data_offsets"])
+    _cold(weights)
+    with open(weights, "rb") as f:  # what a forward pass leaves: everything but the table, and a row of it
+        f.read(lo + 1024)
+        f.seek(hi)
+        f.read()
+    assert pagecache.resident_fraction([weights], (lo, hi)) < 0.5
+    assert pagecache.resident_fraction([weights], (hi, weights.stat().st_size)) == 1
+
+    def no_ordering(module):
+        raise AssertionError("a warm load ordered its tensors")
+
+    monkeypatch.setattr(readahead, "in_use_order", no_ordering)
+    before = set(threading.enumerate())
+    model = compressor.load(big_table_artifact)
+    assert not [t for t in threading.enumerate() if t.name == "compressor-read-ahead" and t not in before]
+    with torch.inference_mode():
+        assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 32768)
+
+
 def test_a_lookup_queues_the_reads_of_its_rows_while_the_read_ahead_thread_runs(big_table_artifact):
     """The rows a lookup needs are queued together when it is called (its page faults would otherwise each wait
     behind the read-ahead's queue); the hook does nothing for indices the lookup refuses, leaves the model

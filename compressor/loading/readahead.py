@@ -9,7 +9,6 @@ them one byte per 4 MB, so nothing is copied; the model's private maps share tho
 from __future__ import annotations
 
 import atexit
-import mmap
 import os
 import threading
 from collections.abc import Iterable
@@ -19,22 +18,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..memory import available_memory
+from .pages import MADV_WILLNEED, PAGE, Missing, Span, advise, looks_cached
 
 if TYPE_CHECKING:
     from .tensors import Maps
 
 __all__ = ["in_use_order", "read_ahead", "read_module_ahead", "READ_AHEAD_SHARE", "READ_AHEAD_WINDOW"]
 
-PAGE = mmap.PAGESIZE  # the kernel's page (not the file format's 4096 alignment): madvise and mincore want it
 READ_AHEAD_SHARE = 0.5  # of the memory available: beyond it, read-ahead would evict what it read before use
 READ_AHEAD_WINDOW = 64 << 20  # bytes queued beyond the tensor being read
 _MERGE_GAP = 1 << 20
-_MADV_WILLNEED = 3  # queue the reads of a mapped range, without waiting
 _LOOKUP_ROWS = 4096  # more distinct rows than this in one lookup: the whole table is queued instead
 _READ_STEP = 4 << 20  # bytes the thread waits for at a time (reading the last of them) before queuing more
 _ADVICE_FLOOR = 128 << 10  # the kernel's default read-ahead, where the device's own limit cannot be found
 
-Span = tuple[Path, int, int, int]  # (file, start, end, address of start)
 
 
 def in_use_order(module: torch.nn.Module) -> list[torch.Tensor]:
@@ -90,7 +87,7 @@ def read_ahead(tensors: Iterable[torch.Tensor], maps: Maps,
             spans[-1] = (path, last[1], max(hi, last[2]), last[3])  # adjacent in use and in the file: one span
         else:
             spans.append(span)
-    if not spans or _looks_cached(spans):
+    if not spans or looks_cached(spans):
         return None
     thread = threading.Thread(target=_read_in_order, args=(spans, hooks or _Hooks()),
                               name="compressor-read-ahead", daemon=True)
@@ -121,27 +118,61 @@ def _stop_before_exit() -> None:
 def read_module_ahead(module: torch.nn.Module, maps: Maps) -> threading.Thread | None:
     """``read_ahead`` of the module's tensors in the order it uses them (``in_use_order``), and, while that thread
     reads, the rows that a lookup table it leaves out gives a forward pass are queued the moment the lookup is
-    called (``_queue_rows``, a forward pre-hook the thread removes when it finishes); returns the thread, or
-    None. A warm load (the maps' files sampled in the page cache) returns at once: ordering the tensors and
-    finding their spans took 0.6 ms of MiniLM's 11 ms warm load, only to find them cached too."""
-    if maps and _looks_cached([(path, 0, size, address) for address, (path, size) in maps.items()]):
+    called (``_queue_rows``, a forward pre-hook the thread removes when it finishes); returns the thread, or None.
+
+    A warm load returns at once: pages sampled over the maps' bytes are in the page cache, or, where they are not,
+    pages sampled over those bytes less the lookup tables' (ordering the tensors and finding their spans took
+    0.6 ms of MiniLM's 11 ms warm load, only to find them cached too). The second sample is for a model used
+    before: its page cache holds only the rows its lookups read, and MiniLM's word table is half its file. A table
+    tied to an LM head is left out of that sample too; a forward pass reads it whole, so after any use it is
+    cached."""
+    if not maps or looks_cached(_spans_between(maps, [])):
+        return None
+    lookups = _lookup_tables(module, maps)
+    if lookups and looks_cached(_spans_between(maps, [weight for _, weight in lookups])):
         return None
     ordered = in_use_order(module)
     read = {id(t) for t in ordered}
-    tables: list[tuple[torch.nn.Module, int]] = []
-    for sub in module.modules():
-        # nn.Embedding's own lookup only: a subclass may index by something else (OPT's positions: the mask)
-        weight = sub._parameters.get("weight") if type(sub).forward is torch.nn.Embedding.forward else None
-        if type(weight) is torch.nn.Parameter and id(weight) not in read and weight.dim() == 2 \
-                and weight.is_contiguous() and _span(weight, maps) is not None:
-            tables.append((sub, weight.data_ptr()))
     hooks = _Hooks()
     thread = read_ahead(ordered, maps, hooks)
     if thread is None:
         return None
-    for table, address in tables:
-        hooks.add(table, address)
+    for table, weight in lookups:
+        if id(weight) not in read:  # a tied table is read ahead whole; its lookups need no rows queued
+            hooks.add(table, weight.data_ptr())
     return thread
+
+
+def _lookup_tables(module: torch.nn.Module, maps: Maps) -> list[tuple[torch.nn.Module, torch.Tensor]]:
+    """The module's lookup tables (an ``nn.Embedding``'s own lookup) that are 2-D, contiguous views on ``maps``,
+    with their weights."""
+    tables: list[tuple[torch.nn.Module, torch.Tensor]] = []
+    for sub in module.modules():
+        # nn.Embedding's own lookup only: a subclass may index by something else (OPT's positions: the mask)
+        weight = sub._parameters.get("weight") if type(sub).forward is torch.nn.Embedding.forward else None
+        if type(weight) is torch.nn.Parameter and weight.dim() == 2 and weight.is_contiguous() \
+                and _span(weight, maps) is not None:
+            tables.append((sub, weight))
+    return tables
+
+
+def _spans_between(maps: Maps, holes: list[torch.Tensor]) -> list[Span]:
+    """The maps' whole files as spans, less the bytes of the ``holes`` (views on them)."""
+    cut: dict[int, list[tuple[int, int]]] = {}
+    for tensor in holes:
+        span = _span(tensor, maps)
+        if span is not None:
+            cut.setdefault(span[3] - span[1], []).append((span[1], span[2]))
+    spans: list[Span] = []
+    for address, (path, size) in maps.items():
+        at = 0
+        for lo, hi in sorted(cut.get(address, [])):
+            if lo > at:
+                spans.append((path, at, lo, address + at))
+            at = max(at, hi)
+        if at < size:
+            spans.append((path, at, size, address + at))
+    return spans
 
 
 _READING: set[int] = set()  # the tables (by address) whose rows a running read-ahead thread leaves to their lookups
@@ -215,18 +246,18 @@ def _queue_rows(address: int, table: torch.nn.Module, args: tuple[Any, ...]) -> 
             return
         row_bytes = weight.stride(0) * weight.element_size()
         if rows.numel() > _LOOKUP_ROWS:
-            _advise(address, weight.shape[0] * row_bytes, _MADV_WILLNEED)
+            advise(address, weight.shape[0] * row_bytes, MADV_WILLNEED)
             return
         lo = hi = -1
         for row in rows.tolist():  # ascending: nearby rows in one call
             at = address + row * row_bytes
             if lo >= 0 and at - hi > PAGE:
-                _advise(lo, hi - lo, _MADV_WILLNEED)
+                advise(lo, hi - lo, MADV_WILLNEED)
                 lo = -1
             if lo < 0:
                 lo = at
             hi = at + row_bytes
-        _advise(lo, hi - lo, _MADV_WILLNEED)
+        advise(lo, hi - lo, MADV_WILLNEED)
     except Exception:  # noqa: BLE001 - advice: the lookup itself reads its rows either way
         return
 
@@ -240,103 +271,6 @@ def _span(tensor: torch.Tensor, maps: Maps) -> Span | None:
         if base <= at and at + nbytes <= base + length:
             return path, at - base, at - base + nbytes, at
     return None
-
-
-_LIBC: list[Any] = []
-
-
-def _libc_function(name: str) -> Any:
-    """The C library's ``name`` (loaded once), or None where it has none."""
-    import ctypes
-
-    if not _LIBC:
-        _LIBC.append(ctypes.CDLL(None, use_errno=True))
-    return getattr(_LIBC[0], name, None)
-
-
-def _advise(address: int, length: int, advice: int) -> bool:
-    """madvise over the whole pages of [address, address + length); False where the kernel refused it."""
-    import ctypes
-
-    madvise = _libc_function("madvise")
-    page = address & ~(PAGE - 1)
-    return madvise is not None and madvise(ctypes.c_void_p(page), ctypes.c_size_t(address + length - page),
-                                           ctypes.c_int(advice)) == 0
-
-
-_SAMPLED_PAGES = 32
-
-
-def _looks_cached(spans: list[Span]) -> bool:
-    """The page cache holds ``_SAMPLED_PAGES`` pages spread evenly over the spans' bytes, the first and the last
-    included (``mincore`` on those pages alone: over every page it took 12 ms for 492 MB, a third of a warm load;
-    on both ends of each of MiniLM's 100 tensors, 0.6 ms of its 11). Spread by bytes, not by span: in a file laid
-    out in use order the spans merge into one. False where it cannot tell."""
-    import ctypes
-
-    vec = (ctypes.c_ubyte * 1)()
-    total = sum(hi - lo for _, lo, hi, _ in spans)
-    wanted = sorted({round(k * (total - 1) / (_SAMPLED_PAGES - 1)) for k in range(_SAMPLED_PAGES)})
-    passed = 0
-    for _, lo, hi, address in spans:
-        while wanted and wanted[0] < passed + hi - lo:
-            flags = _page_flags(address + wanted.pop(0) - passed, 1, vec)
-            if flags is None or not flags[0] & 1:
-                return False
-        passed += hi - lo
-    return True
-
-
-def _page_flags(address: int, length: int, vec: Any) -> bytes | None:
-    """``mincore``'s flags (bit 0: in the page cache) for the pages of the mapped range [address, address +
-    length), through ``vec`` (a ctypes byte array of at least that many pages); None where it cannot tell."""
-    import ctypes
-
-    mincore = _libc_function("mincore")
-    first = address & ~(PAGE - 1)
-    pages = (address + length - first + PAGE - 1) // PAGE
-    if mincore is None or pages > len(vec) or mincore(
-            ctypes.c_void_p(first), ctypes.c_size_t(address + length - first), vec) != 0:
-        return None
-    return bytes(vec[:pages])
-
-
-class _Missing:
-    """The pages of a mapped range that the page cache lacks (``mincore``), and their reading through one buffer,
-    made the first time it is needed."""
-
-    def __init__(self) -> None:
-        import ctypes
-
-        self.vec = (ctypes.c_ubyte * (_READ_STEP // PAGE + 2))()
-        self.buf: memoryview | None = None
-
-    def ranges(self, address: int, length: int) -> list[tuple[int, int]]:
-        """[start, end) offsets from ``address`` of the bytes of [address, address + length) on pages not in the
-        page cache (none where mincore cannot tell)."""
-        resident = _page_flags(address, length, self.vec)
-        if resident is None or b"\x00" not in resident:  # nearly always: the advice brought everything
-            return []
-        first = address & ~(PAGE - 1)
-        out: list[tuple[int, int]] = []
-        for k, flag in enumerate(resident):
-            if not flag & 1:
-                lo, hi = max(0, first + k * PAGE - address), min(length, first + (k + 1) * PAGE - address)
-                if out and out[-1][1] == lo:
-                    out[-1] = (out[-1][0], hi)
-                else:
-                    out.append((lo, hi))
-        return out
-
-    def read(self, fd: int, start: int, end: int) -> None:
-        """Read the file's bytes [start, end) into the page cache."""
-        if self.buf is None:
-            self.buf = memoryview(bytearray(_READ_STEP))
-        while start < end:
-            got = os.preadv(fd, [self.buf[:min(len(self.buf), end - start)]], start)
-            if got <= 0:
-                return
-            start += got
 
 
 def advice_limit(path: Path) -> int:
@@ -398,7 +332,7 @@ def _read_spans(spans: list[Span]) -> None:
     queued = done = 0
     pieces = iter(_pieces(spans))
     last = memoryview(bytearray(1))
-    missing = _Missing()
+    missing = Missing(_READ_STEP)
     try:
         for path, lo, hi, address in spans:
             at = lo
