@@ -128,8 +128,8 @@ def read_module_ahead(module: torch.nn.Module, maps: Maps) -> threading.Thread |
     cached."""
     if not maps or looks_cached(_spans_between(maps, [])):
         return None
-    lookups = _lookup_tables(module, maps)
-    if lookups and looks_cached(_spans_between(maps, [weight for _, weight in lookups])):
+    tables, lookups = _tables(module, maps)
+    if tables and looks_cached(_spans_between(maps, tables)):
         return None
     ordered = in_use_order(module)
     read = {id(t) for t in ordered}
@@ -143,17 +143,23 @@ def read_module_ahead(module: torch.nn.Module, maps: Maps) -> threading.Thread |
     return thread
 
 
-def _lookup_tables(module: torch.nn.Module, maps: Maps) -> list[tuple[torch.nn.Module, torch.Tensor]]:
-    """The module's lookup tables (an ``nn.Embedding``'s own lookup) that are 2-D, contiguous views on ``maps``,
-    with their weights."""
-    tables: list[tuple[torch.nn.Module, torch.Tensor]] = []
+def _tables(module: torch.nn.Module, maps: Maps) -> tuple[list[torch.Tensor],
+                                                            list[tuple[torch.nn.Module, torch.Tensor]]]:
+    """The weights of the module's ``nn.Embedding`` tables that are views on ``maps`` (what ``in_use_order`` may
+    leave out), and of those the ones looked up by ``nn.Embedding``'s own forward (2-D, contiguous), with their
+    modules: the lookups whose rows ``_queue_rows`` can queue."""
+    tables: list[torch.Tensor] = []
+    lookups: list[tuple[torch.nn.Module, torch.Tensor]] = []
     for sub in module.modules():
+        weight = sub._parameters.get("weight") if isinstance(sub, torch.nn.Embedding) else None
+        if weight is None or _span(weight, maps) is None:
+            continue
+        tables.append(weight)
         # nn.Embedding's own lookup only: a subclass may index by something else (OPT's positions: the mask)
-        weight = sub._parameters.get("weight") if type(sub).forward is torch.nn.Embedding.forward else None
-        if type(weight) is torch.nn.Parameter and weight.dim() == 2 and weight.is_contiguous() \
-                and _span(weight, maps) is not None:
-            tables.append((sub, weight))
-    return tables
+        if type(sub).forward is torch.nn.Embedding.forward and type(weight) is torch.nn.Parameter \
+                and weight.dim() == 2 and weight.is_contiguous():
+            lookups.append((sub, weight))
+    return tables, lookups
 
 
 def _spans_between(maps: Maps, holes: list[torch.Tensor]) -> list[Span]:
