@@ -33,7 +33,6 @@ _READ_STEP = 4 << 20  # bytes the thread waits for at a time (reading the last o
 _ADVICE_FLOOR = 128 << 10  # the kernel's default read-ahead, where the device's own limit cannot be found
 
 
-
 def in_use_order(module: torch.nn.Module) -> list[torch.Tensor]:
     """The module's parameters and buffers (a DTensor's local shard) that a forward pass reads whole, in the order
     a layered model first touches them, closely enough for reading ahead: module by module in registration order.
