@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import platform
+import stat
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -262,8 +263,6 @@ def confined(artifact_dir: Path, rel: str) -> Path:
 def _confined(root: Path, artifact_dir: Path, rel: str) -> tuple[Path, os.stat_result | None]:
     """``confined`` under ``root`` (``artifact_dir`` resolved), with the file's own ``lstat`` (None when it does
     not exist): what check_files needs of it, without asking the file system again."""
-    import stat
-
     name = Path(rel)
     # With no `..` and no link on the way, the path cannot leave the directory: no resolve() needed (it would lstat
     # every part of the path again, for every file of every load).
@@ -271,28 +270,24 @@ def _confined(root: Path, artifact_dir: Path, rel: str) -> tuple[Path, os.stat_r
         raise ArtifactError(f"{artifact_dir}: {rel} lies outside the artifact")
     if "\x00" in rel:
         raise ArtifactError(f"{artifact_dir}: {rel!r} is not a usable file name (it holds a NUL byte)")
-    current, found = root, None
+    path, current = root.joinpath(*name.parts), root
     try:
         for part in name.parts:
             current = current / part
-            if found is not False:
-                try:
-                    found = os.lstat(current)
-                except (FileNotFoundError, NotADirectoryError):
-                    found = False  # nothing further down exists either: no link to find
-                    continue
-                if stat.S_ISLNK(found.st_mode):
-                    raise ArtifactError(f"{artifact_dir}: {rel} is (or lies under) a symbolic link; an artifact "
-                                        "holds regular files only, and nothing outside it is read")
+            try:
+                found = os.lstat(current)
+            except (FileNotFoundError, NotADirectoryError):
+                return path, None  # nothing further down exists either: no link to find
+            if stat.S_ISLNK(found.st_mode):
+                raise ArtifactError(f"{artifact_dir}: {rel} is (or lies under) a symbolic link; an artifact holds "
+                                    "regular files only, and nothing outside it is read")
     except (ValueError, OSError) as exc:  # a NUL byte, a name too long for the file system
         raise ArtifactError(f"{artifact_dir}: {rel!r} is not a usable file name ({exc})") from None
-    return current, found or None
+    return path, found
 
 
 def check_files(artifact_dir: Path, manifest: Manifest, *, hashes: bool = False) -> None:
     """Every file in the manifest exists with its recorded size (and sha256 when ``hashes``)."""
-    import stat
-
     problems = []
     if (artifact_dir / MANIFEST).is_symlink():
         raise ArtifactError(f"{artifact_dir}: {MANIFEST} is a symbolic link; an artifact holds regular files only")
