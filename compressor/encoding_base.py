@@ -34,6 +34,9 @@ class Encoding(ABC):
     kind: ClassVar[str]
     # Suffixes of stored parts that do not follow the ``<name>.__<part>`` convention (compressed-tensors names).
     plain_suffixes: ClassVar[tuple[str, ...]] = ()
+    # Whether decoding reads positions out of a bit stream (numpy, one core a call, most of a sparse decode): the
+    # loader decodes such tensors on several threads at once (compressor.loading.rebuild.decode).
+    positions: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

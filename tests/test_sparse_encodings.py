@@ -577,3 +577,40 @@ def test_position_and_codebook_parts_that_are_not_bytes_are_refused_as_corrupt()
         enc.decode({".__shared": blob.to(torch.int16)})
     with pytest.raises(ValueError, match="1 bytes cannot hold 8 values of 2 bits"):
         _centroids(torch.arange(4.0), torch.tensor([0xE4], dtype=torch.uint8), 2, 8)
+
+
+def test_the_loader_decodes_sparse_tensors_on_threads_as_one_at_a_time_and_names_the_first_bad_one(monkeypatch):
+    """Tensors whose positions numpy reads decode on several threads while the loader's thread decodes the rest:
+    the same values, in the manifest's order, and of two broken tensors the error names the first."""
+    from compressor.errors import ArtifactError
+    from compressor.loading import rebuild
+
+    gen = torch.Generator().manual_seed(7)
+    encodings, stored, want = {}, {}, {}
+    for i in range(6):
+        value = torch.randn(40, 33, generator=gen) * (torch.rand(40, 33, generator=gen) < 0.4)
+        if i % 3 == 2:  # a dense codebook, decoded on the loader's own thread
+            value = torch.randint(-4, 4, (40, 33), generator=gen).float()
+            enc = Codebook([40, 33], bits=4)
+        else:
+            enc = Sparse([40, 33]) if i % 2 else Codebook([40, 33], bits=8, sparse=True)
+            value = torch.round(value * 4) / 4
+        name = f"layer{i}.weight"
+        encodings[name] = enc.to_json()
+        stored.update({name + suffix: part for suffix, part in enc.encode(value).items()})
+        want[name] = value
+    stored["layer0.bias"] = torch.ones(3)  # dense: as is
+    monkeypatch.setattr(rebuild, "DECODE_THREADS", 1)
+    alone = rebuild.decode(stored, encodings)
+    monkeypatch.setattr(rebuild, "DECODE_THREADS", 3)
+    spread = rebuild.decode(stored, encodings)
+    assert list(spread) == list(alone) == [*encodings, "layer0.bias"]
+    for name, value in want.items():
+        assert torch.equal(spread[name], value) and torch.equal(alone[name], value), name
+    broken = dict(stored)
+    broken["layer3.weight.__positions"] = stored["layer3.weight.__positions"][:2]
+    broken["layer4.weight.__shared"] = stored["layer4.weight.__shared"][:9]
+    for threads in (1, 3):
+        monkeypatch.setattr(rebuild, "DECODE_THREADS", threads)
+        with pytest.raises(ArtifactError, match=r"^tensor layer3\.weight \(sparse\) cannot be decoded"):
+            rebuild.decode(broken, encodings)
