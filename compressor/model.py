@@ -306,25 +306,26 @@ class _SkipInitOnMeta(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-class _EmptyOnMeta:
-    """While entered, in this thread only: ``torch.empty`` with no device makes a meta tensor. torch's layers
-    allocate their parameters with it, and for a module whose values come from a file those bytes were allocated
-    only to be moved to meta. Every tensor it makes is remembered weakly (``kept``): one still alive once the build
-    is over, other than a parameter, was kept somewhere, maybe where no attribute or buffer shows it (a list, a
-    dict, a helper object, a cache). ``torch.empty`` itself is replaced while any thread is inside
-    ``_parameters_moved`` (``_empty``), not intercepted by a torch function mode, which sees every torch call of
-    the build: 540 of them for MiniLM, 1.5 ms of its 10.5 ms warm load."""
+class _EmptyOnMeta(torch.overrides.TorchFunctionMode):
+    """``torch.empty`` with no device makes a meta tensor: torch's layers allocate their parameters with it, and
+    for a module whose values come from a file those bytes were allocated only to be moved to meta. Every meta
+    tensor a torch function returns, other than a parameter, is remembered weakly (``kept``): one still alive once
+    the build is over was kept somewhere, maybe where no attribute or buffer shows it (a list, a dict, a helper
+    object, a cache)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.made: list[weakref.ref[torch.Tensor]] = []
 
-    def __enter__(self) -> _EmptyOnMeta:
-        self.outer = getattr(_MOVING, "empty", None)
-        _MOVING.empty = self
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        _MOVING.empty = self.outer
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.empty and kwargs.get("device") is None and "out" not in kwargs:
+            kwargs = {**kwargs, "device": "meta"}
+        result = func(*args, **kwargs)
+        for t in (result if isinstance(result, (tuple, list)) else (result,)):
+            if isinstance(t, torch.Tensor) and t.is_meta and not isinstance(t, nn.Parameter):
+                self.made.append(weakref.ref(t))
+        return result
 
     def kept(self, module: nn.Module) -> bool:
         """Whether a meta tensor made during the build, other than a parameter's, is still alive."""
@@ -332,30 +333,16 @@ class _EmptyOnMeta:
         return any((t := ref()) is not None and id(t) not in params for ref in self.made)
 
 
-def _empty(*args: Any, **kwargs: Any) -> torch.Tensor:
-    """torch.empty while a thread is inside ``_parameters_moved``: on meta when the size is all that is asked
-    (no device, no ``out``) in a thread inside an ``_EmptyOnMeta``; torch's own otherwise."""
-    patch = _PATCH[:]  # one read: another thread may put torch's back meanwhile
-    original = patch[2] if patch else _EMPTY
-    mode = getattr(_MOVING, "empty", None)
-    if mode is None or kwargs.get("device") is not None or "out" in kwargs:
-        return original(*args, **kwargs)
-    tensor = original(*args, **{**kwargs, "device": "meta"})
-    mode.made.append(weakref.ref(tensor))
-    return tensor
-
-
 def build_empty(build: Callable[[], nn.Module]) -> nn.Module:
-    """What ``parameters_on_meta`` gives for ``build()``, faster (MiniLM's build about 8.3 -> 5.5 ms): the layers'
+    """What ``parameters_on_meta`` gives for ``build()``, a little faster (MiniLM's build about 8.3 -> 7.5 ms,
+    fastest of 12 alternating runs): the layers'
     ``torch.empty`` allocations are made on meta in the first place instead of being allocated and then moved there,
-    and no torch function mode runs; for a transformers module, the ``no_init_weights`` that ``build`` enters
-    already skips initialisation (``sources.hf``). Parameters made otherwise (``torch.ones``) still move to meta as
-    they are registered. That is only right when every tensor the constructors compute for keeps came from
-    elsewhere: a module with a buffer on meta, a tensor torch.empty made that is still held anywhere but as a
-    parameter (in an attribute, a list, a dict, a helper object; filled in place, it is the same tensor), or a
-    build that fails this way, is built again the plain way, whose result (or error) is returned. Not seen: a new
-    tensor computed from one of them and kept elsewhere than in a buffer; of the 471 transformers 4.57 models
-    built from their default configs, one computes such tensors (I-BERT), and keeps them as buffers."""
+    and no mode skips initialisation; for a transformers module, the ``no_init_weights`` that ``build`` enters
+    already does (``sources.hf``). Parameters made otherwise (``torch.ones``) still move to meta as they are
+    registered. That is only right when every tensor the constructors compute for keeps came from elsewhere: a
+    module with a buffer or plain tensor attribute on meta, a meta tensor made during the build that is still held
+    anywhere but as a parameter (in a list, a dict, a helper object), or a build that fails this way, is built
+    again the plain way, whose result (or error) is returned."""
     try:
         mode = _EmptyOnMeta()
         with _parameters_moved(mode):
@@ -390,13 +377,10 @@ def parameters_on_meta() -> Iterator[None]:
         yield
 
 
-_MOVING = threading.local()  # .depth: how many _parameters_moved contexts this thread is inside; .empty: its
-# innermost _EmptyOnMeta
+_MOVING = threading.local()  # .depth: how many _parameters_moved contexts this thread is inside
 _PATCH_LOCK = threading.Lock()
-# [the register_parameter replaced, the number of contexts open in all threads, the torch.empty replaced]
-_PATCH: list[Any] = []
+_PATCH: list[Any] = []  # [the register_parameter replaced, the number of contexts open in all threads]
 _REGISTER = nn.Module.register_parameter  # torch's, for a replacement someone else put back after the last one out
-_EMPTY = torch.empty
 
 
 def _register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
@@ -408,22 +392,16 @@ def _register_parameter(module: nn.Module, name: str, param: nn.Parameter | None
 
 
 @contextmanager
-def _parameters_moved(mode: Any) -> Iterator[None]:
+def _parameters_moved(mode: torch.overrides.TorchFunctionMode) -> Iterator[None]:
     """Every parameter registered inside, by this thread, moves to meta as it is registered (so that a
-    constructor's own later references see the meta one), with ``mode`` entered (a torch function mode, or an
-    ``_EmptyOnMeta``: each is this thread's alone). nn.Module.register_parameter and torch.empty are replaced once
-    for all the threads inside at a time, and put back by the last one out: each thread replacing and restoring
-    them alone left them replaced for good when two loads overlapped (the second saved the first's replacement as
-    the original), and moved other threads' parameters meanwhile."""
+    constructor's own later references see the meta one), with ``mode`` pushed (a torch function mode is this
+    thread's alone too). The method is replaced once for all the threads inside at a time, and put back by the
+    last one out: each thread replacing and restoring it alone left it replaced for good when two loads overlapped
+    (the second saved the first's replacement as the original), and moved other threads' parameters meanwhile."""
     with _PATCH_LOCK:
         if not _PATCH:
-            # torch's device contexts list torch.empty once, at their first use: listed now, not the replacement
-            from torch.utils._device import _device_constructors
-
-            _device_constructors()
-            _PATCH[:] = [nn.Module.register_parameter, 0, torch.empty]
+            _PATCH[:] = [nn.Module.register_parameter, 0]
             nn.Module.register_parameter = _register_parameter  # type: ignore[method-assign]
-            torch.empty = _empty  # type: ignore[assignment]
         _PATCH[1] += 1
     _MOVING.depth = getattr(_MOVING, "depth", 0) + 1
     try:
@@ -435,5 +413,4 @@ def _parameters_moved(mode: Any) -> Iterator[None]:
             _PATCH[1] -= 1
             if not _PATCH[1]:
                 nn.Module.register_parameter = _PATCH[0]  # type: ignore[method-assign]
-                torch.empty = _PATCH[2]
                 _PATCH.clear()
