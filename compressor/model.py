@@ -400,7 +400,10 @@ def _parameters_moved(mode: torch.overrides.TorchFunctionMode) -> Iterator[None]
     (the second saved the first's replacement as the original), and moved other threads' parameters meanwhile."""
     with _PATCH_LOCK:
         if not _PATCH:
-            _PATCH[:] = [nn.Module.register_parameter, 0]
+            # Ours may still be there: someone who replaced it while a build ran put it back after the build
+            # ended. Saved as the original, it would call itself.
+            current = nn.Module.register_parameter
+            _PATCH[:] = [_REGISTER if current is _register_parameter else current, 0]
             nn.Module.register_parameter = _register_parameter  # type: ignore[method-assign]
         _PATCH[1] += 1
     _MOVING.depth = getattr(_MOVING, "depth", 0) + 1
@@ -412,5 +415,6 @@ def _parameters_moved(mode: torch.overrides.TorchFunctionMode) -> Iterator[None]
         with _PATCH_LOCK:
             _PATCH[1] -= 1
             if not _PATCH[1]:
-                nn.Module.register_parameter = _PATCH[0]  # type: ignore[method-assign]
+                if nn.Module.register_parameter is _register_parameter:  # not someone else's since
+                    nn.Module.register_parameter = _PATCH[0]  # type: ignore[method-assign]
                 _PATCH.clear()

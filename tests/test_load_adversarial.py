@@ -95,3 +95,34 @@ def test_build_empty_of_transformers_models_still_takes_the_fast_way(monkeypatch
         assert all(p.is_meta for p in module.parameters())
         assert not any(b.is_meta for b in module.buffers())
     assert not plain_builds
+
+
+def test_a_register_parameter_replaced_and_put_back_around_a_build_end_leaves_builds_working():
+    """Another patcher replaces nn.Module.register_parameter while a build runs and puts back what it found (the
+    build's replacement) after the build ended: the next build must not take its own replacement for torch's
+    (which then called itself), and a patch someone else installs meanwhile is not overwritten."""
+    from unittest import mock
+
+    original = nn.Module.register_parameter
+    inside, done = threading.Event(), threading.Event()
+
+    def build() -> nn.Module:
+        inside.set()
+        assert done.wait(10)
+        return nn.Linear(2, 2)
+
+    worker = threading.Thread(target=lambda: build_empty(build))
+    try:
+        worker.start()
+        assert inside.wait(10)
+        patch = mock.patch.object(nn.Module, "register_parameter", autospec=True,
+                                  side_effect=nn.Module.register_parameter)
+        patch.start()
+        done.set()
+        worker.join(10)
+        assert nn.Module.register_parameter is not original  # the other patcher's, left alone by the build
+        patch.stop()  # puts back the build's replacement, after the build ended
+        module = build_empty(lambda: nn.Linear(2, 2))
+        assert module.weight.is_meta and not nn.Linear(2, 2).weight.is_meta
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
