@@ -614,3 +614,10 @@ def test_the_loader_decodes_sparse_tensors_on_threads_as_one_at_a_time_and_names
         monkeypatch.setattr(rebuild, "DECODE_THREADS", threads)
         with pytest.raises(ArtifactError, match=r"^tensor layer3\.weight \(sparse\) cannot be decoded"):
             rebuild.decode(broken, encodings)
+    # An error of another type in a later tensor, decoded on a thread, still comes after the first one's
+    huge = dict(encodings, **{"layer4.weight": {**encodings["layer4.weight"], "shape": [2**32, 2**32]}})
+    broken["layer4.weight.__shared"] = stored["layer4.weight.__shared"]
+    for threads in (1, 3):
+        monkeypatch.setattr(rebuild, "DECODE_THREADS", threads)
+        with pytest.raises(ArtifactError, match=r"^tensor layer3\.weight \(sparse\) cannot be decoded"):
+            rebuild.decode(broken, huge)

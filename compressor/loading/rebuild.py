@@ -44,12 +44,15 @@ def decode(stored: dict[str, torch.Tensor], encodings: dict[str, Any]) -> dict[s
         jobs.append((name, enc, parts))
         claimed.update(name + suffix for suffix in parts)
 
-    def one(job: tuple[str, Any, dict[str, torch.Tensor]]) -> torch.Tensor | ArtifactError:
+    def one(job: tuple[str, Any, dict[str, torch.Tensor]]) -> torch.Tensor | Exception:
         name, enc, parts = job
         try:
             return enc.decode(parts)
-        except (ValueError, KeyError, RuntimeError) as exc:
+        except (ValueError, KeyError, RuntimeError, TypeError, IndexError, OverflowError) as exc:
+            # (TypeError: a shape torch cannot even allocate, e.g. [2**32, 2**32], from a hostile manifest)
             return ArtifactError(f"tensor {name} ({enc.kind}) cannot be decoded: {exc}")
+        except Exception as exc:  # noqa: BLE001 - raised below, in the manifest's order like the others
+            return exc
 
     spread = [job for job in jobs if job[1].positions]
     threads = min(DECODE_THREADS, len(spread))
@@ -63,7 +66,7 @@ def decode(stored: dict[str, torch.Tensor], encodings: dict[str, Any]) -> dict[s
     else:
         values = [one(job) for job in jobs]
     for (name, _, _), value in zip(jobs, values):
-        if isinstance(value, ArtifactError):
+        if isinstance(value, Exception):
             raise value
         state[name] = value
     for name, tensor in stored.items():
