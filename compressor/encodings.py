@@ -346,7 +346,7 @@ def _centroids(book: torch.Tensor, packed: torch.Tensor, bits: int, nnz: int) ->
     return table.index_select(0, raw.to(torch.int32)).reshape(-1)[:nnz]
 
 
-def _top_field(raw: Any, full: int, bits: int, rest: int) -> int:
+def _top_field(raw: torch.Tensor, full: int, bits: int, rest: int) -> int:
     """The largest ``bits``-bit field of the bytes ``raw`` (uint8): every field of the first ``full`` bytes, the
     first ``rest`` of the next. One shift and mask a field position, on the bytes: looking each byte's largest field
     up as int32 took as long as decoding the values themselves (a third of loading a codebook-encoded MiniLM)."""

@@ -614,9 +614,16 @@ def test_the_loader_decodes_sparse_tensors_on_threads_as_one_at_a_time_and_names
         monkeypatch.setattr(rebuild, "DECODE_THREADS", threads)
         with pytest.raises(ArtifactError, match=r"^tensor layer3\.weight \(sparse\) cannot be decoded"):
             rebuild.decode(broken, encodings)
-    # An error of another type in a later tensor, decoded on a thread, still comes after the first one's
-    huge = dict(encodings, **{"layer4.weight": {**encodings["layer4.weight"], "shape": [2**32, 2**32]}})
-    broken["layer4.weight.__shared"] = stored["layer4.weight.__shared"]
+    # A shape torch cannot allocate, from a hostile manifest (two values at positions any size admits: torch's
+    # new_zeros raises TypeError), is an ArtifactError naming the tensor; on a thread after an earlier broken
+    # tensor, it comes after that one's
+    few = torch.zeros(1000)
+    few[3], few[10] = 1.0, 2.0
+    stored.update({"late.weight" + k: v for k, v in Sparse([1000]).encode(few).items()})
+    huge = dict(encodings, **{"late.weight": {"kind": "sparse", "shape": [2**32, 2**32]}})
+    with pytest.raises(ArtifactError, match=r"^tensor late\.weight \(sparse\) cannot be decoded"):
+        rebuild.decode(stored, huge)
+    broken = dict(stored, **{"layer3.weight.__positions": stored["layer3.weight.__positions"][:2]})
     for threads in (1, 3):
         monkeypatch.setattr(rebuild, "DECODE_THREADS", threads)
         with pytest.raises(ArtifactError, match=r"^tensor layer3\.weight \(sparse\) cannot be decoded"):
