@@ -67,16 +67,17 @@ class _KeptInContainers(nn.Module):
         self.helper = _Helper()
 
 
-def test_build_empty_builds_the_plain_way_where_a_tensor_from_torch_empty_is_kept_in_a_container():
+def test_build_empty_keeps_real_tensors_from_torch_empty_kept_in_a_container():
     module = build_empty(_KeptInContainers)
     assert module.linear.weight.is_meta  # still no parameter allocated
-    assert torch.equal(module.cache[0], torch.full((4,), 2.0))  # was a meta tensor: no values at all
+    assert torch.equal(module.cache[0], torch.full((4,), 2.0))  # on meta it would have no values at all
     assert torch.equal(module.state["k"], torch.full((2,), 3.0))
     assert torch.equal(module.helper.table, torch.ones(4))
 
 
 def test_build_empty_of_transformers_models_still_takes_the_fast_way(monkeypatch):
-    """The check above must not send every transformers model to the plain build."""
+    """A transformers model is built on the first try (its initialisation is skipped by no_init_weights, or runs
+    on meta), with its buffers computed."""
     from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
     import compressor.model as model
