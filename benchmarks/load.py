@@ -285,13 +285,15 @@ def _ratios(subjects: dict[str, Any]) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
 
-    def ratio(name: str, a: dict[str, Any], b: dict[str, Any], limit: float) -> None:
+    def ratio(name: str, a: dict[str, Any], b: dict[str, Any], limit: float | None) -> None:
+        """``limit`` None: shown for comparison, not one of the issue's targets (no ``at_most``, no ``met``)."""
         if a and b and b["median"]:
             r = a["median"] / b["median"]
             # Runs of one round were back to back: their ratios cancel the drift of a shared disk between rounds.
             paired = statistics.median(x / y for x, y in zip(a["each"], b["each"]))
-            out[name] = {"ratio_of_medians": round(r, 2), "median_of_paired_ratios": round(paired, 2),
-                         "at_most": limit, "met": max(r, paired) <= limit}
+            out[name] = {"ratio_of_medians": round(r, 2), "median_of_paired_ratios": round(paired, 2)}
+            if limit is not None:
+                out[name].update(at_most=limit, met=max(r, paired) <= limit)
 
     for s in ("minilm", "llama-0.25b", "llama-1b", "llama-tiny", "llama-0.25b-bf16", "llama-1b-bf16",
               "llama-tiny-bf16"):
@@ -305,7 +307,10 @@ def _ratios(subjects: dict[str, Any]) -> dict[str, Any]:
         readers = [r for r in readers if r]
         ratio(f"{s}: cold to first forward end, compressor / fastest full read",
               med(s, "cold", "compressor", "first_forward_end_ms"),
-              min(readers, key=lambda r: r["median"]) if readers else {}, 1.3)
+              min(readers, key=lambda r: r["median"]) if readers else {},
+              # The target is the Llamas' (float16: a forward pass a disk can keep up with); MiniLM's float32
+              # forward pass takes longer than its file's read, which its row shows
+              1.3 if s.startswith("llama") else None)
         ratio(f"{s}: cold to first forward end, compressor / compressor without read-ahead",
               med(s, "cold", "compressor", "first_forward_end_ms"),
               med(s, "cold", "compressor-no-read-ahead", "first_forward_end_ms"), 1.0)
