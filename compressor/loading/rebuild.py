@@ -137,9 +137,9 @@ def keep_packed(module: nn.Module, kept: dict[str, tuple[Any, dict[str, torch.Te
 
 def build_architecture(root: Path, manifest: Manifest) -> nn.Module:
     """An empty module of the artifact's architecture (parameters on meta), built by the source kind its manifest
-    records (compressor.sources). The `hf` and `zoo` kinds (transformers modules, the digits MLPs) skip even
-    allocating their parameters (``build_empty``); a user's build function (`python`) runs once, the plain way,
-    since a retry would repeat whatever it does."""
+    records (compressor.sources). The `hf` and `zoo` kinds (transformers modules, the digits MLPs) build with no
+    torch function mode in the way of the constructors' torch calls (``build_empty``); a user's build function
+    (`python`) runs once, with ``parameters_on_meta``, since a retry would repeat whatever it does."""
     from ..sources import architecture
 
     source = manifest.source
