@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -313,12 +314,61 @@ def build_empty(build: Callable[[], nn.Module]) -> nn.Module:
     are real but never written, so no page of them is ever mapped in, and each is freed as its parameter moves
     (MiniLM's build 7.2 -> 6.4 ms, the 0.25B Llama's 10.9 -> 10.0 ms, medians of alternating fresh processes).
     Buffers and every other tensor a constructor computes are real and computed, as with ``parameters_on_meta``.
-    A build that fails this way (an initialisation the builder does not skip, with no meta kernel) is built again
-    with ``parameters_on_meta``, whose result or error is returned."""
+
+    Built with ``torch.empty`` on meta instead (``_build_with_empty_on_meta``): while a torch function mode is
+    active (``torch.set_default_device``, ``with torch.device(...)``: the allocations would go to that device, a
+    GPU's among them), and where the first way fails, as when the kernel will not grant a parameter's address
+    space (one fused expert tensor of 40 GB on a machine of 24)."""
+    if not torch._C._len_torch_function_stack():
+        try:
+            with _parameters_moved(nullcontext()):
+                return build()
+        except Exception:  # noqa: BLE001 - built again below, where a real error is raised again
+            pass
+    return _build_with_empty_on_meta(build)
+
+
+class _EmptyOnMeta(torch.overrides.TorchFunctionMode):
+    """``torch.empty`` with no device makes a meta tensor. Every meta tensor a torch function returns, other than a
+    parameter, is remembered weakly (``kept``): one still alive once the build is over was kept somewhere, maybe
+    where no attribute or buffer shows it (a list, a dict, a helper object, a cache)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: list[weakref.ref[torch.Tensor]] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.empty and kwargs.get("device") is None and "out" not in kwargs:
+            kwargs = {**kwargs, "device": "meta"}
+        result = func(*args, **kwargs)
+        for t in (result if isinstance(result, (tuple, list)) else (result,)):
+            if isinstance(t, torch.Tensor) and t.is_meta and not isinstance(t, nn.Parameter):
+                self.made.append(weakref.ref(t))
+        return result
+
+    def kept(self, module: nn.Module) -> bool:
+        """Whether a meta tensor made during the build, other than a parameter's, is still alive."""
+        params = {id(p) for _, p in module.named_parameters(remove_duplicate=False)}
+        return any((t := ref()) is not None and id(t) not in params for ref in self.made)
+
+
+def _build_with_empty_on_meta(build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` with the layers' ``torch.empty`` allocations made on meta in the first place (nothing allocated
+    at all; parameters made otherwise, ``torch.ones``, move to meta as they are registered). That is only right when
+    every tensor the constructors compute and keep came from elsewhere: a module with a buffer on meta, a meta
+    tensor made during the build that is still held anywhere but as a parameter (an attribute, a list, a helper
+    object), or a build that fails this way, is built again with ``parameters_on_meta``, whose result (or error) is
+    returned."""
     try:
-        with _parameters_moved(nullcontext()):
-            return build()
-    except Exception:  # noqa: BLE001 - built again below, where a real error is raised again
+        mode = _EmptyOnMeta()
+        with _parameters_moved(mode):
+            module = build()
+        # A tensor left on meta was made during the build, so ``kept`` sees it, unless it came back re-wrapped (a
+        # Parameter registered as a buffer, a subclass): the buffers are looked at too
+        if not mode.kept(module) and not any(b.is_meta for b in module.buffers()):
+            return module
+    except Exception:  # noqa: BLE001 - rebuilt below, where a real error is raised again
         pass
     with parameters_on_meta():
         return build()

@@ -127,3 +127,48 @@ def test_a_register_parameter_replaced_and_put_back_around_a_build_end_leaves_bu
         assert module.weight.is_meta and not nn.Linear(2, 2).weight.is_meta
     finally:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+class _Huge(nn.Module):
+    """A parameter no machine can allocate (2**46 float32 values, 256 TiB: more than x86-64's user address space),
+    as one fused expert tensor of 40 GB is on a machine of 24 GB, and a buffer its constructor computes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = nn.Parameter(torch.empty(2**46))
+        self.register_buffer("scale", torch.ones(2).mul_(2.0), persistent=False)
+
+
+def test_build_empty_builds_a_parameter_larger_than_memory_without_allocating_it():
+    """Real torch.empty allocations, never written, cost no memory, but the kernel must still grant their address
+    space: where it will not, the build allocates nothing."""
+    module = build_empty(_Huge)
+    assert module.experts.is_meta and module.experts.shape == (2**46,)
+    assert torch.equal(module.scale, torch.full((2,), 2.0))
+    assert not nn.Linear(2, 2).weight.is_meta  # nothing left patched
+
+
+class _Devices(torch.overrides.TorchFunctionMode):
+    """Records the device every torch.empty call asks for, as a default device's mode would see it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.empty:
+            self.asked.append(str((kwargs or {}).get("device")))
+        return func(*args, **(kwargs or {}))
+
+
+def test_build_empty_under_a_default_device_allocates_nothing_there():
+    """Under torch.set_default_device("cuda") or `with torch.device(...)` (a torch function mode), a constructor's
+    torch.empty with no device would allocate on that device, a GPU's memory, before its parameter moves to meta:
+    build_empty makes those tensors on meta instead."""
+    with _Devices() as outer:
+        module = build_empty(lambda: nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2)))
+    assert outer.asked and set(outer.asked) == {"meta"}
+    assert all(p.is_meta for p in module.parameters())
+    with _Devices() as outer:  # the check sees what it should: a plain build asks for no device
+        nn.Linear(8, 4)
+    assert outer.asked and set(outer.asked) == {"None"}
