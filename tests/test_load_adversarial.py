@@ -172,3 +172,57 @@ def test_build_empty_under_a_default_device_allocates_nothing_there():
     with _Devices() as outer:  # the check sees what it should: a plain build asks for no device
         nn.Linear(8, 4)
     assert outer.asked and set(outer.asked) == {"None"}
+
+
+def test_builds_in_two_threads_leave_transformers_initialisation_on(tmp_path, monkeypatch):
+    """transformers' no_init_weights turns a module-wide flag off and puts back the value it found: two artifact
+    builds overlapping in threads (A in, B in, A out, B out) left it off for the rest of the process, so that every
+    model built afterwards, anywhere in it, came out uninitialised. compressor's builds take turns."""
+    import transformers
+    import transformers.modeling_utils as modeling_utils
+    from transformers import BertConfig, BertModel
+
+    from compressor.sources.hf import hf_architecture
+
+    BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=32).save_pretrained(tmp_path)
+    inside, overlapped = [], []
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    real_init = BertModel.__init__
+
+    def init(self, *args, **kwargs):  # the real constructor, paused so that builds would go A in, B in, A out, B out
+        inside.append(1)
+        overlapped.append(len(inside) > 1)
+        if threading.current_thread().name == "A":
+            a_in.set()
+            b_in.wait(0.5)  # B cannot come in while A builds, where builds take turns
+        else:
+            b_in.set()
+            a_out.wait(10)
+        try:
+            real_init(self, *args, **kwargs)
+        finally:
+            inside.pop()
+
+    def run(name: str) -> None:
+        built.append(build_empty(lambda: hf_architecture(tmp_path, "AutoModel")))
+        if name == "A":
+            a_out.set()
+
+    monkeypatch.setattr(BertModel, "__init__", init)
+    built: list[nn.Module] = []
+    first = threading.Thread(target=run, args=("A",), name="A")
+    first.start()
+    assert a_in.wait(10)
+    second = threading.Thread(target=run, args=("B",), name="B")
+    second.start()
+    first.join(10)
+    second.join(10)
+    monkeypatch.undo()
+    left, modeling_utils._init_weights = modeling_utils._init_weights, True  # the other tests' models are initialised
+    assert len(built) == 2 and all(p.is_meta for m in built for p in m.parameters())
+    assert overlapped == [False, False]
+    assert left is True
+    fresh = transformers.BertModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                              num_attention_heads=2, intermediate_size=32))
+    assert fresh.embeddings.word_embeddings.weight.abs().sum() > 0 and fresh.pooler.dense.bias.abs().sum() == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -152,15 +153,21 @@ def read_config(config_dir: Path) -> Any:
     return config
 
 
+_NO_INIT = threading.RLock()  # held while a build is inside transformers' no_init_weights (see _uninitialised)
+
+
 def _uninitialised(skip_on_meta: bool = True) -> Any:
     """A context for building a transformers model whose values come next: transformers' own no_init_weights (it
     skips _init_weights and the ties it makes) and, with ``skip_on_meta``, compressor's skip_init_on_meta (what
-    runs anyway is free on meta tensors)."""
+    runs anyway is free on meta tensors). One thread at a time: no_init_weights sets a module-wide flag and puts
+    back the value it found, so two builds overlapping in threads (A in, B in, A out, B out) left transformers'
+    initialisation off for the rest of the process, and every model built afterwards uninitialised."""
     from contextlib import ExitStack
 
     from ..model import skip_init_on_meta
 
     stack = ExitStack()
+    stack.enter_context(_NO_INIT)
     try:
         from transformers.modeling_utils import no_init_weights
 
