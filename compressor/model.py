@@ -319,13 +319,19 @@ def build_empty(build: Callable[[], nn.Module]) -> nn.Module:
     active (``torch.set_default_device``, ``with torch.device(...)``: the allocations would go to that device, a
     GPU's among them), and where the first way fails, as when the kernel will not grant a parameter's address
     space (one fused expert tensor of 40 GB on a machine of 24)."""
-    if not torch._C._len_torch_function_stack():
+    if not _function_modes():
         try:
             with _parameters_moved(nullcontext()):
                 return build()
         except Exception:  # noqa: BLE001 - built again below, where a real error is raised again
             pass
     return _build_with_empty_on_meta(build)
+
+
+def _function_modes() -> int:
+    """How many torch function modes this thread has active; 1 where this torch cannot say (a private function)."""
+    count = getattr(torch._C, "_len_torch_function_stack", None)
+    return count() if callable(count) else 1
 
 
 class _EmptyOnMeta(torch.overrides.TorchFunctionMode):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 from torch import nn
 
@@ -226,3 +227,23 @@ def test_builds_in_two_threads_leave_transformers_initialisation_on(tmp_path, mo
     fresh = transformers.BertModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
                                               num_attention_heads=2, intermediate_size=32))
     assert fresh.embeddings.word_embeddings.weight.abs().sum() > 0 and fresh.pooler.dense.bias.abs().sum() == 0
+
+
+def test_a_build_context_that_fails_to_open_leaves_no_lock_held(monkeypatch):
+    """The lock builds take turns by is released when the context fails while opening: left held, every later
+    build in any other thread would wait for good."""
+    import compressor.model as model
+    from compressor.sources import hf
+
+    def broken() -> None:
+        raise RuntimeError("no mode today")
+
+    monkeypatch.setattr(model, "skip_init_on_meta", broken)
+    with pytest.raises(RuntimeError, match="no mode today"):
+        hf._uninitialised(skip_on_meta=True)
+    free: list[bool] = []
+    other = threading.Thread(target=lambda: free.append(hf._NO_INIT.acquire(timeout=5) and (hf._NO_INIT.release()
+                                                                                             or True)))
+    other.start()
+    other.join(10)
+    assert free == [True]

@@ -157,10 +157,9 @@ _NO_INIT = threading.RLock()  # held while a build is inside transformers' no_in
 
 
 def _uninitialised(skip_on_meta: bool = True) -> Any:
-    """A context for building a transformers model whose values come next: transformers' own no_init_weights (it
-    skips _init_weights and the ties it makes) and, with ``skip_on_meta``, compressor's skip_init_on_meta (what
-    runs anyway is free on meta tensors). One thread at a time: no_init_weights sets a module-wide flag and puts
-    back the value it found, so two builds overlapping in threads (A in, B in, A out, B out) left transformers'
+    """A context for building a transformers model whose values come next: transformers' no_init_weights (no
+    _init_weights, no ties) and, with ``skip_on_meta``, skip_init_on_meta. One thread at a time: no_init_weights
+    puts back the module-wide flag it found, so builds overlapping in threads (A in, B in, A out, B out) left
     initialisation off for the rest of the process, and every model built afterwards uninitialised."""
     from contextlib import ExitStack
 
@@ -169,13 +168,16 @@ def _uninitialised(skip_on_meta: bool = True) -> Any:
     stack = ExitStack()
     stack.enter_context(_NO_INIT)
     try:
-        from transformers.modeling_utils import no_init_weights
-
-        stack.enter_context(no_init_weights())
-    except ImportError:  # pragma: no cover - moved in a later release; skip_init_on_meta still applies
-        pass
-    if skip_on_meta:
-        stack.enter_context(skip_init_on_meta())
+        try:
+            from transformers.modeling_utils import no_init_weights
+            stack.enter_context(no_init_weights())
+        except ImportError:  # pragma: no cover - moved in a later release; skip_init_on_meta still applies
+            pass
+        if skip_on_meta:
+            stack.enter_context(skip_init_on_meta())
+    except BaseException:
+        stack.close()  # the lock too: left held, it would stop every later build
+        raise
     return stack
 
 
