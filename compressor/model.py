@@ -416,10 +416,11 @@ def _register_parameter(module: nn.Module, name: str, param: nn.Parameter | None
 @contextmanager
 def _parameters_moved(mode: AbstractContextManager[Any]) -> Iterator[None]:
     """Every parameter registered inside, by this thread, moves to meta as it is registered (so that a
-    constructor's own later references see the meta one), with ``mode`` pushed (a torch function mode is this
-    thread's alone too). The method is replaced once for all the threads inside at a time, and put back by the
-    last one out: each thread replacing and restoring it alone left it replaced for good when two loads overlapped
-    (the second saved the first's replacement as the original), and moved other threads' parameters meanwhile."""
+    constructor's own later references see the meta one), with ``mode`` entered: a torch function mode (this
+    thread's alone too), or ``nullcontext()`` for none. The method is replaced once for all the threads inside at
+    a time, and put back by the last one out: each thread replacing and restoring it alone left it replaced for
+    good when two loads overlapped (the second saved the first's replacement as the original), and moved other
+    threads' parameters meanwhile."""
     with _PATCH_LOCK:
         if not _PATCH:
             # Ours may still be there: someone who replaced it while a build ran put it back after the build
